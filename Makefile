@@ -1,0 +1,33 @@
+# Everyday commands. `make demo` runs a flow in its own container end to end; `make test`
+# runs the whole test suite. Both set up what they need (venv, Docker engine, local images).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: test demo lint setup docker images clean
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+demo: setup
+	$(BIN)/python examples/demo.py
+
+lint: $(BIN)/dockerworker
+	$(BIN)/ruff check .
+
+setup: $(BIN)/dockerworker images
+
+$(BIN)/dockerworker: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+docker:
+	scripts/ensure-docker.sh
+
+images: docker
+	images/build-local.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

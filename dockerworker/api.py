@@ -1,0 +1,276 @@
+"""The Prefect REST calls the worker makes: one method each, retried where retrying is safe.
+
+The worker speaks the REST API itself (no `prefect` import): a small httpx client,
+pydantic models for what it reads, tenacity for backoff on transient failures.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+from uuid import UUID
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+log = logging.getLogger(__name__)
+
+
+class PrefectAPIError(Exception):
+    """A request the server answered with an error, or could not be made at all."""
+
+
+class ServerUnreachable(PrefectAPIError):
+    """No answer from the server (connection refused, timeout, 5xx/429 after retries)."""
+
+
+class AuthRejected(PrefectAPIError):
+    """401/403: the credentials were refused; retrying will not help."""
+
+
+class NotFound(PrefectAPIError):
+    """404: the object does not exist (any more)."""
+
+
+class StateType(StrEnum):
+    SCHEDULED = "SCHEDULED"
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    CRASHED = "CRASHED"
+    PAUSED = "PAUSED"
+    CANCELLING = "CANCELLING"
+
+
+FINAL_STATES = frozenset(
+    {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
+)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class State(_Model):
+    type: StateType
+    name: str | None = None
+    message: str | None = None
+
+    @property
+    def is_final(self) -> bool:
+        return self.type in FINAL_STATES
+
+
+class FlowRun(_Model):
+    id: UUID
+    name: str
+    flow_id: UUID
+    deployment_id: UUID | None = None
+    work_queue_name: str | None = None
+    work_pool_name: str | None = None
+    state: State | None = None
+    job_variables: dict[str, Any] | None = None
+    infrastructure_pid: str | None = None
+
+
+class Deployment(_Model):
+    id: UUID
+    name: str
+    flow_id: UUID
+    job_variables: dict[str, Any] | None = None
+    updated: datetime | None = None
+
+
+class Flow(_Model):
+    id: UUID
+    name: str
+
+
+class WorkPool(_Model):
+    id: UUID
+    name: str
+    type: str
+    base_job_template: dict[str, Any] = Field(default_factory=dict)
+    is_paused: bool = False
+
+
+class OrchestrationResult(_Model):
+    status: Literal["ACCEPT", "REJECT", "ABORT", "WAIT"]
+    state: State | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def reason(self) -> str:
+        return str(self.details.get("reason") or "")
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Connection problems, timeouts, 5xx and 429 are worth another try; other 4xx never are."""
+    if isinstance(exc, httpx.TransportError):
+        return True
+    if isinstance(exc, httpx.HTTPStatusError):
+        code = exc.response.status_code
+        return code == 429 or code >= 500
+    return False
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    if isinstance(body, dict) and "detail" in body:
+        return str(body["detail"])[:300]
+    return str(body)[:300]
+
+
+class PrefectAPI:
+    """A sync client for the worker's calls; safe to share between threads."""
+
+    def __init__(
+        self,
+        api_url: str,
+        api_key: str | None = None,
+        auth_string: str | None = None,
+        timeout: float = 30.0,
+        attempts: int = 5,
+    ) -> None:
+        self.api_url = api_url.rstrip("/")
+        headers = {"User-Agent": "dockerworker"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        auth = None
+        if auth_string and not api_key:
+            user, _, password = auth_string.partition(":")
+            auth = httpx.BasicAuth(user, password)
+        self._client = httpx.Client(
+            base_url=self.api_url + "/", headers=headers, auth=auth, timeout=timeout
+        )
+        self._attempts = attempts
+
+    def close(self) -> None:
+        self._client.close()
+
+    def request(self, method: str, path: str, json: Any = None, attempts: int | None = None) -> Any:
+        """One call, retried with backoff on transient failures; errors become our exceptions."""
+        retrying = Retrying(
+            retry=retry_if_exception(_is_transient),
+            wait=wait_exponential_jitter(initial=0.5, max=10),
+            stop=stop_after_attempt(attempts or self._attempts),
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    response = self._client.request(method, path.lstrip("/"), json=json)
+                    response.raise_for_status()
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(
+                f"cannot reach the Prefect server at {self.api_url}: {exc.__class__.__name__}: {exc}"
+            ) from exc
+        except httpx.HTTPStatusError as exc:
+            code = exc.response.status_code
+            detail = _detail(exc.response)
+            if code in (401, 403):
+                raise AuthRejected(
+                    f"the server rejected the API key (HTTP {code} from {self.api_url}): {detail}"
+                ) from exc
+            if code == 404:
+                raise NotFound(f"{method} {path}: not found ({detail})") from exc
+            if code == 429 or code >= 500:
+                raise ServerUnreachable(
+                    f"the Prefect server at {self.api_url} answered HTTP {code}: {detail}"
+                ) from exc
+            raise PrefectAPIError(f"{method} {path}: HTTP {code}: {detail}") from exc
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+
+    # --- server -------------------------------------------------------------------------
+    def health(self, attempts: int | None = None) -> None:
+        self.request("GET", "/health", attempts=attempts)
+
+    def server_version(self) -> str:
+        return str(self.request("GET", "/admin/version"))
+
+    # --- work pools ---------------------------------------------------------------------
+    def read_work_pool(self, name: str) -> WorkPool:
+        return WorkPool.model_validate(self.request("GET", f"/work_pools/{name}"))
+
+    def create_work_pool(self, name: str, type_: str, base_job_template: dict[str, Any]) -> WorkPool:
+        body = {"name": name, "type": type_, "base_job_template": base_job_template}
+        return WorkPool.model_validate(self.request("POST", "/work_pools/", json=body))
+
+    def heartbeat(self, pool: str, worker_name: str, interval_seconds: float) -> None:
+        body = {"name": worker_name, "heartbeat_interval_seconds": int(interval_seconds)}
+        self.request("POST", f"/work_pools/{pool}/workers/heartbeat", json=body)
+
+    def get_scheduled_flow_runs(
+        self, pool: str, scheduled_before: datetime, limit: int | None, queues: list[str]
+    ) -> list[FlowRun]:
+        body: dict[str, Any] = {"scheduled_before": scheduled_before.isoformat()}
+        if limit is not None:
+            body["limit"] = limit
+        if queues:
+            body["work_queue_names"] = queues
+        rows = self.request("POST", f"/work_pools/{pool}/get_scheduled_flow_runs", json=body)
+        return [FlowRun.model_validate(row["flow_run"]) for row in rows]
+
+    # --- flow runs ----------------------------------------------------------------------
+    def read_flow_run(self, flow_run_id: UUID) -> FlowRun:
+        return FlowRun.model_validate(self.request("GET", f"/flow_runs/{flow_run_id}"))
+
+    def set_state(
+        self,
+        flow_run_id: UUID,
+        type_: StateType,
+        message: str | None = None,
+        force: bool = False,
+        name: str | None = None,
+    ) -> OrchestrationResult:
+        state = {"type": type_.value, "name": name or type_.value.title(), "message": message}
+        result = self.request(
+            "POST", f"/flow_runs/{flow_run_id}/set_state", json={"state": state, "force": force}
+        )
+        return OrchestrationResult.model_validate(result)
+
+    def set_infrastructure_pid(self, flow_run_id: UUID, infrastructure_pid: str) -> None:
+        self.request(
+            "PATCH", f"/flow_runs/{flow_run_id}", json={"infrastructure_pid": infrastructure_pid}
+        )
+
+    def read_deployment(self, deployment_id: UUID) -> Deployment:
+        return Deployment.model_validate(self.request("GET", f"/deployments/{deployment_id}"))
+
+    def read_flow(self, flow_id: UUID) -> Flow:
+        return Flow.model_validate(self.request("GET", f"/flows/{flow_id}"))
+
+    # --- logs ---------------------------------------------------------------------------
+    def send_logs(self, logs: list[dict[str, Any]]) -> None:
+        if logs:
+            self.request("POST", "/logs/", json=logs)
+
+    def log_to_run(self, flow_run_id: UUID, message: str, level: int = logging.INFO,
+                   name: str = "dockerworker") -> None:
+        """Best effort: a worker-side message in the flow run's logs; never raises."""
+        entry = {
+            "name": name,
+            "level": level,
+            "message": message,
+            "timestamp": datetime.now(UTC).isoformat(),
+            "flow_run_id": str(flow_run_id),
+        }
+        try:
+            self.send_logs([entry])
+        except PrefectAPIError as exc:
+            log.warning("could not ship a log line for flow run %s: %s", flow_run_id, exc)

@@ -1,0 +1,242 @@
+"""The Docker side of a flow run: the container's settings, creating it, reading how it ended.
+
+Labels are the worker's memory: every container carries the flow run, pool and worker it
+serves, so a restarted worker (or an operator with `docker ps`) can tell what it is.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import docker
+import docker.errors
+from docker.models.containers import Container
+
+from . import __version__
+from .api import Deployment, Flow, FlowRun, WorkPool
+from .jobs import JobVariables
+
+LABEL_FLOW_RUN_ID = "io.prefect.flow-run-id"
+LABEL_POOL = "io.prefect.work-pool-name"
+LABEL_MANAGED = "io.dockerworker.managed"
+DEFAULT_COMMAND = "prefect flow-run execute"
+_LOCAL_HOSTS = ("127.0.0.1", "localhost")
+
+
+@dataclass
+class ContainerSpec:
+    """Everything `containers.create` gets, plus the extra networks to connect afterwards."""
+
+    name: str
+    create_kwargs: dict[str, Any]
+    extra_networks: list[str] = field(default_factory=list)
+    auto_remove: bool = False
+
+
+def container_name(base: str, flow_run_id: uuid.UUID) -> str:
+    """Docker-safe slug of the run's (or job's) name plus a short id: readable and unique."""
+    slug = re.sub(r"[^a-zA-Z0-9_.-]+", "-", base).strip("_.-")[:60] or "flow-run"
+    return f"{slug}-{flow_run_id.hex[:8]}"
+
+
+def _docker_label_key(key: str) -> str:
+    """`prefect.io/flow-run-id` → `io.prefect.flow-run-id`, as prefect-docker writes them."""
+    if "/" not in key:
+        return key
+    namespace, name = key.split("/", 1)
+    return ".".join(reversed(namespace.split("."))) + "." + name
+
+
+def network_mode_for(job: JobVariables, api_url: str) -> str | None:
+    """prefect-docker's rule: the job's mode; none with networks; host for a local API on Linux."""
+    if job.network_mode:
+        return job.network_mode
+    if job.networks:
+        return None
+    host = urlparse(api_url).hostname or ""
+    if sys.platform == "linux" and host in _LOCAL_HOSTS:
+        return "host"
+    return None
+
+
+def build_spec(
+    job: JobVariables,
+    *,
+    flow_run: FlowRun,
+    deployment: Deployment | None,
+    flow: Flow | None,
+    pool: WorkPool,
+    worker_name: str,
+    api_url: str,
+    auth_env: dict[str, str],
+) -> ContainerSpec:
+    """The container for one run: base env and labels, then the job's values on top.
+
+    Only the API location, credentials and run identity come from the worker; none of the
+    worker's own environment leaks into the flow.
+    """
+    network_mode = network_mode_for(job, api_url)
+    flow_api_url = api_url
+    extra_hosts: dict[str, str] | None = None
+    if network_mode != "host" and urlparse(api_url).hostname in _LOCAL_HOSTS:
+        for local in _LOCAL_HOSTS:
+            flow_api_url = flow_api_url.replace(local, "host.docker.internal")
+        extra_hosts = {"host.docker.internal": "host-gateway"}
+
+    env: dict[str, str | None] = {
+        "PREFECT_API_URL": flow_api_url,
+        **auth_env,
+        "PREFECT__FLOW_RUN_ID": str(flow_run.id),
+        "PREFECT__FLOW_ID": str(flow_run.flow_id),
+        "PREFECT__WORKER_NAME": worker_name,
+    }
+    if flow:
+        env["PREFECT__FLOW_NAME"] = flow.name
+    if deployment:
+        env["PREFECT__DEPLOYMENT_ID"] = str(deployment.id)
+        env["PREFECT__DEPLOYMENT_NAME"] = deployment.name
+    env.update(job.env)
+    environment = {k: v for k, v in env.items() if v is not None}
+
+    ours = {
+        "prefect.io/flow-run-id": str(flow_run.id),
+        "prefect.io/flow-run-name": flow_run.name,
+        "prefect.io/work-pool-name": pool.name,
+        "prefect.io/work-pool-id": str(pool.id),
+        "prefect.io/worker-name": worker_name,
+        "prefect.io/flow-id": str(flow_run.flow_id),
+    }
+    if flow:
+        ours["prefect.io/flow-name"] = flow.name
+    if deployment:
+        ours["prefect.io/deployment-id"] = str(deployment.id)
+        ours["prefect.io/deployment-name"] = deployment.name
+    labels = {_docker_label_key(k): v for k, v in job.labels.items()}
+    # The worker's own labels win: they are how it finds its containers again.
+    labels.update({_docker_label_key(k): v for k, v in ours.items()})
+    labels[LABEL_MANAGED] = "true"
+    labels["io.dockerworker.version"] = __version__
+    labels["io.dockerworker.auto-remove"] = str(job.auto_remove).lower()
+
+    extra = dict(job.container_create_kwargs or {})
+    extra = {k: v for k, v in extra.items() if k not in JobVariables.model_fields}
+    for key in ("volumes", "detach", "auto_remove", "remove"):
+        extra.pop(key, None)
+    if extra_hosts:
+        user_hosts = extra.pop("extra_hosts", None)
+        if isinstance(user_hosts, dict):
+            extra_hosts.update(user_hosts)
+        elif isinstance(user_hosts, list):
+            extra_hosts.update(dict(h.split(":", 1) for h in user_hosts if ":" in h))
+
+    create_kwargs: dict[str, Any] = {
+        "image": job.image,
+        "command": job.command or DEFAULT_COMMAND,
+        "environment": environment,
+        "labels": labels,
+        "network": job.networks[0] if job.networks else None,
+        "network_mode": network_mode,
+        "extra_hosts": extra_hosts,
+        "volumes": list(job.volumes),
+        "mem_limit": job.mem_limit,
+        "memswap_limit": job.memswap_limit,
+        "privileged": job.privileged,
+        # An init as PID 1 forwards SIGTERM to the engine, so a stop takes effect at once.
+        "init": True,
+        **extra,
+    }
+    create_kwargs = {k: v for k, v in create_kwargs.items() if v is not None}
+    name = container_name(job.name or flow_run.name, flow_run.id)
+    return ContainerSpec(
+        name=name,
+        create_kwargs=create_kwargs,
+        extra_networks=list(job.networks[1:]),
+        auto_remove=job.auto_remove,
+    )
+
+
+def create_and_start(client: docker.DockerClient, spec: ContainerSpec) -> Container:
+    """Create (detached, never Docker's own auto-remove: the exit code must survive) and start."""
+    try:
+        container = client.containers.create(name=spec.name, detach=True, **spec.create_kwargs)
+    except docker.errors.APIError as exc:
+        if exc.status_code != 409:
+            raise
+        container = client.containers.create(
+            name=f"{spec.name}-{uuid.uuid4().hex[:4]}", detach=True, **spec.create_kwargs
+        )
+    try:
+        for network in spec.extra_networks:
+            client.networks.get(network).connect(container)
+        container.start()
+    except docker.errors.APIError:
+        if spec.auto_remove:
+            remove_quietly(container)
+        raise
+    return container
+
+
+def remove_quietly(container: Container) -> None:
+    try:
+        container.remove(force=True)
+    except docker.errors.NotFound:
+        pass
+
+
+def infrastructure_pid(client: docker.DockerClient, container: Container) -> str:
+    """`<docker host id>:<container id>`: which engine, which container."""
+    return f"{docker_host_id(client)}:{container.id}"
+
+
+def docker_host_id(client: docker.DockerClient) -> str:
+    return str(client.info().get("ID") or client.api.base_url)
+
+
+@dataclass
+class ExitReport:
+    """How a container ended, read before it is removed."""
+
+    exit_code: int
+    oom_killed: bool
+    error: str
+
+    def describe(self, mem_limit: str | None) -> str:
+        """A short human reason: out of memory, a signal, or the plain exit code."""
+        if self.oom_killed:
+            limit = f" (mem_limit {mem_limit})" if mem_limit else ""
+            return f"killed: out of memory{limit}, exit code {self.exit_code}"
+        if self.error:
+            return f"Docker reported an error: {self.error} (exit code {self.exit_code})"
+        if self.exit_code > 128:
+            try:
+                name = signal.Signals(self.exit_code - 128).name
+            except ValueError:
+                name = f"signal {self.exit_code - 128}"
+            return f"killed by {name} (exit code {self.exit_code})"
+        return f"exited with code {self.exit_code}"
+
+
+def read_exit(container: Container) -> ExitReport:
+    container.reload()
+    state = container.attrs.get("State", {})
+    return ExitReport(
+        exit_code=int(state.get("ExitCode", -1)),
+        oom_killed=bool(state.get("OOMKilled")),
+        error=str(state.get("Error") or ""),
+    )
+
+
+def last_lines(container: Container, count: int = 10, max_chars: int = 1500) -> str:
+    """The tail of the container's output, bounded, for a crash message."""
+    try:
+        raw = container.logs(stdout=True, stderr=True, tail=count)
+    except docker.errors.APIError:
+        return ""
+    text = raw.decode("utf-8", errors="replace").strip()
+    return text[-max_chars:]

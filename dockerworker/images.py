@@ -1,0 +1,74 @@
+"""Getting the job's image onto the Docker host, by prefect-docker's pull policy rules."""
+
+from __future__ import annotations
+
+import logging
+
+import docker
+import docker.errors
+from docker.utils import parse_repository_tag
+
+from .jobs import JobVariables
+
+log = logging.getLogger(__name__)
+
+
+class ImageUnavailable(RuntimeError):
+    """The image is not on the host and could not (or may not) be pulled."""
+
+
+def effective_pull_policy(image: str, policy: str | None) -> str:
+    """Always for untagged or `:latest` images, IfNotPresent otherwise (Kubernetes' rule)."""
+    if policy:
+        return policy
+    _, tag = parse_repository_tag(image)
+    return "Always" if tag in (None, "latest") else "IfNotPresent"
+
+
+def _present(client: docker.DockerClient, image: str) -> bool:
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        return False
+    return True
+
+
+def _pull(client: docker.DockerClient, image: str, job: JobVariables) -> None:
+    """Pull through the low-level stream: the high-level call hides errors (docker-py #2286)."""
+    repository, tag = parse_repository_tag(image)
+    auth = None
+    if job.registry_credentials:
+        creds = job.registry_credentials
+        auth = {"username": creds.username, "password": creds.password}
+    try:
+        for line in client.api.pull(
+            repository, tag=tag or "latest", stream=True, decode=True, auth_config=auth
+        ):
+            if "error" in line:
+                raise ImageUnavailable(f"pulling image {image!r} failed: {line['error']}")
+    except docker.errors.APIError as exc:
+        reason = exc.explanation or str(exc)
+        raise ImageUnavailable(f"pulling image {image!r} failed: {reason}") from None
+
+
+def ensure_image(client: docker.DockerClient, job: JobVariables) -> str:
+    """Make `job.image` available per its pull policy; returns what was done, for the logs."""
+    image = job.image
+    policy = effective_pull_policy(image, job.image_pull_policy)
+    if policy == "Never":
+        if not _present(client, image):
+            raise ImageUnavailable(
+                f"image {image!r} is not present on the Docker host and image_pull_policy "
+                "is Never"
+            )
+        return "present"
+    if policy == "IfNotPresent" and _present(client, image):
+        return "present"
+    try:
+        _pull(client, image, job)
+    except ImageUnavailable as exc:
+        if policy == "IfPossible" and _present(client, image):
+            log.warning("%s; using the local copy (IfPossible)", exc)
+            return "present (pull failed)"
+        raise
+    return "pulled"

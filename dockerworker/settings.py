@@ -1,0 +1,43 @@
+"""The worker's settings: one pydantic model, filled from CLI flags and the environment."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+from pydantic import BaseModel, Field, SecretStr
+
+DEFAULT_API_URL = "http://127.0.0.1:4200/api"
+
+
+def default_worker_name() -> str:
+    """Unique per process, readable per host: replicas on one host get different names."""
+    return f"dockerworker-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+
+
+class WorkerSettings(BaseModel):
+    api_url: str = DEFAULT_API_URL
+    api_key: SecretStr | None = None
+    auth_string: SecretStr | None = None
+    pool: str
+    work_queues: list[str] = Field(default_factory=list)
+    name: str = Field(default_factory=default_worker_name)
+    limit: int | None = Field(default=None, ge=1)
+    poll_interval: float = Field(default=5.0, gt=0)
+    prefetch_seconds: float = Field(default=10.0, ge=0)
+    heartbeat_interval: float = Field(default=30.0, gt=0)
+    run_once: bool = False
+
+    def auth_env(self) -> dict[str, str]:
+        """The credentials a flow container needs to talk to the same server."""
+        env = {}
+        if self.api_key:
+            env["PREFECT_API_KEY"] = self.api_key.get_secret_value()
+        if self.auth_string:
+            env["PREFECT_API_AUTH_STRING"] = self.auth_string.get_secret_value()
+        return env
+
+
+def docker_host_description() -> str:
+    return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"

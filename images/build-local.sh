@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Build the images that tests and the local demo need, on a machine with no container registry:
+#   1. dockerworker/local-python:bookworm  (debootstrap, images/local-base/build.sh)
+#   2. dockerworker/prefect:3.9.1-local    (images/prefect/Dockerfile on top of 1)
+# Idempotent: each image is skipped when it already exists. Needs root (debootstrap) and access
+# to PyPI from the host network; the host CA bundle is handed to pip for TLS-inspecting proxies.
+# Env: PREFECT_VERSION (3.9.1), CA_BUNDLE (/etc/ssl/certs/ca-certificates.crt).
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+base=dockerworker/local-python:bookworm
+version=${PREFECT_VERSION:-3.9.1}
+image=dockerworker/prefect:${version}-local
+ca=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
+
+"$here/local-base/build.sh" "$base"
+
+if docker image inspect "$image" >/dev/null 2>&1; then
+  echo "build-local: $image already present"
+  exit 0
+fi
+
+ctx=$(mktemp -d /tmp/prefect-image.XXXXXX)
+trap 'rm -rf "$ctx"' EXIT
+cp "$here/prefect/Dockerfile" "$ctx/Dockerfile"
+if [ -s "$ca" ]; then
+  cp "$ca" "$ctx/ca.crt"
+  echo "build-local: pip will trust $ca"
+else
+  : > "$ctx/ca.crt"
+  echo "build-local: no CA bundle at $ca, pip uses its defaults"
+fi
+echo "build-local: building $image from $base (pip install prefect==$version, about a minute)"
+start=$SECONDS
+docker build --network host \
+  --build-arg "BASE_IMAGE=$base" --build-arg "PREFECT_VERSION=$version" \
+  -t "$image" "$ctx"
+echo "build-local: built $image in $((SECONDS - start)) s"

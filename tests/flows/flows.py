@@ -1,0 +1,43 @@
+"""Prefect flows that the integration tests run inside containers (copied to /opt/flows)."""
+
+import time
+
+from prefect import flow
+
+
+@flow
+def hello(name: str = "world") -> str:
+    """Print and return a greeting."""
+    message = f"hello, {name}"
+    print(message)
+    return message
+
+
+@flow(log_prints=True)
+def prints_three() -> None:
+    """Print three known lines (log_prints=True, so they also become Prefect logs)."""
+    print("line one")
+    print("line two")
+    print("line three")
+
+
+@flow
+def fails() -> None:
+    """Fail with a known error."""
+    raise ValueError("intended failure")
+
+
+@flow
+def allocate(mb: int = 512) -> int:
+    """Hold `mb` MiB of resident memory (every page written), then return the size."""
+    block = bytearray(mb * 1024 * 1024)
+    for offset in range(0, len(block), 4096):
+        block[offset] = 1
+    return len(block) // (1024 * 1024)
+
+
+@flow
+def sleepy(seconds: float = 5) -> float:
+    """Sleep for `seconds`, then return them."""
+    time.sleep(seconds)
+    return seconds

@@ -1,0 +1,128 @@
+"""Integration fixtures: a real Prefect server, Docker, the test images, per-test pools."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import docker
+import pytest
+import requests
+from prefect_rig import (
+    FLOWS_IMAGE,
+    PREFECT_IMAGE,
+    REPO_DIR,
+    PrefectRig,
+    PrefectServer,
+    build_flow_image,
+    remove_pool_containers,
+    start_prefect_server,
+)
+from workers import WorkerProcess, worker_env
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[PrefectServer]:
+    """A Prefect server on a free loopback port with a temp PREFECT_HOME (SQLite)."""
+    try:
+        server = start_prefect_server()
+    except RuntimeError as exc:
+        pytest.fail(f"could not start the Prefect server: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    """The local Docker engine. Missing Docker is a failure, never a skip."""
+    try:
+        client = docker.from_env()
+        client.ping()
+    except (docker.errors.DockerException, requests.RequestException) as exc:
+        pytest.fail(f"Docker engine not reachable (integration tests need it): {exc}", pytrace=False)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def flow_image(docker_client: docker.DockerClient) -> str:
+    """Tag of the test flows image (tests/flows at /opt/flows), built once per session."""
+    try:
+        docker_client.images.get(PREFECT_IMAGE)
+    except docker.errors.ImageNotFound:
+        pytest.fail(
+            f"image {PREFECT_IMAGE} is missing: run {REPO_DIR / 'images/build-local.sh'} first",
+            pytrace=False,
+        )
+    try:
+        return build_flow_image(docker_client)
+    except docker.errors.BuildError as exc:
+        output = "".join(str(chunk.get("stream", chunk)) for chunk in exc.build_log)
+        pytest.fail(f"building {FLOWS_IMAGE} failed: {exc}\n{output}", pytrace=False)
+
+
+@pytest.fixture
+def rig(prefect_server: PrefectServer) -> Iterator[PrefectRig]:
+    """REST helper bound to the session's Prefect server."""
+    helper = PrefectRig(prefect_server.url)
+    try:
+        yield helper
+    finally:
+        helper.close()
+
+
+@pytest.fixture
+def unique_pool(
+    request: pytest.FixtureRequest,
+    docker_client: docker.DockerClient,
+    prefect_server: PrefectServer,
+) -> Iterator[str]:
+    """A fresh work pool name (not created); afterwards its containers and the pool are removed."""
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"t-{slug}-{secrets.token_hex(2)}"
+    yield name
+    remove_pool_containers(docker_client, name)
+    cleanup = PrefectRig(prefect_server.url)
+    try:
+        cleanup.delete_work_pool(name)
+    finally:
+        cleanup.close()
+
+
+@pytest.fixture
+def start_worker(
+    prefect_server: PrefectServer,
+    unique_pool: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start `dockerworker start --pool POOL ...` subprocesses; all stopped after the test
+    (before `unique_pool` removes the pool's containers), their output printed on failure."""
+    started: list[WorkerProcess] = []
+
+    def start(pool: str, *args: str, api_url: str | None = None, ready: bool = True
+              ) -> WorkerProcess:
+        """With `ready`, return once the worker polls (so its pool exists)."""
+        env = worker_env(api_url or prefect_server.url)
+        log_path = tmp_path / f"worker-{len(started)}.log"
+        worker = WorkerProcess(
+            ["--pool", pool, "--poll-interval", "1", *args], env, log_path
+        )
+        started.append(worker)
+        if ready:
+            worker.wait_for_output("polling pool")
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+    failed = getattr(request.node, "rep_call", None)
+    if failed is None or failed.failed:
+        for worker in started:
+            print(f"--- {worker.log_path.name} ---\n{worker.output()}")

@@ -1,0 +1,378 @@
+"""Integration-test rig: a real Prefect server, a small REST client over it, Docker helpers.
+
+Everything here talks to loopback and the local Docker engine only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import docker.errors
+import httpx
+
+TESTS_DIR = Path(__file__).resolve().parent.parent
+REPO_DIR = TESTS_DIR.parent
+PREFECT_IMAGE = "dockerworker/prefect:3.9.1-local"
+FLOWS_IMAGE = "dockerworker-test/flows:dev"
+FLOWS_DOCKERFILE = "images/flows.Dockerfile"
+POOL_LABEL = "io.prefect.work-pool-name"
+FINAL_STATE_TYPES = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def prefect_executable() -> str:
+    """The `prefect` CLI of the running interpreter's environment."""
+    candidate = Path(sys.executable).parent / "prefect"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("prefect")
+    if not found:
+        raise RuntimeError(f"no `prefect` next to {sys.executable} nor on PATH")
+    return found
+
+
+def server_env(home: Path) -> dict[str, str]:
+    """Environment for a loopback-only server: no analytics, no UI, nothing inherited."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_PROFILES_PATH=str(home / "profiles.toml"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_UI_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        DO_NOT_TRACK="1",
+        PREFECT_SERVER_LOGGING_LEVEL="WARNING",
+    )
+    return env
+
+
+@dataclass
+class PrefectServer:
+    """A `prefect server start` subprocess; `url` ends in /api."""
+
+    url: str
+    home: Path
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    _owns_home: bool = field(default=False, repr=False)
+
+    def output(self) -> str:
+        """Everything the server printed so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def is_healthy(self) -> bool:
+        """True when GET /api/health answers true."""
+        try:
+            r = httpx.get(f"{self.url}/health", timeout=2, trust_env=False)
+            return r.status_code == 200 and r.json() is True
+        except (httpx.HTTPError, ValueError):
+            return False
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        """Block until healthy; raise RuntimeError with the server's output otherwise."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"prefect server exited with {self.process.returncode}:\n{self.output()}"
+                )
+            if self.is_healthy():
+                return
+            time.sleep(0.25)
+        raise RuntimeError(f"prefect server not healthy after {timeout} s:\n{self.output()}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Terminate the server (its whole process group); remove the home if we made it."""
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+            except ProcessLookupError:
+                pass
+        if self._owns_home:
+            shutil.rmtree(self.home, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_prefect_server(
+    port: int | None = None,
+    home: Path | str | None = None,
+    *,
+    wait: bool = True,
+    timeout: float = 60.0,
+) -> PrefectServer:
+    """Start `prefect server start` on 127.0.0.1 (SQLite under `home`).
+
+    With `wait`, returns once /api/health is true. Reusing a `home` keeps the database, so a
+    server can be stopped and started again on the same port with the same data. The caller
+    stops it (`.stop()` or use it as a context manager).
+    """
+    port = port or free_port()
+    owns_home = home is None
+    home_path = Path(tempfile.mkdtemp(prefix="prefect-home-")) if home is None else Path(home)
+    home_path.mkdir(parents=True, exist_ok=True)
+    log_path = home_path / f"server-{port}-{int(time.time() * 1000)}.log"
+    cmd = [
+        prefect_executable(), "server", "start",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--no-ui", "--analytics-off",
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            cmd,
+            env=server_env(home_path),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = PrefectServer(
+        url=f"http://127.0.0.1:{port}/api",
+        home=home_path,
+        port=port,
+        process=process,
+        log_path=log_path,
+        _owns_home=owns_home,
+    )
+    if wait:
+        try:
+            server.wait_healthy(timeout)
+        except Exception:
+            server.stop()
+            raise
+    return server
+
+
+class PrefectRig:
+    """Synchronous helper over the Prefect REST API, for test setup and assertions."""
+
+    def __init__(self, api_url: str, timeout: float = 30.0) -> None:
+        self.api_url = api_url.rstrip("/")
+        self.http = httpx.Client(base_url=self.api_url, timeout=timeout, trust_env=False)
+
+    def close(self) -> None:
+        """Close the HTTP client."""
+        self.http.close()
+
+    def _call(self, method: str, path: str, json: Any = None) -> Any:
+        """One request; a 503 (SQLite busy under concurrent writers) is tried again."""
+        for _ in range(10):
+            response = self.http.request(method, path, json=json)
+            if response.status_code != 503:
+                break
+            time.sleep(0.5)
+        if response.is_error:
+            raise AssertionError(
+                f"{method} {path} -> {response.status_code}: {response.text[:2000]}"
+            )
+        return response.json() if response.content else None
+
+    def create_work_pool(
+        self, name: str, type: str = "docker", base_job_template: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Create a work pool and return it."""
+        body: dict[str, Any] = {"name": name, "type": type}
+        if base_job_template is not None:
+            body["base_job_template"] = base_job_template
+        return self._call("POST", "/work_pools/", body)
+
+    def read_work_pool(self, name: str) -> dict[str, Any]:
+        """Read a work pool by name."""
+        return self._call("GET", f"/work_pools/{name}")
+
+    def delete_work_pool(self, name: str) -> None:
+        """Delete a work pool; a missing one is fine."""
+        response = self.http.delete(f"/work_pools/{name}")
+        if response.status_code not in (200, 204, 404):
+            raise AssertionError(f"DELETE work pool {name} -> {response.status_code}")
+
+    def create_deployment(
+        self,
+        pool: str,
+        entrypoint: str,
+        job_variables: dict[str, Any] | None = None,
+        path: str | None = "/opt/flows",
+        name: str | None = None,
+        work_queue_name: str | None = None,
+        **extra: Any,
+    ) -> str:
+        """Create (flow and) deployment for `entrypoint` like "flows.py:hello"; return its id.
+
+        With `path` and a "file.py:func" entrypoint and no pull steps, `prefect flow-run
+        execute` imports `path`/file.py. `extra` goes into the body (e.g. pull_steps).
+        """
+        func = entrypoint.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+        flow = self._call("POST", "/flows/", {"name": func.replace("_", "-")})
+        body: dict[str, Any] = {
+            "name": name or f"{func}-{uuid.uuid4().hex[:8]}",
+            "flow_id": flow["id"],
+            "entrypoint": entrypoint,
+            "path": path,
+            "work_pool_name": pool,
+            "work_queue_name": work_queue_name,
+            "job_variables": job_variables or {},
+            "enforce_parameter_schema": False,
+            **extra,
+        }
+        return str(self._call("POST", "/deployments/", body)["id"])
+
+    def delete_deployment(self, deployment_id: str) -> None:
+        """Delete a deployment; a missing one is fine."""
+        response = self.http.delete(f"/deployments/{deployment_id}")
+        if response.status_code not in (200, 204, 404):
+            raise AssertionError(f"DELETE deployment -> {response.status_code}")
+
+    def create_flow_run(
+        self,
+        deployment_id: str,
+        parameters: dict[str, Any] | None = None,
+        job_variables: dict[str, Any] | None = None,
+        **extra: Any,
+    ) -> str:
+        """Create a (Scheduled, due now) flow run of a deployment; return its id."""
+        body: dict[str, Any] = {"parameters": parameters or {}, **extra}
+        if job_variables is not None:
+            body["job_variables"] = job_variables
+        return str(self._call("POST", f"/deployments/{deployment_id}/create_flow_run", body)["id"])
+
+    def create_orphan_flow_run(self, pool: str) -> str:
+        """A scheduled run in `pool` whose deployment does not exist (deleting a deployment
+        deletes its runs, so this is how a run outlives its deployment)."""
+        flow = self._call("POST", "/flows/", {"name": "orphan"})
+        body = {
+            "flow_id": flow["id"],
+            "deployment_id": str(uuid.uuid4()),
+            "work_pool_name": pool,
+            "work_queue_name": "default",
+            "state": {"type": "SCHEDULED", "name": "Scheduled"},
+        }
+        return str(self._call("POST", "/flow_runs/", body)["id"])
+
+    def read_flow_run(self, flow_run_id: str) -> dict[str, Any]:
+        """Read a flow run."""
+        return self._call("GET", f"/flow_runs/{flow_run_id}")
+
+    def set_state(
+        self, flow_run_id: str, type: str, name: str | None = None, force: bool = False
+    ) -> dict[str, Any]:
+        """Propose a state; returns the orchestration result (`status`: ACCEPT/REJECT/...)."""
+        state = {"type": type, "name": name or type.title()}
+        return self._call(
+            "POST", f"/flow_runs/{flow_run_id}/set_state", {"state": state, "force": force}
+        )
+
+    def wait_for_final(
+        self, flow_run_id: str, timeout: float = 120.0, interval: float = 0.5
+    ) -> dict[str, Any]:
+        """Poll until the run is COMPLETED/FAILED/CRASHED/CANCELLED; return the run."""
+        deadline = time.monotonic() + timeout
+        run = self.read_flow_run(flow_run_id)
+        while state_type(run) not in FINAL_STATE_TYPES:
+            if time.monotonic() > deadline:
+                state = run.get("state") or {}
+                raise AssertionError(
+                    f"flow run {flow_run_id} not final after {timeout} s; last state "
+                    f"{state.get('type')}/{state.get('name')}: {state.get('message')!r}"
+                )
+            time.sleep(interval)
+            run = self.read_flow_run(flow_run_id)
+        return run
+
+    def wait_for_state(
+        self, flow_run_id: str, types: set[str] | str, timeout: float = 60.0
+    ) -> dict[str, Any]:
+        """Poll until the run's state type is one of `types`; return the run."""
+        wanted = {types} if isinstance(types, str) else set(types)
+        deadline = time.monotonic() + timeout
+        run = self.read_flow_run(flow_run_id)
+        while state_type(run) not in wanted:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"flow run {flow_run_id} never reached {sorted(wanted)} in {timeout} s; "
+                    f"last state {state_type(run)}"
+                )
+            time.sleep(0.25)
+            run = self.read_flow_run(flow_run_id)
+        return run
+
+    def read_logs(self, flow_run_id: str) -> list[dict[str, Any]]:
+        """All logs of a flow run, oldest first."""
+        logs: list[dict[str, Any]] = []
+        while True:
+            page = self._call(
+                "POST",
+                "/logs/filter",
+                {
+                    "logs": {"flow_run_id": {"any_": [flow_run_id]}},
+                    "sort": "TIMESTAMP_ASC",
+                    "limit": 200,
+                    "offset": len(logs),
+                },
+            )
+            logs.extend(page)
+            if len(page) < 200:
+                return logs
+
+
+def state_type(run: dict[str, Any]) -> str | None:
+    """The state type of a flow run dict (None if it has no state)."""
+    return (run.get("state") or {}).get("type")
+
+
+def log_messages(logs: list[dict[str, Any]]) -> list[str]:
+    """Just the messages of `PrefectRig.read_logs` output."""
+    return [entry["message"] for entry in logs]
+
+
+def build_flow_image(client: Any, tag: str = FLOWS_IMAGE, base: str = PREFECT_IMAGE) -> str:
+    """Build tests/images/flows.Dockerfile (context: tests/) with the Docker SDK; return tag."""
+    client.images.build(
+        path=str(TESTS_DIR),
+        dockerfile=FLOWS_DOCKERFILE,
+        tag=tag,
+        buildargs={"PREFECT_IMAGE": base},
+        rm=True,
+        forcerm=True,
+        pull=False,
+    )
+    return tag
+
+
+def remove_pool_containers(client: Any, pool: str) -> list[str]:
+    """Force-remove every container labelled with work pool `pool`; return their names."""
+    removed = []
+    for container in client.containers.list(all=True, filters={"label": f"{POOL_LABEL}={pool}"}):
+        with contextlib.suppress(docker.errors.APIError):  # already gone or being removed
+            container.remove(force=True)
+            removed.append(container.name)
+    return removed
