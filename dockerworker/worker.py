@@ -54,7 +54,7 @@ class Worker:
 
         for attempt in Retrying(
             retry=retry_if_exception_type((ServerUnreachable, AuthRejected)),
-            wait=wait_exponential_jitter(initial=1, max=30),
+            wait=wait_exponential_jitter(initial=1, max=10),
             before_sleep=explain,
             reraise=True,
         ):

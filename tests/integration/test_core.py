@@ -36,6 +36,9 @@ def test_flow_completes_in_a_labelled_container(
         host_id, _, container_id = run["infrastructure_pid"].rpartition(":")
         assert host_id == docker_client.info()["ID"] and container_id
 
+    workers = rig._call("POST", f"/work_pools/{unique_pool}/workers/filter", {})
+    assert [w["status"] for w in workers] == ["ONLINE"]
+
     (container,) = containers_of_run(docker_client, kept_run)
     labels = container.labels
     assert labels[POOL_LABEL] == unique_pool
@@ -206,6 +209,7 @@ def test_server_appearing_late_is_waited_for(
     time.sleep(5)
     assert worker.alive(), worker.output()
     with start_prefect_server(port=port, home=tmp_path / "late-home") as server:
+        worker.wait_for_output("polling pool", timeout=30)
         late = PrefectRig(server.url)
         try:
             deployment = late.create_deployment(
