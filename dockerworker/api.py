@@ -7,7 +7,7 @@ pydantic models for what it reads, tenacity for backoff on transient failures.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 from uuid import UUID
@@ -256,21 +256,6 @@ class PrefectAPI:
         return Flow.model_validate(self.request("GET", f"/flows/{flow_id}"))
 
     # --- logs ---------------------------------------------------------------------------
-    def send_logs(self, logs: list[dict[str, Any]]) -> None:
+    def send_logs(self, logs: list[dict[str, Any]], attempts: int | None = None) -> None:
         if logs:
-            self.request("POST", "/logs/", json=logs)
-
-    def log_to_run(self, flow_run_id: UUID, message: str, level: int = logging.INFO,
-                   name: str = "dockerworker") -> None:
-        """Best effort: a worker-side message in the flow run's logs; never raises."""
-        entry = {
-            "name": name,
-            "level": level,
-            "message": message,
-            "timestamp": datetime.now(UTC).isoformat(),
-            "flow_run_id": str(flow_run_id),
-        }
-        try:
-            self.send_logs([entry])
-        except PrefectAPIError as exc:
-            log.warning("could not ship a log line for flow run %s: %s", flow_run_id, exc)
+            self.request("POST", "/logs/", json=logs, attempts=attempts)

@@ -232,11 +232,22 @@ def read_exit(container: Container) -> ExitReport:
     )
 
 
-def last_lines(container: Container, count: int = 10, max_chars: int = 1500) -> str:
-    """The tail of the container's output, bounded, for a crash message."""
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit): ")
+
+
+def crash_context(container: Container, tail: int = 10, scan: int = 300,
+                  max_chars: int = 1500) -> str:
+    """For a crash message: the exception lines among the last `scan` lines of output (where
+    a traceback names its cause) and the last `tail` lines, bounded."""
     try:
-        raw = container.logs(stdout=True, stderr=True, tail=count)
+        raw = container.logs(stdout=True, stderr=True, tail=scan)
     except docker.errors.APIError:
         return ""
-    text = raw.decode("utf-8", errors="replace").strip()
-    return text[-max_chars:]
+    lines = raw.decode("utf-8", errors="replace").rstrip().splitlines()
+    errors = list(dict.fromkeys(line for line in lines if _EXCEPTION_LINE.match(line)))[-5:]
+    parts = []
+    if errors:
+        parts.append("Errors in the output:\n" + "\n".join(errors))
+    if lines:
+        parts.append("Last output:\n" + "\n".join(lines[-tail:]))
+    return "\n".join(parts)[-max_chars:]

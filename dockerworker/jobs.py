@@ -104,6 +104,12 @@ class JobVariables(BaseModel):
     privileged: bool = Field(
         default=False, description="Give extended privileges to created container."
     )
+    max_log_bytes: int = Field(
+        default=10 * 1024 * 1024,
+        ge=0,
+        description="dockerworker: most bytes of container output shipped to the flow run's "
+        "logs; past it, one notice says how much was left out.",
+    )
     container_create_kwargs: dict[str, Any] | None = Field(
         default=None,
         title="Container Configuration",

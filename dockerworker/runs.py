@@ -28,14 +28,15 @@ from .api import (
 )
 from .containers import (
     build_spec,
+    crash_context,
     create_and_start,
     infrastructure_pid,
-    last_lines,
     read_exit,
     remove_quietly,
 )
 from .images import ImageUnavailable, ensure_image
 from .jobs import InvalidJobVariables, JobVariables, merge_job_variables, resolve_job
+from .logs import LogShipper, RunOutput, log_entry
 from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,11 @@ class RunSupervisor:
         settings: WorkerSettings,
         pool: WorkPool,
         flow_run: FlowRun,
+        shipper: LogShipper,
         on_done: Callable[[FlowRun], None] = lambda run: None,
     ) -> None:
         self.api = api
+        self.shipper = shipper
         self.docker = docker_client
         self.settings = settings
         self.pool = pool
@@ -162,53 +165,50 @@ class RunSupervisor:
             return None
 
     def _watch(self, container: Container, job: JobVariables) -> None:
-        """Follow the container to its end, then give the verdict and clean up."""
-        if job.stream_output:
-            self._echo_output(container)
+        """Follow the container's output to its end, then give the verdict and clean up."""
+        to_api = job.env.get("PREFECT_LOGGING_TO_API_ENABLED") or "true"
+        output = RunOutput(
+            self.shipper,
+            self.flow_run.id,
+            max_bytes=job.max_log_bytes,
+            echo=(lambda text: echo(self.flow_run.name, text)) if job.stream_output else None,
+            skip_engine_records=to_api.lower() not in ("false", "0", "no"),
+        )
+        output.follow(container)
         container.wait(timeout=None)
         report = read_exit(container)
+        self.say(f"container {container.name} {report.describe(job.mem_limit)}; "
+                 f"{output.close()}")
         state = self.api.read_flow_run(self.flow_run.id).state
         reason = f"Flow run container {container.name} {report.describe(job.mem_limit)}"
-        if state is not None and state.is_final and not (
-            state.type == StateType.CRASHED and report.oom_killed
-        ):
-            self.say(f"container {container.name} {report.describe(job.mem_limit)}; "
-                     f"flow run is {state.type.value}")
-        elif state is not None and state.is_final:
-            # Prefect's engine saw its child die (-9) but not why; Docker knows: say so.
-            self.crash(f"{reason}. Prefect reported: {state.message}", force=True)
-        else:
+        if state is None or not state.is_final:
             current = state.type.value if state else "without a state"
-            message = f"{reason} while the flow run was {current}."
-            tail = last_lines(container)
-            if tail:
-                message += f"\nLast output:\n{tail}"
-            self.crash(message)
+            self.crash(f"{reason} while the flow run was {current}.", container)
+        elif state.type == StateType.CRASHED:
+            # Prefect's engine saw its flow process die, not why; Docker and the output know.
+            lead = f"{reason}. " if report.oom_killed else ""
+            self.crash(f"{lead}{state.message}", container, force=True)
+        else:
+            log.info("%s: flow run is %s", self.label, state.type.value)
         if job.auto_remove:
             remove_quietly(container)
 
-    def _echo_output(self, container: Container) -> None:
-        pending = b""
-        for chunk in container.logs(stream=True, follow=True):
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                echo(self.flow_run.name, line.decode("utf-8", errors="replace").rstrip("\r"))
-        if pending:
-            echo(self.flow_run.name, pending.decode("utf-8", errors="replace"))
-
     # --- reporting ----------------------------------------------------------------------
-    def say(self, message: str) -> None:
+    def say(self, message: str, level: int = logging.INFO) -> None:
         """A step of this run: on the worker's console and in the run's logs."""
-        log.info("%s: %s", self.label, message)
-        self.api.log_to_run(self.flow_run.id, message)
+        log.log(level, "%s: %s", self.label, message)
+        self.shipper.submit(log_entry(self.flow_run.id, message, level))
 
-    def crash(self, message: str, force: bool = False) -> None:
-        """End the run CRASHED with a reason, unless it already reached a final state
-        (`force`: replace a final state whose reason we know better)."""
-        message = message[-MAX_STATE_MESSAGE:]
-        log.error("%s: crashed: %s", self.label, message)
-        self.api.log_to_run(self.flow_run.id, message, level=logging.ERROR)
+    def crash(self, message: str, container: Container | None = None,
+              force: bool = False) -> None:
+        """End the run CRASHED with a reason and what the container printed last, unless it
+        already reached a final state (`force`: replace a CRASHED whose reason we know better)."""
+        if container is not None:
+            context = crash_context(container)
+            if context:
+                message = f"{message}\n{context}"
+        message = message[:MAX_STATE_MESSAGE]
+        self.say(f"crashed: {message}", logging.ERROR)
         try:
             result = self.api.set_state(self.flow_run.id, StateType.CRASHED, message, force=force)
         except PrefectAPIError as exc:

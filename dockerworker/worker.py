@@ -25,6 +25,7 @@ from .api import (
     WorkPool,
 )
 from .jobs import default_base_job_template
+from .logs import LogShipper
 from .runs import RunSupervisor
 from .settings import WorkerSettings
 
@@ -42,6 +43,7 @@ class Worker:
         self._active: dict[UUID, threading.Thread] = {}
         self._lock = threading.Lock()
         self.pool: WorkPool | None = None
+        self.shipper = LogShipper(api)
 
     # --- start-up -----------------------------------------------------------------------
     def wait_for_server(self) -> None:
@@ -94,6 +96,13 @@ class Worker:
 
     # --- loop ---------------------------------------------------------------------------
     def run(self) -> int:
+        self.shipper.start()
+        try:
+            return self._loop()
+        finally:
+            self.shipper.stop(timeout=30)
+
+    def _loop(self) -> int:
         self.wait_for_server()
         if self.stop_event.is_set():
             return 0
@@ -167,7 +176,8 @@ class Worker:
             if self.settings.limit is not None and len(self._active) >= self.settings.limit:
                 return
             supervisor = RunSupervisor(
-                self.api, self.docker, self.settings, self.pool, flow_run, on_done=self._done
+                self.api, self.docker, self.settings, self.pool, flow_run, self.shipper,
+                on_done=self._done,
             )
             thread = threading.Thread(
                 target=supervisor.run, name=f"run-{flow_run.id.hex[:8]}", daemon=True

@@ -325,20 +325,26 @@ class PrefectRig:
             run = self.read_flow_run(flow_run_id)
         return run
 
+    def read_logs_page(
+        self, flow_run_id: str, offset: int = 0, limit: int = 200
+    ) -> list[dict[str, Any]]:
+        """One page of a flow run's logs, oldest first."""
+        return self._call(
+            "POST",
+            "/logs/filter",
+            {
+                "logs": {"flow_run_id": {"any_": [flow_run_id]}},
+                "sort": "TIMESTAMP_ASC",
+                "limit": limit,
+                "offset": offset,
+            },
+        )
+
     def read_logs(self, flow_run_id: str) -> list[dict[str, Any]]:
         """All logs of a flow run, oldest first."""
         logs: list[dict[str, Any]] = []
         while True:
-            page = self._call(
-                "POST",
-                "/logs/filter",
-                {
-                    "logs": {"flow_run_id": {"any_": [flow_run_id]}},
-                    "sort": "TIMESTAMP_ASC",
-                    "limit": 200,
-                    "offset": len(logs),
-                },
-            )
+            page = self.read_logs_page(flow_run_id, offset=len(logs))
             logs.extend(page)
             if len(page) < 200:
                 return logs

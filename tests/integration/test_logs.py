@@ -1,0 +1,155 @@
+"""Container output in the flow run's logs on the server (issue 3)."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from prefect_rig import PrefectRig, free_port, start_prefect_server
+
+CONTAINER = "dockerworker.container"
+
+
+def container_lines(rig: PrefectRig, run_id: str, stream: str = "") -> list[str]:
+    name = CONTAINER + (f".{stream}" if stream else "")
+    return [log["message"] for log in rig.read_logs(run_id) if log["name"] == name]
+
+
+def test_log_prints_lines_appear_exactly_once(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str
+) -> None:
+    start_worker(unique_pool)
+    deployment = rig.create_deployment(unique_pool, "flows.py:prints_three", {"image": flow_image})
+    run_id = rig.create_flow_run(deployment)
+    assert rig.wait_for_final(run_id)["state"]["type"] == "COMPLETED"
+    time.sleep(2)  # the shipper batches for a moment after the run ends
+    messages = [log["message"] for log in rig.read_logs(run_id)]
+    for text in ("line one", "line two", "line three"):
+        assert sum(text in m for m in messages) == 1, (text, messages)
+
+
+def test_import_error_reaches_logs_and_the_crash_message(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str
+) -> None:
+    start_worker(unique_pool)
+    deployment = rig.create_deployment(
+        unique_pool, "broken_import.py:broken", {"image": flow_image}
+    )
+    run_id = rig.create_flow_run(deployment)
+    run = rig.wait_for_final(run_id)
+    # The engine reports the crash first; the worker adds the cause once the container ends.
+    deadline = time.monotonic() + 30
+    while "nonexistent_pkg_xyz" not in (run["state"]["message"] or ""):
+        assert time.monotonic() < deadline, run["state"]
+        time.sleep(0.5)
+        run = rig.read_flow_run(run_id)
+    assert run["state"]["type"] in ("CRASHED", "FAILED")
+    time.sleep(2)
+    traceback_lines = [
+        m for m in (log["message"] for log in rig.read_logs(run_id))
+        if "ModuleNotFoundError" in m and "nonexistent_pkg_xyz" in m
+    ]
+    assert traceback_lines
+
+
+def test_non_prefect_command_both_streams_and_the_crash(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str
+) -> None:
+    worker = start_worker(unique_pool)
+    command = "sh -c 'echo hi; echo oops >&2; exit 2'"
+    deployment = rig.create_deployment(
+        unique_pool, "flows.py:hello", {"image": flow_image, "command": command}
+    )
+    run_id = rig.create_flow_run(deployment)
+    run = rig.wait_for_final(run_id)
+    assert run["state"]["type"] == "CRASHED"
+    assert "exited with code 2" in run["state"]["message"]
+    assert "oops" in run["state"]["message"]
+    time.sleep(2)
+    logs = rig.read_logs(run_id)
+    assert [(l["message"], l["level"]) for l in logs if l["name"] == CONTAINER] == [("hi", 20)]
+    assert [(l["message"], l["level"]) for l in logs if l["name"] == CONTAINER + ".stderr"] == [
+        ("oops", 30)
+    ]
+    assert f"{run['name']} | hi" in worker.output()  # stream_output echoes to the console
+
+
+def test_fifty_thousand_lines_in_order_batched_with_bounded_memory(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str
+) -> None:
+    worker = start_worker(unique_pool)
+    command = "python3 -c 'for i in range(50000): print(f\"line {i}\")'"
+    deployment = rig.create_deployment(
+        unique_pool,
+        "flows.py:hello",
+        {"image": flow_image, "command": command, "stream_output": False},
+    )
+    run_id = rig.create_flow_run(deployment)
+    rig.wait_for_final(run_id, timeout=180)
+    deadline = time.monotonic() + 180  # the server stores about 1,500 log lines a second
+    while "0 dropped" not in worker.output() and time.monotonic() < deadline:
+        if len(rig.read_logs_page(run_id, offset=49_999)) == 1:
+            break
+        time.sleep(2)
+    peak_rss_kb = _peak_rss_kb(worker.process.pid)
+    worker.stop()
+    lines = container_lines(rig, run_id)
+    assert lines == [f"line {i}" for i in range(50000)]
+    requests = int(re.search(r"entries sent in (\d+) requests", worker.output()).group(1))
+    assert requests < 500, requests
+    print(f"50,000 lines: {requests} requests, worker peak RSS {peak_rss_kb / 1024:.0f} MiB")
+    assert peak_rss_kb < 150 * 1024
+
+
+def test_lines_over_the_cap_are_left_out_with_a_notice(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str
+) -> None:
+    start_worker(unique_pool)
+    command = "python3 -c 'for i in range(1000): print(f\"line {i:04}\")'"  # 10 bytes a line
+    deployment = rig.create_deployment(
+        unique_pool,
+        "flows.py:hello",
+        {"image": flow_image, "command": command, "max_log_bytes": 1000},
+    )
+    run_id = rig.create_flow_run(deployment)
+    rig.wait_for_final(run_id)
+    time.sleep(2)
+    messages = [log["message"] for log in rig.read_logs(run_id)]
+    assert [m for m in messages if m.startswith("line ")] == [f"line {i:04}" for i in range(100)]
+    assert any("truncated at max_log_bytes=1000: 900 more lines" in m for m in messages)
+
+
+def test_server_down_for_ten_seconds_loses_no_line(
+    start_worker, unique_pool: str, flow_image: str, tmp_path: Path
+) -> None:
+    port, home = free_port(), tmp_path / "home"
+    server = start_prefect_server(port=port, home=home)
+    try:
+        start_worker(unique_pool, api_url=server.url)
+        rig = PrefectRig(server.url)
+        command = "sh -c 'for i in $(seq 1 60); do echo tick $i; sleep 0.5; done'"
+        deployment = rig.create_deployment(
+            unique_pool, "flows.py:hello", {"image": flow_image, "command": command}
+        )
+        run_id = rig.create_flow_run(deployment)
+        deadline = time.monotonic() + 60
+        while "tick 3" not in container_lines(rig, run_id):
+            assert time.monotonic() < deadline, "no output arrived"
+            time.sleep(0.5)
+        rig.close()
+        server.stop()
+        time.sleep(10)
+        server = start_prefect_server(port=port, home=home)
+        rig = PrefectRig(server.url)
+        rig.wait_for_final(run_id, timeout=120)
+        time.sleep(3)
+        assert container_lines(rig, run_id) == [f"tick {i}" for i in range(1, 61)]
+        rig.close()
+    finally:
+        server.stop()
+
+
+def _peak_rss_kb(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))

@@ -1,0 +1,81 @@
+"""Pure logic of output shipping: the engine-echo filter, the per-run cap, ordering."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from dockerworker.logs import EngineEchoFilter, OutputLine, RunOutput, parse_docker_line
+
+T0 = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
+
+
+def line(text: str, ms: float = 0, stream: str = "stderr") -> OutputLine:
+    return OutputLine(stream, T0 + timedelta(milliseconds=ms), text)
+
+
+class ListShipper:
+    def __init__(self) -> None:
+        self.entries: list[dict[str, Any]] = []
+
+    def submit(self, entry: dict[str, Any], wait: float = 0) -> bool:
+        self.entries.append(entry)
+        return True
+
+
+def test_docker_line_with_nanosecond_timestamp() -> None:
+    parsed = parse_docker_line(b"2026-11-29T15:30:38.403123456Z hello world\r", "stdout")
+    assert parsed.text == "hello world" and parsed.stream == "stdout"
+    assert parsed.timestamp == datetime(2026, 11, 29, 15, 30, 38, 403123, tzinfo=UTC)
+
+
+def test_engine_records_and_their_tracebacks_are_recognised() -> None:
+    f = EngineEchoFilter()
+    assert f.shipped_by_engine(line("12:00:00.000 | INFO    | Flow run 'x' - line one"))
+    assert f.shipped_by_engine(line("12:00:00.001 | ERROR   | Task run 'y-0' - boom", 1))
+    assert f.shipped_by_engine(line("Traceback (most recent call last):", 2))
+    assert f.shipped_by_engine(line("ValueError: intended failure", 3))
+    # another logger's record is not shipped by the engine, nor what follows it
+    assert not f.shipped_by_engine(line("12:00:00.010 | ERROR   | prefect.runner - died", 10))
+    assert not f.shipped_by_engine(line("Traceback (most recent call last):", 11))
+
+
+def test_stderr_long_after_an_engine_record_is_not_its_continuation() -> None:
+    f = EngineEchoFilter()
+    assert f.shipped_by_engine(line("12:00:00.000 | INFO    | Flow run 'x' - hi"))
+    assert not f.shipped_by_engine(line("a warning printed much later", 5000))
+
+
+def test_per_run_cap_then_one_notice() -> None:
+    shipper = ListShipper()
+    output = RunOutput(shipper, uuid.uuid4(), max_bytes=20)  # type: ignore[arg-type]
+    for i in range(5):
+        output.add(line(f"line {i}", i, "stdout"))  # 7 bytes each with the newline
+    assert [e["message"] for e in shipper.entries] == ["line 0", "line 1"]
+    summary = output.close()
+    assert "3 lines over max_log_bytes" in summary
+    assert "3 more lines (21 bytes)" in shipper.entries[-1]["message"]
+
+
+def test_timestamps_strictly_increase_and_streams_are_told_apart() -> None:
+    shipper = ListShipper()
+    output = RunOutput(shipper, uuid.uuid4(), max_bytes=10_000)  # type: ignore[arg-type]
+    output.add(line("a", 0, "stdout"))
+    output.add(line("b", 0, "stdout"))
+    output.add(line("c", 0, "stderr"), EngineEchoFilter())
+    stamps = [e["timestamp"] for e in shipper.entries]
+    assert stamps == sorted(set(stamps))
+    assert [(e["name"], e["level"]) for e in shipper.entries] == [
+        ("dockerworker.container", 20),
+        ("dockerworker.container", 20),
+        ("dockerworker.container.stderr", 30),
+    ]
+
+
+def test_engine_lines_are_echoed_but_not_shipped() -> None:
+    shipper, echoed = ListShipper(), []
+    output = RunOutput(shipper, uuid.uuid4(), 10_000, echo=echoed.append)  # type: ignore[arg-type]
+    output.add(line("12:00:00.000 | INFO    | Flow run 'x' - hi"), EngineEchoFilter())
+    assert echoed == ["12:00:00.000 | INFO    | Flow run 'x' - hi"]
+    assert shipper.entries == []
