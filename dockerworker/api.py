@@ -165,7 +165,7 @@ class PrefectAPI:
         """One call, retried with backoff on transient failures; errors become our exceptions."""
         retrying = Retrying(
             retry=retry_if_exception(_is_transient),
-            wait=wait_exponential_jitter(initial=0.5, max=10),
+            wait=wait_exponential_jitter(multiplier=0.5, max=10),
             stop=stop_after_attempt(attempts or self._attempts),
             reraise=True,
         )

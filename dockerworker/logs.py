@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -52,6 +52,7 @@ _ENGINE_RECORD = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \| [A-Z]+ *\| (?:Flow run|T
 _ANY_RECORD = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \| [A-Z]+ *\| ")
 _BURST = timedelta(milliseconds=100)
 _ONE_MICROSECOND = timedelta(microseconds=1)
+RESUME_WINDOW = timedelta(seconds=10)  # how far back to re-read output when resuming
 
 
 @dataclass
@@ -220,7 +221,7 @@ class LogShipper:
 
         retrying = Retrying(
             retry=retry_if_exception_type(ServerUnreachable),
-            wait=wait_exponential_jitter(initial=0.5, max=5),
+            wait=wait_exponential_jitter(multiplier=0.5, max=5),
             before_sleep=note_failure,
             reraise=True,
         )
@@ -274,46 +275,85 @@ class RunOutput:
         self.left_out_bytes = 0
         self._last: datetime | None = None
         self._lock = threading.Lock()
+        self._stopped = threading.Event()
 
-    def follow(self, container: Container, since: datetime | None = None) -> None:
-        """Follow stdout and stderr until the container ends (stderr in a helper thread)."""
+    def follow(self, container: Container, resume: ResumePoint | None = None) -> None:
+        """Follow stdout and stderr until the container ends or `stop()` (stderr in a helper
+        thread). With `resume`, what was already shipped is skipped: no duplicate, no gap."""
         stderr = threading.Thread(
-            target=self._follow_stream, args=(container, "stderr", since), daemon=True
+            target=self._follow_stream, args=(container, "stderr", resume), daemon=True
         )
         stderr.start()
-        self._follow_stream(container, "stdout", since)
+        self._follow_stream(container, "stdout", resume)
         stderr.join()
 
-    def _follow_stream(self, container: Container, stream: str, since: datetime | None) -> None:
+    def stop(self) -> None:
+        """Stop following at the next line (the container keeps running)."""
+        self._stopped.set()
+
+    def _follow_stream(self, container: Container, stream: str, resume: ResumePoint | None):
         engine_filter = EngineEchoFilter()
+        boundary: datetime | None = None
+        if resume is not None and stream in resume.tails:
+            boundary = self._catch_up(container, stream, resume, engine_filter)
         chunks = container.logs(
             stdout=stream == "stdout",
             stderr=stream == "stderr",
             stream=True,
             follow=True,
             timestamps=True,
-            since=since,
+            since=boundary.timestamp() if boundary else None,
         )
         pending = b""
         for chunk in chunks:
+            if self._stopped.is_set():
+                return
             pending += chunk
             *complete, pending = pending.split(b"\n")
             for raw in complete:
-                self.add(parse_docker_line(raw, stream), engine_filter)
+                line = parse_docker_line(raw, stream)
+                if boundary is None or line.timestamp > boundary:
+                    self.add(line, engine_filter)
         if pending.strip():
             self.add(parse_docker_line(pending, stream), engine_filter)
+
+    def _catch_up(
+        self, container: Container, stream: str, resume: ResumePoint, engine_filter: EngineEchoFilter
+    ) -> datetime:
+        """Re-read the recent output up to now, ship what comes after the shipped tail; return
+        the boundary from which to follow."""
+        tail, newest = resume.tails[stream], resume.newest[stream]
+        until = datetime.now(UTC)
+        raw = container.logs(
+            stdout=stream == "stdout",
+            stderr=stream == "stderr",
+            timestamps=True,
+            since=(newest - RESUME_WINDOW).timestamp(),
+            until=until.timestamp(),
+        )
+        lines = [parse_docker_line(r, stream) for r in raw.split(b"\n") if r.strip()]
+        shippable = [line for line in lines if not self._shipped_by_engine(line, engine_filter)]
+        start = first_unshipped([_clip(line.text) for line in shippable], tail)
+        if start is None:  # the tail is not in the window: go by time
+            start = next((i for i, line in enumerate(shippable) if line.timestamp > newest),
+                         len(shippable))
+        for line in shippable[start:]:
+            self.add(line)
+        return until
+
+    def _shipped_by_engine(self, line: OutputLine, engine_filter: EngineEchoFilter) -> bool:
+        return (
+            self.skip_engine_records
+            and line.stream == "stderr"
+            and engine_filter.shipped_by_engine(line)
+        )
 
     def add(self, line: OutputLine, engine_filter: EngineEchoFilter | None = None) -> None:
         if self.echo:
             self.echo(line.text)
-        if (
-            self.skip_engine_records
-            and line.stream == "stderr"
-            and engine_filter is not None
-            and engine_filter.shipped_by_engine(line)
-        ):
+        if engine_filter is not None and self._shipped_by_engine(line, engine_filter):
             return
-        text = line.text if len(line.text) <= MAX_LINE_CHARS else line.text[:MAX_LINE_CHARS] + "…"
+        text = _clip(line.text)
         size = len(text.encode("utf-8", errors="replace")) + 1
         with self._lock:
             if self.bytes + size > self.max_bytes:
@@ -353,3 +393,53 @@ class RunOutput:
         if self.left_out_lines:
             summary += f", {self.left_out_lines} lines over max_log_bytes left out"
         return summary
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_LINE_CHARS else text[:MAX_LINE_CHARS] + "…"
+
+
+@dataclass
+class ResumePoint:
+    """How far a run's output got to the server, per stream: its newest shipped messages
+    (oldest first) and the newest shipped timestamp."""
+
+    tails: dict[str, list[str]]
+    newest: dict[str, datetime]
+
+
+def resume_point(api: PrefectAPI, flow_run_id: UUID, depth: int = 20,
+                 pages: int = 5) -> ResumePoint:
+    """Read the cursor off the server: the run's newest `dockerworker.container*` logs."""
+    streams = {STDOUT_LOGGER: "stdout", STDERR_LOGGER: "stderr"}
+    tails: dict[str, list[str]] = {}
+    newest: dict[str, datetime] = {}
+    for page in range(pages):
+        rows = api.request("POST", "/logs/filter", json={
+            "logs": {"flow_run_id": {"any_": [str(flow_run_id)]}},
+            "sort": "TIMESTAMP_DESC",
+            "limit": 200,
+            "offset": page * 200,
+        })
+        for row in rows:
+            stream = streams.get(row["name"])
+            if stream is None or len(tails.get(stream, [])) >= depth:
+                continue
+            tails.setdefault(stream, []).insert(0, row["message"])
+            newest.setdefault(stream, datetime.fromisoformat(row["timestamp"]))
+        both_full = len(tails) == 2 and all(len(t) >= depth for t in tails.values())
+        if len(rows) < 200 or both_full:
+            break
+    return ResumePoint(tails, newest)
+
+
+def first_unshipped(texts: list[str], tail: list[str]) -> int | None:
+    """Index in `texts` just past the latest place where the shipped `tail` ends: the whole
+    tail, or its end where the window begins inside it. None when it is not there."""
+    for end in range(len(texts), 0, -1):
+        size = min(len(tail), end)
+        if texts[end - size:end] == tail[len(tail) - size:] and (
+            size == len(tail) or end == size
+        ):
+            return end
+    return None

@@ -56,7 +56,7 @@ class Worker:
 
         for attempt in Retrying(
             retry=retry_if_exception_type((ServerUnreachable, AuthRejected)),
-            wait=wait_exponential_jitter(initial=1, max=10),
+            wait=wait_exponential_jitter(multiplier=1, max=10),
             before_sleep=explain,
             reraise=True,
         ):

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
 from pathlib import Path
+from uuid import UUID
 
-from prefect_rig import PrefectRig, free_port, start_prefect_server
+from prefect_rig import POOL_LABEL, PrefectRig, free_port, start_prefect_server
+
+from dockerworker.api import PrefectAPI
+from dockerworker.logs import LogShipper, RunOutput, resume_point
 
 CONTAINER = "dockerworker.container"
 
@@ -148,6 +153,37 @@ def test_server_down_for_ten_seconds_loses_no_line(
         rig.close()
     finally:
         server.stop()
+
+
+def test_shipping_resumes_where_it_stopped(
+    rig: PrefectRig, prefect_server, unique_pool: str, flow_image: str, docker_client
+) -> None:
+    """A second follower (as after a worker restart) reads the cursor off the server."""
+    rig.create_work_pool(unique_pool)
+    run_id = UUID(rig.create_orphan_flow_run(unique_pool))
+    script = "for i in $(seq 1 60); do echo tick $i; echo err $i >&2; sleep 0.05; done"
+    container = docker_client.containers.run(
+        flow_image, ["sh", "-c", script], detach=True, labels={POOL_LABEL: unique_pool}
+    )
+    api = PrefectAPI(prefect_server.url)
+    first = LogShipper(api).start()
+    before = RunOutput(first, run_id, max_bytes=10**6)
+    follower = threading.Thread(target=before.follow, args=(container,))
+    follower.start()
+    while before.lines < 20:
+        time.sleep(0.01)
+    before.stop()
+    follower.join(10)
+    first.stop()
+    shipped = len(rig.read_logs(str(run_id)))
+    assert 20 <= shipped < 120
+
+    second = LogShipper(api).start()
+    after = RunOutput(second, run_id, max_bytes=10**6)
+    after.follow(container, resume=resume_point(api, run_id))
+    second.stop()
+    assert container_lines(rig, str(run_id)) == [f"tick {i}" for i in range(1, 61)]
+    assert container_lines(rig, str(run_id), "stderr") == [f"err {i}" for i in range(1, 61)]
 
 
 def _peak_rss_kb(pid: int) -> int:

@@ -6,7 +6,13 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from dockerworker.logs import EngineEchoFilter, OutputLine, RunOutput, parse_docker_line
+from dockerworker.logs import (
+    EngineEchoFilter,
+    OutputLine,
+    RunOutput,
+    first_unshipped,
+    parse_docker_line,
+)
 
 T0 = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
 
@@ -79,3 +85,13 @@ def test_engine_lines_are_echoed_but_not_shipped() -> None:
     output.add(line("12:00:00.000 | INFO    | Flow run 'x' - hi"), EngineEchoFilter())
     assert echoed == ["12:00:00.000 | INFO    | Flow run 'x' - hi"]
     assert shipper.entries == []
+
+
+def test_first_unshipped_finds_the_end_of_the_shipped_tail() -> None:
+    texts = ["a", "b", "c", "d", "e"]
+    assert first_unshipped(texts, ["b", "c"]) == 3
+    assert first_unshipped(texts, ["x", "y", "a", "b"]) == 2  # the window begins inside the tail
+    assert first_unshipped(texts, ["e"]) == 5
+    assert first_unshipped(texts, ["q"]) is None
+    # repeated lines: the latest full match wins
+    assert first_unshipped(["t", "t", "u", "t", "t", "v"], ["t", "t"]) == 5
