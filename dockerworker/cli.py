@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 from types import FrameType
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 
 from . import __version__
 from .api import PrefectAPI
+from .builds import list_builds, prune_builds
 from .jobs import describe_validation_error
 from .settings import DEFAULT_API_URL, WorkerSettings, docker_host_description
 from .worker import Worker
@@ -71,6 +73,14 @@ def main() -> None:
               help="Process the runs that are due now, wait for them, then exit.")
 @click.option("--api-url", envvar="PREFECT_API_URL", default=DEFAULT_API_URL, show_default=True,
               help="Prefect API URL [env: PREFECT_API_URL].")
+@click.option("--build-network", envvar="DOCKERWORKER_BUILD_NETWORK",
+              help="Network mode for dependency image builds (e.g. host).")
+@click.option("--build-ca-bundle", envvar="DOCKERWORKER_BUILD_CA_BUNDLE",
+              type=click.Path(exists=True, dir_okay=False),
+              help="CA bundle pip trusts inside builds (TLS-inspecting proxies).")
+@click.option("--build-timeout", type=click.FloatRange(min=1), default=1800.0,
+              show_default=True, envvar="DOCKERWORKER_BUILD_TIMEOUT",
+              help="Seconds a dependency image build may take.")
 @click.option("--log-level", default="INFO", envvar="DOCKERWORKER_LOG_LEVEL",
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               show_default=True)
@@ -84,13 +94,17 @@ def start(
     heartbeat_interval: float,
     run_once: bool,
     api_url: str,
+    build_network: str | None,
+    build_ca_bundle: str | None,
+    build_timeout: float,
     log_level: str,
 ) -> None:
     """Poll a work pool and run each flow run in its own sibling container.
 
     Credentials come from the environment: PREFECT_API_KEY (bearer token) or
     PREFECT_API_AUTH_STRING (user:password for a server with basic auth). The Docker engine
-    is the one DOCKER_HOST names, or the local socket.
+    is the one DOCKER_HOST names, or the local socket. PIP_INDEX_URL and PIP_EXTRA_INDEX_URL
+    are passed on to dependency image builds.
     """
     _configure_logging(log_level)
     values = {
@@ -104,6 +118,11 @@ def start(
         "prefetch_seconds": prefetch_seconds,
         "heartbeat_interval": heartbeat_interval,
         "run_once": run_once,
+        "build_network_mode": build_network,
+        "build_ca_bundle": build_ca_bundle,
+        "build_timeout": build_timeout,
+        "pip_index_url": os.environ.get("PIP_INDEX_URL") or None,
+        "pip_extra_index_url": os.environ.get("PIP_EXTRA_INDEX_URL") or None,
     }
     if name:
         values["name"] = name
@@ -129,6 +148,50 @@ def start(
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     sys.exit(worker.run())
+
+
+@main.group()
+def images() -> None:
+    """Per-deployment dependency images this engine holds (built by dockerworker)."""
+
+
+@images.command("ls")
+def images_ls() -> None:
+    """List built images: tag, deployment, size, created, last used."""
+    builds = list_builds(connect_docker())
+    rows = [("TAG", "DEPLOYMENT", "SIZE", "CREATED", "LAST USED")]
+    rows += [
+        (b.tag, b.deployment, f"{b.size / 1e6:.0f} MB", b.created, b.last_used) for b in builds
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: str) -> float:
+    """`7d`, `12h`, `30m`, `45s`, `2w` → seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", value)
+    if not match:
+        raise click.BadParameter(f"{value!r} is not a duration like 7d, 12h, 30m or 45s")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+@images.command("prune")
+@click.option("--older-than", default="7d", show_default=True,
+              help="Remove builds not used for this long (e.g. 7d, 12h, 0s).")
+@click.option("--keep", type=click.IntRange(min=0), default=None,
+              help="Always keep the N most recently used builds of each deployment.")
+def images_prune(older_than: str, keep: int | None) -> None:
+    """Remove old dependency images; never one a container uses."""
+    removed, busy = prune_builds(connect_docker(), parse_duration(older_than), keep)
+    for tag in removed:
+        click.echo(f"removed {tag}")
+    for tag in busy:
+        click.echo(f"kept {tag} (in use by a container)")
+    click.echo(f"{len(removed)} removed, {len(busy)} in use")
 
 
 if __name__ == "__main__":

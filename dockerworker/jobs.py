@@ -104,6 +104,22 @@ class JobVariables(BaseModel):
     privileged: bool = Field(
         default=False, description="Give extended privileges to created container."
     )
+    pip_packages: list[str] | None = Field(
+        default=None,
+        description="dockerworker: Python packages (requirement strings) built into a "
+        "per-deployment image on top of `image`, once, instead of installed per run.",
+        examples=[["pandas==2.2.3", "httpx>=0.27"]],
+    )
+    requirements: str | None = Field(
+        default=None,
+        description="dockerworker: requirements.txt text built into the per-deployment image.",
+    )
+    dockerfile_lines: list[str] | None = Field(
+        default=None,
+        description="dockerworker: extra Dockerfile instructions for the per-deployment image, "
+        "run before the Python packages are installed.",
+        examples=[["RUN apt-get update && apt-get install -y --no-install-recommends git"]],
+    )
     max_log_bytes: int = Field(
         default=10 * 1024 * 1024,
         ge=0,

@@ -26,6 +26,7 @@ from .api import (
     StateType,
     WorkPool,
 )
+from .builds import Builder, BuildFailed, BuildPlan
 from .containers import (
     build_spec,
     crash_context,
@@ -62,10 +63,12 @@ class RunSupervisor:
         pool: WorkPool,
         flow_run: FlowRun,
         shipper: LogShipper,
+        builder: Builder,
         on_done: Callable[[FlowRun], None] = lambda run: None,
     ) -> None:
         self.api = api
         self.shipper = shipper
+        self.builder = builder
         self.docker = docker_client
         self.settings = settings
         self.pool = pool
@@ -94,22 +97,27 @@ class RunSupervisor:
         job = self._resolve_job(deployment)
         if job is None:
             return
-        spec = build_spec(
-            job,
-            flow_run=self.flow_run,
-            deployment=deployment,
-            flow=self.api.read_flow(self.flow_run.flow_id),
-            pool=self.pool,
-            worker_name=self.settings.name,
-            api_url=self.settings.api_url,
-            auth_env=self.settings.auth_env(),
-        )
         try:
             how = ensure_image(self.docker, job)
         except ImageUnavailable as exc:
             self.crash(str(exc))
             return
         self.say(f"image {job.image} {how}")
+        flow = self.api.read_flow(self.flow_run.flow_id)
+        name = f"{flow.name}-{deployment.name}" if deployment else flow.name
+        job = self._build_dependencies(job, name)
+        if job is None:
+            return
+        spec = build_spec(
+            job,
+            flow_run=self.flow_run,
+            deployment=deployment,
+            flow=flow,
+            pool=self.pool,
+            worker_name=self.settings.name,
+            api_url=self.settings.api_url,
+            auth_env=self.settings.auth_env(),
+        )
         try:
             container = create_and_start(self.docker, spec)
         except docker.errors.APIError as exc:
@@ -124,6 +132,29 @@ class RunSupervisor:
         except PrefectAPIError as exc:
             log.warning("%s: could not record infrastructure_pid: %s", self.label, exc)
         self._watch(container, job)
+
+    def _build_dependencies(self, job: JobVariables, deployment: str) -> JobVariables | None:
+        """Run from the per-deployment image when the job asks for dependencies (built once,
+        cached by content); EXTRA_PIP_PACKAGES is built in, not installed at run time."""
+        plan = BuildPlan.from_job(job)
+        if plan is None:
+            return job
+        self.say(f"dependencies ({plan.describe()}) on {job.image}")
+        try:
+            result = self.builder.ensure(job.image, plan, deployment, self._build_line)
+        except BuildFailed as exc:
+            self.crash(str(exc))
+            return None
+        if result.built:
+            self.say(f"built image {result.tag} in {result.seconds:.0f} s")
+        else:
+            self.say(f"image {result.tag} cached, no build")
+        env = {k: v for k, v in job.env.items() if k != "EXTRA_PIP_PACKAGES"}
+        return job.model_copy(update={"image": result.tag, "env": env})
+
+    def _build_line(self, line: str) -> None:
+        echo(f"{self.flow_run.name} [build]", line)
+        self.shipper.submit(log_entry(self.flow_run.id, line, name="dockerworker.build"))
 
     def _read_deployment(self) -> Deployment | None:
         """The run's deployment; a run whose deployment is gone is cancelled, as Prefect does."""

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from pathlib import Path
 
 from pydantic import BaseModel, Field, SecretStr
+
+from .builds import BuildOptions
 
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"
 
@@ -28,6 +31,20 @@ class WorkerSettings(BaseModel):
     prefetch_seconds: float = Field(default=10.0, ge=0)
     heartbeat_interval: float = Field(default=30.0, gt=0)
     run_once: bool = False
+    build_network_mode: str | None = None
+    build_ca_bundle: Path | None = None
+    pip_index_url: str | None = None
+    pip_extra_index_url: str | None = None
+    build_timeout: float = Field(default=1800.0, gt=0)
+
+    def build_options(self) -> BuildOptions:
+        return BuildOptions(
+            network_mode=self.build_network_mode,
+            ca_bundle=self.build_ca_bundle,
+            pip_index_url=self.pip_index_url,
+            pip_extra_index_url=self.pip_extra_index_url,
+            timeout=self.build_timeout,
+        )
 
     def auth_env(self) -> dict[str, str]:
         """The credentials a flow container needs to talk to the same server."""

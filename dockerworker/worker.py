@@ -24,6 +24,7 @@ from .api import (
     ServerUnreachable,
     WorkPool,
 )
+from .builds import Builder
 from .jobs import default_base_job_template
 from .logs import LogShipper
 from .runs import RunSupervisor
@@ -44,6 +45,7 @@ class Worker:
         self._lock = threading.Lock()
         self.pool: WorkPool | None = None
         self.shipper = LogShipper(api)
+        self.builder = Builder(docker_client, settings.build_options(), holder=settings.name)
 
     # --- start-up -----------------------------------------------------------------------
     def wait_for_server(self) -> None:
@@ -177,7 +179,7 @@ class Worker:
                 return
             supervisor = RunSupervisor(
                 self.api, self.docker, self.settings, self.pool, flow_run, self.shipper,
-                on_done=self._done,
+                self.builder, on_done=self._done,
             )
             thread = threading.Thread(
                 target=supervisor.run, name=f"run-{flow_run.id.hex[:8]}", daemon=True

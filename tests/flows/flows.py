@@ -41,3 +41,12 @@ def sleepy(seconds: float = 5) -> float:
     """Sleep for `seconds`, then return them."""
     time.sleep(seconds)
     return seconds
+
+
+@flow(log_prints=True)
+def six_version() -> str:
+    """Print the version of `six` the image holds (a per-deployment dependency)."""
+    import six
+
+    print(f"six version {six.__version__}")
+    return six.__version__

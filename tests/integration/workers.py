@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
 
 class WorkerProcess:
     """One `dockerworker start` process; its output goes to a file the test can read."""
@@ -56,5 +58,9 @@ def worker_env(api_url: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DOCKERWORKER_"))}
     env["PREFECT_API_URL"] = api_url
     env["PYTHONUNBUFFERED"] = "1"
+    # This machine reaches PyPI only from the host network, through a TLS-inspecting proxy.
+    env["DOCKERWORKER_BUILD_NETWORK"] = "host"
+    if Path(HOST_CA_BUNDLE).exists():
+        env["DOCKERWORKER_BUILD_CA_BUNDLE"] = HOST_CA_BUNDLE
     env.update(extra)
     return env
