@@ -18,6 +18,7 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_attempt,
+    stop_after_delay,
     wait_exponential_jitter,
 )
 
@@ -143,7 +144,7 @@ class PrefectAPI:
         api_key: str | None = None,
         auth_string: str | None = None,
         timeout: float = 30.0,
-        attempts: int = 5,
+        patience: float = 120.0,
     ) -> None:
         self.api_url = api_url.rstrip("/")
         headers = {"User-Agent": "dockerworker"}
@@ -156,17 +157,21 @@ class PrefectAPI:
         self._client = httpx.Client(
             base_url=self.api_url + "/", headers=headers, auth=auth, timeout=timeout
         )
-        self._attempts = attempts
+        self.patience = patience
 
     def close(self) -> None:
         self._client.close()
 
-    def request(self, method: str, path: str, json: Any = None, attempts: int | None = None) -> Any:
-        """One call, retried with backoff on transient failures; errors become our exceptions."""
+    def request(
+        self, method: str, path: str, json: Any = None, patience: float | None = None
+    ) -> Any:
+        """One call, retried with backoff on transient failures for up to `patience` seconds
+        (default: the client's; 0 = one attempt); errors become our exceptions."""
+        patience = self.patience if patience is None else patience
         retrying = Retrying(
             retry=retry_if_exception(_is_transient),
             wait=wait_exponential_jitter(multiplier=0.5, max=10),
-            stop=stop_after_attempt(attempts or self._attempts),
+            stop=stop_after_delay(patience) if patience > 0 else stop_after_attempt(1),
             reraise=True,
         )
         try:
@@ -197,34 +202,56 @@ class PrefectAPI:
         return response.json()
 
     # --- server -------------------------------------------------------------------------
-    def health(self, attempts: int | None = None) -> None:
-        self.request("GET", "/health", attempts=attempts)
+    def health(self, patience: float | None = None) -> None:
+        self.request("GET", "/health", patience=patience)
 
     def server_version(self) -> str:
         return str(self.request("GET", "/admin/version"))
 
     # --- work pools ---------------------------------------------------------------------
-    def read_work_pool(self, name: str) -> WorkPool:
-        return WorkPool.model_validate(self.request("GET", f"/work_pools/{name}"))
+    def read_work_pool(self, name: str, patience: float | None = None) -> WorkPool:
+        return WorkPool.model_validate(
+            self.request("GET", f"/work_pools/{name}", patience=patience)
+        )
 
     def create_work_pool(self, name: str, type_: str, base_job_template: dict[str, Any]) -> WorkPool:
         body = {"name": name, "type": type_, "base_job_template": base_job_template}
         return WorkPool.model_validate(self.request("POST", "/work_pools/", json=body))
 
-    def heartbeat(self, pool: str, worker_name: str, interval_seconds: float) -> None:
+    def heartbeat(self, pool: str, worker_name: str, interval_seconds: float,
+                  patience: float | None = None) -> None:
         body = {"name": worker_name, "heartbeat_interval_seconds": int(interval_seconds)}
-        self.request("POST", f"/work_pools/{pool}/workers/heartbeat", json=body)
+        self.request("POST", f"/work_pools/{pool}/workers/heartbeat", json=body,
+                     patience=patience)
 
     def get_scheduled_flow_runs(
-        self, pool: str, scheduled_before: datetime, limit: int | None, queues: list[str]
+        self, pool: str, scheduled_before: datetime, limit: int | None, queues: list[str],
+        patience: float | None = None,
     ) -> list[FlowRun]:
         body: dict[str, Any] = {"scheduled_before": scheduled_before.isoformat()}
         if limit is not None:
             body["limit"] = limit
         if queues:
             body["work_queue_names"] = queues
-        rows = self.request("POST", f"/work_pools/{pool}/get_scheduled_flow_runs", json=body)
+        rows = self.request(
+            "POST", f"/work_pools/{pool}/get_scheduled_flow_runs", json=body, patience=patience
+        )
         return [FlowRun.model_validate(row["flow_run"]) for row in rows]
+
+    def filter_flow_runs(
+        self,
+        pool: str,
+        states: list[StateType],
+        ids: list[UUID] | None = None,
+        patience: float | None = None,
+    ) -> list[FlowRun]:
+        """Runs of `pool` in one of `states` (and among `ids`, if given)."""
+        flow_runs: dict[str, Any] = {"state": {"type": {"any_": [s.value for s in states]}}}
+        if ids is not None:
+            flow_runs["id"] = {"any_": [str(i) for i in ids]}
+        body = {"flow_runs": flow_runs, "work_pools": {"name": {"any_": [pool]}}, "limit": 200}
+        rows = self.request("POST", "/flow_runs/filter", json=body, patience=patience)
+        return [FlowRun.model_validate(row) for row in rows]
 
     # --- flow runs ----------------------------------------------------------------------
     def read_flow_run(self, flow_run_id: UUID) -> FlowRun:
@@ -256,6 +283,6 @@ class PrefectAPI:
         return Flow.model_validate(self.request("GET", f"/flows/{flow_id}"))
 
     # --- logs ---------------------------------------------------------------------------
-    def send_logs(self, logs: list[dict[str, Any]], attempts: int | None = None) -> None:
+    def send_logs(self, logs: list[dict[str, Any]], patience: float | None = None) -> None:
         if logs:
-            self.request("POST", "/logs/", json=logs, attempts=attempts)
+            self.request("POST", "/logs/", json=logs, patience=patience)

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from . import __version__
 from .api import PrefectAPI
 from .builds import list_builds, prune_builds
+from .health import serve_health
 from .jobs import describe_validation_error
 from .settings import DEFAULT_API_URL, WorkerSettings, docker_host_description
 from .worker import Worker
@@ -71,6 +72,11 @@ def main() -> None:
               help="Seconds between heartbeats to the pool.")
 @click.option("--run-once", is_flag=True,
               help="Process the runs that are due now, wait for them, then exit.")
+@click.option("--drain", is_flag=True, envvar="DOCKERWORKER_DRAIN",
+              help="On SIGTERM/SIGINT, wait for this worker's runs to finish before exiting "
+                   "(default: leave their containers running for the next worker to adopt).")
+@click.option("--health-port", type=click.IntRange(0, 65535), envvar="DOCKERWORKER_HEALTH_PORT",
+              help="Serve GET /health on this port (200 while the loop polls).")
 @click.option("--api-url", envvar="PREFECT_API_URL", default=DEFAULT_API_URL, show_default=True,
               help="Prefect API URL [env: PREFECT_API_URL].")
 @click.option("--build-network", envvar="DOCKERWORKER_BUILD_NETWORK",
@@ -93,6 +99,8 @@ def start(
     prefetch_seconds: float,
     heartbeat_interval: float,
     run_once: bool,
+    drain: bool,
+    health_port: int | None,
     api_url: str,
     build_network: str | None,
     build_ca_bundle: str | None,
@@ -118,6 +126,8 @@ def start(
         "prefetch_seconds": prefetch_seconds,
         "heartbeat_interval": heartbeat_interval,
         "run_once": run_once,
+        "drain": drain,
+        "health_port": health_port,
         "build_network_mode": build_network,
         "build_ca_bundle": build_ca_bundle,
         "build_timeout": build_timeout,
@@ -137,11 +147,18 @@ def start(
         auth_string=settings.auth_string.get_secret_value() if settings.auth_string else None,
     )
     worker = Worker(settings, api, docker_client)
+    if settings.health_port is not None:
+        serve_health(worker, settings.health_port)
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
-        logging.getLogger("dockerworker").info(
-            "%s received: no new claims; running flow containers keep running",
-            signal.Signals(signum).name,
+        logger = logging.getLogger("dockerworker")
+        if worker.stop_event.is_set():
+            logger.warning("%s received again: exiting now", signal.Signals(signum).name)
+            os._exit(128 + signum)
+        logger.info(
+            "%s received: no new claims; %s", signal.Signals(signum).name,
+            "waiting for this worker's runs (--drain)" if settings.drain
+            else "running flow containers keep running",
         )
         worker.stop_event.set()
 

@@ -24,9 +24,62 @@ from .jobs import JobVariables
 
 LABEL_FLOW_RUN_ID = "io.prefect.flow-run-id"
 LABEL_POOL = "io.prefect.work-pool-name"
+LABEL_WORKER = "io.prefect.worker-name"
 LABEL_MANAGED = "io.dockerworker.managed"
+_OPTION_PREFIX = "io.dockerworker."
 DEFAULT_COMMAND = "prefect flow-run execute"
 _LOCAL_HOSTS = ("127.0.0.1", "localhost")
+
+
+@dataclass
+class WatchOptions:
+    """What following a container and judging its end needs. Stored on the container as
+    labels, so a restarted worker that adopts it knows the same."""
+
+    auto_remove: bool = False
+    stream_output: bool = True
+    max_log_bytes: int = 10 * 1024 * 1024
+    stop_timeout: int = 30
+    mem_limit: str | None = None
+    skip_engine_records: bool = True
+
+    @classmethod
+    def from_job(cls, job: JobVariables) -> WatchOptions:
+        to_api = (job.env.get("PREFECT_LOGGING_TO_API_ENABLED") or "true").lower()
+        return cls(
+            auto_remove=job.auto_remove,
+            stream_output=job.stream_output,
+            max_log_bytes=job.max_log_bytes,
+            stop_timeout=job.stop_timeout,
+            mem_limit=job.mem_limit,
+            skip_engine_records=to_api not in ("false", "0", "no"),
+        )
+
+    def labels(self) -> dict[str, str]:
+        values = {
+            "auto-remove": str(self.auto_remove).lower(),
+            "stream-output": str(self.stream_output).lower(),
+            "max-log-bytes": str(self.max_log_bytes),
+            "stop-timeout": str(self.stop_timeout),
+            "skip-engine-records": str(self.skip_engine_records).lower(),
+        }
+        if self.mem_limit:
+            values["mem-limit"] = self.mem_limit
+        return {_OPTION_PREFIX + k: v for k, v in values.items()}
+
+    @classmethod
+    def from_labels(cls, labels: dict[str, str]) -> WatchOptions:
+        def get(key: str, default: str) -> str:
+            return labels.get(_OPTION_PREFIX + key, default)
+
+        return cls(
+            auto_remove=get("auto-remove", "false") == "true",
+            stream_output=get("stream-output", "true") == "true",
+            max_log_bytes=int(get("max-log-bytes", str(cls.max_log_bytes))),
+            stop_timeout=int(get("stop-timeout", str(cls.stop_timeout))),
+            mem_limit=labels.get(_OPTION_PREFIX + "mem-limit"),
+            skip_engine_records=get("skip-engine-records", "true") == "true",
+        )
 
 
 @dataclass
@@ -122,7 +175,7 @@ def build_spec(
     labels.update({_docker_label_key(k): v for k, v in ours.items()})
     labels[LABEL_MANAGED] = "true"
     labels["io.dockerworker.version"] = __version__
-    labels["io.dockerworker.auto-remove"] = str(job.auto_remove).lower()
+    labels.update(WatchOptions.from_job(job).labels())
 
     extra = dict(job.container_create_kwargs or {})
     extra = {k: v for k, v in extra.items() if k not in JobVariables.model_fields}

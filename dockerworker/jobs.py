@@ -120,6 +120,12 @@ class JobVariables(BaseModel):
         "run before the Python packages are installed.",
         examples=[["RUN apt-get update && apt-get install -y --no-install-recommends git"]],
     )
+    stop_timeout: int = Field(
+        default=30,
+        ge=0,
+        description="dockerworker: seconds a cancelled run's container gets between SIGTERM "
+        "and SIGKILL.",
+    )
     max_log_bytes: int = Field(
         default=10 * 1024 * 1024,
         ge=0,

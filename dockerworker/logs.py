@@ -229,7 +229,7 @@ class LogShipper:
             for attempt in retrying:
                 with attempt:
                     self.stats.requests += 1
-                    self.api.send_logs(batch, attempts=1)
+                    self.api.send_logs(batch, patience=0)
         except PrefectAPIError as exc:
             log.error("the server refused %d log lines, dropping them: %s", len(batch), exc)
             return
@@ -290,6 +290,10 @@ class RunOutput:
     def stop(self) -> None:
         """Stop following at the next line (the container keeps running)."""
         self._stopped.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
 
     def _follow_stream(self, container: Container, stream: str, resume: ResumePoint | None):
         engine_filter = EngineEchoFilter()

@@ -1,9 +1,9 @@
-"""RunSupervisor: one claimed flow run, from claim to verdict, in its own thread.
+"""RunSupervisor: one flow run, from claim (or adoption) to verdict, in its own thread.
 
 The flow itself runs under Prefect's engine inside the container, which moves the run to
-Running and to its final state. The supervisor owns everything around it, and when the
-container ends without a final state it says why: exit code, signal, out of memory, and the
-last lines the container printed.
+Running and to its final state. The supervisor owns everything around it: the claim, the
+image, the container, its output, cancellation, and the verdict when the container ends
+without a final state (exit code, signal, out of memory, the last lines it printed).
 """
 
 from __future__ import annotations
@@ -12,10 +12,14 @@ import logging
 import sys
 import threading
 from collections.abc import Callable
+from enum import StrEnum
+from typing import TypeVar
 
 import docker
 import docker.errors
+import requests
 from docker.models.containers import Container
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from .api import (
     Deployment,
@@ -28,6 +32,7 @@ from .api import (
 )
 from .builds import Builder, BuildFailed, BuildPlan
 from .containers import (
+    WatchOptions,
     build_spec,
     crash_context,
     create_and_start,
@@ -37,12 +42,14 @@ from .containers import (
 )
 from .images import ImageUnavailable, ensure_image
 from .jobs import InvalidJobVariables, JobVariables, merge_job_variables, resolve_job
-from .logs import LogShipper, RunOutput, log_entry
+from .logs import LogShipper, ResumePoint, RunOutput, log_entry, resume_point
 from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 _console_lock = threading.Lock()
 MAX_STATE_MESSAGE = 2000
+DOCKER_PATIENCE = 600.0  # how long a run waits for a restarting Docker engine
+T = TypeVar("T")
 
 
 def echo(prefix: str, line: str) -> None:
@@ -52,8 +59,31 @@ def echo(prefix: str, line: str) -> None:
         sys.stdout.flush()
 
 
+def claim_message(worker_name: str) -> str:
+    """The PENDING state's message: who holds the claim, so a restarted worker knows its own."""
+    return f"claimed by dockerworker {worker_name}"
+
+
+def _docker_unavailable(exc: BaseException) -> bool:
+    """The engine is away (restarting, socket gone), as opposed to an answer like 404."""
+    if isinstance(exc, docker.errors.APIError):
+        return exc.status_code is None or exc.status_code >= 500
+    return isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError))
+
+
+class Phase(StrEnum):
+    CLAIMING = "claiming"
+    PREPARING = "preparing"  # job, image, build: no container yet
+    RUNNING = "running"  # the container exists; following it
+    DONE = "done"
+
+
+class Cancelled(Exception):
+    """The run was cancelled while the supervisor was waiting for something."""
+
+
 class RunSupervisor:
-    """Claims one flow run and sees it through; never raises, whatever goes wrong."""
+    """Sees one flow run through; never raises, whatever goes wrong."""
 
     def __init__(
         self,
@@ -67,38 +97,84 @@ class RunSupervisor:
         on_done: Callable[[FlowRun], None] = lambda run: None,
     ) -> None:
         self.api = api
-        self.shipper = shipper
-        self.builder = builder
         self.docker = docker_client
         self.settings = settings
         self.pool = pool
         self.flow_run = flow_run
+        self.shipper = shipper
+        self.builder = builder
         self.on_done = on_done
         self.label = f"flow run {flow_run.name!r} ({flow_run.id})"
+        self.phase = Phase.CLAIMING
         self.claimed = False
+        self.container: Container | None = None
+        self.output: RunOutput | None = None
+        self.options = WatchOptions()
+        self.cancel_requested = threading.Event()
+        self._docker_trouble = False
 
+    # --- entry points (each in the supervisor's own thread) ------------------------------
     def run(self) -> None:
+        """A scheduled run: claim, prepare, start, watch, judge."""
+        self._guard(self._run)
+
+    def adopt(self, container: Container) -> None:
+        """A container this worker started before a restart: resume watching it."""
+        self.claimed = True
+        self.container = container
+        self.phase = Phase.RUNNING
+        self.options = WatchOptions.from_labels(container.labels)
+        if container.status == "created":  # the worker died between create and start
+            container.start()
+        self._guard(lambda: self._watch(container, resume_point(self.api, self.flow_run.id)))
+
+    def _guard(self, body: Callable[[], None]) -> None:
         try:
-            self._run()
+            body()
+        except Cancelled:
+            self._finish_cancelled()
         except Exception as exc:  # the last line of defence: one run never kills the worker
             log.exception("%s: unexpected worker error", self.label)
             if self.claimed:  # an unclaimed run is left for the next poll, untouched
                 self.crash(f"dockerworker failed while running this flow run: {exc}")
         finally:
+            self.phase = Phase.DONE
             self.on_done(self.flow_run)
 
-    # --- steps --------------------------------------------------------------------------
+    # --- called from the worker's loop ---------------------------------------------------
+    def cancel(self) -> None:
+        """The run is CANCELLING: stop what is under way (SIGTERM, then SIGKILL)."""
+        if self.cancel_requested.is_set():
+            return
+        self.cancel_requested.set()
+        self.say("cancellation requested")
+        if self.container is not None:
+            self.say(f"stopping container {self.container.name} "
+                     f"(SIGTERM, SIGKILL after {self.options.stop_timeout} s)")
+            try:
+                self.container.stop(timeout=self.options.stop_timeout)
+            except docker.errors.NotFound:
+                pass
+
+    def stop_following(self) -> None:
+        """The worker is leaving: stop shipping output (a later worker resumes from the server)."""
+        if self.output is not None:
+            self.output.stop()
+
+    # --- the steps -----------------------------------------------------------------------
     def _run(self) -> None:
         deployment = self._read_deployment()
         if deployment is None and self.flow_run.deployment_id:
             return
         if not self._claim():
             return
+        self.phase = Phase.PREPARING
         job = self._resolve_job(deployment)
         if job is None:
             return
+        self.options = WatchOptions.from_job(job)
         try:
-            how = ensure_image(self.docker, job)
+            how = self._unless_cancelled(lambda: ensure_image(self.docker, job))
         except ImageUnavailable as exc:
             self.crash(str(exc))
             return
@@ -118,20 +194,48 @@ class RunSupervisor:
             api_url=self.settings.api_url,
             auth_env=self.settings.auth_env(),
         )
+        if self.cancel_requested.is_set():
+            raise Cancelled
         try:
             container = create_and_start(self.docker, spec)
         except docker.errors.APIError as exc:
             reason = exc.explanation or str(exc)
             self.crash(f"could not start the flow run's container from {job.image!r}: {reason}")
             return
+        self.container = container
+        self.phase = Phase.RUNNING
         self.say(f"container {container.name} started")
+        if self.cancel_requested.is_set():  # cancelled while the container was being created
+            self.cancel_requested.clear()
+            self.cancel()
         try:
             self.api.set_infrastructure_pid(
                 self.flow_run.id, infrastructure_pid(self.docker, container)
             )
         except PrefectAPIError as exc:
             log.warning("%s: could not record infrastructure_pid: %s", self.label, exc)
-        self._watch(container, job)
+        self._watch(container, None)
+
+    def _unless_cancelled(self, work: Callable[[], T]) -> T:
+        """Run `work` (a pull, a build) in a helper thread; give up on it if the run is
+        cancelled meanwhile (the pull or build finishes on its own and is simply cached)."""
+        result: dict[str, object] = {}
+
+        def target() -> None:
+            try:
+                result["value"] = work()
+            except Exception as exc:  # noqa: BLE001 - handed over to the supervisor's thread
+                result["error"] = exc
+
+        helper = threading.Thread(target=target, name=f"{threading.current_thread().name}-prep",
+                                  daemon=True)
+        helper.start()
+        while helper.is_alive():
+            if self.cancel_requested.wait(0.2):
+                raise Cancelled
+        if "error" in result:
+            raise result["error"]  # type: ignore[misc]
+        return result["value"]  # type: ignore[return-value]
 
     def _build_dependencies(self, job: JobVariables, deployment: str) -> JobVariables | None:
         """Run from the per-deployment image when the job asks for dependencies (built once,
@@ -141,7 +245,9 @@ class RunSupervisor:
             return job
         self.say(f"dependencies ({plan.describe()}) on {job.image}")
         try:
-            result = self.builder.ensure(job.image, plan, deployment, self._build_line)
+            result = self._unless_cancelled(
+                lambda: self.builder.ensure(job.image, plan, deployment, self._build_line)
+            )
         except BuildFailed as exc:
             self.crash(str(exc))
             return None
@@ -153,8 +259,9 @@ class RunSupervisor:
         return job.model_copy(update={"image": result.tag, "env": env})
 
     def _build_line(self, line: str) -> None:
-        echo(f"{self.flow_run.name} [build]", line)
-        self.shipper.submit(log_entry(self.flow_run.id, line, name="dockerworker.build"))
+        if not self.cancel_requested.is_set():
+            echo(f"{self.flow_run.name} [build]", line)
+            self.shipper.submit(log_entry(self.flow_run.id, line, name="dockerworker.build"))
 
     def _read_deployment(self) -> Deployment | None:
         """The run's deployment; a run whose deployment is gone is cancelled, as Prefect does."""
@@ -172,7 +279,7 @@ class RunSupervisor:
 
     def _claim(self) -> bool:
         """Propose PENDING: the server accepts exactly one proposer, so no run starts twice."""
-        result = self.api.set_state(self.flow_run.id, StateType.PENDING)
+        result = self.api.set_state(self.flow_run.id, StateType.PENDING, claim_message(self.settings.name))
         if result.status != "ACCEPT" or (result.state and result.state.type != StateType.PENDING):
             log.info(
                 "%s: not claimed (server said %s%s)",
@@ -195,34 +302,95 @@ class RunSupervisor:
             self.crash(str(exc))
             return None
 
-    def _watch(self, container: Container, job: JobVariables) -> None:
-        """Follow the container's output to its end, then give the verdict and clean up."""
-        to_api = job.env.get("PREFECT_LOGGING_TO_API_ENABLED") or "true"
-        output = RunOutput(
+    def _watch(self, container: Container, resume: ResumePoint | None) -> None:
+        """Follow the container's output to its end, then give the verdict and clean up.
+        If the Docker engine goes away meanwhile, wait for it and resume from the server."""
+        options = self.options
+        self.output = RunOutput(
             self.shipper,
             self.flow_run.id,
-            max_bytes=job.max_log_bytes,
-            echo=(lambda text: echo(self.flow_run.name, text)) if job.stream_output else None,
-            skip_engine_records=to_api.lower() not in ("false", "0", "no"),
+            max_bytes=options.max_log_bytes,
+            echo=(lambda text: echo(self.flow_run.name, text)) if options.stream_output else None,
+            skip_engine_records=options.skip_engine_records,
         )
-        output.follow(container)
-        container.wait(timeout=None)
-        report = read_exit(container)
-        self.say(f"container {container.name} {report.describe(job.mem_limit)}; "
-                 f"{output.close()}")
+        try:
+            self._with_docker(lambda: self._follow(container, resume))
+            if self.output.stopped:
+                return  # the worker is leaving; whoever adopts the container judges it
+            self._with_docker(lambda: container.wait(timeout=None))
+            report = self._with_docker(lambda: read_exit(container))
+            if self._docker_trouble:  # the output stream may have ended early: catch up
+                self._with_docker(lambda: self._follow(container, None))
+        except docker.errors.NotFound:
+            self._vanished(container)
+            return
+        self.say(f"container {container.name} {report.describe(options.mem_limit)}; "
+                 f"{self.output.close()}")
+        if self.cancel_requested.is_set():
+            self._finish_cancelled()
+            return
         state = self.api.read_flow_run(self.flow_run.id).state
-        reason = f"Flow run container {container.name} {report.describe(job.mem_limit)}"
+        reason = f"Flow run container {container.name} {report.describe(options.mem_limit)}"
         if state is None or not state.is_final:
             current = state.type.value if state else "without a state"
             self.crash(f"{reason} while the flow run was {current}.", container)
-        elif state.type == StateType.CRASHED:
+        elif state.type == StateType.CRASHED and "dockerworker" not in (state.message or ""):
             # Prefect's engine saw its flow process die, not why; Docker and the output know.
             lead = f"{reason}. " if report.oom_killed else ""
             self.crash(f"{lead}{state.message}", container, force=True)
         else:
             log.info("%s: flow run is %s", self.label, state.type.value)
-        if job.auto_remove:
+        if options.auto_remove:
             remove_quietly(container)
+
+    def _follow(self, container: Container, resume: ResumePoint | None) -> None:
+        """Follow the output; after trouble with Docker, resume from the server's cursor."""
+        assert self.output is not None
+        if self._docker_trouble:
+            self.shipper.flush(timeout=30)
+            resume = resume_point(self.api, self.flow_run.id)
+        self.output.follow(container, resume)
+
+    def _with_docker(self, call: Callable[[], T]) -> T:
+        """`call`, retried while the Docker engine is unreachable (restarting)."""
+
+        def note(state: object) -> None:
+            self._docker_trouble = True
+            log.warning("%s: Docker engine unreachable; retrying", self.label)
+
+        retrying = Retrying(
+            retry=retry_if_exception(_docker_unavailable),
+            wait=wait_exponential_jitter(multiplier=1, max=15),
+            stop=stop_after_delay(DOCKER_PATIENCE),
+            before_sleep=note,
+            reraise=True,
+        )
+        return retrying(call)
+
+    def _vanished(self, container: Container) -> None:
+        if self.cancel_requested.is_set():
+            self._finish_cancelled()
+            return
+        self.crash(
+            f"container vanished: {container.name} ({container.short_id}) was removed from "
+            "the Docker host while the flow run was in progress"
+        )
+
+    def _finish_cancelled(self) -> None:
+        """After a cancellation: CANCELLED with what happened, and the container removed."""
+        container = self.container
+        if container is None:
+            message = "Cancelled before its container started; no container was created."
+        else:
+            try:
+                report = read_exit(container)
+                message = (f"Cancelled: container {container.name} was stopped "
+                           f"({report.describe(self.options.mem_limit)}).")
+            except docker.errors.NotFound:
+                message = f"Cancelled: container {container.name} is gone."
+            remove_quietly(container)
+        self.say(message)
+        self.api.set_state(self.flow_run.id, StateType.CANCELLED, message, force=True)
 
     # --- reporting ----------------------------------------------------------------------
     def say(self, message: str, level: int = logging.INFO) -> None:
@@ -238,7 +406,7 @@ class RunSupervisor:
             context = crash_context(container)
             if context:
                 message = f"{message}\n{context}"
-        message = message[:MAX_STATE_MESSAGE]
+        message = f"{message[:MAX_STATE_MESSAGE]}\n(reported by dockerworker)"
         self.say(f"crashed: {message}", logging.ERROR)
         try:
             result = self.api.set_state(self.flow_run.id, StateType.CRASHED, message, force=force)

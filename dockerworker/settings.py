@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import uuid
 from pathlib import Path
 
 from pydantic import BaseModel, Field, SecretStr
@@ -15,8 +14,9 @@ DEFAULT_API_URL = "http://127.0.0.1:4200/api"
 
 
 def default_worker_name() -> str:
-    """Unique per process, readable per host: replicas on one host get different names."""
-    return f"dockerworker-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    """Stable across restarts, so a restarted worker knows its containers again. Compose
+    replicas get distinct hostnames; several workers on one host need `--name` each."""
+    return f"dockerworker-{socket.gethostname()}"
 
 
 class WorkerSettings(BaseModel):
@@ -31,6 +31,8 @@ class WorkerSettings(BaseModel):
     prefetch_seconds: float = Field(default=10.0, ge=0)
     heartbeat_interval: float = Field(default=30.0, gt=0)
     run_once: bool = False
+    drain: bool = False
+    health_port: int | None = Field(default=None, ge=0, le=65535)
     build_network_mode: str | None = None
     build_ca_bundle: Path | None = None
     pip_index_url: str | None = None

@@ -1,7 +1,9 @@
-"""The worker loop: wait for the server, make sure the pool exists, heartbeat, poll, claim.
+"""The worker loop: wait for the server, ensure the pool, adopt, heartbeat, poll, claim,
+cancel, reconcile, and stop gracefully.
 
-Each claimed run gets a RunSupervisor thread; `--limit` bounds how many are in flight, and a
-slot is freed the moment its supervisor ends (a rejected claim ends it at once).
+Each run gets a RunSupervisor thread; `--limit` bounds how many are in flight (adopted runs
+count), and a slot is freed the moment its supervisor ends (a rejected claim ends it at once).
+A worker only ever touches containers of its own pool on its own Docker engine.
 """
 
 from __future__ import annotations
@@ -9,10 +11,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 import docker
+import docker.errors
+import requests
 from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from .api import (
@@ -22,15 +27,28 @@ from .api import (
     PrefectAPI,
     PrefectAPIError,
     ServerUnreachable,
+    StateType,
     WorkPool,
 )
 from .builds import Builder
+from .containers import (
+    LABEL_FLOW_RUN_ID,
+    LABEL_MANAGED,
+    LABEL_POOL,
+    LABEL_WORKER,
+    WatchOptions,
+    docker_host_id,
+    remove_quietly,
+)
 from .jobs import default_base_job_template
 from .logs import LogShipper
-from .runs import RunSupervisor
+from .runs import Phase, RunSupervisor, claim_message
 from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
+LOOP_PATIENCE = 2.0  # the loop's own calls retry briefly; the next round tries again anyway
+CANCEL_CHECK_SECONDS = 2.0
+RECONCILE_SECONDS = 60.0
 
 
 class Worker:
@@ -41,15 +59,18 @@ class Worker:
         self.api = api
         self.docker = docker_client
         self.stop_event = threading.Event()
-        self._active: dict[UUID, threading.Thread] = {}
-        self._lock = threading.Lock()
         self.pool: WorkPool | None = None
         self.shipper = LogShipper(api)
         self.builder = Builder(docker_client, settings.build_options(), holder=settings.name)
+        self.last_poll: float | None = None  # monotonic time of the last successful poll
+        self._supervisors: dict[UUID, RunSupervisor] = {}
+        self._threads: dict[UUID, threading.Thread] = {}
+        self._lock = threading.Lock()
+        self._host_id: str | None = None
 
     # --- start-up -----------------------------------------------------------------------
     def wait_for_server(self) -> None:
-        """Keep trying until the server answers; say clearly what is wrong meanwhile."""
+        """Keep trying until the server answers and accepts us; say clearly what is wrong."""
 
         def explain(state) -> None:  # tenacity's before_sleep hook
             log.warning(
@@ -65,16 +86,12 @@ class Worker:
             with attempt:
                 if self.stop_event.is_set():
                     return
-                self.api.health(attempts=1)
-                self._check_auth()
+                self.api.health(patience=0)
+                try:  # /health needs no credentials; a protected read proves the key works
+                    self.api.read_work_pool(self.settings.pool, patience=0)
+                except NotFound:
+                    pass
         log.info("Prefect server at %s is up", self.settings.api_url)
-
-    def _check_auth(self) -> None:
-        """/health answers without credentials; a protected read proves the key is accepted."""
-        try:
-            self.api.read_work_pool(self.settings.pool)
-        except NotFound:
-            pass
 
     def ensure_pool(self) -> WorkPool:
         """Use the pool as it is; create it (type docker, our template) when it is missing."""
@@ -102,13 +119,15 @@ class Worker:
         try:
             return self._loop()
         finally:
-            self.shipper.stop(timeout=30)
+            self._leave()
 
     def _loop(self) -> int:
         self.wait_for_server()
         if self.stop_event.is_set():
             return 0
         self.pool = self.ensure_pool()
+        self._host_id = docker_host_id(self.docker)
+        self.adopt()
         log.info(
             "worker %s polling pool %r%s every %.1fs (limit %s)",
             self.settings.name,
@@ -117,38 +136,41 @@ class Worker:
             self.settings.poll_interval,
             self.settings.limit or "none",
         )
-        next_heartbeat = next_poll = 0.0
+        due = {"heartbeat": 0.0, "poll": 0.0, "cancel": 0.0, "reconcile": 0.0}
+        rounds: dict[str, tuple[float, Callable[[], None]]] = {
+            "heartbeat": (self.settings.heartbeat_interval, self._heartbeat),
+            "poll": (self.settings.poll_interval, self.poll),
+            "cancel": (CANCEL_CHECK_SECONDS, self.check_cancellations),
+            "reconcile": (RECONCILE_SECONDS, self.reconcile),
+        }
         while not self.stop_event.is_set():
-            now = time.monotonic()
-            if now >= next_heartbeat:
-                self._heartbeat()
-                next_heartbeat = now + self.settings.heartbeat_interval
-            if now >= next_poll:
-                self.poll()
-                next_poll = now + self.settings.poll_interval
-                if self.settings.run_once:
-                    self.wait_for_runs()
-                    return 0
-            self.stop_event.wait(max(0.0, min(next_heartbeat, next_poll) - time.monotonic()))
+            for name, (interval, action) in rounds.items():
+                if time.monotonic() >= due[name]:
+                    try:
+                        action()
+                    except (requests.RequestException, docker.errors.DockerException) as exc:
+                        log.warning("%s: Docker engine trouble: %s", name, exc)
+                    due[name] = time.monotonic() + interval
+            if self.settings.run_once:
+                self.wait_for_runs()
+                return 0
+            self.stop_event.wait(max(0.05, min(due.values()) - time.monotonic()))
         return 0
 
     def _heartbeat(self) -> None:
         try:
             self.api.heartbeat(
-                self.settings.pool, self.settings.name, self.settings.heartbeat_interval
+                self.settings.pool,
+                self.settings.name,
+                self.settings.heartbeat_interval,
+                patience=LOOP_PATIENCE,
             )
-            self.pool = self.api.read_work_pool(self.settings.pool)
+            self.pool = self.api.read_work_pool(self.settings.pool, patience=LOOP_PATIENCE)
         except NotFound:
             log.warning("work pool %r is gone; creating it again", self.settings.pool)
             self.pool = self.ensure_pool()
         except PrefectAPIError as exc:
             log.warning("heartbeat failed: %s", exc)
-
-    def free_slots(self) -> int | None:
-        with self._lock:
-            if self.settings.limit is None:
-                return None
-            return self.settings.limit - len(self._active)
 
     def poll(self) -> None:
         """Ask for what is due (now + prefetch) and start a supervisor per run, within --limit."""
@@ -158,7 +180,8 @@ class Worker:
         before = datetime.now(UTC) + timedelta(seconds=self.settings.prefetch_seconds)
         try:
             runs = self.api.get_scheduled_flow_runs(
-                self.settings.pool, before, free, self.settings.work_queues
+                self.settings.pool, before, free, self.settings.work_queues,
+                patience=LOOP_PATIENCE,
             )
         except NotFound:
             log.warning("work pool %r not found; it is created again at the next heartbeat",
@@ -167,39 +190,167 @@ class Worker:
         except PrefectAPIError as exc:
             log.warning("poll failed: %s", exc)
             return
+        self.last_poll = time.monotonic()
         for flow_run in runs:
-            self._submit(flow_run)
+            self._start(flow_run, lambda supervisor: supervisor.run())
 
-    def _submit(self, flow_run: FlowRun) -> None:
+    def free_slots(self) -> int | None:
+        with self._lock:
+            if self.settings.limit is None:
+                return None
+            return self.settings.limit - len(self._threads)
+
+    def _start(self, flow_run: FlowRun, body: Callable[[RunSupervisor], None]) -> bool:
         assert self.pool is not None
         with self._lock:
-            if flow_run.id in self._active:
-                return
-            if self.settings.limit is not None and len(self._active) >= self.settings.limit:
-                return
+            if flow_run.id in self._threads:
+                return False
+            if self.settings.limit is not None and len(self._threads) >= self.settings.limit:
+                return False
             supervisor = RunSupervisor(
                 self.api, self.docker, self.settings, self.pool, flow_run, self.shipper,
                 self.builder, on_done=self._done,
             )
             thread = threading.Thread(
-                target=supervisor.run, name=f"run-{flow_run.id.hex[:8]}", daemon=True
+                target=body, args=(supervisor,), name=f"run-{flow_run.id.hex[:8]}", daemon=True
             )
-            self._active[flow_run.id] = thread
+            self._supervisors[flow_run.id] = supervisor
+            self._threads[flow_run.id] = thread
         thread.start()
+        return True
 
     def _done(self, flow_run: FlowRun) -> None:
         with self._lock:
-            self._active.pop(flow_run.id, None)
+            self._threads.pop(flow_run.id, None)
+            self._supervisors.pop(flow_run.id, None)
 
-    def wait_for_runs(self) -> None:
-        """Block until every supervisor has finished (or a stop is requested)."""
-        while not self.stop_event.is_set():
-            with self._lock:
-                threads = list(self._active.values())
-            if not threads:
-                return
-            threads[0].join(timeout=0.5)
-
-    def active_runs(self) -> int:
+    def active_runs(self) -> list[RunSupervisor]:
         with self._lock:
-            return len(self._active)
+            return list(self._supervisors.values())
+
+    # --- cancellation -------------------------------------------------------------------
+    def check_cancellations(self) -> None:
+        """Runs of ours moved to CANCELLING (UI or API): stop them, in a thread each."""
+        supervisors = {s.flow_run.id: s for s in self.active_runs()}
+        if not supervisors:
+            return
+        try:
+            cancelling = self.api.filter_flow_runs(
+                self.settings.pool, [StateType.CANCELLING], ids=list(supervisors),
+                patience=LOOP_PATIENCE,
+            )
+        except PrefectAPIError as exc:
+            log.warning("checking for cancellations failed: %s", exc)
+            return
+        for flow_run in cancelling:
+            supervisor = supervisors.get(flow_run.id)
+            if supervisor is not None and not supervisor.cancel_requested.is_set():
+                threading.Thread(target=supervisor.cancel, daemon=True).start()
+
+    # --- restarts: adoption and reconciliation ------------------------------------------
+    def _pool_containers(self, **filters: str) -> list:
+        labels = [f"{LABEL_POOL}={self.settings.pool}", f"{LABEL_MANAGED}=true"]
+        labels += [f"{k}={v}" for k, v in filters.items()]
+        return self.docker.containers.list(all=True, filters={"label": labels})
+
+    def adopt(self) -> None:
+        """Take back the containers this worker started before it restarted (same name)."""
+        for container in self._pool_containers(**{LABEL_WORKER: self.settings.name}):
+            run_id = UUID(container.labels[LABEL_FLOW_RUN_ID])
+            if run_id in self._threads:
+                continue
+            try:
+                flow_run = self.api.read_flow_run(run_id)
+            except NotFound:
+                log.info("container %s serves a deleted flow run; removing it", container.name)
+                remove_quietly(container)
+                continue
+            if flow_run.state is not None and flow_run.state.is_final and (
+                container.status != "running"
+            ):
+                if WatchOptions.from_labels(container.labels).auto_remove:
+                    remove_quietly(container)
+                continue
+            log.info("adopting container %s of flow run %r (%s)", container.name,
+                     flow_run.name, container.status)
+            self._start(flow_run, lambda supervisor, c=container: supervisor.adopt(c))
+
+    def reconcile(self) -> None:
+        """Runs of this pool whose container on this engine vanished → CRASHED; exited
+        containers of final runs that asked for auto_remove → removed."""
+        try:
+            runs = self.api.filter_flow_runs(
+                self.settings.pool, [StateType.PENDING, StateType.RUNNING],
+                patience=LOOP_PATIENCE,
+            )
+        except PrefectAPIError as exc:
+            log.warning("reconciliation failed: %s", exc)
+            return
+        mine = set(self._threads)
+        for flow_run in runs:
+            if flow_run.id in mine:
+                continue
+            if not flow_run.infrastructure_pid:
+                self._reschedule_if_abandoned(flow_run)
+                continue
+            host, _, container_id = flow_run.infrastructure_pid.rpartition(":")
+            if host != self._host_id:
+                continue
+            try:
+                self.docker.containers.get(container_id)
+            except docker.errors.NotFound:
+                message = (f"container vanished: {container_id[:12]} no longer exists on the "
+                           "Docker host (reported by dockerworker's reconciliation)")
+                log.warning("flow run %r (%s): %s", flow_run.name, flow_run.id, message)
+                self.api.set_state(flow_run.id, StateType.CRASHED, message)
+        for container in self._pool_containers(**{"io.dockerworker.auto-remove": "true"}):
+            if container.status not in ("exited", "dead"):
+                continue
+            run_id = UUID(container.labels[LABEL_FLOW_RUN_ID])
+            if run_id in mine:
+                continue
+            try:
+                state = self.api.read_flow_run(run_id).state
+            except NotFound:
+                state = None
+            if state is None or state.is_final:
+                remove_quietly(container)
+
+    def _reschedule_if_abandoned(self, flow_run: FlowRun) -> None:
+        """A run this worker claimed before it restarted, without a container yet: give it
+        back to the pool (any container it got would have been adopted already)."""
+        state = flow_run.state
+        if state is None or state.type != StateType.PENDING:
+            return
+        if state.message != claim_message(self.settings.name):
+            return
+        if self._pool_containers(**{LABEL_FLOW_RUN_ID: str(flow_run.id)}):
+            return
+        log.warning("flow run %r (%s) was claimed before a restart and never got a "
+                    "container; rescheduling it", flow_run.name, flow_run.id)
+        self.api.set_state(
+            flow_run.id, StateType.SCHEDULED,
+            f"rescheduled: dockerworker {self.settings.name} restarted before starting its "
+            "container", force=True,
+        )
+
+    # --- stopping -----------------------------------------------------------------------
+    def wait_for_runs(self, phases: tuple[Phase, ...] | None = None) -> None:
+        """Block until no supervisor is in `phases` (default: until all have finished)."""
+        while True:
+            waiting = [s for s in self.active_runs() if phases is None or s.phase in phases]
+            if not waiting:
+                return
+            time.sleep(0.2)
+
+    def _leave(self) -> None:
+        """Graceful stop: claims in flight get their containers; running containers keep
+        running (the next worker adopts them); with --drain, wait for every run; flush logs."""
+        if self.settings.drain:
+            log.info("draining: waiting for %d runs to finish", len(self.active_runs()))
+            self.wait_for_runs()
+        else:
+            self.wait_for_runs((Phase.CLAIMING, Phase.PREPARING))
+            for supervisor in self.active_runs():
+                supervisor.stop_following()
+        self.shipper.stop(timeout=30)

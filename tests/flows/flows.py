@@ -50,3 +50,14 @@ def six_version() -> str:
 
     print(f"six version {six.__version__}")
     return six.__version__
+
+
+@flow
+def ticker(seconds: int = 15) -> int:
+    """Print a plain line a second (not through Prefect's logger: only the worker ships it)."""
+    import time
+
+    for i in range(1, seconds + 1):
+        print(f"tick {i}", flush=True)
+        time.sleep(1)
+    return seconds

@@ -106,13 +106,15 @@ def start_worker(
     (before `unique_pool` removes the pool's containers), their output printed on failure."""
     started: list[WorkerProcess] = []
 
-    def start(pool: str, *args: str, api_url: str | None = None, ready: bool = True
-              ) -> WorkerProcess:
-        """With `ready`, return once the worker polls (so its pool exists)."""
+    def start(pool: str, *args: str, api_url: str | None = None, ready: bool = True,
+              name: str | None = None) -> WorkerProcess:
+        """Each worker gets its own `--name` (several share this host) unless `name` is given,
+        e.g. to restart one. With `ready`, return once it polls (so its pool exists)."""
         env = worker_env(api_url or prefect_server.url)
         log_path = tmp_path / f"worker-{len(started)}.log"
+        name = name or f"{pool}-w{len(started)}"
         worker = WorkerProcess(
-            ["--pool", pool, "--poll-interval", "1", *args], env, log_path
+            ["--pool", pool, "--name", name, "--poll-interval", "1", *args], env, log_path
         )
         started.append(worker)
         if ready:

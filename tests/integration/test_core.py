@@ -44,7 +44,7 @@ def test_flow_completes_in_a_labelled_container(
     assert labels[POOL_LABEL] == unique_pool
     assert labels["io.prefect.flow-run-name"] == rig.read_flow_run(kept_run)["name"]
     assert labels["io.prefect.deployment-id"] == kept
-    assert labels["io.prefect.worker-name"].startswith("dockerworker-")
+    assert labels["io.prefect.worker-name"] == f"{unique_pool}-w0"
     assert container.id == rig.read_flow_run(kept_run)["infrastructure_pid"].rpartition(":")[2]
 
     deadline = time.monotonic() + 15

@@ -73,3 +73,14 @@ def test_exit_descriptions() -> None:
     assert "SIGKILL" in ExitReport(137, False, "").describe(None)
     assert "SIGTERM" in ExitReport(143, False, "").describe(None)
     assert ExitReport(3, False, "").describe(None) == "exited with code 3"
+
+
+def test_watch_options_survive_a_round_trip_through_labels() -> None:
+    from dockerworker.containers import WatchOptions
+
+    job = JobVariables(auto_remove=True, stream_output=False, max_log_bytes=123, stop_timeout=7,
+                       mem_limit="64m", env={"PREFECT_LOGGING_TO_API_ENABLED": "false"})
+    options = WatchOptions.from_job(job)
+    assert WatchOptions.from_labels(spec_for(job).create_kwargs["labels"]) == options
+    assert options.skip_engine_records is False and options.mem_limit == "64m"
+    assert WatchOptions.from_labels({}) == WatchOptions()

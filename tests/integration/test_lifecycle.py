@@ -1,0 +1,217 @@
+"""Cancellation, restarts, adoption, reconciliation, replicas, health (issue 5)."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import httpx
+from prefect_rig import POOL_LABEL, PrefectRig, free_port, start_prefect_server
+
+RUN_LABEL = "io.prefect.flow-run-id"
+
+
+def run_containers(docker_client, run_id: str) -> list:
+    return docker_client.containers.list(all=True, filters={"label": f"{RUN_LABEL}={run_id}"})
+
+
+def wait_for_container(docker_client, run_id: str, status: str = "running", timeout=60):
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [c for c in run_containers(docker_client, run_id) if c.status == status]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, f"no {status} container for {run_id}"
+        time.sleep(0.3)
+
+
+def container_lines(rig: PrefectRig, run_id: str) -> list[str]:
+    return [log["message"] for log in rig.read_logs(run_id)
+            if log["name"] == "dockerworker.container"]
+
+
+def cancel(rig: PrefectRig, run_id: str) -> float:
+    rig.set_state(run_id, "CANCELLING", force=True)
+    return time.monotonic()
+
+
+def test_cancel_a_running_flow(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, docker_client
+) -> None:
+    start_worker(unique_pool)
+    deployment = rig.create_deployment(unique_pool, "flows.py:sleepy", {"image": flow_image})
+    run_id = rig.create_flow_run(deployment, parameters={"seconds": 60})
+    rig.wait_for_state(run_id, "RUNNING", timeout=60)
+    asked = cancel(rig, run_id)
+    run = rig.wait_for_final(run_id, timeout=40)
+    took = time.monotonic() - asked
+    assert run["state"]["type"] == "CANCELLED", run["state"]
+    assert took < 30 + 5, took  # within the grace period plus a cancellation check
+    time.sleep(1)
+    assert run_containers(docker_client, run_id) == []
+
+
+def test_cancel_a_flow_that_ignores_sigterm(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, docker_client
+) -> None:
+    start_worker(unique_pool)
+    command = "sh -c 'trap \"\" TERM; echo ready; while true; do sleep 1; done'"
+    job = {"image": flow_image, "command": command, "stop_timeout": 3}
+    deployment = rig.create_deployment(unique_pool, "flows.py:hello", job)
+    run_id = rig.create_flow_run(deployment)
+    wait_for_container(docker_client, run_id)
+    asked = cancel(rig, run_id)
+    run = rig.wait_for_final(run_id, timeout=30)
+    took = time.monotonic() - asked
+    assert run["state"]["type"] == "CANCELLED", run["state"]
+    assert 3 <= took < 3 + 8, took  # SIGTERM ignored, SIGKILL after stop_timeout
+    assert "137" in run["state"]["message"] or "SIGKILL" in run["state"]["message"]
+    assert run_containers(docker_client, run_id) == []
+
+
+def test_cancel_during_a_slow_build(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, docker_client
+) -> None:
+    start_worker(unique_pool)
+    job = {"image": flow_image, "dockerfile_lines": [f"RUN sleep 20 # {uuid.uuid4().hex}"]}
+    deployment = rig.create_deployment(unique_pool, "flows.py:hello", job)
+    run_id = rig.create_flow_run(deployment)
+    deadline = time.monotonic() + 30
+    while not any("dependencies" in log["message"] for log in rig.read_logs(run_id)):
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    asked = cancel(rig, run_id)
+    run = rig.wait_for_final(run_id, timeout=20)
+    assert run["state"]["type"] == "CANCELLED", run["state"]
+    assert time.monotonic() - asked < 8
+    assert "no container" in run["state"]["message"]
+    time.sleep(2)
+    assert run_containers(docker_client, run_id) == []
+
+
+def test_sigkilled_worker_is_replaced_and_no_line_is_lost_or_doubled(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str
+) -> None:
+    worker = start_worker(unique_pool, name=f"{unique_pool}-keep")
+    deployment = rig.create_deployment(unique_pool, "flows.py:ticker", {"image": flow_image})
+    run_id = rig.create_flow_run(deployment, parameters={"seconds": 15})
+    deadline = time.monotonic() + 60
+    while "tick 4" not in container_lines(rig, run_id):
+        assert time.monotonic() < deadline, rig.read_logs(run_id)
+        time.sleep(0.3)
+    worker.process.send_signal(signal.SIGKILL)
+    worker.process.wait(10)
+    time.sleep(3)
+    start_worker(unique_pool, name=f"{unique_pool}-keep")
+    assert rig.wait_for_final(run_id, timeout=90)["state"]["type"] == "COMPLETED"
+    deadline = time.monotonic() + 15
+    expected = [f"tick {i}" for i in range(1, 16)]
+    while (lines := container_lines(rig, run_id)) != expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert lines == expected
+
+
+def test_container_that_exits_while_the_worker_is_away_gets_its_verdict(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, docker_client
+) -> None:
+    name = f"{unique_pool}-keep"
+    worker = start_worker(unique_pool, name=name)
+    command = "sh -c 'echo working; sleep 4; echo giving up; exit 3'"
+    job = {"image": flow_image, "command": command, "auto_remove": True}
+    deployment = rig.create_deployment(unique_pool, "flows.py:hello", job)
+    run_id = rig.create_flow_run(deployment)
+    wait_for_container(docker_client, run_id)
+    worker.stop()  # graceful: the container keeps running
+    assert worker.process.returncode == 0
+    container = wait_for_container(docker_client, run_id, status="exited", timeout=30)
+    assert rig.read_flow_run(run_id)["state"]["type"] == "PENDING"
+    start_worker(unique_pool, name=name)
+    run = rig.wait_for_final(run_id, timeout=30)
+    assert run["state"]["type"] == "CRASHED"
+    assert "exited with code 3" in run["state"]["message"]
+    assert "giving up" in run["state"]["message"]
+    deadline = time.monotonic() + 10
+    while run_containers(docker_client, run_id) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert run_containers(docker_client, run_id) == [], container.name
+
+
+def test_container_removed_behind_the_workers_back_is_crashed(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, docker_client
+) -> None:
+    start_worker(unique_pool)
+    deployment = rig.create_deployment(unique_pool, "flows.py:sleepy", {"image": flow_image})
+    run_id = rig.create_flow_run(deployment, parameters={"seconds": 60})
+    rig.wait_for_state(run_id, "RUNNING", timeout=60)
+    wait_for_container(docker_client, run_id).remove(force=True)
+    run = rig.wait_for_final(run_id, timeout=30)
+    assert run["state"]["type"] == "CRASHED"
+    assert "container vanished" in run["state"]["message"]
+
+
+def test_three_workers_sixty_runs_one_restarted_midway(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, docker_client
+) -> None:
+    rig.create_work_pool(unique_pool)
+    names = [f"{unique_pool}-r{i}" for i in range(3)]
+    workers = [start_worker(unique_pool, "--limit", "4", name=n) for n in names]
+    command = "sh -c 'echo serving $PREFECT__FLOW_RUN_ID; sleep 1'"
+    deployment = rig.create_deployment(
+        unique_pool, "flows.py:hello", {"image": flow_image, "command": command}
+    )
+    runs = [rig.create_flow_run(deployment) for _ in range(60)]
+    deadline = time.monotonic() + 60
+    while sum(1 for r in runs if rig.read_flow_run(r)["state"]["type"] == "CRASHED") < 15:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    workers[1].process.send_signal(signal.SIGKILL)
+    workers[1].process.wait(10)
+    time.sleep(1)
+    start_worker(unique_pool, "--limit", "4", name=names[1])
+    finals = [rig.wait_for_final(r, timeout=240)["state"] for r in runs]
+    assert all(s["type"] == "CRASHED" and "exited with code 0" in s["message"] for s in finals)
+    containers = docker_client.containers.list(
+        all=True, filters={"label": f"{POOL_LABEL}={unique_pool}"}
+    )
+    assert Counter(c.labels[RUN_LABEL] for c in containers) == Counter(runs)
+
+
+def test_server_restart_during_a_run(
+    start_worker, unique_pool: str, flow_image: str, tmp_path: Path
+) -> None:
+    port, home = free_port(), tmp_path / "home"
+    server = start_prefect_server(port=port, home=home)
+    try:
+        worker = start_worker(unique_pool, api_url=server.url)
+        rig = PrefectRig(server.url)
+        deployment = rig.create_deployment(unique_pool, "flows.py:ticker", {"image": flow_image})
+        run_id = rig.create_flow_run(deployment, parameters={"seconds": 25})
+        rig.wait_for_state(run_id, "RUNNING", timeout=60)
+        rig.close()
+        server.stop()
+        time.sleep(5)
+        server = start_prefect_server(port=port, home=home)
+        rig = PrefectRig(server.url)
+        assert rig.wait_for_final(run_id, timeout=120)["state"]["type"] == "COMPLETED"
+        assert worker.alive()
+        rig.close()
+    finally:
+        server.stop()
+
+
+def test_health_endpoint_and_drain(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str
+) -> None:
+    port = free_port()
+    worker = start_worker(unique_pool, "--health-port", str(port), "--drain")
+    health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    deployment = rig.create_deployment(unique_pool, "flows.py:sleepy", {"image": flow_image})
+    run_id = rig.create_flow_run(deployment, parameters={"seconds": 5})
+    rig.wait_for_state(run_id, "RUNNING", timeout=60)
+    worker.process.send_signal(signal.SIGTERM)
+    assert worker.process.wait(60) == 0
+    assert rig.read_flow_run(run_id)["state"]["type"] == "COMPLETED"
