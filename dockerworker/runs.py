@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable
 from enum import StrEnum
 from typing import TypeVar
@@ -331,6 +332,9 @@ class RunSupervisor:
             return
         state = self.api.read_flow_run(self.flow_run.id).state
         reason = f"Flow run container {container.name} {report.describe(options.mem_limit)}"
+        if (state is None or not state.is_final) and self._removed_meanwhile(container):
+            self._vanished(container)
+            return
         if state is None or not state.is_final:
             current = state.type.value if state else "without a state"
             self.crash(f"{reason} while the flow run was {current}.", container)
@@ -366,6 +370,16 @@ class RunSupervisor:
             reraise=True,
         )
         return retrying(call)
+
+    @staticmethod
+    def _removed_meanwhile(container: Container) -> bool:
+        """`docker rm -f` kills first and removes a moment later: tell that from a crash."""
+        time.sleep(0.5)
+        try:
+            container.reload()
+        except docker.errors.NotFound:
+            return True
+        return False
 
     def _vanished(self, container: Container) -> None:
         if self.cancel_requested.is_set():

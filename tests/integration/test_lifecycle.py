@@ -198,6 +198,7 @@ def test_server_restart_during_a_run(
         assert rig.wait_for_final(run_id, timeout=120)["state"]["type"] == "COMPLETED"
         assert worker.alive()
         rig.close()
+        worker.stop()  # while the server can still take its last log lines
     finally:
         server.stop()
 

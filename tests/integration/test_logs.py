@@ -131,7 +131,7 @@ def test_server_down_for_ten_seconds_loses_no_line(
     port, home = free_port(), tmp_path / "home"
     server = start_prefect_server(port=port, home=home)
     try:
-        start_worker(unique_pool, api_url=server.url)
+        worker = start_worker(unique_pool, api_url=server.url)
         rig = PrefectRig(server.url)
         command = "sh -c 'for i in $(seq 1 60); do echo tick $i; sleep 0.5; done'"
         deployment = rig.create_deployment(
@@ -151,6 +151,7 @@ def test_server_down_for_ten_seconds_loses_no_line(
         time.sleep(3)
         assert container_lines(rig, run_id) == [f"tick {i}" for i in range(1, 61)]
         rig.close()
+        worker.stop()  # while the server can still take its last log lines
     finally:
         server.stop()
 
