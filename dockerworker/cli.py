@@ -59,7 +59,8 @@ def main() -> None:
 @click.option("--work-queue", "-q", "work_queues", multiple=True,
               help="Only take runs from this queue (repeatable; default: all queues).")
 @click.option("--name", "-n", envvar="DOCKERWORKER_NAME",
-              help="Worker name shown in the pool (default: dockerworker-<host>-<random>).")
+              help="Worker name shown in the pool; a restarted worker adopts the containers carrying "
+                   "it (default: dockerworker-<hostname>).")
 @click.option("--limit", "-l", type=click.IntRange(min=1), envvar="DOCKERWORKER_LIMIT",
               help="Most flow runs this worker runs at once (default: no limit).")
 @click.option("--poll-interval", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
