@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import sys
+from pathlib import Path
 from types import FrameType
 
 import click
@@ -19,6 +20,7 @@ from .api import PrefectAPI
 from .builds import list_builds, prune_builds
 from .health import serve_health
 from .jobs import describe_validation_error
+from .policy import Policy, PolicyError
 from .settings import DEFAULT_API_URL, WorkerSettings, docker_host_description
 from .worker import Worker
 
@@ -88,6 +90,10 @@ def main() -> None:
 @click.option("--build-timeout", type=click.FloatRange(min=1), default=1800.0,
               show_default=True, envvar="DOCKERWORKER_BUILD_TIMEOUT",
               help="Seconds a dependency image build may take.")
+@click.option("--policy", "policy_file", envvar="DOCKERWORKER_POLICY_FILE",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Policy file (TOML): what deployments may ask of Docker. "
+                   "Default: the safe built-in policy.")
 @click.option("--log-level", default="INFO", envvar="DOCKERWORKER_LOG_LEVEL",
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               show_default=True)
@@ -106,6 +112,7 @@ def start(
     build_network: str | None,
     build_ca_bundle: str | None,
     build_timeout: float,
+    policy_file: Path | None,
     log_level: str,
 ) -> None:
     """Poll a work pool and run each flow run in its own sibling container.
@@ -137,6 +144,10 @@ def start(
     }
     if name:
         values["name"] = name
+    try:
+        values["policy"] = Policy.load(policy_file)
+    except PolicyError as exc:
+        raise click.UsageError(str(exc)) from None
     try:
         settings = WorkerSettings.model_validate(values)
     except ValidationError as exc:

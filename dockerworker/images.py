@@ -33,11 +33,13 @@ def _present(client: docker.DockerClient, image: str) -> bool:
     return True
 
 
-def _pull(client: docker.DockerClient, image: str, job: JobVariables) -> None:
-    """Pull through the low-level stream: the high-level call hides errors (docker-py #2286)."""
+def _pull(client: docker.DockerClient, image: str, job: JobVariables, job_credentials: bool
+          ) -> None:
+    """Pull through the low-level stream: the high-level call hides errors (docker-py #2286).
+    Without trusted job credentials, the worker's own Docker config authenticates."""
     repository, tag = parse_repository_tag(image)
     auth = None
-    if job.registry_credentials:
+    if job.registry_credentials and job_credentials:
         creds = job.registry_credentials
         auth = {"username": creds.username, "password": creds.password}
     try:
@@ -51,8 +53,11 @@ def _pull(client: docker.DockerClient, image: str, job: JobVariables) -> None:
         raise ImageUnavailable(f"pulling image {image!r} failed: {reason}") from None
 
 
-def ensure_image(client: docker.DockerClient, job: JobVariables) -> str:
-    """Make `job.image` available per its pull policy; returns what was done, for the logs."""
+def ensure_image(
+    client: docker.DockerClient, job: JobVariables, job_credentials: bool = False
+) -> str:
+    """Make `job.image` available per its pull policy; returns what was done, for the logs.
+    `job_credentials`: the policy trusts the job's registry_credentials for this registry."""
     image = job.image
     policy = effective_pull_policy(image, job.image_pull_policy)
     if policy == "Never":
@@ -65,7 +70,7 @@ def ensure_image(client: docker.DockerClient, job: JobVariables) -> str:
     if policy == "IfNotPresent" and _present(client, image):
         return "present"
     try:
-        _pull(client, image, job)
+        _pull(client, image, job, job_credentials)
     except ImageUnavailable as exc:
         if policy == "IfPossible" and _present(client, image):
             log.warning("%s; using the local copy (IfPossible)", exc)

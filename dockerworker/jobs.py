@@ -266,7 +266,12 @@ def describe_validation_error(exc: ValidationError, what: str = "job variables")
     for error in exc.errors():
         where = ".".join(str(part) for part in error["loc"]) or what
         message = error["msg"].removeprefix("Value error, ")
-        if error["type"] not in ("value_error",) and "input" in error:
-            message = f"{message} (got {error['input']!r})"
+        secret = error["loc"][:1] in (("env",), ("registry_credentials",))
+        if error["type"] not in ("value_error",) and "input" in error and not secret:
+            message = f"{message} (got {_short(repr(error['input']))})"
         problems.append(f"{where}: {message}")
     return f"invalid {what}: " + "; ".join(problems)
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"

@@ -29,6 +29,7 @@ import re
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -263,8 +264,10 @@ class RunOutput:
         max_bytes: int,
         echo: Any = None,
         skip_engine_records: bool = True,
+        mask: Callable[[str], str] = str,
     ) -> None:
         self.shipper = shipper
+        self.mask = mask
         self.flow_run_id = flow_run_id
         self.max_bytes = max_bytes
         self.echo = echo
@@ -354,10 +357,10 @@ class RunOutput:
 
     def add(self, line: OutputLine, engine_filter: EngineEchoFilter | None = None) -> None:
         if self.echo:
-            self.echo(line.text)
+            self.echo(self.mask(line.text))
         if engine_filter is not None and self._shipped_by_engine(line, engine_filter):
             return
-        text = _clip(line.text)
+        text = self.mask(_clip(line.text))
         size = len(text.encode("utf-8", errors="replace")) + 1
         with self._lock:
             if self.bytes + size > self.max_bytes:

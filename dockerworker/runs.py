@@ -44,6 +44,7 @@ from .containers import (
 from .images import ImageUnavailable, ensure_image
 from .jobs import InvalidJobVariables, JobVariables, merge_job_variables, resolve_job
 from .logs import LogShipper, ResumePoint, RunOutput, log_entry, resume_point
+from .policy import Masker
 from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class RunSupervisor:
         self.options = WatchOptions()
         self.cancel_requested = threading.Event()
         self._docker_trouble = False
+        self.mask = Masker(settings.secrets())
 
     # --- entry points (each in the supervisor's own thread) ------------------------------
     def run(self) -> None:
@@ -125,6 +127,8 @@ class RunSupervisor:
         self.container = container
         self.phase = Phase.RUNNING
         self.options = WatchOptions.from_labels(container.labels)
+        env = dict(item.partition("=")[::2] for item in container.attrs["Config"]["Env"] or [])
+        self.mask = Masker.for_env(env, self.settings.secrets())
         if container.status == "created":  # the worker died between create and start
             container.start()
         self._guard(lambda: self._watch(container, resume_point(self.api, self.flow_run.id)))
@@ -174,8 +178,13 @@ class RunSupervisor:
         if job is None:
             return
         self.options = WatchOptions.from_job(job)
+        policy = self.settings.policy
+        if refused := policy.violations(job):
+            self.crash("refused by the worker's policy: " + "; ".join(refused))
+            return
+        trusted = policy.trusts_credentials_for(job.image)
         try:
-            how = self._unless_cancelled(lambda: ensure_image(self.docker, job))
+            how = self._unless_cancelled(lambda: ensure_image(self.docker, job, trusted))
         except ImageUnavailable as exc:
             self.crash(str(exc))
             return
@@ -195,6 +204,7 @@ class RunSupervisor:
             api_url=self.settings.api_url,
             auth_env=self.settings.auth_env(),
         )
+        spec.create_kwargs = policy.harden(spec.create_kwargs)
         if self.cancel_requested.is_set():
             raise Cancelled
         try:
@@ -260,6 +270,7 @@ class RunSupervisor:
         return job.model_copy(update={"image": result.tag, "env": env})
 
     def _build_line(self, line: str) -> None:
+        line = self.mask(line)
         if not self.cancel_requested.is_set():
             echo(f"{self.flow_run.name} [build]", line)
             self.shipper.submit(log_entry(self.flow_run.id, line, name="dockerworker.build"))
@@ -297,11 +308,20 @@ class RunSupervisor:
         values = merge_job_variables(
             deployment.job_variables if deployment else None, self.flow_run.job_variables
         )
+        raw_env = values.get("env") if isinstance(values.get("env"), dict) else {}
+        self.mask = Masker.for_env(
+            {str(k): v for k, v in raw_env.items() if isinstance(v, str)}, self.settings.secrets()
+        )
         try:
-            return resolve_job(self.pool.base_job_template, values)
+            job = resolve_job(self.pool.base_job_template, values)
         except InvalidJobVariables as exc:
             self.crash(str(exc))
             return None
+        secrets = self.settings.secrets()
+        if job.registry_credentials:
+            secrets.add(job.registry_credentials.password)
+        self.mask = Masker.for_env({**job.env, **self.settings.auth_env()}, secrets)
+        return job
 
     def _watch(self, container: Container, resume: ResumePoint | None) -> None:
         """Follow the container's output to its end, then give the verdict and clean up.
@@ -313,6 +333,7 @@ class RunSupervisor:
             max_bytes=options.max_log_bytes,
             echo=(lambda text: echo(self.flow_run.name, text)) if options.stream_output else None,
             skip_engine_records=options.skip_engine_records,
+            mask=self.mask,
         )
         try:
             self._with_docker(lambda: self._follow(container, resume))
@@ -408,7 +429,8 @@ class RunSupervisor:
 
     # --- reporting ----------------------------------------------------------------------
     def say(self, message: str, level: int = logging.INFO) -> None:
-        """A step of this run: on the worker's console and in the run's logs."""
+        """A step of this run: on the worker's console and in the run's logs (secrets masked)."""
+        message = self.mask(message)
         log.log(level, "%s: %s", self.label, message)
         self.shipper.submit(log_entry(self.flow_run.id, message, level))
 
@@ -420,7 +442,7 @@ class RunSupervisor:
             context = crash_context(container)
             if context:
                 message = f"{message}\n{context}"
-        message = f"{message[:MAX_STATE_MESSAGE]}\n(reported by dockerworker)"
+        message = self.mask(f"{message[:MAX_STATE_MESSAGE]}\n(reported by dockerworker)")
         self.say(f"crashed: {message}", logging.ERROR)
         try:
             result = self.api.set_state(self.flow_run.id, StateType.CRASHED, message, force=force)

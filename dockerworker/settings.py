@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, SecretStr
 
 from .builds import BuildOptions
+from .policy import Policy
 
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"
 
@@ -38,6 +39,7 @@ class WorkerSettings(BaseModel):
     pip_index_url: str | None = None
     pip_extra_index_url: str | None = None
     build_timeout: float = Field(default=1800.0, gt=0)
+    policy: Policy = Field(default_factory=Policy)
 
     def build_options(self) -> BuildOptions:
         return BuildOptions(
@@ -47,6 +49,15 @@ class WorkerSettings(BaseModel):
             pip_extra_index_url=self.pip_extra_index_url,
             timeout=self.build_timeout,
         )
+
+    def secrets(self) -> set[str]:
+        """The worker's own credentials: masked wherever text leaves the worker."""
+        found = set()
+        for secret in (self.api_key, self.auth_string):
+            if secret:
+                value = secret.get_secret_value()
+                found.update({value, value.partition(":")[2]} - {""})
+        return found
 
     def auth_env(self) -> dict[str, str]:
         """The credentials a flow container needs to talk to the same server."""

@@ -74,6 +74,7 @@ class PrefectServer:
     process: subprocess.Popen[bytes]
     log_path: Path
     _owns_home: bool = field(default=False, repr=False)
+    auth: tuple[str, str] | None = None  # basic auth, for a server started with an auth string
 
     def output(self) -> str:
         """Everything the server printed so far."""
@@ -85,7 +86,7 @@ class PrefectServer:
     def is_healthy(self) -> bool:
         """True when GET /api/health answers true."""
         try:
-            r = httpx.get(f"{self.url}/health", timeout=2, trust_env=False)
+            r = httpx.get(f"{self.url}/health", timeout=2, trust_env=False, auth=self.auth)
             return r.status_code == 200 and r.json() is True
         except (httpx.HTTPError, ValueError):
             return False
@@ -130,6 +131,7 @@ def start_prefect_server(
     *,
     wait: bool = True,
     timeout: float = 60.0,
+    env: dict[str, str] | None = None,
 ) -> PrefectServer:
     """Start `prefect server start` on 127.0.0.1 (SQLite under `home`).
 
@@ -150,7 +152,7 @@ def start_prefect_server(
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             cmd,
-            env=server_env(home_path),
+            env={**server_env(home_path), **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -163,6 +165,7 @@ def start_prefect_server(
         process=process,
         log_path=log_path,
         _owns_home=owns_home,
+        auth=_basic_auth((env or {}).get("PREFECT_SERVER_API_AUTH_STRING")),
     )
     if wait:
         try:
@@ -173,12 +176,22 @@ def start_prefect_server(
     return server
 
 
+def _basic_auth(auth_string: str | None) -> tuple[str, str] | None:
+    if not auth_string:
+        return None
+    user, _, password = auth_string.partition(":")
+    return user, password
+
+
 class PrefectRig:
     """Synchronous helper over the Prefect REST API, for test setup and assertions."""
 
-    def __init__(self, api_url: str, timeout: float = 30.0) -> None:
+    def __init__(self, api_url: str, timeout: float = 30.0, auth: tuple[str, str] | None = None
+                 ) -> None:
         self.api_url = api_url.rstrip("/")
-        self.http = httpx.Client(base_url=self.api_url, timeout=timeout, trust_env=False)
+        self.http = httpx.Client(
+            base_url=self.api_url, timeout=timeout, trust_env=False, auth=auth
+        )
 
     def close(self) -> None:
         """Close the HTTP client."""

@@ -1,0 +1,89 @@
+"""The operator's policy: refusals name the variable and the rule; hardening; masking."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dockerworker.jobs import JobVariables
+from dockerworker.policy import Masker, Policy, PolicyError
+
+DEFAULT = Policy()
+
+
+def refused(job: JobVariables, policy: Policy = DEFAULT) -> str:
+    return "; ".join(policy.violations(job))
+
+
+def test_a_plain_job_passes_the_default_policy() -> None:
+    job = JobVariables(image="dockerworker-test/flows:dev", volumes=["data:/data"],
+                       networks=["backend"], container_create_kwargs={"cpu_shares": 2})
+    assert DEFAULT.violations(job) == []
+
+
+@pytest.mark.parametrize(
+    ("job", "expected"),
+    [
+        (JobVariables(privileged=True), "privileged: privileged containers are not allowed"),
+        (JobVariables(volumes=["/:/host"]), "volumes: host path / is not under an allowed prefix"),
+        (JobVariables(network_mode="host"), "network_mode: 'host' is not allowed"),
+        (JobVariables(network_mode="container:abc"), "network_mode: 'container:abc'"),
+        (JobVariables(container_create_kwargs={"cap_add": ["SYS_ADMIN"]}),
+         "container_create_kwargs.cap_add: not allowed"),
+        (JobVariables(container_create_kwargs={"devices": ["/dev/sda"]}),
+         "container_create_kwargs.devices"),
+        (JobVariables(container_create_kwargs={"security_opt": ["apparmor=unconfined"]}),
+         "container_create_kwargs.security_opt"),
+    ],
+)
+def test_each_refusal_names_variable_and_rule(job: JobVariables, expected: str) -> None:
+    assert expected in refused(job)
+
+
+def test_the_docker_socket_is_never_mounted_even_under_an_allowed_prefix() -> None:
+    policy = Policy(allowed_volume_prefixes=["/var", "/srv"])
+    assert refused(JobVariables(volumes=["/srv/data:/data"]), policy) == ""
+    assert "Docker socket" in refused(JobVariables(volumes=["/var/run/docker.sock:/s"]), policy)
+    assert "Docker socket" in refused(JobVariables(volumes=["/var/run:/r"]), policy)
+    assert "not under an allowed prefix" in refused(JobVariables(volumes=["/srvx:/x"]), policy)
+    relaxed = Policy(allowed_volume_prefixes=["/"], allow_docker_socket=True)
+    assert refused(JobVariables(volumes=["/:/host"]), relaxed) == ""
+
+
+def test_images_by_registry_glob() -> None:
+    policy = Policy(allowed_images=["docker.io/library/*", "registry.internal/*"])
+    assert refused(JobVariables(image="python:3.12"), policy) == ""
+    assert refused(JobVariables(image="registry.internal/team/flow:1"), policy) == ""
+    assert "image: 'evil.example/x:1' is not an allowed image" in refused(
+        JobVariables(image="evil.example/x:1"), policy)
+    assert "is not an allowed image" in refused(JobVariables(image="someone/else:1"), policy)
+
+
+def test_hardened_defaults_fill_what_the_job_left_open() -> None:
+    policy = Policy(default_mem_limit="512m", default_cpus=1.5, pids_limit=100)
+    hardened = policy.harden({"pids_limit": 10_000})
+    assert hardened["security_opt"] == ["no-new-privileges:true"]
+    assert hardened["pids_limit"] == 100
+    assert hardened["mem_limit"] == "512m" and hardened["nano_cpus"] == 1_500_000_000
+    assert policy.harden({"mem_limit": "64m", "pids_limit": 50})["pids_limit"] == 50
+    assert "security_opt" not in Policy(no_new_privileges=False).harden({})
+
+
+def test_policy_file(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text('[policy]\nallow_privileged = true\nallowed_network_modes = ["host"]\n')
+    policy = Policy.load(path)
+    assert policy.allow_privileged and policy.allowed_network_modes == ["host"]
+    path.write_text("[policy]\nallow_everything = true\n")
+    with pytest.raises(PolicyError, match="allow_everything"):
+        Policy.load(path)
+
+
+def test_masker_hides_secret_values() -> None:
+    mask = Masker.for_env(
+        {"DB_PASSWORD": "hunter22", "PREFECT_API_AUTH_STRING": "admin:s3cr3t!", "NAME": "bob1"},
+        {"pk_live_abcdef"},
+    )
+    text = mask("pw hunter22 auth admin:s3cr3t! alone s3cr3t! key pk_live_abcdef name bob1")
+    assert text == "pw *** auth *** alone *** key *** name bob1"
