@@ -32,7 +32,7 @@ images: docker
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
 
-# Side-by-side benchmark against prefect-docker's worker; ~15 min (BENCH_ARGS=--quick: ~3 min).
+# Side-by-side benchmark against prefect-docker's worker; ~10 min (BENCH_ARGS=--quick: ~3 min).
 .PHONY: bench
 bench: setup
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

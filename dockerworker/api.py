@@ -188,7 +188,8 @@ class PrefectAPI:
             detail = _detail(exc.response)
             if code in (401, 403):
                 raise AuthRejected(
-                    f"the server rejected the API key (HTTP {code} from {self.api_url}): {detail}"
+                    f"the server rejected the API key / credentials (HTTP {code} from "
+                    f"{self.api_url}): {detail}; check PREFECT_API_KEY or PREFECT_API_AUTH_STRING"
                 ) from exc
             if code == 404:
                 raise NotFound(f"{method} {path}: not found ({detail})") from exc
