@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -16,11 +17,18 @@ import docker.errors
 from pydantic import ValidationError
 
 from . import __version__
-from .api import PrefectAPI
+from .api import PrefectAPI, PrefectAPIError
 from .builds import list_builds, prune_builds
+from .doctor import Doctor
 from .health import serve_health
-from .jobs import describe_validation_error
-from .policy import Policy, PolicyError
+from .jobs import (
+    InvalidJobVariables,
+    default_base_job_template,
+    describe_validation_error,
+    merge_job_variables,
+    resolve_job,
+)
+from .policy import Masker, Policy, PolicyError
 from .settings import DEFAULT_API_URL, WorkerSettings, docker_host_description
 from .worker import Worker
 
@@ -177,6 +185,77 @@ def start(
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     sys.exit(worker.run())
+
+
+@main.command()
+@click.option("--pool", "-p", required=True, envvar="DOCKERWORKER_POOL", help="Work pool to check.")
+@click.option("--api-url", envvar="PREFECT_API_URL", default=DEFAULT_API_URL, show_default=True,
+              help="Prefect API URL [env: PREFECT_API_URL].")
+def doctor(pool: str, api_url: str) -> None:
+    """Check the server, credentials, pool, workers, waiting runs and Docker; say how to fix
+    what is wrong. Exit code 1 if anything is."""
+    api, secrets = _api_from_env(api_url, patience=0)
+    healthy = Doctor(api, pool, Masker(secrets)).run(click.echo)
+    sys.exit(0 if healthy else 1)
+
+
+def _api_from_env(api_url: str, patience: float = 120.0) -> tuple[PrefectAPI, set[str]]:
+    key = os.environ.get("PREFECT_API_KEY") or None
+    auth = os.environ.get("PREFECT_API_AUTH_STRING") or None
+    secrets = {s for s in (key, auth, (auth or "").partition(":")[2]) if s}
+    return PrefectAPI(api_url, api_key=key, auth_string=auth, patience=patience), secrets
+
+
+@main.group()
+def pool() -> None:
+    """Create a docker work pool with dockerworker's template, or inspect one."""
+
+
+_API_URL = click.option("--api-url", envvar="PREFECT_API_URL", default=DEFAULT_API_URL,
+                        show_default=True, help="Prefect API URL [env: PREFECT_API_URL].")
+
+
+@pool.command("create")
+@click.argument("name")
+@click.option("--image", help="Default image for the pool's runs.")
+@_API_URL
+def pool_create(name: str, image: str | None, api_url: str) -> None:
+    """Create pool NAME (type docker) with dockerworker's base job template."""
+    api, _ = _api_from_env(api_url, patience=5)
+    template = default_base_job_template()
+    if image:
+        template["variables"]["properties"]["image"]["default"] = image
+    try:
+        created = api.create_work_pool(name, "docker", template)
+    except PrefectAPIError as exc:
+        raise click.ClickException(f"could not create work pool {name!r}: {exc}") from None
+    click.echo(f"created work pool {created.name!r} (type docker)")
+
+
+@pool.command("inspect")
+@click.argument("name")
+@click.option("--deployment", "deployment_ref",
+              help="Deployment id or FLOW/DEPLOYMENT name: show its resolved job variables.")
+@_API_URL
+def pool_inspect(name: str, deployment_ref: str | None, api_url: str) -> None:
+    """Show pool NAME's job variable defaults, or what a deployment's runs would get."""
+    api, secrets = _api_from_env(api_url, patience=5)
+    try:
+        work_pool = api.read_work_pool(name)
+        values: dict = {}
+        if deployment_ref:
+            path = (f"/deployments/name/{deployment_ref}" if "/" in deployment_ref
+                    else f"/deployments/{deployment_ref}")
+            values = merge_job_variables(api.request("GET", path).get("job_variables"), None)
+        job = resolve_job(work_pool.base_job_template, values)
+    except (PrefectAPIError, InvalidJobVariables) as exc:
+        raise click.ClickException(str(exc)) from None
+    shown = {"pool": work_pool.name, "type": work_pool.type,
+             "job_variables": job.model_dump(mode="json")}
+    if job.registry_credentials:
+        secrets.add(job.registry_credentials.password)
+    mask = Masker.for_env(job.env, secrets)
+    click.echo(mask(json.dumps(shown, indent=2)))
 
 
 @main.group()

@@ -1,0 +1,547 @@
+"""Side-by-side benchmark: dockerworker vs prefect-docker's worker on one real Prefect server.
+
+    .venv/bin/python bench/run.py            # full: 10 sequential runs, burst of 30, 20k log lines
+    .venv/bin/python bench/run.py --quick    # smoke run with small numbers
+    make bench BENCH_ARGS="--burst 50"
+
+One Prefect server on a free loopback port (temp PREFECT_HOME, analytics off). Each worker gets
+its own pool (prefect-docker's default template) and its own counting proxy in front of the
+server; the flows' own API traffic goes straight to the server (job env PREFECT_API_URL), so
+the proxy counts the worker's requests only. prefect-docker's worker runs from its own venv
+(bench/.venv, created on first use). Workers run one after the other, never together.
+Results: a table on stdout and bench-results/bench-<timestamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import docker
+import docker.errors
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+sys.path.insert(0, str(REPO_DIR / "tests" / "integration"))
+
+from prefect_rig import (
+    FINAL_STATE_TYPES,
+    FLOWS_IMAGE,
+    POOL_LABEL,
+    PREFECT_IMAGE,
+    PrefectRig,
+    PrefectServer,
+    build_flow_image,
+    remove_pool_containers,
+    start_prefect_server,
+    state_type,
+)
+from procmon import RssSampler, cpu_seconds, rss_mib
+from proxy import CountingProxy, Request
+
+WORKERS = ("dockerworker", "prefect-docker")
+PREFECT_DOCKER_REQS = ("prefect==3.9.1", "prefect-docker==0.7.4")
+DEFAULT_VENV = BENCH_DIR / ".venv"
+RESULTS_DIR = REPO_DIR / "bench-results"
+POLL_PATH = "/get_scheduled_flow_runs"
+_PERIODIC = re.compile(  # poll, heartbeat, pool read, cancellation/reconcile checks, channel
+    r"get_scheduled_flow_runs|/workers/heartbeat|/workers/connect|/health"
+    r"|^GET /api/work_pools/[^/]+$|^POST /api/flow_runs/filter$"
+)
+
+
+@dataclass
+class Plan:
+    """What to run; `--quick` shrinks it."""
+
+    sequential: int = 10
+    burst: int = 30
+    log_lines: int = 20000
+    poll_interval: float = 1.0
+    idle_seconds: float = 5.0
+    run_timeout: float = 300.0
+
+
+# --- small helpers ------------------------------------------------------------------------
+
+
+def ts(value: str | None) -> datetime | None:
+    """An ISO timestamp from Prefect or Docker (nanoseconds cut to micro) as an aware datetime."""
+    if not value or value.startswith("0001-"):
+        return None
+    return datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", value))
+
+
+def seconds(start: str | None, end: str | None) -> float | None:
+    """`end - start` in seconds, or None when either is missing."""
+    a, b = ts(start), ts(end)
+    return (b - a).total_seconds() if a and b else None
+
+
+def median_p95(values: list[float]) -> tuple[float | None, float | None]:
+    """Median and 95th percentile (inclusive interpolation); None for no data."""
+    if not values:
+        return None, None
+    if len(values) == 1:
+        return values[0], values[0]
+    return statistics.median(values), statistics.quantiles(values, n=20, method="inclusive")[18]
+
+
+def per_run_requests(requests: list[Request]) -> list[Request]:
+    """Requests that are not periodic (poll, heartbeat, pool read, cancellation checks)."""
+    return [r for r in requests if not _PERIODIC.search(r.endpoint)]
+
+
+def read_runs(rig: PrefectRig, ids: list[str]) -> list[dict[str, Any]]:
+    """The flow runs with these ids, 200 per request."""
+    runs: list[dict[str, Any]] = []
+    for i in range(0, len(ids), 200):
+        body = {"flow_runs": {"id": {"any_": ids[i : i + 200]}}, "limit": 200}
+        response = rig.http.post("/flow_runs/filter", json=body)
+        response.raise_for_status()
+        runs.extend(response.json())
+    return runs
+
+
+def wait_all_final(rig: PrefectRig, ids: list[str], timeout: float) -> list[dict[str, Any]]:
+    """Poll until every run is final or `timeout` passes; return the runs as last read."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = read_runs(rig, ids)
+        if all(state_type(r) in FINAL_STATE_TYPES for r in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(1.0)
+
+
+def ensure_prefect_docker_venv(venv: Path) -> Path:
+    """bench/.venv with prefect + prefect-docker pinned (created once); return its `prefect`."""
+    marker, prefect = venv / ".bench-requirements", venv / "bin" / "prefect"
+    wanted = " ".join(PREFECT_DOCKER_REQS)
+    if prefect.exists() and marker.exists() and marker.read_text() == wanted:
+        return prefect
+    print(f"creating {venv} with {wanted} ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
+         *PREFECT_DOCKER_REQS],
+        check=True,
+    )
+    marker.write_text(wanted)
+    return prefect
+
+
+def prefect_docker_template() -> dict[str, Any]:
+    """prefect-docker's default base job template (what `work-pool create --type docker` uses)."""
+    code = ("import json; from prefect_docker.worker import DockerWorker; "
+            "print(json.dumps(DockerWorker.get_default_base_job_template()))")
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
+    )
+    return json.loads(out.stdout)
+
+
+# --- one worker ---------------------------------------------------------------------------
+
+
+class WorkerProcess:
+    """A worker subprocess (own session, output to a file) behind its own counting proxy."""
+
+    def __init__(self, kind: str, pool: str, server: PrefectServer, workdir: Path,
+                 plan: Plan, prefect_cli: Path | None) -> None:
+        self.kind, self.pool = kind, pool
+        self.proxy = CountingProxy(server.port)
+        api_url = f"http://127.0.0.1:{self.proxy.start()}/api"
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("PREFECT_", "DOCKERWORKER_"))}
+        env.update(PREFECT_API_URL=api_url, PYTHONUNBUFFERED="1", DO_NOT_TRACK="1")
+        if kind == "dockerworker":
+            cmd = [sys.executable, "-m", "dockerworker.cli", "start", "--pool", pool,
+                   "--poll-interval", str(plan.poll_interval)]
+        else:
+            assert prefect_cli is not None
+            home = workdir / f"prefect-home-{pool}"
+            home.mkdir()
+            env.update(PREFECT_HOME=str(home), PREFECT_PROFILES_PATH=str(home / "profiles.toml"),
+                       PREFECT_WORKER_QUERY_SECONDS=str(plan.poll_interval),
+                       PREFECT_SERVER_ANALYTICS_ENABLED="false")
+            cmd = [str(prefect_cli), "worker", "start", "--pool", pool, "--type", "docker"]
+        self.log_path = workdir / f"{kind}.log"
+        with open(self.log_path, "wb") as log:
+            self.started = time.monotonic()
+            self.process = subprocess.Popen(
+                cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, cwd=workdir,
+            )
+        self.pid = self.process.pid
+
+    def tail(self, lines: int = 30) -> str:
+        """The end of the worker's output."""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def wait_first_poll(self, timeout: float = 120.0) -> float:
+        """Seconds from process start to its first poll reaching the proxy."""
+        deadline = time.monotonic() + timeout
+        while (first := self.proxy.first(POLL_PATH)) is None:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.kind} never polled; its output:\n{self.tail()}")
+            time.sleep(0.02)
+        return first - self.started
+
+    def stop(self) -> None:
+        """SIGTERM the worker's session, SIGKILL after 20 s; stop the proxy."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signal.SIGKILL)
+                self.process.wait(5)
+        self.proxy.stop()
+
+
+def measure_runs(worker: WorkerProcess, run: Callable[[], list[dict[str, Any]]]
+                 ) -> tuple[list[dict[str, Any]], float, list[Request]]:
+    """Run a workload; return its runs, the worker's CPU seconds and its requests meanwhile."""
+    cpu0, t0 = cpu_seconds(worker.pid), time.monotonic()
+    runs = run()
+    return runs, cpu_seconds(worker.pid) - cpu0, worker.proxy.between(t0, time.monotonic())
+
+
+def find_container(client: docker.DockerClient, run_id: str, timeout: float) -> Any:
+    """The (started) container of a flow run, or None."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        label = f"io.prefect.flow-run-id={run_id}"
+        for row in client.api.containers(all=True, filters={"label": label}):
+            # a container being created can be listed before it can be inspected
+            with contextlib.suppress(docker.errors.NotFound):
+                container = client.containers.get(row["Id"])
+                if ts(container.attrs["State"].get("StartedAt")):
+                    return container
+        time.sleep(0.1)
+    return None
+
+
+def wait_pool_idle(client: docker.DockerClient, pool: str, timeout: float = 60.0) -> None:
+    """Wait until none of the pool's containers is running (the previous workload settled)."""
+    deadline = time.monotonic() + timeout
+    filters = {"label": f"{POOL_LABEL}={pool}", "status": "running"}
+    while client.api.containers(filters=filters) and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def log_workload(worker: WorkerProcess, rig: PrefectRig, client: docker.DockerClient,
+                 job_variables: dict[str, Any], plan: Plan) -> dict[str, Any]:
+    """One run printing `log_lines` lines: container start → last line on the server."""
+    n = plan.log_lines
+    command = f"python3 -c 'for i in range({n}): print(f\"line {{i}}\")'"
+    deployment = rig.create_deployment(
+        worker.pool, "flows.py:hello", {**job_variables, "command": command}
+    )
+    t0 = time.monotonic()
+    run_id = rig.create_flow_run(deployment)
+    container = find_container(client, run_id, plan.run_timeout)
+    if container is None:
+        return {"error": "no container started"}
+    started = container.attrs["State"]["StartedAt"]
+    query = {"logs": {"flow_run_id": {"any_": [run_id]}, "text": {"query": f'"line {n - 1}"'}},
+             "limit": 1}
+    last: dict[str, Any] | None = None
+    exited_at: float | None = None
+    deadline = time.monotonic() + plan.run_timeout
+    while last is None and time.monotonic() < deadline:
+        time.sleep(0.25)
+        response = rig.http.post("/logs/filter", json=query)
+        found = response.json() if response.is_success else []
+        last = next((e for e in found if e["message"] == f"line {n - 1}"), None)
+        with contextlib.suppress(docker.errors.NotFound):
+            container.reload()
+            if container.status == "exited" and exited_at is None:
+                exited_at = time.monotonic()
+        if exited_at is not None and time.monotonic() - exited_at > 15:
+            break  # exited 15 s ago and the last line is not there: nothing (more) is shipped
+    t1 = time.monotonic() + 1.0
+    time.sleep(1.0)
+    shipped = [e for e in rig.read_logs(run_id) if re.fullmatch(r"line \d+", e["message"])]
+    requests = worker.proxy.between(t0, t1)
+    log_posts = [r for r in requests if r.endpoint == "POST /api/logs/"]
+    with contextlib.suppress(docker.errors.NotFound):
+        container.reload()
+    state = container.attrs["State"]
+    arrived = sorted(x for e in shipped if (x := seconds(started, e.get("created"))) is not None)
+    took = arrived[-1] if arrived and last else None
+    return {
+        "lines_shipped": len(shipped),
+        "container_ran_s": seconds(started, state.get("FinishedAt")),
+        "start_to_first_line_s": arrived[0] if arrived else None,
+        "start_to_last_line_s": took,
+        "lines_per_s": len(shipped) / took if took else None,
+        "log_posts_per_10k_lines": len(log_posts) * 10000 / len(shipped) if shipped else None,
+        "log_posts_server_s": sum(r.took or 0.0 for r in log_posts),
+        "requests_in_window": len(requests),
+        "breakdown": CountingProxy.breakdown(requests),
+    }
+
+
+def bench_worker(kind: str, server: PrefectServer, rig: PrefectRig, client: docker.DockerClient,
+                 template: dict[str, Any], plan: Plan, workdir: Path,
+                 prefect_cli: Path | None, result: dict[str, Any]) -> None:
+    """Every measurement for one worker on its own pool, into `result` (kept when a step
+    fails); the worker and its containers are always stopped and removed."""
+    pool = f"bench-{'dw' if kind == 'dockerworker' else 'pd'}-{secrets.token_hex(3)}"
+    rig.create_work_pool(pool, "docker", template)
+    job_variables = {"image": FLOWS_IMAGE, "image_pull_policy": "Never",
+                     "env": {"PREFECT_API_URL": server.url}}
+    result["pool"] = pool
+    worker = WorkerProcess(kind, pool, server, workdir, plan, prefect_cli)
+    sampler = RssSampler(worker.pid, interval=0.5)
+    try:
+        print(f"[{kind}] started pid {worker.pid} on pool {pool}", flush=True)
+        result["startup_s"] = worker.wait_first_poll()
+        result["startup_cpu_s"] = cpu_seconds(worker.pid)
+        sampler.start()
+        time.sleep(plan.idle_seconds)
+        result["rss_idle_mib"] = rss_mib(worker.pid)
+        hello = rig.create_deployment(pool, "flows.py:hello", job_variables)
+
+        warm = rig.wait_for_final(rig.create_flow_run(hello), timeout=plan.run_timeout)
+        result["warmup_state"] = state_type(warm)
+        print(f"[{kind}] warm-up run {state_type(warm)}; {plan.sequential} sequential runs",
+              flush=True)
+
+        def sequential() -> list[dict[str, Any]]:
+            return [rig.wait_for_final(rig.create_flow_run(hello), timeout=plan.run_timeout,
+                                       interval=0.25) for _ in range(plan.sequential)]
+
+        runs, cpu, requests = measure_runs(worker, sequential)
+        completed = [r for r in runs if state_type(r) == "COMPLETED"]
+        to_running = [s for r in runs if (s := seconds(r["created"], r.get("start_time")))]
+        to_done = [s for r in completed if (s := seconds(r["created"], r.get("end_time")))]
+        result["seq"] = {
+            "runs": len(runs), "completed": len(completed),
+            "states": [state_type(r) for r in runs],
+            "to_running_s": to_running, "to_completed_s": to_done,
+            "to_running_median_s": median_p95(to_running)[0],
+            "to_running_p95_s": median_p95(to_running)[1],
+            "to_completed_median_s": median_p95(to_done)[0],
+            "to_completed_p95_s": median_p95(to_done)[1],
+            "cpu_s_per_run": cpu / len(runs),
+            "requests_per_run": len(requests) / len(runs),
+            "per_run_requests_per_run": len(per_run_requests(requests)) / len(runs),
+            "breakdown": CountingProxy.breakdown(requests),
+        }
+        print(f"[{kind}] sequential done; burst of {plan.burst}", flush=True)
+
+        def burst() -> list[dict[str, Any]]:
+            ids = [rig.create_flow_run(hello) for _ in range(plan.burst)]
+            return wait_all_final(rig, ids, plan.run_timeout + plan.burst * 20)
+
+        runs, cpu, requests = measure_runs(worker, burst)
+        completed = [r for r in runs if state_type(r) == "COMPLETED"]
+        created = [t for r in runs if (t := ts(r["created"]))]
+        ended = [t for r in runs
+                 if state_type(r) in FINAL_STATE_TYPES and (t := ts(r.get("end_time")))]
+        wall = (max(ended) - min(created)).total_seconds() if ended and created else None
+        result["burst"] = {
+            "runs": len(runs), "completed": len(completed),
+            "final": len(ended),
+            "states": dict(Counter(str(state_type(r)) for r in runs)),
+            "wall_s": wall,
+            "runs_per_min": len(completed) / wall * 60 if wall else None,
+            "cpu_s_per_run": cpu / len(runs),
+            "requests_per_run": len(requests) / len(runs),
+            "breakdown": CountingProxy.breakdown(requests),
+        }
+        print(f"[{kind}] burst done ({len(completed)}/{len(runs)} completed); "
+              f"log run of {plan.log_lines} lines", flush=True)
+        wait_pool_idle(client, pool)
+        result["logs"] = log_workload(worker, rig, client, job_variables, plan)
+        result["rss_peak_mib"] = sampler.peak()
+        result["worker_alive_at_end"] = worker.process.poll() is None
+    finally:
+        sampler.stop()
+        worker.stop()
+        result["websockets"] = sum(1 for r in worker.proxy.requests if r.method == "WS")
+        result["all_requests"] = CountingProxy.breakdown(worker.proxy.requests)
+        removed = remove_pool_containers(client, pool)
+        print(f"[{kind}] stopped; removed {len(removed)} containers", flush=True)
+        with contextlib.suppress(Exception):
+            rig.delete_work_pool(pool)
+
+
+# --- report -------------------------------------------------------------------------------
+
+ROWS: list[tuple[str, str, str]] = [
+    ("start-up: process start → first poll (s)", "startup_s", "{:.2f}"),
+    ("start-up: worker CPU (s)", "startup_cpu_s", "{:.2f}"),
+    ("RSS idle (MiB)", "rss_idle_mib", "{:.1f}"),
+    ("RSS peak (MiB)", "rss_peak_mib", "{:.1f}"),
+    ("sequential: runs COMPLETED", "seq.completed", "{:.0f}"),
+    ("sequential: create→RUNNING median (s)", "seq.to_running_median_s", "{:.2f}"),
+    ("sequential: create→RUNNING p95 (s)", "seq.to_running_p95_s", "{:.2f}"),
+    ("sequential: create→COMPLETED median (s)", "seq.to_completed_median_s", "{:.2f}"),
+    ("sequential: create→COMPLETED p95 (s)", "seq.to_completed_p95_s", "{:.2f}"),
+    ("sequential: worker CPU per run (s)", "seq.cpu_s_per_run", "{:.3f}"),
+    ("sequential: API requests per run", "seq.requests_per_run", "{:.1f}"),
+    ("  of which not periodic (poll, hb, ...)", "seq.per_run_requests_per_run", "{:.1f}"),
+    ("burst: runs COMPLETED", "burst.completed", "{:.0f}"),
+    ("burst: first create → last final (s)", "burst.wall_s", "{:.1f}"),
+    ("burst: runs/min", "burst.runs_per_min", "{:.1f}"),
+    ("burst: worker CPU per run (s)", "burst.cpu_s_per_run", "{:.3f}"),
+    ("burst: API requests per run", "burst.requests_per_run", "{:.1f}"),
+    ("logs: lines shipped", "logs.lines_shipped", "{:.0f}"),
+    ("logs: container ran (s)", "logs.container_ran_s", "{:.2f}"),
+    ("logs: container start → first line (s)", "logs.start_to_first_line_s", "{:.2f}"),
+    ("logs: container start → last line (s)", "logs.start_to_last_line_s", "{:.2f}"),
+    ("logs: lines/s", "logs.lines_per_s", "{:.0f}"),
+    ("logs: POST /logs/ per 10k lines", "logs.log_posts_per_10k_lines", "{:.1f}"),
+    ("logs: server time answering them (s)", "logs.log_posts_server_s", "{:.2f}"),
+]
+
+
+def lookup(result: dict[str, Any], key: str) -> float | None:
+    """A dotted key of a worker's result, or None."""
+    value: Any = result
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def table(results: dict[str, dict[str, Any]], plan: Plan) -> str:
+    """The side-by-side table with a dockerworker / prefect-docker ratio column."""
+    dw, pd = results.get("dockerworker", {}), results.get("prefect-docker", {})
+    lines = [f"{'metric':<42}{'dockerworker':>14}{'prefect-docker':>16}{'ratio dw/pd':>13}"]
+    lines.append("-" * len(lines[0]))
+    for label, key, fmt in ROWS:
+        a, b = lookup(dw, key), lookup(pd, key)
+        ratio = f"{a / b:.2f}" if a is not None and b else "n/a"
+        lines.append(f"{label:<42}{fmt.format(a) if a is not None else 'n/a':>14}"
+                     f"{fmt.format(b) if b is not None else 'n/a':>16}{ratio:>13}")
+    lines += [
+        "",
+        f"{os.cpu_count()} CPU cores: every flow container imports Prefect (~5 s CPU), so burst",
+        "throughput is CPU-bound by the machine, not by the worker; timings are noisy when",
+        "anything else runs. Sequential runs: one at a time, after one unmeasured warm-up run.",
+        f"Both workers poll every {plan.poll_interval:g} s (prefetch 10 s, heartbeat 30 s).",
+        "Requests: counted by a proxy in front of the server, worker traffic only (flows talk",
+        "to the server directly). WebSockets are tunnelled; an upgrade and each message the",
+        "worker sends on it count as one request each (WebSockets opened: dockerworker "
+        + f"{dw.get('websockets', 'n/a')}, prefect-docker {pd.get('websockets', 'n/a')}).",
+        "RSS/CPU: worker process tree from /proc (not dockerd, not the flow containers);",
+        "RSS peak = max(sampled VmRSS sum, VmHWM sum). prefect-docker does not ship container",
+        "output to the API, so its log rows read 0 lines / n/a.",
+    ]
+    return "\n".join(lines)
+
+
+# --- main ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 3 sequential runs, burst of 5, 5000 log lines")
+    parser.add_argument("--burst", type=int, help="runs in the burst (default 30; quick 5)")
+    parser.add_argument("--sequential", type=int, help="sequential runs (default 10; quick 3)")
+    parser.add_argument("--log-lines", type=int, help="lines printed by the log run (default 20000)")
+    parser.add_argument("--poll-interval", type=float, default=1.0,
+                        help="poll interval for both workers (s)")
+    parser.add_argument("--workers", default=",".join(WORKERS),
+                        help="comma-separated subset of: " + ", ".join(WORKERS))
+    parser.add_argument("--venv", type=Path, default=DEFAULT_VENV,
+                        help="venv for prefect-docker's worker (created if missing)")
+    args = parser.parse_args(argv)
+    plan = Plan(sequential=3, burst=5, log_lines=5000) if args.quick else Plan()
+    plan.poll_interval = args.poll_interval
+    for name in ("burst", "sequential", "log_lines"):
+        if getattr(args, name) is not None:
+            setattr(plan, name, getattr(args, name))
+    if unknown := set(args.workers.split(",")) - set(WORKERS):
+        parser.error(f"unknown workers: {', '.join(sorted(unknown))}")
+    return plan, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    plan, args = parse_args(argv)
+    kinds = [k for k in WORKERS if k in args.workers.split(",")]
+
+    def interrupted(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupted)
+    prefect_cli = ensure_prefect_docker_venv(args.venv) if "prefect-docker" in kinds else None
+    client = docker.from_env()
+    client.ping()
+    try:
+        client.images.get(PREFECT_IMAGE)
+    except docker.errors.ImageNotFound:
+        print(f"image {PREFECT_IMAGE} is missing: run images/build-local.sh first")
+        return 1
+    print(f"building {FLOWS_IMAGE} ...", flush=True)
+    build_flow_image(client)
+    template = prefect_docker_template()
+    workdir = Path(tempfile.mkdtemp(prefix="dockerworker-bench-"))
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    results: dict[str, dict[str, Any]] = {}
+    load_before = os.getloadavg()
+    ok = False
+    server = start_prefect_server()
+    rig = PrefectRig(server.url)
+    try:
+        print(f"Prefect server at {server.url}; plan {asdict(plan)}", flush=True)
+        for kind in kinds:
+            results[kind] = {}
+            try:
+                bench_worker(kind, server, rig, client, template, plan, workdir, prefect_cli,
+                             results[kind])
+            except Exception as exc:  # noqa: BLE001 - keep what was measured, go on
+                traceback.print_exc()
+                results[kind]["error"] = f"{type(exc).__name__}: {exc}"
+        ok = not any("error" in r for r in results.values())
+    finally:
+        rig.close()
+        server.stop()
+        if ok:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"worker output kept in {workdir}", file=sys.stderr)
+    print()
+    print(table(results, plan))
+    RESULTS_DIR.mkdir(exist_ok=True)
+    out = RESULTS_DIR / f"bench-{stamp}.json"
+    meta = {"timestamp": stamp, "cpus": os.cpu_count(), "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(), "flows_image": FLOWS_IMAGE,
+            "prefect_docker": list(PREFECT_DOCKER_REQS), "pool_label": POOL_LABEL}
+    out.write_text(json.dumps({"meta": meta, "plan": asdict(plan), "results": results},
+                              indent=2, default=str))
+    print(f"\nwritten {out.relative_to(REPO_DIR)}")
+    for kind, result in results.items():
+        if "error" in result:
+            print(f"{kind} FAILED: {result['error']}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""`dockerworker doctor`: why are my runs stuck in Pending? Each check says ✓ or ✗ and a fix."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlparse
+
+import docker
+import docker.errors
+
+from .api import AuthRejected, NotFound, PrefectAPI, PrefectAPIError, WorkPool
+from .jobs import DEFAULT_IMAGE
+from .policy import Masker
+from .settings import docker_host_description
+
+MIN_FREE_BYTES = 5 * 1024**3
+
+
+@dataclass
+class Check:
+    ok: bool
+    title: str
+    fix: str = ""
+    details: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        lines = [f"{'✓' if self.ok else '✗'} {self.title}"]
+        lines += [f"    {d}" for d in self.details]
+        if not self.ok and self.fix:
+            lines.append(f"    fix: {self.fix}")
+        return "\n".join(lines)
+
+
+class Doctor:
+    """Runs the checks in order; later ones are skipped when what they need is missing."""
+
+    def __init__(self, api: PrefectAPI, pool: str, mask: Masker) -> None:
+        self.api = api
+        self.pool_name = pool
+        self.mask = mask
+        self.checks: list[Check] = []
+        self.pool: WorkPool | None = None
+
+    def run(self, emit: Callable[[str], None]) -> bool:
+        """Emit each check as it is made; True when all passed."""
+        prefect = (self.server, self.credentials, self.work_pool, self.queues, self.workers,
+                   self.waiting_runs)
+        for step in prefect:
+            check = step()
+            if check is not None:
+                self._add(check, emit)
+                if not check.ok and step in (self.server, self.credentials):
+                    break  # nothing else on the Prefect side can be checked
+        for check in self.docker_engine():
+            self._add(check, emit)
+        return all(check.ok for check in self.checks)
+
+    def _add(self, check: Check, emit: Callable[[str], None]) -> None:
+        self.checks.append(check)
+        emit(self.mask(check.render()))
+
+    # --- the Prefect side ---------------------------------------------------------------
+    def server(self) -> Check:
+        url = _without_userinfo(self.api.api_url)
+        try:
+            self.api.health(patience=0)
+        except AuthRejected:
+            return Check(True, f"the API at {url} answers (behind credentials)")
+        except PrefectAPIError as exc:
+            return Check(False, f"the API at {url} does not answer: {exc}",
+                         "start the Prefect server, or set PREFECT_API_URL (or --api-url) to "
+                         "its address, ending in /api")
+        try:
+            version = self.api.server_version()
+        except PrefectAPIError:
+            version = "(version not readable)"
+        return Check(True, f"the API at {url} answers: Prefect server {version}")
+
+    def credentials(self) -> Check:
+        try:
+            self.api.request("POST", "/work_pools/filter", json={"limit": 1}, patience=0)
+        except AuthRejected as exc:
+            return Check(False, f"credentials rejected: {exc}",
+                         "set PREFECT_API_KEY (bearer) or PREFECT_API_AUTH_STRING (user:password) "
+                         "to what the server expects")
+        except PrefectAPIError as exc:
+            return Check(False, f"could not check credentials: {exc}")
+        return Check(True, "credentials accepted")
+
+    def work_pool(self) -> Check:
+        try:
+            self.pool = self.api.read_work_pool(self.pool_name, patience=0)
+        except NotFound:
+            return Check(False, f"work pool {self.pool_name!r} does not exist",
+                         f"dockerworker pool create {self.pool_name}, or start a worker with "
+                         f"--pool {self.pool_name} (it creates the pool)")
+        details = [f"type {self.pool.type}"]
+        problems = []
+        if self.pool.type != "docker":
+            problems.append(f"type is {self.pool.type!r}, not 'docker'")
+        if self.pool.is_paused:
+            problems.append("the pool is paused: no run is handed out")
+        if problems:
+            return Check(False, f"work pool {self.pool_name!r}: " + "; ".join(problems),
+                         f"prefect work-pool resume {self.pool_name}", details)
+        return Check(True, f"work pool {self.pool_name!r} exists", details=details)
+
+    def queues(self) -> Check | None:
+        if self.pool is None:
+            return None
+        rows = self.api.request(
+            "POST", f"/work_pools/{self.pool_name}/queues/filter", json={}, patience=0
+        )
+        paused = [row["name"] for row in rows if row.get("is_paused")]
+        details = [
+            f"{row['name']}: priority {row.get('priority')}, concurrency limit "
+            f"{row.get('concurrency_limit') or 'none'}{' (paused)' if row.get('is_paused') else ''}"
+            for row in rows
+        ]
+        if paused:
+            return Check(False, f"paused queues: {', '.join(paused)}",
+                         "resume them: prefect work-queue resume NAME --pool "
+                         f"{self.pool_name}", details)
+        return Check(True, f"{len(rows)} queue(s)", details=details)
+
+    def _online_workers(self) -> list[dict[str, Any]]:
+        rows = self.api.request(
+            "POST", f"/work_pools/{self.pool_name}/workers/filter", json={}, patience=0
+        )
+        return [row for row in rows if row.get("status") == "ONLINE"]
+
+    def workers(self) -> Check | None:
+        if self.pool is None:
+            return None
+        online = self._online_workers()
+        if not online:
+            return Check(False, f"no worker online in pool {self.pool_name!r}",
+                         f"start one: dockerworker start --pool {self.pool_name}")
+        return Check(True, f"{len(online)} worker(s) online",
+                     details=[row["name"] for row in online])
+
+    def waiting_runs(self) -> Check | None:
+        if self.pool is None:
+            return None
+        body = {
+            "flow_runs": {"state": {"name": {"any_": ["Late", "Pending"]}}},
+            "work_pools": {"name": {"any_": [self.pool_name]}},
+            "limit": 50,
+        }
+        runs = self.api.request("POST", "/flow_runs/filter", json=body, patience=0)
+        stale = datetime.now(UTC) - timedelta(minutes=5)
+        stuck = [r for r in runs if r["state"]["name"] == "Late" or
+                 datetime.fromisoformat(r["state"]["timestamp"]) < stale]
+        if not stuck:
+            return Check(True, "no Late runs, no run Pending for more than 5 minutes")
+        reasons = []
+        if not self._online_workers():
+            reasons.append("no worker is online for the pool")
+        if self.pool and self.pool.is_paused:
+            reasons.append("the pool is paused")
+        status = self.api.request(
+            "GET", f"/work_pools/{self.pool_name}", patience=0
+        ).get("concurrency_limit")
+        if status is not None:
+            reasons.append(f"the pool's concurrency limit is {status}")
+        for deployment_id in {r["deployment_id"] for r in stuck if r.get("deployment_id")}:
+            try:
+                deployment = self.api.request("GET", f"/deployments/{deployment_id}", patience=0)
+            except NotFound:
+                reasons.append(f"deployment {deployment_id} no longer exists")
+                continue
+            if deployment.get("paused"):
+                reasons.append(f"deployment {deployment['name']!r} is paused")
+            if deployment.get("concurrency_limit"):
+                reasons.append(f"deployment {deployment['name']!r} has concurrency limit "
+                               f"{deployment['concurrency_limit']}")
+        details = [f"{r['name']} ({r['state']['name']})" for r in stuck[:10]]
+        return Check(False, f"{len(stuck)} run(s) Late or stuck in Pending: "
+                     + ("; ".join(reasons) or "no obvious reason: check the worker's console"),
+                     "fix the reasons above; a run Pending long after its container exited "
+                     "is reconciled by a running dockerworker", details)
+
+    # --- the Docker side ----------------------------------------------------------------
+    def docker_engine(self) -> list[Check]:
+        where = docker_host_description()
+        try:
+            client = docker.from_env()
+            version = client.version()
+        except docker.errors.DockerException as exc:
+            return [Check(False, f"Docker engine at {where} does not answer: {exc}",
+                          "start Docker, or mount the socket into the worker's container: "
+                          "-v /var/run/docker.sock:/var/run/docker.sock")]
+        checks = [Check(True, f"Docker engine {version.get('Version')} at {where}")]
+        if self.pool is not None:  # the default image is the pool's
+            checks.append(self._default_image(client))
+        return [*checks, self._disk(client)]
+
+    def _default_image(self, client: docker.DockerClient) -> Check:
+        assert self.pool is not None
+        variables = self.pool.base_job_template.get("variables", {})
+        image = (variables.get("properties", {}).get("image", {}) or {}).get("default")
+        image = image or DEFAULT_IMAGE
+        try:
+            client.images.get(image)
+            return Check(True, f"default image {image} is present")
+        except docker.errors.ImageNotFound:
+            pass
+        try:
+            client.images.get_registry_data(image)
+            return Check(True, f"default image {image} is not present but can be pulled")
+        except docker.errors.APIError as exc:
+            return Check(False, f"default image {image} is absent and cannot be pulled: "
+                         f"{exc.explanation or exc}",
+                         "load or build it on this host, or set the pool's `image` default to "
+                         "one the registry serves")
+
+    def _disk(self, client: docker.DockerClient) -> Check:
+        root = client.info().get("DockerRootDir", "/var/lib/docker")
+        try:
+            free = shutil.disk_usage(root).free
+        except OSError:
+            return Check(True, f"free disk for images: unknown ({root} is not visible here)")
+        title = f"free disk for images at {root}: {free / 1024**3:.1f} GiB"
+        if free < MIN_FREE_BYTES:
+            return Check(False, title, "dockerworker images prune; docker system prune")
+        return Check(True, title)
+
+
+def _without_userinfo(url: str) -> str:
+    parsed = urlparse(url)
+    if parsed.username or parsed.password:
+        return parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else "")
+                               ).geturl()
+    return url

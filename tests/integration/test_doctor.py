@@ -1,0 +1,94 @@
+"""`dockerworker doctor`: each problem named with a fix, exit code 1; a healthy setup exits 0."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from prefect_rig import PrefectRig, free_port
+from workers import worker_env
+
+from dockerworker.jobs import default_base_job_template
+
+KEY = "pnu_doctor_test_key_9876543210"
+
+
+def doctor(api_url: str, pool: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dockerworker.cli", "doctor", "--pool", pool],
+        env=worker_env(api_url, PREFECT_API_KEY=KEY),
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+def pool_with_image(rig: PrefectRig, pool: str, image: str) -> None:
+    template = default_base_job_template()
+    template["variables"]["properties"]["image"]["default"] = image
+    rig.create_work_pool(pool, base_job_template=template)
+
+
+def test_healthy_setup(rig: PrefectRig, prefect_server, start_worker, unique_pool: str,
+                       flow_image: str) -> None:
+    pool_with_image(rig, unique_pool, flow_image)
+    start_worker(unique_pool)
+    result = doctor(prefect_server.url, unique_pool)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for expected in ("✓ the API at", "Prefect server 3.", "✓ credentials accepted",
+                     f"✓ work pool '{unique_pool}' exists", "✓ 1 worker(s) online",
+                     "✓ Docker engine", f"✓ default image {flow_image} is present"):
+        assert expected in result.stdout, (expected, result.stdout)
+    assert "✗" not in result.stdout
+    assert KEY not in result.stdout + result.stderr
+
+
+def test_wrong_api_url() -> None:
+    url = f"http://127.0.0.1:{free_port()}/api"
+    result = doctor(url, "anything")
+    assert result.returncode == 1
+    assert f"✗ the API at {url} does not answer" in result.stdout
+    assert "fix: start the Prefect server, or set PREFECT_API_URL" in result.stdout
+
+
+def test_missing_pool(prefect_server, unique_pool: str) -> None:
+    result = doctor(prefect_server.url, unique_pool)
+    assert result.returncode == 1
+    assert f"✗ work pool '{unique_pool}' does not exist" in result.stdout
+    assert f"fix: dockerworker pool create {unique_pool}" in result.stdout
+
+
+def test_pool_with_no_online_worker(rig: PrefectRig, prefect_server, unique_pool: str,
+                                    flow_image: str) -> None:
+    pool_with_image(rig, unique_pool, flow_image)
+    result = doctor(prefect_server.url, unique_pool)
+    assert result.returncode == 1
+    assert f"✗ no worker online in pool '{unique_pool}'" in result.stdout
+    assert f"fix: start one: dockerworker start --pool {unique_pool}" in result.stdout
+
+
+def cli(api_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dockerworker.cli", *args], env=worker_env(api_url),
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+def test_pool_create_and_inspect_a_deployment(
+    rig: PrefectRig, prefect_server, unique_pool: str, flow_image: str
+) -> None:
+    created = cli(prefect_server.url, "pool", "create", unique_pool, "--image", flow_image)
+    assert created.returncode == 0, created.stderr
+    assert rig.read_work_pool(unique_pool)["type"] == "docker"
+    deployment = rig.create_deployment(
+        unique_pool, "flows.py:hello",
+        {"mem_limit": "256m", "env": {"DB_PASSWORD": "hunter22", "MODE": "test"}},
+        name="inspected",
+    )
+    for ref in (deployment, "hello/inspected"):
+        shown = cli(prefect_server.url, "pool", "inspect", unique_pool, "--deployment", ref)
+        assert shown.returncode == 0, shown.stderr
+        job = json.loads(shown.stdout)["job_variables"]
+        assert job["image"] == flow_image and job["mem_limit"] == "256m"
+        assert job["env"] == {"DB_PASSWORD": "***", "MODE": "test"}
+    again = cli(prefect_server.url, "pool", "create", unique_pool)
+    assert again.returncode == 1 and "could not create work pool" in again.stderr
