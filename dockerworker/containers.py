@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 import docker
 import docker.errors
+import docker.types
 from docker.models.containers import Container
 
 from . import __version__
@@ -204,6 +205,8 @@ def build_spec(
         "init": True,
         **extra,
     }
+    if job.gpus is not None:
+        create_kwargs["device_requests"] = [gpu_request(job.gpus)]
     create_kwargs = {k: v for k, v in create_kwargs.items() if v is not None}
     name = container_name(job.name or flow_run.name, flow_run.id)
     return ContainerSpec(
@@ -212,6 +215,14 @@ def build_spec(
         extra_networks=list(job.networks[1:]),
         auto_remove=job.auto_remove,
     )
+
+
+def gpu_request(gpus: str | int | list[str]) -> docker.types.DeviceRequest:
+    """`docker run --gpus` as the SDK says it: all, a count, or device ids."""
+    if isinstance(gpus, list):
+        return docker.types.DeviceRequest(device_ids=gpus, capabilities=[["gpu"]])
+    count = -1 if gpus == "all" else int(gpus)
+    return docker.types.DeviceRequest(count=count, capabilities=[["gpu"]])
 
 
 def create_and_start(client: docker.DockerClient, spec: ContainerSpec) -> Container:

@@ -120,6 +120,12 @@ class JobVariables(BaseModel):
         "run before the Python packages are installed.",
         examples=[["RUN apt-get update && apt-get install -y --no-install-recommends git"]],
     )
+    gpus: str | int | list[str] | None = Field(
+        default=None,
+        description="dockerworker: GPUs for the container: \"all\", a count, or device ids "
+        "(Docker device requests; the worker's policy must allow GPUs).",
+        examples=["all", 1, ["0", "2"]],
+    )
     stop_timeout: int = Field(
         default=30,
         ge=0,
@@ -149,6 +155,15 @@ class JobVariables(BaseModel):
     def _env_values_are_strings(cls, value: Any) -> Any:
         if isinstance(value, dict):
             return {k: None if v is None else str(v) for k, v in value.items()}
+        return value
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "all" and not value.isdigit():
+            raise ValueError(f"{value!r} is not \"all\", a count or a list of device ids")
+        if isinstance(value, int) and value < 1:
+            raise ValueError("a GPU count must be at least 1")
         return value
 
     @field_validator("mem_limit", "memswap_limit", mode="before")

@@ -67,6 +67,7 @@ class Policy(BaseModel):
         "otherwise the worker's own Docker config is.",
     )
     allow_docker_socket: bool = False
+    allow_gpus: bool = False
     no_new_privileges: bool = True
     pids_limit: int | None = Field(default=2048, ge=1)
     default_mem_limit: str | None = None
@@ -105,6 +106,8 @@ class Policy(BaseModel):
             if key not in self.allowed_create_kwargs and key not in JobVariables.model_fields:
                 found.append(f"container_create_kwargs.{key}: not allowed "
                              "(allowed_create_kwargs)")
+        if job.gpus is not None and not self.allow_gpus:
+            found.append(f"gpus: GPU access ({job.gpus!r}) is not allowed (allow_gpus)")
         policy = job.image_pull_policy
         if policy and policy not in self.allowed_pull_policies:
             found.append(f"image_pull_policy: {policy!r} is not allowed "

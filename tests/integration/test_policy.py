@@ -215,3 +215,35 @@ def test_server_with_basic_auth(
             rig.close()
         finally:
             worker.stop()
+
+
+def test_gpus_refused_by_default_and_reach_docker_when_allowed(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, docker_client, tmp_path
+) -> None:
+    deployment_job = {"image": flow_image, "gpus": "all"}
+    start_worker(unique_pool, name=f"{unique_pool}-default")
+    refused = rig.create_deployment(unique_pool, "flows.py:hello", deployment_job)
+    state = rig.wait_for_final(rig.create_flow_run(refused))["state"]
+    assert "gpus: GPU access ('all') is not allowed (allow_gpus)" in state["message"]
+
+    gpu_pool = f"{unique_pool}-gpu"
+    start_worker(gpu_pool, "--policy", policy_file(tmp_path, allow_gpus=True))
+    try:
+        allowed = rig.create_deployment(gpu_pool, "flows.py:hello", deployment_job)
+        run_id = rig.create_flow_run(allowed)
+        state = rig.wait_for_final(run_id)["state"]
+        # No GPU runtime on this machine: Docker's own refusal is the clear message.
+        assert state["type"] == "CRASHED"
+        assert "could not start the flow run's container" in state["message"]
+        assert "gpu" in state["message"].lower()
+        (container,) = docker_client.containers.list(
+            all=True, filters={"label": f"{RUN_LABEL}={run_id}"}
+        )
+        (request,) = container.attrs["HostConfig"]["DeviceRequests"]
+        assert request["Count"] == -1 and request["Capabilities"] == [["gpu"]]
+    finally:
+        for container in docker_client.containers.list(
+            all=True, filters={"label": f"{POOL_LABEL}={gpu_pool}"}
+        ):
+            container.remove(force=True)
+        rig.delete_work_pool(gpu_pool)

@@ -87,3 +87,15 @@ def test_masker_hides_secret_values() -> None:
     )
     text = mask("pw hunter22 auth admin:s3cr3t! alone s3cr3t! key pk_live_abcdef name bob1")
     assert text == "pw *** auth *** alone *** key *** name bob1"
+
+
+def test_gpus_need_the_policy_and_map_to_device_requests() -> None:
+    from dockerworker.containers import gpu_request
+
+    assert "gpus: GPU access ('all') is not allowed (allow_gpus)" in refused(JobVariables(gpus="all"))
+    assert refused(JobVariables(gpus=2), Policy(allow_gpus=True)) == ""
+    assert gpu_request("all")["Count"] == -1 and gpu_request(2)["Count"] == 2
+    assert gpu_request(["0", "3"])["DeviceIDs"] == ["0", "3"]
+    assert gpu_request(1)["Capabilities"] == [["gpu"]]
+    with pytest.raises(ValueError, match="not \"all\", a count or a list"):
+        JobVariables(gpus="some")
