@@ -395,3 +395,30 @@ def remove_pool_containers(client: Any, pool: str) -> list[str]:
             container.remove(force=True)
             removed.append(container.name)
     return removed
+
+
+WORKER_IMAGE = "dockerworker/worker:test"
+LOCAL_BASE = "dockerworker/local-python:bookworm"
+HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+def build_worker_image(client: Any, tag: str = WORKER_IMAGE) -> str:
+    """Build the top-level Dockerfile from the local base (no registry here), with the host's
+    CA bundle as build-ca.crt and host networking so pip reaches PyPI; return the tag."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name in ("Dockerfile", "pyproject.toml", "README.md"):
+            tar.add(REPO_DIR / name, arcname=name)
+        tar.add(REPO_DIR / "dockerworker", arcname="dockerworker",
+                filter=lambda info: None if "__pycache__" in info.name else info)
+        if HOST_CA.exists():
+            tar.add(HOST_CA, arcname="build-ca.crt")
+    buffer.seek(0)
+    client.images.build(
+        fileobj=buffer, custom_context=True, tag=tag, network_mode="host", rm=True,
+        forcerm=True, pull=False, buildargs={"BASE_IMAGE": LOCAL_BASE},
+    )
+    return tag
