@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the images that tests and the local demo need, on a machine with no container registry:
 #   1. dockerworker/local-python:bookworm  (debootstrap, images/local-base/build.sh)
-#   2. dockerworker/prefect:3.9.1-local    (images/prefect/Dockerfile on top of 1)
+#   2. dockerworker/postgres:15-local      (images/postgres-local, for the compose stack)
+#   3. dockerworker/prefect:3.9.1-local    (images/prefect/Dockerfile on top of 1)
 # Idempotent: each image is skipped when it already exists. Needs root (debootstrap) and access
 # to PyPI from the host network; the host CA bundle is handed to pip for TLS-inspecting proxies.
 # Env: PREFECT_VERSION (3.9.1), CA_BUNDLE (/etc/ssl/certs/ca-certificates.crt).
@@ -13,6 +14,15 @@ image=dockerworker/prefect:${version}-local
 ca=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 
 "$here/local-base/build.sh" "$base"
+
+# PostgreSQL for the compose stack, from Debian's packages (apt reaches Debian from the host net).
+postgres=dockerworker/postgres:15-local
+if docker image inspect "$postgres" >/dev/null 2>&1; then
+  echo "build-local: $postgres already present"
+else
+  echo "build-local: building $postgres from $base"
+  docker build --network host --build-arg "BASE_IMAGE=$base" -t "$postgres" "$here/postgres-local"
+fi
 
 if docker image inspect "$image" >/dev/null 2>&1; then
   echo "build-local: $image already present"
