@@ -305,6 +305,8 @@ class RunSupervisor:
         return True
 
     def _resolve_job(self, deployment: Deployment | None) -> JobVariables | None:
+        """The pool's template as it is now (an operator's edit counts at once) ⊕ values."""
+        self.pool = self.api.read_work_pool(self.pool.name)
         values = merge_job_variables(
             deployment.job_variables if deployment else None, self.flow_run.job_variables
         )

@@ -1,15 +1,15 @@
-"""End-to-end demo: a local Prefect server, a deployment, one flow run in its own container.
+"""Quick start: the compose stack (PostgreSQL, Prefect server, 3 dockerworker replicas) up,
+one flow run in its own container, its final state and logs printed.
 
-Run with `make demo`. It starts a throwaway Prefect server on a free loopback port, builds
-the example flow image, creates a `docker` work pool and a deployment, runs
-`dockerworker start --pool demo --run-once`, and prints the run's final state and logs.
+Run with `make demo` (which first builds the local images: this machine may reach no
+registry). The stack stays up afterwards; the last lines say how to use and stop it.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+import time
 from pathlib import Path
 
 import docker
@@ -17,44 +17,52 @@ import docker
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "integration"))
 
-from prefect_rig import PrefectRig, start_prefect_server
-
-from dockerworker.api import PrefectAPI
-from dockerworker.jobs import default_base_job_template
+from prefect_rig import PrefectRig, compose_stack
 
 IMAGE = "dockerworker-demo/flows:dev"
 POOL = "demo"
+PROJECT = "dockerworker-demo"
 
 
 def main() -> int:
-    print(f"Building {IMAGE} from examples/ ...", flush=True)
-    docker.from_env().images.build(path=str(HERE), tag=IMAGE, rm=True, pull=False)
-    print("Starting a Prefect server on loopback ...", flush=True)
-    with start_prefect_server() as server:
-        print(f"Prefect server at {server.url}", flush=True)
-        PrefectAPI(server.url).create_work_pool(POOL, "docker", default_base_job_template())
-        rig = PrefectRig(server.url)
-        deployment = rig.create_deployment(
-            POOL, "hello_docker.py:hello_docker", {"image": IMAGE}, name="hello-docker"
-        )
-        run_id = rig.create_flow_run(deployment, parameters={"name": "the demo"})
-        print(f"Created flow run {run_id}; starting the worker (--run-once)\n", flush=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        env["PREFECT_API_URL"] = server.url
-        worker = subprocess.run(
-            [sys.executable, "-m", "dockerworker.cli", "start", "--pool", POOL, "--run-once"],
-            env=env,
-            check=False,
-        )
-        run = rig.read_flow_run(run_id)
-        state = run["state"]
-        print(f"\nWorker exited with {worker.returncode}.")
-        print(f"Flow run {run['name']} ({run_id}): {state['type']} - {state.get('message')}")
-        print("Its logs on the server:")
-        for entry in rig.read_logs(run_id):
-            print(f"  {entry['timestamp'][11:23]} {entry['name']}: {entry['message']}")
-        rig.close()
-        return 0 if state["type"] == "COMPLETED" and worker.returncode == 0 else 1
+    client = docker.from_env()
+    print(f"Building {IMAGE} (the example flow on the Prefect runtime image) ...", flush=True)
+    client.images.build(path=str(HERE), tag=IMAGE, rm=True, pull=False)
+    print("Building the worker image and bringing up the compose stack ...", flush=True)
+    stack = compose_stack(client, POOL, PROJECT, int(os.environ.get("PREFECT_PORT", "4200")))
+    up = stack.up()
+    if up.returncode != 0:
+        print(up.stdout + up.stderr + stack.logs(), file=sys.stderr)
+        return 1
+    workers = stack.wait_for_workers(3)
+    print(f"Prefect server at {stack.api_url}; workers online: "
+          f"{', '.join(w['name'] for w in workers)}", flush=True)
+    rig = PrefectRig(stack.api_url)
+    # The pool's defaults: the demo image, and the stack's network to reach the server.
+    template = rig.read_work_pool(POOL)["base_job_template"]
+    template["variables"]["properties"]["image"]["default"] = IMAGE
+    template["variables"]["properties"]["networks"]["default"] = [stack.network]
+    rig._call("PATCH", f"/work_pools/{POOL}", {"base_job_template": template})
+    deployment = rig.create_deployment(POOL, "hello_docker.py:hello_docker", name="hello-docker")
+    run_id = rig.create_flow_run(deployment, parameters={"name": "the quick start"})
+    print(f"Created flow run {run_id}; waiting for it ...", flush=True)
+    run = rig.wait_for_final(run_id, timeout=300)
+    state = run["state"]
+    deadline = time.monotonic() + 30  # the worker's verdict line ends the run's story
+    while not any("exited with code" in e["message"] for e in rig.read_logs(run_id)):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    print(f"\nFlow run {run['name']}: {state['type']}"
+          + (f" - {state['message']}" if state.get("message") else ""))
+    print("Its logs on the server:")
+    for entry in rig.read_logs(run_id):
+        print(f"  {entry['timestamp'][11:23]} {entry['name']}: {entry['message']}")
+    rig.close()
+    print(f"\nThe stack keeps running (API {stack.api_url}). Try: "
+          f"PREFECT_API_URL={stack.api_url} .venv/bin/dockerworker doctor --pool {POOL}")
+    print(f"Stop it with: PREFECT_NETWORK={stack.network} {' '.join(stack.command('down', '-v'))}")
+    return 0 if state["type"] == "COMPLETED" else 1
 
 
 if __name__ == "__main__":

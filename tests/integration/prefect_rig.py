@@ -6,12 +6,14 @@ Everything here talks to loopback and the local Docker engine only.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import uuid
@@ -405,9 +407,6 @@ HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 def build_worker_image(client: Any, tag: str = WORKER_IMAGE) -> str:
     """Build the top-level Dockerfile from the local base (no registry here), with the host's
     CA bundle as build-ca.crt and host networking so pip reaches PyPI; return the tag."""
-    import io
-    import tarfile
-
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for name in ("Dockerfile", "pyproject.toml", "README.md"):
@@ -422,3 +421,90 @@ def build_worker_image(client: Any, tag: str = WORKER_IMAGE) -> str:
         forcerm=True, pull=False, buildargs={"BASE_IMAGE": LOCAL_BASE},
     )
     return tag
+
+
+COMPOSE_FILE = REPO_DIR / "compose" / "docker-compose.yml"
+LOCAL_POSTGRES = "dockerworker/postgres:15-local"
+
+
+def compose_command() -> list[str]:
+    """`docker compose` (v2) when present, else Debian's docker-compose (v1, --compatibility
+    so that deploy.replicas is honoured)."""
+    if shutil.which("docker") and subprocess.run(
+        ["docker", "compose", "version"], capture_output=True, check=False
+    ).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose", "--compatibility"]
+    raise RuntimeError("neither `docker compose` nor `docker-compose` is installed")
+
+
+@dataclass
+class ComposeStack:
+    """compose/docker-compose.yml brought up with this machine's local images."""
+
+    project: str
+    port: int
+    pool: str
+    env: dict[str, str]
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    @property
+    def network(self) -> str:
+        return self.project
+
+    def command(self, *args: str) -> list[str]:
+        return [*compose_command(), "-p", self.project, "-f", str(COMPOSE_FILE), *args]
+
+    def up(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.command("up", "-d", "--no-build"), env=self.env,
+                              capture_output=True, text=True, timeout=600, check=False)
+
+    def logs(self, tail: int = 40) -> str:
+        return subprocess.run(self.command("logs", "--no-color", "--tail", str(tail)),
+                              env=self.env, capture_output=True, text=True, timeout=120,
+                              check=False).stdout
+
+    def down(self) -> None:
+        subprocess.run(self.command("down", "-v", "--remove-orphans", "-t", "5"), env=self.env,
+                       capture_output=True, timeout=300, check=False)
+
+    def wait_for_workers(self, count: int, timeout: float = 240) -> list[dict[str, Any]]:
+        """Until `count` workers are ONLINE in the pool; returns them."""
+        rig = PrefectRig(self.api_url)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    workers = rig._call("POST", f"/work_pools/{self.pool}/workers/filter", {})
+                    online = [w for w in workers if w["status"] == "ONLINE"]
+                except (AssertionError, httpx.HTTPError):
+                    online = []
+                if len(online) >= count:
+                    return online
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"only {len(online)} workers online:\n{self.logs()}")
+                time.sleep(2)
+        finally:
+            rig.close()
+
+
+def compose_stack(client: Any, pool: str, project: str, port: int) -> ComposeStack:
+    """The stack's settings with local images (built here: no registry), not yet up."""
+    client.images.get(LOCAL_POSTGRES)  # images/build-local.sh builds it
+    client.images.get(PREFECT_IMAGE)
+    env = {
+        **os.environ,
+        "POSTGRES_IMAGE": LOCAL_POSTGRES,
+        "PREFECT_IMAGE": PREFECT_IMAGE,
+        "DOCKERWORKER_IMAGE": build_worker_image(client),
+        "PREFECT_PORT": str(port),
+        "PREFECT_NETWORK": project,
+        "DOCKERWORKER_POOL": pool,
+        "DOCKERWORKER_POLL_INTERVAL": "1",
+        "DOCKER_GID": str(os.stat("/var/run/docker.sock").st_gid),
+    }
+    return ComposeStack(project, port, pool, env)
