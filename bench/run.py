@@ -122,6 +122,13 @@ def read_runs(rig: PrefectRig, ids: list[str]) -> list[dict[str, Any]]:
     return runs
 
 
+def claimed_at(rig: PrefectRig, run_id: str) -> str | None:
+    """Timestamp of the run's first PENDING state (the worker's claim), from its history."""
+    response = rig.http.get("/flow_run_states/", params={"flow_run_id": run_id})
+    states = response.json() if response.is_success else []
+    return min((st["timestamp"] for st in states if st["type"] == "PENDING"), default=None)
+
+
 def wait_all_final(rig: PrefectRig, ids: list[str], timeout: float) -> list[dict[str, Any]]:
     """Poll until every run is final or `timeout` passes; return the runs as last read."""
     deadline = time.monotonic() + timeout
@@ -299,7 +306,7 @@ def log_workload(worker: WorkerProcess, rig: PrefectRig, client: docker.DockerCl
         "start_to_last_line_s": took,
         "lines_per_s": len(shipped) / took if took else None,
         "log_posts_per_10k_lines": len(log_posts) * 10000 / len(shipped) if shipped else None,
-        "log_posts_server_s": sum(r.took or 0.0 for r in log_posts),
+        "log_posts_server_s": sum(r.took or 0.0 for r in log_posts) if shipped else None,
         "requests_in_window": len(requests),
         "breakdown": CountingProxy.breakdown(requests),
     }
@@ -339,10 +346,15 @@ def bench_worker(kind: str, server: PrefectServer, rig: PrefectRig, client: dock
         completed = [r for r in runs if state_type(r) == "COMPLETED"]
         to_running = [s for r in runs if (s := seconds(r["created"], r.get("start_time")))]
         to_done = [s for r in completed if (s := seconds(r["created"], r.get("end_time")))]
+        claims = {r["id"]: claimed_at(rig, r["id"]) for r in runs}
+        to_claim = [s for r in runs if (s := seconds(r["created"], claims[r["id"]]))]
+        to_start = [s for r in runs if (s := seconds(claims[r["id"]], r.get("start_time")))]
         result["seq"] = {
             "runs": len(runs), "completed": len(completed),
             "states": [state_type(r) for r in runs],
             "to_running_s": to_running, "to_completed_s": to_done,
+            "to_pending_median_s": median_p95(to_claim)[0],
+            "pending_to_running_median_s": median_p95(to_start)[0],
             "to_running_median_s": median_p95(to_running)[0],
             "to_running_p95_s": median_p95(to_running)[1],
             "to_completed_median_s": median_p95(to_done)[0],
@@ -401,6 +413,8 @@ ROWS: list[tuple[str, str, str]] = [
     ("sequential: runs COMPLETED", "seq.completed", "{:.0f}"),
     ("sequential: create→RUNNING median (s)", "seq.to_running_median_s", "{:.2f}"),
     ("sequential: create→RUNNING p95 (s)", "seq.to_running_p95_s", "{:.2f}"),
+    ("  create→PENDING (claimed) median (s)", "seq.to_pending_median_s", "{:.2f}"),
+    ("  PENDING→RUNNING median (s)", "seq.pending_to_running_median_s", "{:.2f}"),
     ("sequential: create→COMPLETED median (s)", "seq.to_completed_median_s", "{:.2f}"),
     ("sequential: create→COMPLETED p95 (s)", "seq.to_completed_p95_s", "{:.2f}"),
     ("sequential: worker CPU per run (s)", "seq.cpu_s_per_run", "{:.3f}"),
