@@ -180,7 +180,7 @@ def start(
             "waiting for this worker's runs (--drain)" if settings.drain
             else "running flow containers keep running",
         )
-        worker.stop_event.set()
+        worker.stop()
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)

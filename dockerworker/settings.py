@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 from pathlib import Path
@@ -58,6 +59,22 @@ class WorkerSettings(BaseModel):
                 value = secret.get_secret_value()
                 found.update({value, value.partition(":")[2]} - {""})
         return found
+
+    def stream_token(self) -> str | None:
+        """What the event stream's auth message carries (as Prefect's own client sends)."""
+        for secret in (self.api_key, self.auth_string):
+            if secret:
+                return secret.get_secret_value()
+        return None
+
+    def auth_headers(self) -> dict[str, str]:
+        """The same credentials as HTTP headers, for the websocket handshake."""
+        if self.api_key:
+            return {"Authorization": f"Bearer {self.api_key.get_secret_value()}"}
+        if self.auth_string:
+            token = base64.b64encode(self.auth_string.get_secret_value().encode()).decode()
+            return {"Authorization": f"Basic {token}"}
+        return {}
 
     def auth_env(self) -> dict[str, str]:
         """The credentials a flow container needs to talk to the same server."""

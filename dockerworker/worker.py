@@ -40,6 +40,7 @@ from .containers import (
     docker_host_id,
     remove_quietly,
 )
+from .events import EventListener
 from .jobs import default_base_job_template
 from .logs import LogShipper
 from .runs import Phase, RunSupervisor, claim_message
@@ -67,6 +68,8 @@ class Worker:
         self._threads: dict[UUID, threading.Thread] = {}
         self._lock = threading.Lock()
         self._host_id: str | None = None
+        self._nudged = threading.Event()  # set by the event stream, or to stop: act now
+        self.events: EventListener | None = None
 
     # --- start-up -----------------------------------------------------------------------
     def wait_for_server(self) -> None:
@@ -128,6 +131,10 @@ class Worker:
         self.pool = self.ensure_pool()
         self._host_id = docker_host_id(self.docker)
         self.adopt()
+        self.events = EventListener(
+            self.settings.api_url, self.settings.pool, self.settings.stream_token(),
+            self.settings.auth_headers(), self._on_event, self.stop_event,
+        ).start()
         log.info(
             "worker %s polling pool %r%s every %.1fs (limit %s)",
             self.settings.name,
@@ -154,8 +161,21 @@ class Worker:
             if self.settings.run_once:
                 self.wait_for_runs()
                 return 0
-            self.stop_event.wait(max(0.05, min(due.values()) - time.monotonic()))
+            self._nudged.wait(max(0.05, min(due.values()) - time.monotonic()))
+            if self._nudged.is_set():
+                self._nudged.clear()
+                due["poll"] = due["cancel"] = 0.0
         return 0
+
+    def _on_event(self, name: str) -> None:
+        """A flow run of this pool was scheduled or is cancelling: poll and check now."""
+        log.debug("event %s: acting now", name)
+        self._nudged.set()
+
+    def stop(self) -> None:
+        """Stop claiming (from a signal handler): the loop ends at once."""
+        self.stop_event.set()
+        self._nudged.set()
 
     def _heartbeat(self) -> None:
         try:

@@ -231,3 +231,19 @@ def test_no_docker_engine_exits_1_naming_the_socket(prefect_server, tmp_path: Pa
     output = worker.output()
     assert "unix:///tmp/dockerworker-no-such.sock" in output
     assert "/var/run/docker.sock" in output
+
+
+def test_event_stream_picks_up_runs_without_waiting_for_the_poll(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str
+) -> None:
+    worker = start_worker(unique_pool, "--poll-interval", "120")
+    worker.wait_for_output("subscribed to the server's flow-run events", timeout=30)
+    deployment = rig.create_deployment(unique_pool, "flows.py:hello", {"image": flow_image})
+    time.sleep(1)
+    for _ in range(2):  # not just the first poll after start-up
+        created = time.monotonic()
+        run_id = rig.create_flow_run(deployment)
+        rig.wait_for_state(run_id, {"PENDING", "RUNNING", "COMPLETED"}, timeout=10)
+        picked_up = time.monotonic() - created
+        assert picked_up < 5, picked_up  # the poll interval is 120 s
+        assert rig.wait_for_final(run_id)["state"]["type"] == "COMPLETED"
