@@ -199,13 +199,17 @@ class PrefectRig:
         """Close the HTTP client."""
         self.http.close()
 
-    def _call(self, method: str, path: str, json: Any = None) -> Any:
+    def _request(self, method: str, path: str, json: Any = None) -> httpx.Response:
         """One request; a 503 (SQLite busy under concurrent writers) is tried again."""
         for _ in range(10):
             response = self.http.request(method, path, json=json)
             if response.status_code != 503:
                 break
             time.sleep(0.5)
+        return response
+
+    def _call(self, method: str, path: str, json: Any = None) -> Any:
+        response = self._request(method, path, json)
         if response.is_error:
             raise AssertionError(
                 f"{method} {path} -> {response.status_code}: {response.text[:2000]}"
@@ -227,7 +231,7 @@ class PrefectRig:
 
     def delete_work_pool(self, name: str) -> None:
         """Delete a work pool; a missing one is fine."""
-        response = self.http.delete(f"/work_pools/{name}")
+        response = self._request("DELETE", f"/work_pools/{name}")
         if response.status_code not in (200, 204, 404):
             raise AssertionError(f"DELETE work pool {name} -> {response.status_code}")
 
@@ -263,7 +267,7 @@ class PrefectRig:
 
     def delete_deployment(self, deployment_id: str) -> None:
         """Delete a deployment; a missing one is fine."""
-        response = self.http.delete(f"/deployments/{deployment_id}")
+        response = self._request("DELETE", f"/deployments/{deployment_id}")
         if response.status_code not in (200, 204, 404):
             raise AssertionError(f"DELETE deployment -> {response.status_code}")
 
