@@ -1,7 +1,8 @@
 """Side-by-side benchmark: dockerworker vs prefect-docker's worker on one real Prefect server.
 
     .venv/bin/python bench/run.py            # full: 10 sequential runs, burst of 30, 20k log lines
-    .venv/bin/python bench/run.py --quick    # smoke run with small numbers
+    .venv/bin/python bench/run.py --quick    # smoke run with small numbers (no deps workload)
+    .venv/bin/python bench/run.py --quick --deps
     make bench BENCH_ARGS="--burst 50"
 
 One Prefect server on a free loopback port (temp PREFECT_HOME, analytics off). Each worker gets
@@ -9,6 +10,9 @@ its own pool (prefect-docker's default template) and its own counting proxy in f
 server; the flows' own API traffic goes straight to the server (job env PREFECT_API_URL), so
 the proxy counts the worker's requests only. prefect-docker's worker runs from its own venv
 (bench/.venv, created on first use). Workers run one after the other, never together.
+The deps workload (`--deps`, on in a full run) times a deployment that needs one package:
+dockerworker builds it into an image once, prefect-docker's EXTRA_PIP_PACKAGES entrypoint
+installs it at every container start.
 Results: a table on stdout and bench-results/bench-<timestamp>.json.
 """
 
@@ -16,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import io
 import json
 import os
 import re
@@ -25,6 +31,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import traceback
@@ -58,6 +65,8 @@ from prefect_rig import (
 from procmon import RssSampler, cpu_seconds, rss_mib
 from proxy import CountingProxy, Request
 
+from dockerworker.jobs import default_base_job_template
+
 WORKERS = ("dockerworker", "prefect-docker")
 PREFECT_DOCKER_REQS = ("prefect==3.9.1", "prefect-docker==0.7.4")
 DEFAULT_VENV = BENCH_DIR / ".venv"
@@ -67,6 +76,22 @@ _PERIODIC = re.compile(  # poll, heartbeat, pool read, cancellation/reconcile ch
     r"get_scheduled_flow_runs|/workers/heartbeat|/workers/connect|/health"
     r"|^GET /api/work_pools/[^/]+$|^POST /api/flow_runs/filter$"
 )
+# deps workload: a package the flows image lacks at this version (it holds six 1.17.0)
+DEPS_PACKAGE = "six==1.16.0"
+DEPS_PRINTED = "six version 1.16.0"  # what flows.py:six_version prints
+DEPS_IMAGE = "dockerworker-bench/extra-pip:dev"  # prefect-docker's side, built per bench run
+DEPS_IMAGE_CA = "/opt/bench-ca.crt"
+HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+BUILD_NETWORK = "host"  # dockerworker's builds; prefect-docker's containers get host (loopback URL)
+ENTRYPOINT_SH = """#!/bin/sh
+# As prefecthq/prefect's /opt/prefect/entrypoint.sh: install EXTRA_PIP_PACKAGES, then the command.
+set -e
+if [ -n "$EXTRA_PIP_PACKAGES" ]; then
+  echo "+pip install $EXTRA_PIP_PACKAGES"
+  pip install $EXTRA_PIP_PACKAGES
+fi
+exec "$@"
+"""
 
 
 @dataclass
@@ -79,6 +104,8 @@ class Plan:
     poll_interval: float = 1.0
     idle_seconds: float = 5.0
     run_timeout: float = 300.0
+    deps: bool = True
+    ca_bundle: str | None = None  # CA bundle pip trusts in the deps workload (both workers)
 
 
 # --- small helpers ------------------------------------------------------------------------
@@ -184,6 +211,9 @@ class WorkerProcess:
         if kind == "dockerworker":
             cmd = [sys.executable, "-m", "dockerworker.cli", "start", "--pool", pool,
                    "--poll-interval", str(plan.poll_interval)]
+            env["DOCKERWORKER_BUILD_NETWORK"] = BUILD_NETWORK
+            if plan.ca_bundle:
+                env["DOCKERWORKER_BUILD_CA_BUNDLE"] = plan.ca_bundle
         else:
             assert prefect_cli is not None
             home = workdir / f"prefect-home-{pool}"
@@ -312,6 +342,124 @@ def log_workload(worker: WorkerProcess, rig: PrefectRig, client: docker.DockerCl
     }
 
 
+def build_deps_image(client: docker.DockerClient, ca_bundle: str | None) -> str:
+    """prefect-docker's side of the deps workload: the flows image with an entrypoint that
+    pip-installs EXTRA_PIP_PACKAGES at container start (and the CA for pip, at DEPS_IMAGE_CA)."""
+    files = {
+        "Dockerfile": (f"FROM {FLOWS_IMAGE}\n"
+                       "COPY entrypoint.sh /opt/prefect/entrypoint.sh\n"
+                       f"COPY ca.crt {DEPS_IMAGE_CA}\n"
+                       'ENTRYPOINT ["/opt/prefect/entrypoint.sh"]\n').encode(),
+        "entrypoint.sh": ENTRYPOINT_SH.encode(),
+        "ca.crt": Path(ca_bundle).read_bytes() if ca_bundle else b"",
+    }
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o755
+            tar.addfile(info, io.BytesIO(data))
+    context.seek(0)
+    client.images.build(fileobj=context, custom_context=True, tag=DEPS_IMAGE, rm=True,
+                        forcerm=True, pull=False)
+    return DEPS_IMAGE
+
+
+def with_build_variables(template: dict[str, Any]) -> dict[str, Any]:
+    """prefect-docker's template plus dockerworker's `pip_packages` and `dockerfile_lines`
+    (a job variable the pool's template does not name never reaches the worker)."""
+    ours, merged = default_base_job_template(), copy.deepcopy(template)
+    for name in ("pip_packages", "dockerfile_lines"):
+        merged["job_configuration"][name] = ours["job_configuration"][name]
+        merged["variables"]["properties"][name] = ours["variables"]["properties"][name]
+    return merged
+
+
+def container_output(client: docker.DockerClient, run_id: str) -> list[str]:
+    """What the flow run's container(s) printed, as lines."""
+    lines: list[str] = []
+    label = f"io.prefect.flow-run-id={run_id}"
+    for row in client.api.containers(all=True, filters={"label": label}):
+        with contextlib.suppress(docker.errors.NotFound):
+            lines += client.api.logs(row["Id"]).decode(errors="replace").splitlines()
+    return lines
+
+
+def deps_workload(worker: WorkerProcess, rig: PrefectRig, client: docker.DockerClient,
+                  server: PrefectServer, template: dict[str, Any], plan: Plan,
+                  out: dict[str, Any]) -> None:
+    """Two runs, one after the other, of a deployment needing DEPS_PACKAGE: create→RUNNING
+    each, into `out`. dockerworker: `pip_packages` plus a Dockerfile line unique to this bench
+    run (so the first run builds, never cached from an earlier bench) and the second reuses
+    the image; prefect-docker: EXTRA_PIP_PACKAGES installed by the entrypoint on every start.
+    Raises unless each run COMPLETED, its logs on the server hold what the flow printed, and
+    the worker did what it should: dockerworker's run logs say "built image" (first) and
+    "cached, no build" (second); prefect-docker's containers printed pip's success."""
+    env = {"PREFECT_API_URL": server.url}
+    if worker.kind == "dockerworker":
+        response = rig.http.patch(f"/work_pools/{worker.pool}",
+                                  json={"base_job_template": with_build_variables(template)})
+        response.raise_for_status()
+        out["dockerfile_marker"] = marker = f"bench-{secrets.token_hex(6)}"
+        job = {"image": FLOWS_IMAGE, "image_pull_policy": "Never", "env": env,
+               "pip_packages": [DEPS_PACKAGE], "dockerfile_lines": [f"RUN echo {marker}"]}
+        expected = ("built image ", "cached, no build")
+    else:
+        if plan.ca_bundle:
+            env["PIP_CERT"] = DEPS_IMAGE_CA
+        job = {"image": DEPS_IMAGE, "image_pull_policy": "Never",
+               "env": {**env, "EXTRA_PIP_PACKAGES": DEPS_PACKAGE}}
+        installed = "Successfully installed " + DEPS_PACKAGE.replace("==", "-")
+        expected = (installed, installed)
+    out["deployment"] = name = f"deps-{secrets.token_hex(4)}"
+    deployment = rig.create_deployment(worker.pool, "flows.py:six_version", job, name=name)
+    problems: list[str] = []
+    for nth, needle in zip(("first", "second"), expected, strict=True):
+        run = rig.wait_for_final(rig.create_flow_run(deployment), timeout=plan.run_timeout,
+                                 interval=0.25)
+        deadline = time.monotonic() + 15  # the run's last lines may still be in a batch
+        while True:
+            messages = [e["message"] for e in rig.read_logs(run["id"])]
+            printed = [m for m in messages if DEPS_PRINTED in m]
+            if worker.kind == "prefect-docker":  # it ships no container output: ask Docker
+                messages = container_output(client, run["id"])
+            said = [m for m in messages if needle in m]
+            if (printed and said) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        out[nth] = {
+            "run_id": run["id"], "state": state_type(run),
+            "to_running_s": seconds(run["created"], run.get("start_time")),
+            "to_completed_s": seconds(run["created"], run.get("end_time")),
+            "evidence": printed[:2] + said[:2],
+        }
+        if state_type(run) != "COMPLETED" or not printed or not said:
+            problems.append(f"{nth} run {run['id']}: {state_type(run)}, "
+                            f"{DEPS_PRINTED!r} {'' if printed else 'not '}logged, "
+                            f"{needle!r} {'' if said else 'not '}seen")
+    out["verified"] = 2 - len(problems)
+    if problems:
+        raise RuntimeError("deps workload: " + "; ".join(problems))
+
+
+def remove_deps_images(client: docker.DockerClient, deployment: str) -> list[str]:
+    """Remove the images dockerworker built for the deps workload's deployment (labelled
+    `io.dockerworker.deployment=<flow>-<deployment>`) and any build lock a worker killed
+    mid-build left (named after the tag's hash); return the tags removed."""
+    removed: list[str] = []
+    for image in client.images.list(filters={"label": "io.dockerworker.build"}):
+        if not image.labels.get("io.dockerworker.deployment", "").endswith(f"-{deployment}"):
+            continue
+        for tag in image.tags:
+            with contextlib.suppress(docker.errors.NotFound):
+                client.containers.get(f"dockerworker-build-lock-{tag.rsplit(':', 1)[1]}"
+                                      ).remove(force=True)
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            client.images.remove(image.id, force=True)  # several tags: remove them all
+            removed += image.tags
+    return removed
+
+
 def bench_worker(kind: str, server: PrefectServer, rig: PrefectRig, client: docker.DockerClient,
                  template: dict[str, Any], plan: Plan, workdir: Path,
                  prefect_cli: Path | None, result: dict[str, Any]) -> None:
@@ -390,6 +538,11 @@ def bench_worker(kind: str, server: PrefectServer, rig: PrefectRig, client: dock
               f"log run of {plan.log_lines} lines", flush=True)
         wait_pool_idle(client, pool)
         result["logs"] = log_workload(worker, rig, client, job_variables, plan)
+        if plan.deps:
+            print(f"[{kind}] deps: two runs needing {DEPS_PACKAGE}", flush=True)
+            wait_pool_idle(client, pool)
+            result["deps"] = {}
+            deps_workload(worker, rig, client, server, template, plan, result["deps"])
         result["rss_peak_mib"] = sampler.peak()
         result["worker_alive_at_end"] = worker.process.poll() is None
     finally:
@@ -399,6 +552,9 @@ def bench_worker(kind: str, server: PrefectServer, rig: PrefectRig, client: dock
         result["all_requests"] = CountingProxy.breakdown(worker.proxy.requests)
         removed = remove_pool_containers(client, pool)
         print(f"[{kind}] stopped; removed {len(removed)} containers", flush=True)
+        if kind == "dockerworker" and (deployment := result.get("deps", {}).get("deployment")):
+            for tag in remove_deps_images(client, deployment):
+                print(f"[{kind}] removed image {tag}", flush=True)
         with contextlib.suppress(Exception):
             rig.delete_work_pool(pool)
 
@@ -432,6 +588,11 @@ ROWS: list[tuple[str, str, str]] = [
     ("logs: lines/s", "logs.lines_per_s", "{:.0f}"),
     ("logs: POST /logs/ per 10k lines", "logs.log_posts_per_10k_lines", "{:.1f}"),
     ("logs: server time answering them (s)", "logs.log_posts_server_s", "{:.2f}"),
+    ("deps: runs COMPLETED, printed six 1.16.0", "deps.verified", "{:.0f}"),
+    ("deps: first run create→RUNNING (s)", "deps.first.to_running_s", "{:.2f}"),
+    ("deps: second run create→RUNNING (s)", "deps.second.to_running_s", "{:.2f}"),
+    ("deps: first run create→COMPLETED (s)", "deps.first.to_completed_s", "{:.2f}"),
+    ("deps: second run create→COMPLETED (s)", "deps.second.to_completed_s", "{:.2f}"),
 ]
 
 
@@ -449,6 +610,8 @@ def table(results: dict[str, dict[str, Any]], plan: Plan) -> str:
     lines = [f"{'metric':<42}{'dockerworker':>14}{'prefect-docker':>16}{'ratio dw/pd':>13}"]
     lines.append("-" * len(lines[0]))
     for label, key, fmt in ROWS:
+        if key.startswith("deps.") and not plan.deps:
+            continue
         a, b = lookup(dw, key), lookup(pd, key)
         ratio = f"{a / b:.2f}" if a is not None and b else "n/a"
         lines.append(f"{label:<42}{fmt.format(a) if a is not None else 'n/a':>14}"
@@ -467,6 +630,14 @@ def table(results: dict[str, dict[str, Any]], plan: Plan) -> str:
         "RSS peak = max(sampled VmRSS sum, VmHWM sum). prefect-docker does not ship container",
         "output to the API, so its log rows read 0 lines / n/a.",
     ]
+    if plan.deps:
+        lines += [
+            f"deps: a deployment needing {DEPS_PACKAGE} (the image has 1.17.0), two runs.",
+            "dockerworker: `pip_packages`; the first run builds the image (a Dockerfile line",
+            "unique to this bench run, so never cached from before), the second reuses it.",
+            "prefect-docker: EXTRA_PIP_PACKAGES, pip-installed by the image's entrypoint at",
+            f"every container start. Both: pip over host networking, CA {plan.ca_bundle}.",
+        ]
     return "\n".join(lines)
 
 
@@ -482,6 +653,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]
     parser.add_argument("--log-lines", type=int, help="lines printed by the log run (default 20000)")
     parser.add_argument("--poll-interval", type=float, default=1.0,
                         help="poll interval for both workers (s)")
+    parser.add_argument("--deps", action=argparse.BooleanOptionalAction,
+                        help=f"the dependency workload: two runs needing {DEPS_PACKAGE} "
+                             "(default: on; off with --quick)")
+    parser.add_argument("--ca-bundle", default=HOST_CA_BUNDLE if Path(HOST_CA_BUNDLE).exists()
+                        else "", help="CA bundle pip trusts in the deps workload, both workers "
+                        "('' for none; default: %(default)s)")
     parser.add_argument("--workers", default=",".join(WORKERS),
                         help="comma-separated subset of: " + ", ".join(WORKERS))
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV,
@@ -489,6 +666,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]
     args = parser.parse_args(argv)
     plan = Plan(sequential=3, burst=5, log_lines=5000) if args.quick else Plan()
     plan.poll_interval = args.poll_interval
+    plan.deps = args.deps if args.deps is not None else not args.quick
+    plan.ca_bundle = args.ca_bundle or None
     for name in ("burst", "sequential", "log_lines"):
         if getattr(args, name) is not None:
             setattr(plan, name, getattr(args, name))
@@ -525,6 +704,9 @@ def main(argv: list[str] | None = None) -> int:
     rig = PrefectRig(server.url)
     try:
         print(f"Prefect server at {server.url}; plan {asdict(plan)}", flush=True)
+        if plan.deps and "prefect-docker" in kinds:
+            print(f"building {DEPS_IMAGE} ...", flush=True)
+            build_deps_image(client, plan.ca_bundle)
         for kind in kinds:
             results[kind] = {}
             try:
@@ -537,6 +719,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         rig.close()
         server.stop()
+        if plan.deps and "prefect-docker" in kinds:
+            with contextlib.suppress(docker.errors.ImageNotFound):
+                client.images.remove(DEPS_IMAGE)
         if ok:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
