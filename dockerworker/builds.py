@@ -354,7 +354,7 @@ def prune_builds(
 ) -> tuple[list[str], list[str]]:
     """Remove builds not used for `older_than_seconds` beyond the newest `keep` per deployment.
     Images any container uses are never removed. Returns (removed, kept-because-in-use)."""
-    in_use = {c.attrs.get("Image") for c in client.containers.list(all=True)}
+    in_use = {c.attrs.get("ImageID") for c in client.containers.list(all=True, sparse=True)}
     removed, busy = [], []
     seen: dict[str, int] = {}
     now = datetime.now(UTC)

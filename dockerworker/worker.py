@@ -271,12 +271,14 @@ class Worker:
     def _pool_containers(self, **filters: str) -> list:
         labels = [f"{LABEL_POOL}={self.settings.pool}", f"{LABEL_MANAGED}=true"]
         labels += [f"{k}={v}" for k, v in filters.items()]
-        return self.docker.containers.list(all=True, filters={"label": labels})
+        # sparse (labels in attrs["Labels"]): no inspect per container, which would race
+        # with removals by other replicas
+        return self.docker.containers.list(all=True, sparse=True, filters={"label": labels})
 
     def adopt(self) -> None:
         """Take back the containers this worker started before it restarted (same name)."""
         for container in self._pool_containers(**{LABEL_WORKER: self.settings.name}):
-            run_id = UUID(container.labels[LABEL_FLOW_RUN_ID])
+            run_id = UUID(container.attrs["Labels"][LABEL_FLOW_RUN_ID])
             if run_id in self._threads:
                 continue
             try:
@@ -288,8 +290,12 @@ class Worker:
             if flow_run.state is not None and flow_run.state.is_final and (
                 container.status != "running"
             ):
-                if WatchOptions.from_labels(container.labels).auto_remove:
+                if WatchOptions.from_labels(container.attrs["Labels"]).auto_remove:
                     remove_quietly(container)
+                continue
+            try:
+                container.reload()  # the full attributes (env, config) for the supervisor
+            except docker.errors.NotFound:
                 continue
             log.info("adopting container %s of flow run %r (%s)", container.name,
                      flow_run.name, container.status)
@@ -326,7 +332,7 @@ class Worker:
         for container in self._pool_containers(**{"io.dockerworker.auto-remove": "true"}):
             if container.status not in ("exited", "dead"):
                 continue
-            run_id = UUID(container.labels[LABEL_FLOW_RUN_ID])
+            run_id = UUID(container.attrs["Labels"][LABEL_FLOW_RUN_ID])
             if run_id in mine:
                 continue
             try:

@@ -396,7 +396,9 @@ def build_flow_image(client: Any, tag: str = FLOWS_IMAGE, base: str = PREFECT_IM
 def remove_pool_containers(client: Any, pool: str) -> list[str]:
     """Force-remove every container labelled with work pool `pool`; return their names."""
     removed = []
-    for container in client.containers.list(all=True, filters={"label": f"{POOL_LABEL}={pool}"}):
+    for container in client.containers.list(
+        all=True, sparse=True, filters={"label": f"{POOL_LABEL}={pool}"}
+    ):
         with contextlib.suppress(docker.errors.APIError):  # already gone or being removed
             container.remove(force=True)
             removed.append(container.name)

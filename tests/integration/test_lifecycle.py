@@ -15,7 +15,9 @@ RUN_LABEL = "io.prefect.flow-run-id"
 
 
 def run_containers(docker_client, run_id: str) -> list:
-    return docker_client.containers.list(all=True, filters={"label": f"{RUN_LABEL}={run_id}"})
+    return docker_client.containers.list(  # sparse: no inspect that races with a removal
+        all=True, sparse=True, filters={"label": f"{RUN_LABEL}={run_id}"}
+    )
 
 
 def wait_for_container(docker_client, run_id: str, status: str = "running", timeout=60):
