@@ -36,6 +36,7 @@ BUILD_LABEL = "io.dockerworker.build"
 DEPLOYMENT_LABEL = "io.dockerworker.deployment"
 BASE_LABEL = "io.dockerworker.base-image"
 LOCK_LABEL = "io.dockerworker.build-lock"
+HOLDER_LABEL = "io.dockerworker.holder"
 REPOSITORY_PREFIX = "dockerworker/"
 _STEP = re.compile(r"^Step \d+/\d+ : (.*)$")
 _PIP_ERROR = re.compile(r"^(ERROR|error): .+")
@@ -194,6 +195,18 @@ class Builder:
                 self._build(tag, text, plan, base, deployment, on_line)
                 return BuildResult(tag, built=True, seconds=time.monotonic() - started)
 
+    def release_locks(self) -> int:
+        """Remove the build locks this worker holds: at start-up they are left from its
+        previous life, at exit from builds it abandoned (cancelled runs)."""
+        locks = self.client.containers.list(all=True, sparse=True, filters={
+            "label": [LOCK_LABEL, f"{HOLDER_LABEL}={self.holder}"]})
+        for lock in locks:
+            try:
+                lock.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+        return len(locks)
+
     def _touch(self, tag: str) -> bool:
         """True if the image exists; re-tagging it records 'last used' (LastTagTime)."""
         try:
@@ -222,7 +235,7 @@ class Builder:
                     base,
                     name=name,
                     command=["true"],
-                    labels={LOCK_LABEL: key, "io.dockerworker.holder": self.holder,
+                    labels={LOCK_LABEL: key, HOLDER_LABEL: self.holder,
                             "io.dockerworker.since": str(time.time())},
                 )
             except docker.errors.APIError as exc:
@@ -246,7 +259,7 @@ class Builder:
         since = float(other.labels.get("io.dockerworker.since", "0"))
         if time.time() - since > self.options.timeout + 60:
             log.warning("build lock %s is stale (holder %s); taking it over", name,
-                        other.labels.get("io.dockerworker.holder"))
+                        other.labels.get(HOLDER_LABEL))
             try:
                 other.remove(force=True)
             except docker.errors.NotFound:

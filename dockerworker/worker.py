@@ -130,6 +130,8 @@ class Worker:
             return 0
         self.pool = self.ensure_pool()
         self._host_id = docker_host_id(self.docker)
+        if stale := self.builder.release_locks():
+            log.info("removed %d build locks left from this worker's previous run", stale)
         self.adopt()
         self.events = EventListener(
             self.settings.api_url, self.settings.pool, self.settings.stream_token(),
@@ -379,4 +381,8 @@ class Worker:
             self.wait_for_runs((Phase.CLAIMING, Phase.PREPARING))
             for supervisor in self.active_runs():
                 supervisor.stop_following()
+        try:
+            self.builder.release_locks()  # builds abandoned by cancelled runs
+        except (requests.RequestException, docker.errors.DockerException) as exc:
+            log.warning("could not release build locks: %s", exc)
         self.shipper.stop(timeout=30)

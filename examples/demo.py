@@ -38,10 +38,12 @@ def main() -> int:
     print(f"Prefect server at {stack.api_url}; workers online: "
           f"{', '.join(w['name'] for w in workers)}", flush=True)
     rig = PrefectRig(stack.api_url)
-    # The pool's defaults: the demo image, and the stack's network to reach the server.
+    # The pool's defaults: the demo image, the stack's network (to reach the server), and
+    # containers removed once their verdict is in.
     template = rig.read_work_pool(POOL)["base_job_template"]
     template["variables"]["properties"]["image"]["default"] = IMAGE
     template["variables"]["properties"]["networks"]["default"] = [stack.network]
+    template["variables"]["properties"]["auto_remove"]["default"] = True
     rig._call("PATCH", f"/work_pools/{POOL}", {"base_job_template": template})
     deployment = rig.create_deployment(POOL, "hello_docker.py:hello_docker", name="hello-docker")
     run_id = rig.create_flow_run(deployment, parameters={"name": "the quick start"})

@@ -77,7 +77,7 @@ def test_cancel_a_flow_that_ignores_sigterm(
 def test_cancel_during_a_slow_build(
     rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, docker_client
 ) -> None:
-    start_worker(unique_pool)
+    worker = start_worker(unique_pool)
     job = {"image": flow_image, "dockerfile_lines": [f"RUN sleep 20 # {uuid.uuid4().hex}"]}
     deployment = rig.create_deployment(unique_pool, "flows.py:hello", job)
     run_id = rig.create_flow_run(deployment)
@@ -92,6 +92,10 @@ def test_cancel_during_a_slow_build(
     assert "no container" in run["state"]["message"]
     time.sleep(2)
     assert run_containers(docker_client, run_id) == []
+    worker.stop()  # the build goes on in Docker; its lock must not outlive the worker
+    locks = docker_client.containers.list(all=True, sparse=True, filters={"label": [
+        "io.dockerworker.build-lock", f"io.dockerworker.holder={unique_pool}-w0"]})
+    assert locks == []
 
 
 def test_sigkilled_worker_is_replaced_and_no_line_is_lost_or_doubled(
