@@ -97,21 +97,32 @@ class BuildResult:
     log_lines: list[str] = field(default_factory=list)
 
 
-def dockerfile(base: str, plan: BuildPlan, options: BuildOptions) -> str:
-    """Dependencies first, in layers that depend on nothing that changes per run."""
+def dockerfile(base: str, plan: BuildPlan, options: BuildOptions, deployment: str) -> str:
+    """Dependencies first, in layers that depend on nothing that changes per run, and as few
+    steps as possible (each costs a layer commit, seconds on some storage drivers)."""
     lines = [f"FROM {base}", *plan.dockerfile_lines]
     if plan.packages or plan.requirements:
-        lines.append("ARG PIP_INDEX_URL")
-        lines.append("ARG PIP_EXTRA_INDEX_URL")
-        lines.append("COPY dockerworker-requirements.txt /tmp/dockerworker-requirements.txt")
-        cert = ""
+        lines.append("COPY dockerworker/ /tmp/dockerworker/")
+        env = ""
         if options.ca_bundle:
-            lines.append("COPY dockerworker-ca.crt /tmp/dockerworker-ca.crt")
-            cert = "PIP_CERT=/tmp/dockerworker-ca.crt "
+            env += "PIP_CERT=/tmp/dockerworker/ca.crt "
+        if options.pip_index_url or options.pip_extra_index_url:
+            env += "PIP_CONFIG_FILE=/tmp/dockerworker/pip.conf "
         lines.append(
-            f"RUN {cert}python -m pip install --no-cache-dir --disable-pip-version-check "
-            "-r /tmp/dockerworker-requirements.txt"
+            f"RUN {env}python -m pip install --no-cache-dir --disable-pip-version-check "
+            "-r /tmp/dockerworker/requirements.txt"
         )
+    labels = {BUILD_LABEL: "true", DEPLOYMENT_LABEL: deployment, BASE_LABEL: base}
+    lines.append("LABEL " + " ".join(f"{k}={json.dumps(v)}" for k, v in labels.items()))
+    return "\n".join(lines) + "\n"
+
+
+def pip_conf(options: BuildOptions) -> str:
+    lines = ["[global]"]
+    if options.pip_index_url:
+        lines.append(f"index-url = {options.pip_index_url}")
+    if options.pip_extra_index_url:
+        lines.append(f"extra-index-url = {options.pip_extra_index_url}")
     return "\n".join(lines) + "\n"
 
 
@@ -150,10 +161,11 @@ def repository_for(deployment: str) -> str:
 def _context(dockerfile_text: str, plan: BuildPlan, options: BuildOptions) -> io.BytesIO:
     files = {
         "Dockerfile": dockerfile_text.encode(),
-        "dockerworker-requirements.txt": requirements_text(plan).encode(),
+        "dockerworker/requirements.txt": requirements_text(plan).encode(),
+        "dockerworker/pip.conf": pip_conf(options).encode(),
     }
     if options.ca_bundle:
-        files["dockerworker-ca.crt"] = options.ca_bundle.read_bytes()
+        files["dockerworker/ca.crt"] = options.ca_bundle.read_bytes()
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for name, data in files.items():
@@ -180,7 +192,7 @@ class Builder:
     ) -> BuildResult:
         """The tag of the built image; builds it unless it exists (marks it used either way)."""
         base_id = self.client.images.get(base).id
-        text = dockerfile(base, plan, self.options)
+        text = dockerfile(base, plan, self.options, deployment)
         key = build_key(base_id, plan, self.options, text)
         tag = f"{repository_for(deployment)}:{key}"
         if self._touch(tag):
@@ -192,7 +204,7 @@ class Builder:
                 if self._touch(tag):
                     return BuildResult(tag, built=False)
                 started = time.monotonic()
-                self._build(tag, text, plan, base, deployment, on_line)
+                self._build(tag, text, plan, on_line)
                 return BuildResult(tag, built=True, seconds=time.monotonic() - started)
 
     def release_locks(self) -> int:
@@ -268,22 +280,8 @@ class Builder:
         time.sleep(1)
 
     def _build(
-        self,
-        tag: str,
-        text: str,
-        plan: BuildPlan,
-        base: str,
-        deployment: str,
-        on_line: Callable[[str], None],
+        self, tag: str, text: str, plan: BuildPlan, on_line: Callable[[str], None]
     ) -> None:
-        buildargs = {
-            k: v
-            for k, v in {
-                "PIP_INDEX_URL": self.options.pip_index_url,
-                "PIP_EXTRA_INDEX_URL": self.options.pip_extra_index_url,
-            }.items()
-            if v
-        }
         step = ""
         last_lines: list[str] = []
         started = time.monotonic()
@@ -297,14 +295,7 @@ class Builder:
                 pull=False,
                 decode=True,
                 network_mode=self.options.network_mode,
-                buildargs=buildargs,
                 timeout=int(self.options.timeout),
-                labels={
-                    BUILD_LABEL: "true",
-                    DEPLOYMENT_LABEL: deployment,
-                    BASE_LABEL: base,
-                    "io.dockerworker.built": datetime.now(UTC).isoformat(),
-                },
             )
             for chunk in stream:
                 if "error" in chunk:
