@@ -103,6 +103,7 @@ class WorkPool(_Model):
     type: str
     base_job_template: dict[str, Any] = Field(default_factory=dict)
     is_paused: bool = False
+    concurrency_limit: int | None = None
 
 
 class OrchestrationResult(_Model):

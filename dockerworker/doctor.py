@@ -44,6 +44,7 @@ class Doctor:
         self.mask = mask
         self.checks: list[Check] = []
         self.pool: WorkPool | None = None
+        self.online: list[dict[str, Any]] = []  # filled by the workers check
 
     def run(self, emit: Callable[[str], None]) -> bool:
         """Emit each check as it is made; True when all passed."""
@@ -127,16 +128,13 @@ class Doctor:
                          f"{self.pool_name}", details)
         return Check(True, f"{len(rows)} queue(s)", details=details)
 
-    def _online_workers(self) -> list[dict[str, Any]]:
-        rows = self.api.request(
-            "POST", f"/work_pools/{self.pool_name}/workers/filter", json={}, patience=0
-        )
-        return [row for row in rows if row.get("status") == "ONLINE"]
-
     def workers(self) -> Check | None:
         if self.pool is None:
             return None
-        online = self._online_workers()
+        rows = self.api.request(
+            "POST", f"/work_pools/{self.pool_name}/workers/filter", json={}, patience=0
+        )
+        self.online = online = [row for row in rows if row.get("status") == "ONLINE"]
         if not online:
             return Check(False, f"no worker online in pool {self.pool_name!r}",
                          f"start one: dockerworker start --pool {self.pool_name}")
@@ -158,15 +156,12 @@ class Doctor:
         if not stuck:
             return Check(True, "no Late runs, no run Pending for more than 5 minutes")
         reasons = []
-        if not self._online_workers():
+        if not self.online:
             reasons.append("no worker is online for the pool")
-        if self.pool and self.pool.is_paused:
+        if self.pool.is_paused:
             reasons.append("the pool is paused")
-        status = self.api.request(
-            "GET", f"/work_pools/{self.pool_name}", patience=0
-        ).get("concurrency_limit")
-        if status is not None:
-            reasons.append(f"the pool's concurrency limit is {status}")
+        if self.pool.concurrency_limit is not None:
+            reasons.append(f"the pool's concurrency limit is {self.pool.concurrency_limit}")
         for deployment_id in {r["deployment_id"] for r in stuck if r.get("deployment_id")}:
             try:
                 deployment = self.api.request("GET", f"/deployments/{deployment_id}", patience=0)
