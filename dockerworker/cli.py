@@ -81,6 +81,10 @@ def main() -> None:
 @click.option("--heartbeat-interval", type=click.FloatRange(min=1), default=30.0,
               show_default=True, envvar="DOCKERWORKER_HEARTBEAT_INTERVAL",
               help="Seconds between heartbeats to the pool.")
+@click.option("--warm", type=click.IntRange(0, 8), default=0, show_default=True,
+              envvar="DOCKERWORKER_WARM",
+              help="Keep this many containers per job configuration in use with Prefect already "
+                   "imported, waiting for a run (warm starts; each still serves one run).")
 @click.option("--run-once", is_flag=True,
               help="Process the runs that are due now, wait for them, then exit.")
 @click.option("--drain", is_flag=True, envvar="DOCKERWORKER_DRAIN",
@@ -113,6 +117,7 @@ def start(
     poll_interval: float,
     prefetch_seconds: float,
     heartbeat_interval: float,
+    warm: int,
     run_once: bool,
     drain: bool,
     health_port: int | None,
@@ -141,6 +146,7 @@ def start(
         "poll_interval": poll_interval,
         "prefetch_seconds": prefetch_seconds,
         "heartbeat_interval": heartbeat_interval,
+        "warm": warm,
         "run_once": run_once,
         "drain": drain,
         "health_port": health_port,

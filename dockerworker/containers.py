@@ -28,8 +28,14 @@ LABEL_POOL = "io.prefect.work-pool-name"
 LABEL_WORKER = "io.prefect.worker-name"
 LABEL_MANAGED = "io.dockerworker.managed"
 _OPTION_PREFIX = "io.dockerworker."
-DEFAULT_COMMAND = "prefect flow-run execute"
+DEFAULT_COMMAND = "python -m prefect.engine"
 _LOCAL_HOSTS = ("127.0.0.1", "localhost")
+# The run's identity in a container's env and labels (what a warm container gets at hand-over).
+RUN_ENV = frozenset({"PREFECT__FLOW_RUN_ID", "PREFECT__FLOW_ID", "PREFECT__FLOW_NAME",
+                     "PREFECT__DEPLOYMENT_ID", "PREFECT__DEPLOYMENT_NAME"})
+RUN_LABELS = frozenset({"io.prefect.flow-run-id", "io.prefect.flow-run-name", "io.prefect.flow-id",
+                        "io.prefect.flow-name", "io.prefect.deployment-id",
+                        "io.prefect.deployment-name"})
 
 
 @dataclass

@@ -33,6 +33,7 @@ from .api import (
 )
 from .builds import Builder, BuildFailed, BuildPlan
 from .containers import (
+    ContainerSpec,
     WatchOptions,
     build_spec,
     crash_context,
@@ -46,6 +47,7 @@ from .jobs import InvalidJobVariables, JobVariables, merge_job_variables, resolv
 from .logs import LogShipper, ResumePoint, RunOutput, log_entry, resume_point
 from .policy import Masker
 from .settings import WorkerSettings
+from .warm import WarmPool, hand_over
 
 log = logging.getLogger(__name__)
 _console_lock = threading.Lock()
@@ -97,6 +99,7 @@ class RunSupervisor:
         shipper: LogShipper,
         builder: Builder,
         on_done: Callable[[FlowRun], None] = lambda run: None,
+        warm: WarmPool | None = None,
     ) -> None:
         self.api = api
         self.docker = docker_client
@@ -106,6 +109,7 @@ class RunSupervisor:
         self.shipper = shipper
         self.builder = builder
         self.on_done = on_done
+        self.warm = warm
         self.label = f"flow run {flow_run.name!r} ({flow_run.id})"
         self.phase = Phase.CLAIMING
         self.claimed = False
@@ -207,25 +211,48 @@ class RunSupervisor:
         spec.create_kwargs = policy.harden(spec.create_kwargs)
         if self.cancel_requested.is_set():
             raise Cancelled
-        try:
-            container = create_and_start(self.docker, spec)
-        except docker.errors.APIError as exc:
-            reason = exc.explanation or str(exc)
-            self.crash(f"could not start the flow run's container from {job.image!r}: {reason}")
-            return
+        container = self._take_warm(spec)
+        if container is None:
+            try:
+                container = create_and_start(self.docker, spec)
+            except docker.errors.APIError as exc:
+                reason = exc.explanation or str(exc)
+                self.crash(f"could not start the flow run's container from {job.image!r}: "
+                           f"{reason}")
+                return
+            self.say(f"container {container.name} started")
+            self._record_infrastructure(container)
         self.container = container
         self.phase = Phase.RUNNING
-        self.say(f"container {container.name} started")
         if self.cancel_requested.is_set():  # cancelled while the container was being created
             self.cancel_requested.clear()
             self.cancel()
+        self._watch(container, None)
+
+    def _take_warm(self, spec: ContainerSpec) -> Container | None:
+        """A warm container for this run, handed the run's identity; None: start cold.
+        The run is recorded as its infrastructure first: a restarted worker finds it so."""
+        if self.warm is None or (container := self.warm.take(spec)) is None:
+            return None
+        try:
+            self._record_infrastructure(container)
+            hand_over(container, spec)
+        except docker.errors.APIError as exc:
+            log.warning("%s: warm container %s failed (%s); starting cold", self.label,
+                        container.name, exc)
+            remove_quietly(container)
+            return None
+        self.say(f"warm container {container.name} took over the run (Prefect already loaded)")
+        return container
+
+    def _record_infrastructure(self, container: Container) -> None:
+        """infrastructure_pid = `<docker host id>:<container id>`, as Prefect's workers do."""
         try:
             self.api.set_infrastructure_pid(
                 self.flow_run.id, infrastructure_pid(self.docker, container)
             )
         except PrefectAPIError as exc:
             log.warning("%s: could not record infrastructure_pid: %s", self.label, exc)
-        self._watch(container, None)
 
     def _unless_cancelled(self, work: Callable[[], T]) -> T:
         """Run `work` (a pull, a build) in a helper thread; give up on it if the run is

@@ -45,6 +45,7 @@ from .jobs import default_base_job_template
 from .logs import LogShipper
 from .runs import Phase, RunSupervisor, claim_message
 from .settings import WorkerSettings
+from .warm import LABEL_WARM, WarmPool, is_waiting, listed_name
 
 log = logging.getLogger(__name__)
 LOOP_PATIENCE = 2.0  # the loop's own calls retry briefly; the next round tries again anyway
@@ -70,6 +71,7 @@ class Worker:
         self._host_id: str | None = None
         self._nudged = threading.Event()  # set by the event stream, or to stop: act now
         self.events: EventListener | None = None
+        self.warm = WarmPool(docker_client, settings.warm) if settings.warm else None
 
     # --- start-up -----------------------------------------------------------------------
     def wait_for_server(self) -> None:
@@ -231,7 +233,7 @@ class Worker:
                 return False
             supervisor = RunSupervisor(
                 self.api, self.docker, self.settings, self.pool, flow_run, self.shipper,
-                self.builder, on_done=self._done,
+                self.builder, on_done=self._done, warm=self.warm,
             )
             thread = threading.Thread(
                 target=body, args=(supervisor,), name=f"run-{flow_run.id.hex[:8]}", daemon=True
@@ -278,21 +280,36 @@ class Worker:
         return self.docker.containers.list(all=True, sparse=True, filters={"label": labels})
 
     def adopt(self) -> None:
-        """Take back the containers this worker started before it restarted (same name)."""
-        for container in self._pool_containers(**{LABEL_WORKER: self.settings.name}):
-            run_id = UUID(container.attrs["Labels"][LABEL_FLOW_RUN_ID])
-            if run_id in self._threads:
-                continue
-            try:
-                flow_run = self.api.read_flow_run(run_id)
-            except NotFound:
-                log.info("container %s serves a deleted flow run; removing it", container.name)
+        """Take back the containers this worker started before it restarted (same name);
+        remove its warm containers that were still waiting for a run."""
+        containers = self._pool_containers(**{LABEL_WORKER: self.settings.name})
+        handed_over: dict[str, FlowRun] | None = None
+        for container in containers:
+            labels = container.attrs["Labels"]
+            if LABEL_WARM in labels and is_waiting(container):
                 remove_quietly(container)
+                continue
+            if LABEL_FLOW_RUN_ID in labels:
+                run_id = UUID(labels[LABEL_FLOW_RUN_ID])
+                try:
+                    flow_run = self.api.read_flow_run(run_id)
+                except NotFound:
+                    log.info("container %s serves a deleted flow run; removing it",
+                             listed_name(container))
+                    remove_quietly(container)
+                    continue
+            else:  # a warm container: its run names it as infrastructure
+                if handed_over is None:
+                    handed_over = self._runs_by_container()
+                if (found := handed_over.get(container.id)) is None:
+                    continue  # its run is over (or gone): nothing to watch
+                flow_run = found
+            if flow_run.id in self._threads:
                 continue
             if flow_run.state is not None and flow_run.state.is_final and (
                 container.status != "running"
             ):
-                if WatchOptions.from_labels(container.attrs["Labels"]).auto_remove:
+                if WatchOptions.from_labels(labels).auto_remove:
                     remove_quietly(container)
                 continue
             try:
@@ -302,6 +319,16 @@ class Worker:
             log.info("adopting container %s of flow run %r (%s)", container.name,
                      flow_run.name, container.status)
             self._start(flow_run, lambda supervisor, c=container: supervisor.adopt(c))
+
+    def _runs_by_container(self) -> dict[str, FlowRun]:
+        """Unfinished runs of this pool on this engine, by their container's id."""
+        states = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
+        found = {}
+        for flow_run in self.api.filter_flow_runs(self.settings.pool, states):
+            host, _, container_id = (flow_run.infrastructure_pid or "").rpartition(":")
+            if host == self._host_id:
+                found[container_id] = flow_run
+        return found
 
     def reconcile(self) -> None:
         """Runs of this pool whose container on this engine vanished → CRASHED; exited
@@ -331,9 +358,13 @@ class Worker:
                            "Docker host (reported by dockerworker's reconciliation)")
                 log.warning("flow run %r (%s): %s", flow_run.name, flow_run.id, message)
                 self.api.set_state(flow_run.id, StateType.CRASHED, message)
+        if self.warm is not None:
+            self.warm.expire()
         for container in self._pool_containers(**{"io.dockerworker.auto-remove": "true"}):
             if container.status not in ("exited", "dead"):
                 continue
+            if LABEL_FLOW_RUN_ID not in container.attrs["Labels"]:
+                continue  # a warm container: removed by its run, or by adoption
             run_id = UUID(container.attrs["Labels"][LABEL_FLOW_RUN_ID])
             if run_id in mine:
                 continue
@@ -381,6 +412,8 @@ class Worker:
             self.wait_for_runs((Phase.CLAIMING, Phase.PREPARING))
             for supervisor in self.active_runs():
                 supervisor.stop_following()
+        if self.warm is not None:
+            self.warm.close()
         try:
             self.builder.release_locks()  # builds abandoned by cancelled runs
         except (requests.RequestException, docker.errors.DockerException) as exc:

@@ -1,0 +1,216 @@
+"""Warm starts: containers that have imported Prefect before their flow run exists.
+
+A cold container spends most of its start importing Prefect (seconds of CPU). With `--warm N`
+the worker keeps up to N containers per job configuration (image, env, limits, networks,
+labels: everything but the run's identity) running a small bootstrap that imports Prefect's
+engine and then waits on stdin. A claimed run takes one: the worker records it as the run's
+infrastructure, renames it after the run and writes the run's identity (PREFECT__FLOW_RUN_ID
+and friends) to its stdin; the bootstrap then runs `python -m prefect.engine` in the same
+process. Each container still serves exactly one run and exits. Labels are fixed at create,
+so a warm container carries `io.dockerworker.warm` instead of the run's labels; a restarted
+worker finds its run by the flow run's infrastructure_pid.
+
+A configuration is kept warm only while it is used: taking a container starts its
+replacement, and a bootstrap nobody hands a run to exits by itself after WARM_TTL seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import docker
+import docker.errors
+from docker.models.containers import Container
+
+from .containers import (
+    DEFAULT_COMMAND,
+    RUN_ENV,
+    RUN_LABELS,
+    ContainerSpec,
+    create_and_start,
+    remove_quietly,
+)
+
+log = logging.getLogger(__name__)
+LABEL_WARM = "io.dockerworker.warm"
+WARM_NAME_PREFIX = "dockerworker-warm-"
+WARM_TTL = 600.0
+_TAKE_MARGIN = 30.0  # never hand over a container about to time out
+
+# Runs in the container: import the engine (the slow part), wait for a run, then run it as
+# `python -m prefect.engine` would. An empty line, EOF or the TTL ends it unused.
+BOOTSTRAP = """\
+import json, os, runpy, select, sys, warnings
+import prefect.engine, prefect.flow_engine
+ready, _, _ = select.select([sys.stdin], [], [], float(sys.argv[1]))
+line = sys.stdin.readline() if ready else ""
+if not line.strip():
+    sys.exit(0)
+os.environ.update(json.loads(line))
+del sys.argv[1:]
+warnings.filterwarnings("ignore", category=RuntimeWarning, module="runpy")
+runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
+"""
+
+
+def warm_key(spec: ContainerSpec) -> str | None:
+    """Which warm containers can serve this run: a hash of the spec without the run's
+    identity; None when the job runs its own command (a bootstrap cannot stand in for it)."""
+    kwargs = spec.create_kwargs
+    if kwargs.get("command") != DEFAULT_COMMAND:
+        return None
+    basis = {
+        **kwargs,
+        "environment": {k: v for k, v in kwargs["environment"].items() if k not in RUN_ENV},
+        "labels": {k: v for k, v in kwargs["labels"].items() if k not in RUN_LABELS},
+        "extra_networks": spec.extra_networks,
+    }
+    return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def warm_spec(spec: ContainerSpec, key: str, ttl: float) -> ContainerSpec:
+    """The run's spec without its identity, running the bootstrap with stdin open."""
+    kwargs = dict(spec.create_kwargs)
+    kwargs["environment"] = {k: v for k, v in kwargs["environment"].items() if k not in RUN_ENV}
+    kwargs["labels"] = {k: v for k, v in kwargs["labels"].items() if k not in RUN_LABELS}
+    kwargs["labels"][LABEL_WARM] = key
+    kwargs["command"] = ["python", "-c", BOOTSTRAP, str(int(ttl))]
+    kwargs["stdin_open"] = True
+    return ContainerSpec(
+        name=f"{WARM_NAME_PREFIX}{key[:8]}-{uuid.uuid4().hex[:6]}",
+        create_kwargs=kwargs,
+        extra_networks=spec.extra_networks,
+        auto_remove=spec.auto_remove,
+    )
+
+
+def listed_name(container: Container) -> str:
+    """The name of a container from a sparse listing (`Names`) or an inspect (`Name`)."""
+    names = container.attrs.get("Names") or [container.attrs.get("Name") or ""]
+    return names[0].lstrip("/")
+
+
+def is_waiting(container: Container) -> bool:
+    """A warm container that was never handed a run (it is renamed at hand-over)."""
+    return listed_name(container).startswith(WARM_NAME_PREFIX)
+
+
+def hand_over(container: Container, spec: ContainerSpec) -> None:
+    """Name the container after the run and write the run's identity to its stdin."""
+    try:
+        container.rename(spec.name)
+    except docker.errors.APIError as exc:
+        if exc.status_code != 409:
+            raise
+        container.rename(f"{spec.name}-{uuid.uuid4().hex[:4]}")
+    env = {k: v for k, v in spec.create_kwargs["environment"].items() if k in RUN_ENV}
+    stdin = container.attach_socket(params={"stdin": 1, "stream": 1})
+    try:
+        getattr(stdin, "_sock", stdin).sendall(json.dumps(env).encode() + b"\n")
+    finally:
+        stdin.close()
+    container.reload()
+
+
+@dataclass
+class _Idle:
+    container: Container
+    started: float  # time.monotonic() at create
+
+
+class WarmPool:
+    """Up to `size` waiting containers per warm key, started in the background."""
+
+    def __init__(self, client: docker.DockerClient, size: int, ttl: float = WARM_TTL) -> None:
+        self.docker = client
+        self.size = size
+        self.ttl = ttl
+        self._idle: dict[str, list[_Idle]] = {}
+        self._starting: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def take(self, spec: ContainerSpec) -> Container | None:
+        """A running warm container for this spec (or None), and a replacement on its way."""
+        key = warm_key(spec) if self.size else None
+        if key is None:
+            return None
+        taken: Container | None = None
+        while taken is None:
+            with self._lock:
+                queue = self._idle.get(key) or []
+                idle = queue.pop(0) if queue else None
+            if idle is None:
+                break
+            if time.monotonic() - idle.started > self.ttl - _TAKE_MARGIN:
+                remove_quietly(idle.container)
+                continue
+            try:
+                idle.container.reload()
+            except docker.errors.NotFound:
+                continue
+            if idle.container.status == "running":
+                taken = idle.container
+            else:
+                remove_quietly(idle.container)
+        self.refill(spec, key)
+        return taken
+
+    def refill(self, spec: ContainerSpec, key: str) -> None:
+        """Start waiting containers for `key` up to the pool size, in a background thread."""
+        with self._lock:
+            missing = self.size - len(self._idle.get(key, [])) - self._starting.get(key, 0)
+            if missing <= 0 or self._closed:
+                return
+            self._starting[key] = self._starting.get(key, 0) + missing
+        threading.Thread(target=self._start, args=(spec, key, missing),
+                         name=f"warm-{key[:8]}", daemon=True).start()
+
+    def _start(self, spec: ContainerSpec, key: str, count: int) -> None:
+        for _ in range(count):
+            try:
+                container = create_and_start(self.docker, warm_spec(spec, key, self.ttl))
+            except docker.errors.DockerException as exc:
+                log.warning("could not start a warm container for %s: %s",
+                            spec.create_kwargs.get("image"), exc)
+                container = None
+            with self._lock:
+                self._starting[key] -= 1
+                keep = container is not None and not self._closed
+                if keep:
+                    self._idle.setdefault(key, []).append(_Idle(container, time.monotonic()))
+            if keep:
+                log.info("warm container %s started for runs of %s", container.name,
+                         spec.create_kwargs.get("image"))
+            elif container is not None:
+                remove_quietly(container)
+
+    def expire(self) -> None:
+        """Remove waiting containers whose bootstrap has timed out (or is about to)."""
+        now = time.monotonic()
+        with self._lock:
+            old = [item for queue in self._idle.values() for item in queue
+                   if now - item.started > self.ttl - _TAKE_MARGIN]
+            for key, queue in self._idle.items():
+                self._idle[key] = [item for item in queue if item not in old]
+        for item in old:
+            remove_quietly(item.container)
+
+    def waiting(self) -> int:
+        with self._lock:
+            return sum(len(queue) for queue in self._idle.values())
+
+    def close(self) -> None:
+        """The worker is leaving: remove every container still waiting for a run."""
+        with self._lock:
+            self._closed = True
+            idle = [item for queue in self._idle.values() for item in queue]
+            self._idle.clear()
+        for item in idle:
+            remove_quietly(item.container)

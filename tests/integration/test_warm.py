@@ -1,0 +1,86 @@
+"""Warm starts (issue 8): containers that imported Prefect before their run was claimed."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from prefect_rig import POOL_LABEL, PrefectRig, log_messages
+
+WARM_LABEL = "io.dockerworker.warm"
+
+
+def warm_containers(docker_client, pool: str, waiting: bool | None = None) -> list:
+    found = docker_client.containers.list(
+        all=True, sparse=True, filters={"label": [f"{POOL_LABEL}={pool}", WARM_LABEL]}
+    )
+    if waiting is None:
+        return found
+    return [c for c in found
+            if c.attrs["Names"][0].lstrip("/").startswith("dockerworker-warm-") == waiting]
+
+
+def wait_for_waiting(docker_client, pool: str, timeout: float = 60) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        running = [c for c in warm_containers(docker_client, pool, waiting=True)
+                   if c.status == "running"]
+        if running:
+            return running[0]
+        assert time.monotonic() < deadline, "no warm container was started"
+        time.sleep(0.3)
+
+
+def test_a_warm_container_serves_the_next_run_with_its_own_parameters(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, docker_client
+) -> None:
+    worker = start_worker(unique_pool, "--warm", "1")
+    deployment = rig.create_deployment(unique_pool, "flows.py:hello", {"image": flow_image})
+    first = rig.wait_for_final(rig.create_flow_run(deployment), timeout=90)
+    assert first["state"]["type"] == "COMPLETED", first["state"]
+    waiting = wait_for_waiting(docker_client, unique_pool)
+    time.sleep(8)  # let it finish importing Prefect: the point is a head start
+
+    run_id = rig.create_flow_run(deployment, parameters={"name": "warm"})
+    run = rig.wait_for_final(run_id, timeout=60)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert run["infrastructure_pid"].endswith(":" + waiting.id)
+    messages = log_messages(rig.read_logs(run_id))
+    assert any("took over the run" in m for m in messages), messages
+    assert "hello, warm" in messages, messages  # the flow's own print, shipped by the worker
+    served = docker_client.containers.get(waiting.id)
+    assert not served.name.startswith("dockerworker-warm-")  # renamed after the run
+    assert served.name.startswith(run["name"])
+    assert served.attrs["State"]["ExitCode"] == 0
+
+    wait_for_waiting(docker_client, unique_pool)  # a replacement for the next run
+    worker.stop()
+    assert warm_containers(docker_client, unique_pool, waiting=True) == []
+
+
+def test_a_warm_run_is_adopted_after_a_restart_and_can_be_cancelled(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, docker_client
+) -> None:
+    name = f"{unique_pool}-warm"
+    worker = start_worker(unique_pool, "--warm", "1", name=name)
+    deployment = rig.create_deployment(unique_pool, "flows.py:sleepy", {"image": flow_image})
+    first = rig.wait_for_final(rig.create_flow_run(deployment, parameters={"seconds": 0}),
+                               timeout=90)
+    assert first["state"]["type"] == "COMPLETED", first["state"]
+    waiting = wait_for_waiting(docker_client, unique_pool)
+    run_id = rig.create_flow_run(deployment, parameters={"seconds": 120})
+    rig.wait_for_state(run_id, "RUNNING", timeout=60)
+    assert rig.read_flow_run(run_id)["infrastructure_pid"].endswith(":" + waiting.id)
+    spare = wait_for_waiting(docker_client, unique_pool)
+
+    worker.process.send_signal(signal.SIGKILL)
+    worker.wait(10)
+    restarted = start_worker(unique_pool, "--warm", "1", name=name)
+    restarted.wait_for_output("adopting container")
+    assert warm_containers(docker_client, unique_pool, waiting=True) == []  # the spare is gone
+    assert spare.id not in [c.id for c in warm_containers(docker_client, unique_pool)]
+
+    rig.set_state(run_id, "CANCELLING", force=True)
+    run = rig.wait_for_final(run_id, timeout=45)
+    assert run["state"]["type"] == "CANCELLED", run["state"]
+    assert "was stopped" in run["state"]["message"], run["state"]
