@@ -81,6 +81,10 @@ def main() -> None:
 @click.option("--heartbeat-interval", type=click.FloatRange(min=1), default=30.0,
               show_default=True, envvar="DOCKERWORKER_HEARTBEAT_INTERVAL",
               help="Seconds between heartbeats to the pool.")
+@click.option("--max-starting", type=click.IntRange(min=0), envvar="DOCKERWORKER_MAX_STARTING",
+              help="Most runs starting at once (claimed, not yet RUNNING); the rest stay "
+                   "scheduled for the next poll or another worker. 0: no bound "
+                   "(default: the number of CPUs).")
 @click.option("--warm", type=click.IntRange(0, 8), default=0, show_default=True,
               envvar="DOCKERWORKER_WARM",
               help="Keep this many containers per job configuration in use with Prefect already "
@@ -117,6 +121,7 @@ def start(
     poll_interval: float,
     prefetch_seconds: float,
     heartbeat_interval: float,
+    max_starting: int | None,
     warm: int,
     run_once: bool,
     drain: bool,
@@ -158,6 +163,8 @@ def start(
     }
     if name:
         values["name"] = name
+    if max_starting is not None:
+        values["max_starting"] = max_starting
     try:
         values["policy"] = Policy.load(policy_file)
     except PolicyError as exc:

@@ -1,7 +1,8 @@
 """Pickup without the poll wait: the server's event stream nudges the loop.
 
-The worker subscribes to `/api/events/out` for flow-run Scheduled and Cancelling events of its
-pool and, on each, polls (or checks cancellations) at once instead of at the next interval.
+The worker subscribes to `/api/events/out` for flow-run Scheduled, Cancelling and Running events
+of its pool. On Scheduled or Cancelling it polls (or checks cancellations) at once instead of at
+the next interval; Running tells it one of its runs has started (a start slot is free).
 Polling stays the source of truth: the stream only makes it prompt. When the stream is down
 (an old server, a proxy without websockets) the worker simply keeps polling, reconnecting in
 the background with backoff.
@@ -21,7 +22,8 @@ from websockets.exceptions import WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
 log = logging.getLogger(__name__)
-WATCHED_EVENTS = ["prefect.flow-run.Scheduled", "prefect.flow-run.Cancelling"]
+RUNNING_EVENT = "prefect.flow-run.Running"
+WATCHED_EVENTS = ["prefect.flow-run.Scheduled", "prefect.flow-run.Cancelling", RUNNING_EVENT]
 
 
 def events_url(api_url: str) -> str:
@@ -40,7 +42,7 @@ def concerns_pool(event: dict[str, Any], pool: str) -> bool:
 
 
 class EventListener:
-    """A daemon thread calling `on_event(name)` for each watched event of `pool`."""
+    """A daemon thread calling `on_event(name, resource id)` for each watched event of `pool`."""
 
     def __init__(
         self,
@@ -48,7 +50,7 @@ class EventListener:
         pool: str,
         token: str | None,
         headers: dict[str, str],
-        on_event: Callable[[str], None],
+        on_event: Callable[[str, str], None],
         stop: threading.Event,
     ) -> None:
         self.url = events_url(api_url)
@@ -98,7 +100,9 @@ class EventListener:
                 message = json.loads(raw)
                 event = message.get("event") or {}
                 if message.get("type") == "event" and concerns_pool(event, self.pool):
-                    self.on_event(str(event.get("event")))
+                    resource = event.get("resource") or {}
+                    self.on_event(str(event.get("event")),
+                                  str(resource.get("prefect.resource.id", "")))
 
     def _subscribe(self, socket: ClientConnection) -> None:
         socket.send(json.dumps({"type": "auth", "token": self.token}))

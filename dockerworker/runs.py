@@ -112,6 +112,8 @@ class RunSupervisor:
         self.warm = warm
         self.label = f"flow run {flow_run.name!r} ({flow_run.id})"
         self.phase = Phase.CLAIMING
+        self.created = time.monotonic()
+        self.booting = True  # claimed (or about to be), not seen RUNNING yet
         self.claimed = False
         self.container: Container | None = None
         self.output: RunOutput | None = None
@@ -127,6 +129,7 @@ class RunSupervisor:
 
     def adopt(self, container: Container) -> None:
         """A container this worker started before a restart: resume watching it."""
+        self.booting = False
         self.claimed = True
         self.container = container
         self.phase = Phase.RUNNING

@@ -3,6 +3,9 @@ cancel, reconcile, and stop gracefully.
 
 Each run gets a RunSupervisor thread; `--limit` bounds how many are in flight (adopted runs
 count), and a slot is freed the moment its supervisor ends (a rejected claim ends it at once).
+`--max-starting` bounds how many are starting (claimed, not yet RUNNING): a container booting
+Prefect is CPU-heavy, and a burst booted all at once reaches RUNNING later for every run.
+Runs over the bound stay SCHEDULED, for this worker's next poll or another replica.
 A worker only ever touches containers of its own pool on its own Docker engine.
 """
 
@@ -40,7 +43,7 @@ from .containers import (
     docker_host_id,
     remove_quietly,
 )
-from .events import EventListener
+from .events import RUNNING_EVENT, EventListener
 from .jobs import default_base_job_template
 from .logs import LogShipper
 from .runs import Phase, RunSupervisor, claim_message
@@ -51,6 +54,7 @@ log = logging.getLogger(__name__)
 LOOP_PATIENCE = 2.0  # the loop's own calls retry briefly; the next round tries again anyway
 CANCEL_CHECK_SECONDS = 2.0
 RECONCILE_SECONDS = 60.0
+BOOT_PATIENCE = 120.0  # a run stops counting as starting after this long, RUNNING or not
 
 
 class Worker:
@@ -140,12 +144,14 @@ class Worker:
             self.settings.auth_headers(), self._on_event, self.stop_event,
         ).start()
         log.info(
-            "worker %s polling pool %r%s every %.1fs (limit %s)",
+            "worker %s polling pool %r%s every %.1fs (limit %s, starting at once %s%s)",
             self.settings.name,
             self.pool.name,
             f" queues {self.settings.work_queues}" if self.settings.work_queues else "",
             self.settings.poll_interval,
             self.settings.limit or "none",
+            self.settings.max_starting or "any",
+            f", {self.settings.warm} warm" if self.settings.warm else "",
         )
         due = {"heartbeat": 0.0, "poll": 0.0, "cancel": 0.0, "reconcile": 0.0}
         rounds: dict[str, tuple[float, Callable[[], None]]] = {
@@ -171,9 +177,16 @@ class Worker:
                 due["poll"] = due["cancel"] = 0.0
         return 0
 
-    def _on_event(self, name: str) -> None:
-        """A flow run of this pool was scheduled or is cancelling: poll and check now."""
-        log.debug("event %s: acting now", name)
+    def _on_event(self, name: str, resource_id: str) -> None:
+        """A flow run of this pool was scheduled or is cancelling: poll and check now.
+        One of ours is running: it frees a start slot."""
+        log.debug("event %s of %s", name, resource_id)
+        if name == RUNNING_EVENT:
+            try:
+                self._seen_running(UUID(resource_id.removeprefix("prefect.flow-run.")))
+            except ValueError:
+                pass
+            return
         self._nudged.set()
 
     def stop(self) -> None:
@@ -219,10 +232,28 @@ class Worker:
             self._start(flow_run, lambda supervisor: supervisor.run())
 
     def free_slots(self) -> int | None:
+        """How many more runs to take now: within --limit and --max-starting (None: any)."""
+        bounds = []
         with self._lock:
-            if self.settings.limit is None:
-                return None
-            return self.settings.limit - len(self._threads)
+            if self.settings.limit is not None:
+                bounds.append(self.settings.limit - len(self._threads))
+            if self.settings.max_starting and not self.settings.run_once:
+                bounds.append(self.settings.max_starting - len(self._booting()))
+        return min(bounds) if bounds else None
+
+    def _booting(self) -> list[RunSupervisor]:
+        """Supervisors whose run has not been seen RUNNING yet (within BOOT_PATIENCE)."""
+        now = time.monotonic()
+        return [s for s in self._supervisors.values()
+                if s.booting and now - s.created < BOOT_PATIENCE]
+
+    def _seen_running(self, run_id: UUID) -> None:
+        """The run reached RUNNING: it no longer counts as starting; take the next one."""
+        supervisor = self._supervisors.get(run_id)
+        if supervisor is not None and supervisor.booting:
+            supervisor.booting = False
+            if self.settings.max_starting:
+                self._nudged.set()
 
     def _start(self, flow_run: FlowRun, body: Callable[[RunSupervisor], None]) -> bool:
         assert self.pool is not None
@@ -254,10 +285,22 @@ class Worker:
 
     # --- cancellation -------------------------------------------------------------------
     def check_cancellations(self) -> None:
-        """Runs of ours moved to CANCELLING (UI or API): stop them, in a thread each."""
+        """Runs of ours moved to CANCELLING (UI or API): stop them, in a thread each.
+        Without the event stream, also look for starting runs that are RUNNING now."""
         supervisors = {s.flow_run.id: s for s in self.active_runs()}
         if not supervisors:
             return
+        booting = [s.flow_run.id for s in supervisors.values() if s.booting]
+        if booting and self.settings.max_starting and not (
+            self.events is not None and self.events.connected.is_set()
+        ):
+            try:
+                for flow_run in self.api.filter_flow_runs(
+                    self.settings.pool, [StateType.RUNNING], ids=booting, patience=LOOP_PATIENCE
+                ):
+                    self._seen_running(flow_run.id)
+            except PrefectAPIError as exc:
+                log.warning("checking for started runs failed: %s", exc)
         try:
             cancelling = self.api.filter_flow_runs(
                 self.settings.pool, [StateType.CANCELLING], ids=list(supervisors),

@@ -1,4 +1,5 @@
-"""Warm starts (issue 8): containers that imported Prefect before their run was claimed."""
+"""Starting runs (issue 8): warm containers that imported Prefect before their run was claimed,
+and admission control (not more runs starting at once than --max-starting)."""
 
 from __future__ import annotations
 
@@ -84,3 +85,22 @@ def test_a_warm_run_is_adopted_after_a_restart_and_can_be_cancelled(
     run = rig.wait_for_final(run_id, timeout=45)
     assert run["state"]["type"] == "CANCELLED", run["state"]
     assert "was stopped" in run["state"]["message"], run["state"]
+
+
+def test_no_more_runs_start_at_once_than_max_starting(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str
+) -> None:
+    start_worker(unique_pool, "--max-starting", "1")
+    deployment = rig.create_deployment(unique_pool, "flows.py:hello", {"image": flow_image})
+    run_ids = [rig.create_flow_run(deployment) for _ in range(3)]
+    deadline = time.monotonic() + 150
+    most_pending = 0
+    while True:
+        states = [rig.read_flow_run(run_id)["state"]["type"] for run_id in run_ids]
+        most_pending = max(most_pending, states.count("PENDING"))
+        if all(state in ("COMPLETED", "FAILED", "CRASHED") for state in states):
+            break
+        assert time.monotonic() < deadline, states
+        time.sleep(0.2)
+    assert states == ["COMPLETED"] * 3
+    assert most_pending == 1  # each claimed only once the one before it was RUNNING
