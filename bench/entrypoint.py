@@ -1,4 +1,5 @@
-"""The in-container entry command: `prefect flow-run execute` vs `python -m prefect.engine`.
+"""The in-container entry command: `prefect flow-run execute` vs `python -m prefect.engine`,
+and dockerworker's default: the engine behind its entry script (dockerworker/entry.py).
 
     .venv/bin/python bench/entrypoint.py [--runs N]     # default 3 runs per command
 
@@ -39,7 +40,13 @@ from prefect_rig import (
     state_type,
 )
 
-COMMANDS = ("prefect flow-run execute", "python -m prefect.engine")
+from dockerworker.entry import entry_command
+
+COMMANDS: dict[str, str | list[str]] = {
+    "prefect flow-run execute": "prefect flow-run execute",
+    "python -m prefect.engine": "python -m prefect.engine",
+    "entry script (dockerworker)": entry_command(),
+}
 LABEL = "io.dockerworker.bench"  # every container this script starts, for the clean-up
 CGROUP = Path("/sys/fs/cgroup")
 MiB = 1024 * 1024
@@ -83,7 +90,8 @@ def measure(client: docker.DockerClient, rig: PrefectRig, server_url: str, deplo
     run_id = rig.create_flow_run(deployment)
     rig.set_state(run_id, "PENDING")
     container = client.containers.create(
-        FLOWS_IMAGE, command=command, network_mode="host", init=True, labels={LABEL: "1"},
+        FLOWS_IMAGE, command=COMMANDS[command], network_mode="host", init=True,
+        labels={LABEL: "1"}, stdin_open=True,
         environment={"PREFECT_API_URL": server_url, "PREFECT__FLOW_RUN_ID": run_id},
     )
     try:
@@ -145,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             for command in COMMANDS:
                 row = measure(client, rig, server.url, deployment, command)
                 rows.append(row)
-                print(f"run {i + 1}: {command:26} {row['state']:10} "
+                print(f"run {i + 1}: {command:28} {row['state']:10} "
                       f"peak {row['peak_mib']:4.0f} MiB  rss {row['peak_rss_mib']:4.0f} MiB  "
                       f"cpu {row['cpu_s']:5.2f} s  wall {row['wall_s']:5.2f} s", flush=True)
     finally:

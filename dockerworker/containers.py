@@ -21,6 +21,7 @@ from docker.models.containers import Container
 
 from . import __version__
 from .api import Deployment, Flow, FlowRun, WorkPool
+from .entry import LABEL_CONTROL, entry_command
 from .jobs import JobVariables
 
 LABEL_FLOW_RUN_ID = "io.prefect.flow-run-id"
@@ -28,7 +29,6 @@ LABEL_POOL = "io.prefect.work-pool-name"
 LABEL_WORKER = "io.prefect.worker-name"
 LABEL_MANAGED = "io.dockerworker.managed"
 _OPTION_PREFIX = "io.dockerworker."
-DEFAULT_COMMAND = "python -m prefect.engine"
 _LOCAL_HOSTS = ("127.0.0.1", "localhost")
 # The run's identity in a container's env and labels (what a warm container gets at hand-over).
 RUN_ENV = frozenset({"PREFECT__FLOW_RUN_ID", "PREFECT__FLOW_ID", "PREFECT__FLOW_NAME",
@@ -183,6 +183,8 @@ def build_spec(
     labels[LABEL_MANAGED] = "true"
     labels["io.dockerworker.version"] = __version__
     labels.update(WatchOptions.from_job(job).labels())
+    if job.command is None:  # Prefect's engine through our entry script (entry.py)
+        labels[LABEL_CONTROL] = "stdin"
 
     extra = dict(job.container_create_kwargs or {})
     extra = {k: v for k, v in extra.items() if k not in JobVariables.model_fields}
@@ -197,7 +199,8 @@ def build_spec(
 
     create_kwargs: dict[str, Any] = {
         "image": job.image,
-        "command": job.command or DEFAULT_COMMAND,
+        "command": job.command or entry_command(),
+        "stdin_open": True if job.command is None else None,
         "environment": environment,
         "labels": labels,
         "network": job.networks[0] if job.networks else None,

@@ -8,6 +8,7 @@ without a final state (exit code, signal, out of memory, the last lines it print
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
@@ -42,6 +43,7 @@ from .containers import (
     read_exit,
     remove_quietly,
 )
+from .entry import CANCEL_LINE, LABEL_CONTROL, write_line
 from .images import ImageUnavailable, ensure_image
 from .jobs import InvalidJobVariables, JobVariables, merge_job_variables, resolve_job
 from .logs import LogShipper, ResumePoint, RunOutput, log_entry, resume_point
@@ -161,12 +163,31 @@ class RunSupervisor:
         self.cancel_requested.set()
         self.say("cancellation requested")
         if self.container is not None:
-            self.say(f"stopping container {self.container.name} "
-                     f"(SIGTERM, SIGKILL after {self.options.stop_timeout} s)")
             try:
-                self.container.stop(timeout=self.options.stop_timeout)
+                self._stop(self.container)
             except docker.errors.NotFound:
                 pass
+
+    def _stop(self, container: Container) -> None:
+        """Prefect's engine behind our entry script is asked to cancel (it reports Cancelled
+        and runs on_cancellation hooks); anything else gets SIGTERM. SIGKILL after the grace."""
+        grace = self.options.stop_timeout
+        if container.labels.get(LABEL_CONTROL) == "stdin":
+            self.say(f"asking Prefect's engine in container {container.name} to cancel "
+                     f"(SIGKILL after {grace} s)")
+            try:
+                write_line(container, CANCEL_LINE)
+                container.wait(timeout=grace)
+                return
+            except docker.errors.NotFound:
+                raise
+            except (requests.RequestException, docker.errors.APIError) as exc:
+                log.info("%s: no exit after the cancel request (%s); killing", self.label, exc)
+            with contextlib.suppress(docker.errors.APIError):  # it may have ended meanwhile
+                container.kill()
+            return
+        self.say(f"stopping container {container.name} (SIGTERM, SIGKILL after {grace} s)")
+        container.stop(timeout=grace)
 
     def stop_following(self) -> None:
         """The worker is leaving: stop shipping output (a later worker resumes from the server)."""
@@ -457,7 +478,9 @@ class RunSupervisor:
                 message = f"Cancelled: container {container.name} is gone."
             remove_quietly(container)
         self.say(message)
-        self.api.set_state(self.flow_run.id, StateType.CANCELLED, message, force=True)
+        state = self.api.read_flow_run(self.flow_run.id).state
+        if state is None or state.type != StateType.CANCELLED:  # else the engine reported it
+            self.api.set_state(self.flow_run.id, StateType.CANCELLED, message, force=True)
 
     # --- reporting ----------------------------------------------------------------------
     def say(self, message: str, level: int = logging.INFO) -> None:

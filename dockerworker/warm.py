@@ -2,16 +2,16 @@
 
 A cold container spends most of its start importing Prefect (seconds of CPU). With `--warm N`
 the worker keeps up to N containers per job configuration (image, env, limits, networks,
-labels: everything but the run's identity) running a small bootstrap that imports Prefect's
-engine and then waits on stdin. A claimed run takes one: the worker records it as the run's
-infrastructure, renames it after the run and writes the run's identity (PREFECT__FLOW_RUN_ID
-and friends) to its stdin; the bootstrap then runs `python -m prefect.engine` in the same
+labels: everything but the run's identity) running the entry script (entry.py), which imports
+Prefect's engine and then waits on stdin. A claimed run takes one: the worker records it as the
+run's infrastructure, renames it after the run and writes the run's identity
+(PREFECT__FLOW_RUN_ID and friends) to its stdin; the script then runs `python -m prefect.engine` in the same
 process. Each container still serves exactly one run and exits. Labels are fixed at create,
 so a warm container carries `io.dockerworker.warm` instead of the run's labels; a restarted
 worker finds its run by the flow run's infrastructure_pid.
 
 A configuration is kept warm only while it is used: taking a container starts its
-replacement, and a bootstrap nobody hands a run to exits by itself after WARM_TTL seconds.
+replacement, and an entry script nobody hands a run to exits by itself after WARM_TTL seconds.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ import docker.errors
 from docker.models.containers import Container
 
 from .containers import (
-    DEFAULT_COMMAND,
     RUN_ENV,
     RUN_LABELS,
     ContainerSpec,
     create_and_start,
     remove_quietly,
 )
+from .entry import LABEL_CONTROL, entry_command, write_line
 
 log = logging.getLogger(__name__)
 LABEL_WARM = "io.dockerworker.warm"
@@ -43,27 +43,11 @@ WARM_NAME_PREFIX = "dockerworker-warm-"
 WARM_TTL = 600.0
 _TAKE_MARGIN = 30.0  # never hand over a container about to time out
 
-# Runs in the container: import the engine (the slow part), wait for a run, then run it as
-# `python -m prefect.engine` would. An empty line, EOF or the TTL ends it unused.
-BOOTSTRAP = """\
-import json, os, runpy, select, sys, warnings
-import prefect.engine, prefect.flow_engine
-ready, _, _ = select.select([sys.stdin], [], [], float(sys.argv[1]))
-line = sys.stdin.readline() if ready else ""
-if not line.strip():
-    sys.exit(0)
-os.environ.update(json.loads(line))
-del sys.argv[1:]
-warnings.filterwarnings("ignore", category=RuntimeWarning, module="runpy")
-runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
-"""
-
-
 def warm_key(spec: ContainerSpec) -> str | None:
     """Which warm containers can serve this run: a hash of the spec without the run's
-    identity; None when the job runs its own command (a bootstrap cannot stand in for it)."""
+    identity; None when the job runs its own command (only the entry script waits for a run)."""
     kwargs = spec.create_kwargs
-    if kwargs.get("command") != DEFAULT_COMMAND:
+    if kwargs["labels"].get(LABEL_CONTROL) != "stdin":
         return None
     basis = {
         **kwargs,
@@ -75,13 +59,12 @@ def warm_key(spec: ContainerSpec) -> str | None:
 
 
 def warm_spec(spec: ContainerSpec, key: str, ttl: float) -> ContainerSpec:
-    """The run's spec without its identity, running the bootstrap with stdin open."""
+    """The run's spec without its identity; the entry script waits for one on stdin."""
     kwargs = dict(spec.create_kwargs)
     kwargs["environment"] = {k: v for k, v in kwargs["environment"].items() if k not in RUN_ENV}
     kwargs["labels"] = {k: v for k, v in kwargs["labels"].items() if k not in RUN_LABELS}
     kwargs["labels"][LABEL_WARM] = key
-    kwargs["command"] = ["python", "-c", BOOTSTRAP, str(int(ttl))]
-    kwargs["stdin_open"] = True
+    kwargs["command"] = entry_command(wait_seconds=ttl)
     return ContainerSpec(
         name=f"{WARM_NAME_PREFIX}{key[:8]}-{uuid.uuid4().hex[:6]}",
         create_kwargs=kwargs,
@@ -110,11 +93,7 @@ def hand_over(container: Container, spec: ContainerSpec) -> None:
             raise
         container.rename(f"{spec.name}-{uuid.uuid4().hex[:4]}")
     env = {k: v for k, v in spec.create_kwargs["environment"].items() if k in RUN_ENV}
-    stdin = container.attach_socket(params={"stdin": 1, "stream": 1})
-    try:
-        getattr(stdin, "_sock", stdin).sendall(json.dumps(env).encode() + b"\n")
-    finally:
-        stdin.close()
+    write_line(container, json.dumps(env))
     container.reload()
 
 
@@ -192,7 +171,7 @@ class WarmPool:
                 remove_quietly(container)
 
     def expire(self) -> None:
-        """Remove waiting containers whose bootstrap has timed out (or is about to)."""
+        """Remove waiting containers whose entry script has timed out (or is about to)."""
         now = time.monotonic()
         with self._lock:
             old = [item for queue in self._idle.values() for item in queue

@@ -53,6 +53,7 @@ from .warm import LABEL_WARM, WarmPool, is_waiting, listed_name
 log = logging.getLogger(__name__)
 LOOP_PATIENCE = 2.0  # the loop's own calls retry briefly; the next round tries again anyway
 CANCEL_CHECK_SECONDS = 2.0
+CANCEL_CHECK_WITH_EVENTS = 15.0  # the event stream reports Cancelling at once; this is a net
 RECONCILE_SECONDS = 60.0
 BOOT_PATIENCE = 120.0  # a run stops counting as starting after this long, RUNNING or not
 
@@ -154,11 +155,11 @@ class Worker:
             f", {self.settings.warm} warm" if self.settings.warm else "",
         )
         due = {"heartbeat": 0.0, "poll": 0.0, "cancel": 0.0, "reconcile": 0.0}
-        rounds: dict[str, tuple[float, Callable[[], None]]] = {
-            "heartbeat": (self.settings.heartbeat_interval, self._heartbeat),
-            "poll": (self.settings.poll_interval, self.poll),
-            "cancel": (CANCEL_CHECK_SECONDS, self.check_cancellations),
-            "reconcile": (RECONCILE_SECONDS, self.reconcile),
+        rounds: dict[str, tuple[Callable[[], float], Callable[[], None]]] = {
+            "heartbeat": (lambda: self.settings.heartbeat_interval, self._heartbeat),
+            "poll": (lambda: self.settings.poll_interval, self.poll),
+            "cancel": (self._cancel_check_interval, self.check_cancellations),
+            "reconcile": (lambda: RECONCILE_SECONDS, self.reconcile),
         }
         while not self.stop_event.is_set():
             for name, (interval, action) in rounds.items():
@@ -167,7 +168,7 @@ class Worker:
                         action()
                     except (requests.RequestException, docker.errors.DockerException) as exc:
                         log.warning("%s: Docker engine trouble: %s", name, exc)
-                    due[name] = time.monotonic() + interval
+                    due[name] = time.monotonic() + interval()
             if self.settings.run_once:
                 self.wait_for_runs()
                 return 0
@@ -176,6 +177,13 @@ class Worker:
                 self._nudged.clear()
                 due["poll"] = due["cancel"] = 0.0
         return 0
+
+    def _cancel_check_interval(self) -> float:
+        """Check often only when the event stream is not there to report Cancelling (and
+        Running, for start slots) as it happens."""
+        if self.events is not None and self.events.connected.is_set():
+            return CANCEL_CHECK_WITH_EVENTS
+        return CANCEL_CHECK_SECONDS
 
     def _on_event(self, name: str, resource_id: str) -> None:
         """A flow run of this pool was scheduled or is cancelling: poll and check now.

@@ -36,9 +36,13 @@ def allocate(mb: int = 512) -> int:
     return len(block) // (1024 * 1024)
 
 
-@flow
+def _report_cancellation(flow, flow_run, state) -> None:
+    print(f"on_cancellation hook ran for {flow_run.name}", flush=True)
+
+
+@flow(on_cancellation=[_report_cancellation])
 def sleepy(seconds: float = 5) -> float:
-    """Sleep for `seconds`, then return them."""
+    """Sleep for `seconds`, then return them (a cancellation runs its hook)."""
     time.sleep(seconds)
     return seconds
 

@@ -344,6 +344,11 @@ class PrefectRig:
             run = self.read_flow_run(flow_run_id)
         return run
 
+    def read_states(self, flow_run_id: str) -> list[str]:
+        """The run's state types, oldest first."""
+        states = self._call("GET", f"/flow_run_states/?flow_run_id={flow_run_id}")
+        return [s["type"] for s in sorted(states, key=lambda s: s["timestamp"])]
+
     def read_logs_page(
         self, flow_run_id: str, offset: int = 0, limit: int = 200
     ) -> list[dict[str, Any]]:

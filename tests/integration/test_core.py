@@ -252,3 +252,19 @@ def test_event_stream_picks_up_runs_without_waiting_for_the_poll(
         picked_up = time.monotonic() - created
         assert picked_up < 5, picked_up  # the poll interval is 120 s
         assert rig.wait_for_final(run_id)["state"]["type"] == "COMPLETED"
+
+
+def test_event_stream_reports_cancellation_at_once(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str
+) -> None:
+    worker = start_worker(unique_pool)
+    worker.wait_for_output("subscribed to the server's flow-run events", timeout=30)
+    deployment = rig.create_deployment(unique_pool, "flows.py:sleepy", {"image": flow_image})
+    run_id = rig.create_flow_run(deployment, parameters={"seconds": 120})
+    rig.wait_for_state(run_id, "RUNNING", timeout=60)
+    time.sleep(3)  # past the check round that follows the start
+    asked = time.monotonic()
+    rig.set_state(run_id, "CANCELLING", force=True)
+    run = rig.wait_for_final(run_id, timeout=30)
+    assert run["state"]["type"] == "CANCELLED", run["state"]
+    assert time.monotonic() - asked < 10  # the check round without an event is every 15 s

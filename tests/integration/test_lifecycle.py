@@ -52,6 +52,10 @@ def test_cancel_a_running_flow(
     took = time.monotonic() - asked
     assert run["state"]["type"] == "CANCELLED", run["state"]
     assert took < 30 + 5, took  # within the grace period plus a cancellation check
+    # Prefect's engine got the cancellation as one (not as a bare SIGTERM, which it reports
+    # as Crashed) and ran the flow's on_cancellation hook.
+    assert "CRASHED" not in rig.read_states(run_id), rig.read_states(run_id)
+    assert any("on_cancellation hook ran" in m for m in container_lines(rig, run_id))
     time.sleep(1)
     assert run_containers(docker_client, run_id) == []
 

@@ -84,3 +84,14 @@ def test_watch_options_survive_a_round_trip_through_labels() -> None:
     assert WatchOptions.from_labels(spec_for(job).create_kwargs["labels"]) == options
     assert options.skip_engine_records is False and options.mem_limit == "64m"
     assert WatchOptions.from_labels({}) == WatchOptions()
+
+
+def test_the_default_command_is_the_engine_behind_the_entry_script_with_stdin_open() -> None:
+    default = spec_for(JobVariables()).create_kwargs
+    assert default["command"][:2] == ["python", "-c"]
+    assert "prefect.engine" in default["command"][2] and "cancel" in default["command"][2]
+    assert default["stdin_open"] is True
+    assert default["labels"]["io.dockerworker.control"] == "stdin"
+    own = spec_for(JobVariables(command="python my_flow.py")).create_kwargs
+    assert own["command"] == "python my_flow.py"
+    assert "stdin_open" not in own and "io.dockerworker.control" not in own["labels"]
