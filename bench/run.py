@@ -9,7 +9,9 @@ One Prefect server on a free loopback port (temp PREFECT_HOME, analytics off). E
 its own pool (prefect-docker's default template) and its own counting proxy in front of the
 server; the flows' own API traffic goes straight to the server (job env PREFECT_API_URL), so
 the proxy counts the worker's requests only. prefect-docker's worker runs from its own venv
-(bench/.venv, created on first use). Workers run one after the other, never together.
+(bench/.venv, created on first use), dockerworker from bench/.venv-dockerworker (this checkout
+with its runtime dependencies only, as operators install it; no prefect). `dockerworker-warm`
+is dockerworker with `--warm 1` (sequential and burst workloads only). Workers run one after the other, never together.
 The deps workload (`--deps`, on in a full run) times a deployment that needs one package:
 dockerworker builds it into an image once, prefect-docker's EXTRA_PIP_PACKAGES entrypoint
 installs it at every container start.
@@ -67,9 +69,11 @@ from proxy import CountingProxy, Request
 
 from dockerworker.jobs import default_base_job_template
 
-WORKERS = ("dockerworker", "prefect-docker")
+WORKERS = ("dockerworker", "dockerworker-warm", "prefect-docker")
+WARM_ARGS = ("--warm", "1")  # dockerworker-warm: warm starts on, one container per configuration
 PREFECT_DOCKER_REQS = ("prefect==3.9.1", "prefect-docker==0.7.4")
 DEFAULT_VENV = BENCH_DIR / ".venv"
+DOCKERWORKER_VENV = BENCH_DIR / ".venv-dockerworker"
 RESULTS_DIR = REPO_DIR / "bench-results"
 POLL_PATH = "/get_scheduled_flow_runs"
 _PERIODIC = re.compile(  # poll, heartbeat, pool read, cancellation/reconcile checks, channel
@@ -106,6 +110,7 @@ class Plan:
     run_timeout: float = 300.0
     deps: bool = True
     ca_bundle: str | None = None  # CA bundle pip trusts in the deps workload (both workers)
+    dw_args: tuple[str, ...] = ()  # extra `dockerworker start` options (both dockerworker kinds)
 
 
 # --- small helpers ------------------------------------------------------------------------
@@ -183,6 +188,22 @@ def ensure_prefect_docker_venv(venv: Path) -> Path:
     return prefect
 
 
+def install_dockerworker(venv: Path) -> Path:
+    """bench/.venv-dockerworker: this checkout installed as an operator installs it (its
+    runtime dependencies only, no prefect); reinstalled each run. Returns its python."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
+         "--force-reinstall", "--no-deps", str(REPO_DIR)],
+        check=True, cwd=tempfile.gettempdir(),
+    )
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
+                    str(REPO_DIR)], check=True, cwd=tempfile.gettempdir())
+    return python
+
+
 def prefect_docker_template() -> dict[str, Any]:
     """prefect-docker's default base job template (what `work-pool create --type docker` uses)."""
     code = ("import json; from prefect_docker.worker import DockerWorker; "
@@ -201,16 +222,19 @@ class WorkerProcess:
     """A worker subprocess (own session, output to a file) behind its own counting proxy."""
 
     def __init__(self, kind: str, pool: str, server: PrefectServer, workdir: Path,
-                 plan: Plan, prefect_cli: Path | None) -> None:
+                 plan: Plan, prefect_cli: Path | None, dw_python: Path | None) -> None:
         self.kind, self.pool = kind, pool
         self.proxy = CountingProxy(server.port)
         api_url = f"http://127.0.0.1:{self.proxy.start()}/api"
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("PREFECT_", "DOCKERWORKER_"))}
         env.update(PREFECT_API_URL=api_url, PYTHONUNBUFFERED="1", DO_NOT_TRACK="1")
-        if kind == "dockerworker":
-            cmd = [sys.executable, "-m", "dockerworker.cli", "start", "--pool", pool,
-                   "--poll-interval", str(plan.poll_interval)]
+        if kind.startswith("dockerworker"):
+            assert dw_python is not None
+            cmd = [str(dw_python), "-m", "dockerworker.cli", "start", "--pool", pool,
+                   "--poll-interval", str(plan.poll_interval), *plan.dw_args]
+            if kind == "dockerworker-warm":
+                cmd += WARM_ARGS
             env["DOCKERWORKER_BUILD_NETWORK"] = BUILD_NETWORK
             if plan.ca_bundle:
                 env["DOCKERWORKER_BUILD_CA_BUNDLE"] = plan.ca_bundle
@@ -468,15 +492,17 @@ def remove_deps_images(client: docker.DockerClient, deployment: str) -> list[str
 
 def bench_worker(kind: str, server: PrefectServer, rig: PrefectRig, client: docker.DockerClient,
                  template: dict[str, Any], plan: Plan, workdir: Path,
-                 prefect_cli: Path | None, result: dict[str, Any]) -> None:
+                 prefect_cli: Path | None, dw_python: Path | None,
+                 result: dict[str, Any]) -> None:
     """Every measurement for one worker on its own pool, into `result` (kept when a step
     fails); the worker and its containers are always stopped and removed."""
-    pool = f"bench-{'dw' if kind == 'dockerworker' else 'pd'}-{secrets.token_hex(3)}"
+    short = {"dockerworker": "dw", "dockerworker-warm": "dww"}.get(kind, "pd")
+    pool = f"bench-{short}-{secrets.token_hex(3)}"
     rig.create_work_pool(pool, "docker", template)
     job_variables = {"image": FLOWS_IMAGE, "image_pull_policy": "Never",
                      "env": {"PREFECT_API_URL": server.url}}
     result["pool"] = pool
-    worker = WorkerProcess(kind, pool, server, workdir, plan, prefect_cli)
+    worker = WorkerProcess(kind, pool, server, workdir, plan, prefect_cli, dw_python)
     sampler = RssSampler(worker.pid, interval=0.5)
     try:
         print(f"[{kind}] started pid {worker.pid} on pool {pool}", flush=True)
@@ -527,6 +553,7 @@ def bench_worker(kind: str, server: PrefectServer, rig: PrefectRig, client: dock
         runs, cpu, requests = measure_runs(worker, burst)
         completed = [r for r in runs if state_type(r) == "COMPLETED"]
         created = [t for r in runs if (t := ts(r["created"]))]
+        to_running = [s for r in runs if (s := seconds(r["created"], r.get("start_time")))]
         ended = [t for r in runs
                  if state_type(r) in FINAL_STATE_TYPES and (t := ts(r.get("end_time")))]
         wall = (max(ended) - min(created)).total_seconds() if ended and created else None
@@ -536,12 +563,18 @@ def bench_worker(kind: str, server: PrefectServer, rig: PrefectRig, client: dock
             "states": dict(Counter(str(state_type(r)) for r in runs)),
             "wall_s": wall,
             "runs_per_min": len(completed) / wall * 60 if wall else None,
+            "to_running_median_s": median_p95(to_running)[0],
+            "to_running_p95_s": median_p95(to_running)[1],
             "cpu_s_per_run": cpu / len(runs),
             "requests_per_run": len(requests) / len(runs),
             "breakdown": CountingProxy.breakdown(requests),
         }
         print(f"[{kind}] burst done ({len(completed)}/{len(runs)} completed); "
               f"log run of {plan.log_lines} lines", flush=True)
+        if kind == "dockerworker-warm":  # the same as dockerworker's: output and builds
+            result["rss_peak_mib"] = sampler.peak()
+            result["worker_alive_at_end"] = worker.process.poll() is None
+            return
         wait_pool_idle(client, pool)
         result["logs"] = log_workload(worker, rig, client, job_variables, plan)
         if plan.deps:
@@ -585,6 +618,8 @@ ROWS: list[tuple[str, str, str]] = [
     ("burst: runs COMPLETED", "burst.completed", "{:.0f}"),
     ("burst: first create → last final (s)", "burst.wall_s", "{:.1f}"),
     ("burst: runs/min", "burst.runs_per_min", "{:.1f}"),
+    ("burst: create→RUNNING median (s)", "burst.to_running_median_s", "{:.1f}"),
+    ("burst: create→RUNNING p95 (s)", "burst.to_running_p95_s", "{:.1f}"),
     ("burst: worker CPU per run (s)", "burst.cpu_s_per_run", "{:.3f}"),
     ("burst: API requests per run", "burst.requests_per_run", "{:.1f}"),
     ("logs: lines shipped", "logs.lines_shipped", "{:.0f}"),
@@ -612,23 +647,35 @@ def lookup(result: dict[str, Any], key: str) -> float | None:
 
 
 def table(results: dict[str, dict[str, Any]], plan: Plan) -> str:
-    """The side-by-side table with a dockerworker / prefect-docker ratio column."""
-    dw, pd = results.get("dockerworker", {}), results.get("prefect-docker", {})
-    lines = [f"{'metric':<42}{'dockerworker':>14}{'prefect-docker':>16}{'ratio dw/pd':>13}"]
-    lines.append("-" * len(lines[0]))
+    """Side by side, with each dockerworker kind's ratio to prefect-docker."""
+    kinds = [k for k in WORKERS if k in results]
+    ours = [k for k in kinds if k != "prefect-docker"]
+    pd = results.get("prefect-docker", {})
+    heads = {"dockerworker": "dw", "dockerworker-warm": "dw warm", "prefect-docker": "pd"}
+    header = f"{'metric':<42}" + "".join(f"{heads[k]:>12}" for k in kinds)
+    header += "".join(f"{heads[k] + '/pd':>12}" for k in ours)
+    lines = [header, "-" * len(header)]
     for label, key, fmt in ROWS:
         if key.startswith("deps.") and not plan.deps:
             continue
-        a, b = lookup(dw, key), lookup(pd, key)
-        ratio = f"{a / b:.2f}" if a is not None and b else "n/a"
-        lines.append(f"{label:<42}{fmt.format(a) if a is not None else 'n/a':>14}"
-                     f"{fmt.format(b) if b is not None else 'n/a':>16}{ratio:>13}")
+        values = {k: lookup(results[k], key) for k in kinds}
+        line = f"{label:<42}" + "".join(
+            f"{fmt.format(v) if (v := values[k]) is not None else 'n/a':>12}" for k in kinds)
+        for k in ours:
+            a, b = values[k], lookup(pd, key)
+            line += f"{f'{a / b:.2f}' if a is not None and b else 'n/a':>12}"
+        lines.append(line)
+    dw = results.get("dockerworker", {})
     lines += [
         "",
-        f"{os.cpu_count()} CPU cores: every flow container imports Prefect (~5 s CPU), so burst",
-        "throughput is CPU-bound by the machine, not by the worker; timings are noisy when",
-        "anything else runs. Sequential runs: one at a time, after one unmeasured warm-up run.",
-        f"Both workers poll every {plan.poll_interval:g} s (prefetch 10 s, heartbeat 30 s).",
+        f"{os.cpu_count()} CPU cores: every flow container imports Prefect (dockerworker's",
+        "`python -m prefect.engine` ~1.5 s CPU, prefect-docker's `prefect flow-run execute`",
+        "~4 s: bench/entrypoint.py), so burst throughput is CPU-bound by the machine; timings",
+        "are noisy when anything else runs. Sequential: one run at a time, after one",
+        "unmeasured warm-up run (for dw warm: the cold run whose configuration it keeps warm).",
+        f"dw warm = dockerworker {' '.join(WARM_ARGS)}. Extra dockerworker options: "
+        + (" ".join(plan.dw_args) or "none") + ".",
+        f"All workers poll every {plan.poll_interval:g} s (prefetch 10 s, heartbeat 30 s).",
         "Requests: counted by a proxy in front of the server, worker traffic only (flows talk",
         "to the server directly). WebSockets are tunnelled; an upgrade and each message the",
         "worker sends on it count as one request each (WebSockets opened: dockerworker "
@@ -670,6 +717,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]
                         "('' for none; default: %(default)s)")
     parser.add_argument("--workers", default=",".join(WORKERS),
                         help="comma-separated subset of: " + ", ".join(WORKERS))
+    parser.add_argument("--dw-args", default="",
+                        help="extra `dockerworker start` options, e.g. '--max-starting 0'")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV,
                         help="venv for prefect-docker's worker (created if missing)")
     args = parser.parse_args(argv)
@@ -677,6 +726,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]
     plan.poll_interval = args.poll_interval
     plan.deps = args.deps if args.deps is not None else not args.quick
     plan.ca_bundle = args.ca_bundle or None
+    plan.dw_args = tuple(args.dw_args.split())
     for name in ("burst", "sequential", "log_lines"):
         if getattr(args, name) is not None:
             setattr(plan, name, getattr(args, name))
@@ -694,6 +744,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, interrupted)
     prefect_cli = ensure_prefect_docker_venv(args.venv) if "prefect-docker" in kinds else None
+    dw_python = (install_dockerworker(DOCKERWORKER_VENV)
+                 if any(k.startswith("dockerworker") for k in kinds) else None)
     client = docker.from_env()
     client.ping()
     try:
@@ -720,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
             results[kind] = {}
             try:
                 bench_worker(kind, server, rig, client, template, plan, workdir, prefect_cli,
-                             results[kind])
+                             dw_python, results[kind])
             except Exception as exc:  # noqa: BLE001 - keep what was measured, go on
                 traceback.print_exc()
                 results[kind]["error"] = f"{type(exc).__name__}: {exc}"
