@@ -22,10 +22,21 @@ CANCEL_LINE = "cancel"
 ENTRY_SCRIPT = """\
 import json, os, runpy, secrets, select, signal, socket, sys, threading, warnings
 import prefect.engine, prefect.flow_engine
+def read_lines():  # from the raw descriptor: a reader blocked there never stalls the exit
+    pending = b""
+    while True:
+        while b"\\n" not in pending:
+            chunk = os.read(0, 4096)
+            if not chunk:
+                return
+            pending += chunk
+        line, pending = pending.split(b"\\n", 1)
+        yield line.decode().strip()
+stdin = read_lines()
 if len(sys.argv) > 1:  # warm: wait for a run's identity, or time out unused
-    ready, _, _ = select.select([sys.stdin], [], [], float(sys.argv[1]))
-    line = sys.stdin.readline() if ready else ""
-    if not line.strip():
+    ready, _, _ = select.select([0], [], [], float(sys.argv[1]))
+    line = next(stdin, "") if ready else ""
+    if not line:
         sys.exit(0)
     os.environ.update(json.loads(line))
     del sys.argv[1:]
@@ -42,8 +53,8 @@ def serve(server, token, hello):
         pass
     engine.append((conn, reader))
 def cancel_on_request(intent):
-    for line in sys.stdin:
-        if line.strip() == "cancel":
+    for line in stdin:
+        if line == "cancel":
             break
     else:
         return

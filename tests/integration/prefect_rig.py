@@ -344,6 +344,15 @@ class PrefectRig:
             run = self.read_flow_run(flow_run_id)
         return run
 
+    def wait_for_log(self, flow_run_id: str, text: str, timeout: float = 20.0) -> None:
+        """Until a log line of the run contains `text` (output is shipped in batches)."""
+        deadline = time.monotonic() + timeout
+        while not any(text in log["message"] for log in self.read_logs(flow_run_id)):
+            if time.monotonic() > deadline:
+                messages = [log["message"] for log in self.read_logs(flow_run_id)]
+                raise AssertionError(f"no log line with {text!r} after {timeout} s: {messages}")
+            time.sleep(0.3)
+
     def read_states(self, flow_run_id: str) -> list[str]:
         """The run's state types, oldest first."""
         states = self._call("GET", f"/flow_run_states/?flow_run_id={flow_run_id}")

@@ -55,7 +55,7 @@ def test_cancel_a_running_flow(
     # Prefect's engine got the cancellation as one (not as a bare SIGTERM, which it reports
     # as Crashed) and ran the flow's on_cancellation hook.
     assert "CRASHED" not in rig.read_states(run_id), rig.read_states(run_id)
-    assert any("on_cancellation hook ran" in m for m in container_lines(rig, run_id))
+    rig.wait_for_log(run_id, "on_cancellation hook ran")
     time.sleep(1)
     assert run_containers(docker_client, run_id) == []
 

@@ -95,3 +95,9 @@ def test_the_default_command_is_the_engine_behind_the_entry_script_with_stdin_op
     own = spec_for(JobVariables(command="python my_flow.py")).create_kwargs
     assert own["command"] == "python my_flow.py"
     assert "stdin_open" not in own and "io.dockerworker.control" not in own["labels"]
+
+
+def test_the_entry_script_is_valid_python() -> None:
+    from dockerworker.entry import ENTRY_SCRIPT
+
+    compile(ENTRY_SCRIPT, "<entry script>", "exec")
