@@ -85,10 +85,11 @@ def main() -> None:
               help="Most runs starting at once (claimed, not yet RUNNING); the rest stay "
                    "scheduled for the next poll or another worker. 0: no bound "
                    "(default: the number of CPUs).")
-@click.option("--warm", type=click.IntRange(0, 8), default=0, show_default=True,
+@click.option("--warm", type=click.IntRange(0, 32), default=0, show_default=True,
               envvar="DOCKERWORKER_WARM",
-              help="Keep this many containers per job configuration in use with Prefect already "
-                   "imported, waiting for a run (warm starts; each still serves one run).")
+              help="Warm starts: keep up to this many containers with Prefect already imported "
+                   "waiting for runs, one per job configuration, for the ones used most "
+                   "recently (each still serves one run).")
 @click.option("--run-once", is_flag=True,
               help="Process the runs that are due now, wait for them, then exit.")
 @click.option("--drain", is_flag=True, envvar="DOCKERWORKER_DRAIN",

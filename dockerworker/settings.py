@@ -33,7 +33,7 @@ class WorkerSettings(BaseModel):
     prefetch_seconds: float = Field(default=10.0, ge=0)
     heartbeat_interval: float = Field(default=30.0, gt=0)
     max_starting: int = Field(default_factory=lambda: os.cpu_count() or 2, ge=0)
-    warm: int = Field(default=0, ge=0, le=8)
+    warm: int = Field(default=0, ge=0, le=32)
     run_once: bool = False
     drain: bool = False
     health_port: int | None = Field(default=None, ge=0, le=65535)

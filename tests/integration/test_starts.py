@@ -46,9 +46,9 @@ def test_a_warm_container_serves_the_next_run_with_its_own_parameters(
     run = rig.wait_for_final(run_id, timeout=60)
     assert run["state"]["type"] == "COMPLETED", run["state"]
     assert run["infrastructure_pid"].endswith(":" + waiting.id)
+    rig.wait_for_log(run_id, "hello, warm")  # the flow's own print, shipped by the worker
     messages = log_messages(rig.read_logs(run_id))
     assert any("took over the run" in m for m in messages), messages
-    assert "hello, warm" in messages, messages  # the flow's own print, shipped by the worker
     served = docker_client.containers.get(waiting.id)
     assert not served.name.startswith("dockerworker-warm-")  # renamed after the run
     assert served.name.startswith(run["name"])
@@ -105,3 +105,26 @@ def test_no_more_runs_start_at_once_than_max_starting(
         time.sleep(0.2)
     assert states == ["COMPLETED"] * 3
     assert most_pending == 1  # each claimed only once the one before it was RUNNING
+
+
+def test_warm_keeps_the_most_recently_used_configurations_within_its_bound(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, docker_client
+) -> None:
+    start_worker(unique_pool, "--warm", "1")
+    first = rig.create_deployment(unique_pool, "flows.py:hello",
+                                  {"image": flow_image, "env": {"CONFIG": "a"}})
+    second = rig.create_deployment(unique_pool, "flows.py:hello",
+                                   {"image": flow_image, "env": {"CONFIG": "b"}})
+    assert rig.wait_for_final(rig.create_flow_run(first))["state"]["type"] == "COMPLETED"
+    kept_for_first = wait_for_waiting(docker_client, unique_pool)
+    assert rig.wait_for_final(rig.create_flow_run(second))["state"]["type"] == "COMPLETED"
+    deadline = time.monotonic() + 60
+    while True:  # the first configuration's container makes way for the second's
+        waiting = warm_containers(docker_client, unique_pool, waiting=True)
+        if [c.id for c in waiting] != [kept_for_first.id] and len(waiting) == 1:
+            break
+        assert time.monotonic() < deadline, waiting
+        time.sleep(0.3)
+    env = docker_client.containers.get(waiting[0].id).attrs["Config"]["Env"]
+    assert "CONFIG=b" in env
+    assert kept_for_first.id not in [c.id for c in warm_containers(docker_client, unique_pool)]
