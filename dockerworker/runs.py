@@ -293,7 +293,8 @@ class RunSupervisor:
                                   daemon=True)
         helper.start()
         while helper.is_alive():
-            if self.cancel_requested.wait(0.2):
+            helper.join(0.05)  # returns as soon as the work is done
+            if self.cancel_requested.is_set():
                 raise Cancelled
         if "error" in result:
             raise result["error"]  # type: ignore[misc]
