@@ -11,7 +11,7 @@ server; the flows' own API traffic goes straight to the server (job env PREFECT_
 the proxy counts the worker's requests only. prefect-docker's worker runs from its own venv
 (bench/.venv, created on first use), dockerworker from bench/.venv-dockerworker (this checkout
 with its runtime dependencies only, as operators install it; no prefect). `dockerworker-warm`
-is dockerworker with `--warm 1` (sequential and burst workloads only). Workers run one after the other, never together.
+is dockerworker with `--warm 2` (sequential and burst workloads only). Workers run one after the other, never together.
 The deps workload (`--deps`, on in a full run) times a deployment that needs one package:
 dockerworker builds it into an image once, prefect-docker's EXTRA_PIP_PACKAGES entrypoint
 installs it at every container start.
@@ -70,7 +70,7 @@ from proxy import CountingProxy, Request
 from dockerworker.jobs import default_base_job_template
 
 WORKERS = ("dockerworker", "dockerworker-warm", "prefect-docker")
-WARM_ARGS = ("--warm", "1")  # dockerworker-warm: warm starts on, one container per configuration
+WARM_ARGS = ("--warm", "2")  # dockerworker-warm: warm starts on, two waiting containers
 PREFECT_DOCKER_REQS = ("prefect==3.9.1", "prefect-docker==0.7.4")
 DEFAULT_VENV = BENCH_DIR / ".venv"
 DOCKERWORKER_VENV = BENCH_DIR / ".venv-dockerworker"

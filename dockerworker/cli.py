@@ -88,8 +88,8 @@ def main() -> None:
 @click.option("--warm", type=click.IntRange(0, 32), default=0, show_default=True,
               envvar="DOCKERWORKER_WARM",
               help="Warm starts: keep up to this many containers with Prefect already imported "
-                   "waiting for runs, one per job configuration, for the ones used most "
-                   "recently (each still serves one run).")
+                   "waiting for runs, shared among the job configurations in use (at least one "
+                   "each, the most recently used first); each still serves one run.")
 @click.option("--run-once", is_flag=True,
               help="Process the runs that are due now, wait for them, then exit.")
 @click.option("--drain", is_flag=True, envvar="DOCKERWORKER_DRAIN",

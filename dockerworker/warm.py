@@ -1,15 +1,15 @@
 """Warm starts: containers that have imported Prefect before their flow run exists.
 
 A cold container spends most of its start importing Prefect (seconds of CPU). With `--warm N`
-the worker keeps up to N waiting containers in all, one per job configuration (image, env,
-limits, networks, labels: everything but the run's identity), for the configurations used most
-recently. Each runs the entry script (entry.py), which imports Prefect's engine and then waits
-on stdin. A claimed run takes one: the worker records it as the run's infrastructure, renames
-it after the run and writes the run's identity (PREFECT__FLOW_RUN_ID and friends) to its
-stdin; the script then runs `python -m prefect.engine` in the same process. Each container
-still serves exactly one run and exits. Labels are fixed at create, so a warm container
-carries `io.dockerworker.warm` instead of the run's labels; a restarted worker finds its run
-by the flow run's infrastructure_pid.
+the worker keeps up to N waiting containers in all, shared evenly among the job configurations
+in use (image, env, limits, networks, labels: everything but the run's identity; at least one
+each, for the configurations used most recently). Each runs the entry script (entry.py), which
+imports Prefect's engine and then waits on stdin. A claimed run takes one: the worker records
+it as the run's infrastructure, renames it after the run and writes the run's identity
+(PREFECT__FLOW_RUN_ID and friends) to its stdin; the script then runs `python -m
+prefect.engine` in the same process. Each container still serves exactly one run and exits.
+Labels are fixed at create, so a warm container carries `io.dockerworker.warm` instead of the
+run's labels; a restarted worker finds its run by the flow run's infrastructure_pid.
 
 A configuration is kept warm only while it is used: taking a container starts its
 replacement, and an entry script nobody hands a run to exits by itself after WARM_TTL seconds.
@@ -102,19 +102,19 @@ def hand_over(container: Container, spec: ContainerSpec) -> None:
 @dataclass
 class _Idle:
     container: Container
-    started: float  # time.monotonic() at create: when its configuration was last used
+    started: float  # time.monotonic() at create: about when its configuration was last used
 
 
 class WarmPool:
-    """At most `size` waiting containers in all, one per job configuration, for the
-    configurations used most recently; each started in the background."""
+    """At most `size` waiting containers in all, shared evenly among the job configurations
+    in use (at least one each, for the ones used most recently); started in the background."""
 
     def __init__(self, client: docker.DockerClient, size: int, ttl: float = WARM_TTL) -> None:
         self.docker = client
         self.size = size
         self.ttl = ttl
-        self._idle: dict[str, _Idle] = {}
-        self._starting: set[str] = set()
+        self._idle: dict[str, list[_Idle]] = {}
+        self._starting: dict[str, int] = {}
         self._lock = threading.Lock()
         self._closed = False
 
@@ -123,63 +123,82 @@ class WarmPool:
         key = warm_key(spec) if self.size else None
         if key is None:
             return None
-        with self._lock:
-            idle = self._idle.pop(key, None)
         taken: Container | None = None
-        if idle is not None and time.monotonic() - idle.started < self.ttl - _TAKE_MARGIN:
-            with contextlib.suppress(docker.errors.NotFound):
-                idle.container.reload()
-                if idle.container.status == "running":
-                    taken = idle.container
-        if idle is not None and taken is None:
+        while taken is None:
+            with self._lock:
+                queue = self._idle.get(key) or []
+                idle = queue.pop(0) if queue else None  # the oldest: the furthest in its import
+            if idle is None:
+                break
+            if time.monotonic() - idle.started < self.ttl - _TAKE_MARGIN:
+                with contextlib.suppress(docker.errors.NotFound):
+                    idle.container.reload()
+                    if idle.container.status == "running":
+                        taken = idle.container
+                        break
             remove_quietly(idle.container)
         self._refill(spec, key)
         return taken
 
+    def _count(self, key: str) -> int:
+        return len(self._idle.get(key, [])) + self._starting.get(key, 0)
+
     def _refill(self, spec: ContainerSpec, key: str) -> None:
-        """Start a waiting container for `key`; at the bound, in place of the one whose
-        configuration was used longest ago."""
-        evicted: _Idle | None = None
+        """Bring `key` up to its share; at the bound, in place of the waiting containers of
+        the configurations used longest ago."""
+        evicted: list[_Idle] = []
         with self._lock:
-            if self._closed or key in self._idle or key in self._starting:
+            if self._closed:
                 return
-            if len(self._idle) + len(self._starting) >= self.size:
-                if not self._idle:
-                    return  # every place is taken by a container being started
-                oldest = min(self._idle, key=lambda k: self._idle[k].started)
-                evicted = self._idle.pop(oldest)
-            self._starting.add(key)
-        threading.Thread(target=self._start, args=(spec, key, evicted),
+            in_use = {k for k in set(self._idle) | set(self._starting) if self._count(k)}
+            share = max(1, self.size // len(in_use | {key}))
+            total = sum(self._count(k) for k in in_use)
+            planned = 0
+            while self._count(key) + planned < share:
+                if total + planned >= self.size:
+                    others = [(q[-1].started, k)  # by each configuration's latest use
+                              for k, q in self._idle.items() if q and k != key]
+                    if not others:
+                        break
+                    evicted.append(self._idle[min(others)[1]].pop(0))
+                    total -= 1
+                planned += 1
+            if not planned:
+                return
+            self._starting[key] = self._starting.get(key, 0) + planned
+        threading.Thread(target=self._start, args=(spec, key, planned, evicted),
                          name=f"warm-{key[:8]}", daemon=True).start()
 
-    def _start(self, spec: ContainerSpec, key: str, evicted: _Idle | None) -> None:
-        if evicted is not None:
-            remove_quietly(evicted.container)
-        try:
-            container: Container | None = create_and_start(
-                self.docker, warm_spec(spec, key, self.ttl))
-        except docker.errors.DockerException as exc:
-            log.warning("could not start a warm container for %s: %s",
-                        spec.create_kwargs.get("image"), exc)
-            container = None
-        with self._lock:
-            self._starting.discard(key)
-            keep = container is not None and not self._closed
+    def _start(self, spec: ContainerSpec, key: str, count: int, evicted: list[_Idle]) -> None:
+        for item in evicted:
+            remove_quietly(item.container)
+        for _ in range(count):
+            try:
+                container: Container | None = create_and_start(
+                    self.docker, warm_spec(spec, key, self.ttl))
+            except docker.errors.DockerException as exc:
+                log.warning("could not start a warm container for %s: %s",
+                            spec.create_kwargs.get("image"), exc)
+                container = None
+            with self._lock:
+                self._starting[key] -= 1
+                keep = container is not None and not self._closed
+                if keep:
+                    self._idle.setdefault(key, []).append(_Idle(container, time.monotonic()))
             if keep:
-                self._idle[key] = _Idle(container, time.monotonic())
-        if keep:
-            log.info("warm container %s started for runs of %s", container.name,
-                     spec.create_kwargs.get("image"))
-        elif container is not None:
-            remove_quietly(container)
+                log.info("warm container %s started for runs of %s", container.name,
+                         spec.create_kwargs.get("image"))
+            elif container is not None:
+                remove_quietly(container)
 
     def expire(self) -> None:
         """Remove waiting containers whose entry script has timed out (or is about to)."""
         now = time.monotonic()
+        expired = []
         with self._lock:
-            old = [key for key, item in self._idle.items()
-                   if now - item.started > self.ttl - _TAKE_MARGIN]
-            expired = [self._idle.pop(key) for key in old]
+            for key, queue in self._idle.items():
+                expired += [item for item in queue if now - item.started > self.ttl - _TAKE_MARGIN]
+                self._idle[key] = [item for item in queue if item not in expired]
         for item in expired:
             remove_quietly(item.container)
 
@@ -187,7 +206,7 @@ class WarmPool:
         """The worker is leaving: remove every container still waiting for a run."""
         with self._lock:
             self._closed = True
-            idle = list(self._idle.values())
+            idle = [item for queue in self._idle.values() for item in queue]
             self._idle.clear()
         for item in idle:
             remove_quietly(item.container)

@@ -128,3 +128,17 @@ def test_warm_keeps_the_most_recently_used_configurations_within_its_bound(
     env = docker_client.containers.get(waiting[0].id).attrs["Config"]["Env"]
     assert "CONFIG=b" in env
     assert kept_for_first.id not in [c.id for c in warm_containers(docker_client, unique_pool)]
+
+
+def test_one_configuration_in_use_gets_every_warm_place(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, docker_client
+) -> None:
+    start_worker(unique_pool, "--warm", "2")
+    deployment = rig.create_deployment(unique_pool, "flows.py:hello", {"image": flow_image})
+    assert rig.wait_for_final(rig.create_flow_run(deployment))["state"]["type"] == "COMPLETED"
+    deadline = time.monotonic() + 60
+    while len(warm_containers(docker_client, unique_pool, waiting=True)) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    time.sleep(2)
+    assert len(warm_containers(docker_client, unique_pool, waiting=True)) == 2  # and no more
