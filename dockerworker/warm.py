@@ -44,6 +44,10 @@ LABEL_WARM = "io.dockerworker.warm"
 WARM_NAME_PREFIX = "dockerworker-warm-"
 WARM_TTL = 600.0
 _TAKE_MARGIN = 30.0  # never hand over a container about to time out
+# A waiting container imports Prefect on CPU that running flows leave over (2: the kernel's
+# least weight); it gets the job's weight (or Docker's default, 1024) when it takes a run.
+WAITING_CPU_SHARES = 2
+DEFAULT_CPU_SHARES = 1024
 
 def warm_key(spec: ContainerSpec) -> str | None:
     """Which warm containers can serve this run: a hash of the spec without the run's
@@ -67,6 +71,7 @@ def warm_spec(spec: ContainerSpec, key: str, ttl: float) -> ContainerSpec:
     kwargs["labels"] = {k: v for k, v in kwargs["labels"].items() if k not in RUN_LABELS}
     kwargs["labels"][LABEL_WARM] = key
     kwargs["command"] = entry_command(wait_seconds=ttl)
+    kwargs["cpu_shares"] = WAITING_CPU_SHARES
     return ContainerSpec(
         name=f"{WARM_NAME_PREFIX}{key[:8]}-{uuid.uuid4().hex[:6]}",
         create_kwargs=kwargs,
@@ -87,13 +92,15 @@ def is_waiting(container: Container) -> bool:
 
 
 def hand_over(container: Container, spec: ContainerSpec) -> None:
-    """Name the container after the run and write the run's identity to its stdin."""
+    """Name the container after the run, give it the job's CPU weight and write the run's
+    identity to its stdin."""
     try:
         container.rename(spec.name)
     except docker.errors.APIError as exc:
         if exc.status_code != 409:
             raise
         container.rename(f"{spec.name}-{uuid.uuid4().hex[:4]}")
+    container.update(cpu_shares=spec.create_kwargs.get("cpu_shares") or DEFAULT_CPU_SHARES)
     env = {k: v for k, v in spec.create_kwargs["environment"].items() if k in RUN_ENV}
     write_line(container, json.dumps(env))
     container.reload()

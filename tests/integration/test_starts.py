@@ -53,6 +53,7 @@ def test_a_warm_container_serves_the_next_run_with_its_own_parameters(
     assert not served.name.startswith("dockerworker-warm-")  # renamed after the run
     assert served.name.startswith(run["name"])
     assert served.attrs["State"]["ExitCode"] == 0
+    assert served.attrs["HostConfig"]["CpuShares"] == 1024  # waiting at 2, the run at the default
 
     wait_for_waiting(docker_client, unique_pool)  # a replacement for the next run
     worker.stop()

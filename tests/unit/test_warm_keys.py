@@ -47,5 +47,6 @@ def test_the_warm_spec_carries_no_identity_and_waits_on_stdin() -> None:
     assert kwargs["labels"][LABEL_WARM] == "abcdef0123456789"
     assert kwargs["labels"]["io.prefect.work-pool-name"] == "pool-a"
     assert kwargs["stdin_open"] is True and kwargs["command"][-1] == "600"
+    assert kwargs["cpu_shares"] == 2  # it imports Prefect on CPU that running flows leave over
     assert warm.name.startswith(WARM_NAME_PREFIX)
     assert spec.create_kwargs["environment"]["PREFECT__FLOW_RUN_ID"]  # the run's spec untouched
