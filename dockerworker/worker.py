@@ -221,6 +221,7 @@ class Worker:
         """Ask for what is due (now + prefetch) and start a supervisor per run, within --limit."""
         free = self.free_slots()
         if free is not None and free <= 0:
+            self.last_poll = time.monotonic()  # full, not stuck: healthy, nothing to ask for
             return
         before = datetime.now(UTC) + timedelta(seconds=self.settings.prefetch_seconds)
         try:

@@ -213,6 +213,19 @@ def test_server_restart_during_a_run(
         server.stop()
 
 
+def test_a_worker_at_its_limit_stays_healthy(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str
+) -> None:
+    port = free_port()
+    start_worker(unique_pool, "--health-port", str(port), "--limit", "1")
+    deployment = rig.create_deployment(unique_pool, "flows.py:sleepy", {"image": flow_image})
+    run_id = rig.create_flow_run(deployment, parameters={"seconds": 50})
+    rig.wait_for_state(run_id, "RUNNING", timeout=60)
+    time.sleep(35)  # longer than the 30 s without a poll that count as stuck
+    health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    assert health.status_code == 200, health.text
+
+
 def test_health_endpoint_and_drain(
     rig: PrefectRig, start_worker, unique_pool: str, flow_image: str
 ) -> None:
