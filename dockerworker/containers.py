@@ -6,6 +6,7 @@ serves, so a restarted worker (or an operator with `docker ps`) can tell what it
 
 from __future__ import annotations
 
+import functools
 import re
 import signal
 import sys
@@ -267,7 +268,9 @@ def infrastructure_pid(client: docker.DockerClient, container: Container) -> str
     return f"{docker_host_id(client)}:{container.id}"
 
 
+@functools.cache
 def docker_host_id(client: docker.DockerClient) -> str:
+    """The engine's id, asked once per client (`docker info` is not cheap on every run)."""
     return str(client.info().get("ID") or client.api.base_url)
 
 
