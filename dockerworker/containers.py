@@ -263,11 +263,6 @@ def remove_quietly(container: Container) -> None:
         pass
 
 
-def infrastructure_pid(client: docker.DockerClient, container: Container) -> str:
-    """`<docker host id>:<container id>`: which engine, which container."""
-    return f"{docker_host_id(client)}:{container.id}"
-
-
 @functools.cache
 def docker_host_id(client: docker.DockerClient) -> str:
     """The engine's id, asked once per client (`docker info` is not cheap on every run)."""

@@ -26,18 +26,9 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import docker
-import docker.errors
-from docker.models.containers import Container
-
-from .containers import (
-    RUN_ENV,
-    RUN_LABELS,
-    ContainerSpec,
-    create_and_start,
-    remove_quietly,
-)
-from .entry import LABEL_CONTROL, entry_command, write_line
+from .containers import RUN_ENV, RUN_LABELS, ContainerSpec
+from .entry import LABEL_CONTROL, entry_command
+from .runtime import Runtime, RuntimeTrouble, Workload
 
 log = logging.getLogger(__name__)
 LABEL_WARM = "io.dockerworker.warm"
@@ -47,7 +38,6 @@ _TAKE_MARGIN = 30.0  # never hand over a container about to time out
 # A waiting container imports Prefect on CPU that running flows leave over (2: the kernel's
 # least weight); it gets the job's weight (or Docker's default, 1024) when it takes a run.
 WAITING_CPU_SHARES = 2
-DEFAULT_CPU_SHARES = 1024
 
 def warm_key(spec: ContainerSpec) -> str | None:
     """Which warm containers can serve this run: a hash of the spec without the run's
@@ -80,35 +70,14 @@ def warm_spec(spec: ContainerSpec, key: str, ttl: float) -> ContainerSpec:
     )
 
 
-def listed_name(container: Container) -> str:
-    """The name of a container from a sparse listing (`Names`) or an inspect (`Name`)."""
-    names = container.attrs.get("Names") or [container.attrs.get("Name") or ""]
-    return names[0].lstrip("/")
-
-
-def is_waiting(container: Container) -> bool:
+def is_waiting(workload: Workload) -> bool:
     """A warm container that was never handed a run (it is renamed at hand-over)."""
-    return listed_name(container).startswith(WARM_NAME_PREFIX)
-
-
-def hand_over(container: Container, spec: ContainerSpec) -> None:
-    """Name the container after the run, give it the job's CPU weight and write the run's
-    identity to its stdin."""
-    try:
-        container.rename(spec.name)
-    except docker.errors.APIError as exc:
-        if exc.status_code != 409:
-            raise
-        container.rename(f"{spec.name}-{uuid.uuid4().hex[:4]}")
-    container.update(cpu_shares=spec.create_kwargs.get("cpu_shares") or DEFAULT_CPU_SHARES)
-    env = {k: v for k, v in spec.create_kwargs["environment"].items() if k in RUN_ENV}
-    write_line(container, json.dumps(env))
-    container.reload()
+    return workload.name.startswith(WARM_NAME_PREFIX)
 
 
 @dataclass
 class _Idle:
-    container: Container
+    container: Workload
     started: float  # time.monotonic() at create: about when its configuration was last used
 
 
@@ -116,8 +85,8 @@ class WarmPool:
     """At most `size` waiting containers in all, shared evenly among the job configurations
     in use (at least one each, for the ones used most recently); started in the background."""
 
-    def __init__(self, client: docker.DockerClient, size: int, ttl: float = WARM_TTL) -> None:
-        self.docker = client
+    def __init__(self, runtime: Runtime, size: int, ttl: float = WARM_TTL) -> None:
+        self.runtime = runtime
         self.size = size
         self.ttl = ttl
         self._idle: dict[str, list[_Idle]] = {}
@@ -125,12 +94,12 @@ class WarmPool:
         self._lock = threading.Lock()
         self._closed = False
 
-    def take(self, spec: ContainerSpec) -> Container | None:
+    def take(self, spec: ContainerSpec) -> Workload | None:
         """A running warm container for this spec (or None), and a replacement on its way."""
         key = warm_key(spec) if self.size else None
         if key is None:
             return None
-        taken: Container | None = None
+        taken: Workload | None = None
         while taken is None:
             with self._lock:
                 queue = self._idle.get(key) or []
@@ -138,12 +107,11 @@ class WarmPool:
             if idle is None:
                 break
             if time.monotonic() - idle.started < self.ttl - _TAKE_MARGIN:
-                with contextlib.suppress(docker.errors.NotFound):
-                    idle.container.reload()
-                    if idle.container.status == "running":
+                with contextlib.suppress(RuntimeTrouble):
+                    if self.runtime.is_running(idle.container):
                         taken = idle.container
                         break
-            remove_quietly(idle.container)
+            self._remove(idle.container)
         self._refill(spec, key)
         return taken
 
@@ -178,12 +146,11 @@ class WarmPool:
 
     def _start(self, spec: ContainerSpec, key: str, count: int, evicted: list[_Idle]) -> None:
         for item in evicted:
-            remove_quietly(item.container)
+            self._remove(item.container)
         for _ in range(count):
             try:
-                container: Container | None = create_and_start(
-                    self.docker, warm_spec(spec, key, self.ttl))
-            except docker.errors.DockerException as exc:
+                container: Workload | None = self.runtime.start(warm_spec(spec, key, self.ttl))
+            except RuntimeTrouble as exc:
                 log.warning("could not start a warm container for %s: %s",
                             spec.create_kwargs.get("image"), exc)
                 container = None
@@ -196,7 +163,7 @@ class WarmPool:
                 log.info("warm container %s started for runs of %s", container.name,
                          spec.create_kwargs.get("image"))
             elif container is not None:
-                remove_quietly(container)
+                self._remove(container)
 
     def expire(self) -> None:
         """Remove waiting containers whose entry script has timed out (or is about to)."""
@@ -207,7 +174,7 @@ class WarmPool:
                 expired += [item for item in queue if now - item.started > self.ttl - _TAKE_MARGIN]
                 self._idle[key] = [item for item in queue if item not in expired]
         for item in expired:
-            remove_quietly(item.container)
+            self._remove(item.container)
 
     def close(self) -> None:
         """The worker is leaving: remove every container still waiting for a run."""
@@ -216,4 +183,10 @@ class WarmPool:
             idle = [item for queue in self._idle.values() for item in queue]
             self._idle.clear()
         for item in idle:
-            remove_quietly(item.container)
+            self._remove(item.container)
+
+    def _remove(self, workload: Workload) -> None:
+        try:
+            self.runtime.remove(workload)
+        except RuntimeTrouble as exc:
+            log.warning("could not remove warm container %s: %s", workload.name, exc)

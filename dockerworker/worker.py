@@ -23,6 +23,7 @@ import docker.errors
 import requests
 from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
 
+from .admission import Admission
 from .api import (
     AuthRejected,
     FlowRun,
@@ -34,49 +35,50 @@ from .api import (
     WorkPool,
 )
 from .builds import Builder
-from .containers import (
-    LABEL_FLOW_RUN_ID,
-    LABEL_MANAGED,
-    LABEL_POOL,
-    LABEL_WORKER,
-    WatchOptions,
-    docker_host_id,
-    remove_quietly,
-)
 from .events import RUNNING_EVENT, EventListener
 from .jobs import default_base_job_template
 from .logs import LogShipper
-from .runs import Phase, RunSupervisor, claim_message
+from .recovery import LOOP_PATIENCE, Recovery
+from .runs import Phase, RunSupervisor
+from .runtime import LocalEngine, Runtime, RuntimeTrouble, Workload
 from .settings import WorkerSettings
-from .warm import LABEL_WARM, WarmPool, is_waiting, listed_name
+from .warm import WarmPool
 
 log = logging.getLogger(__name__)
-LOOP_PATIENCE = 2.0  # the loop's own calls retry briefly; the next round tries again anyway
 CANCEL_CHECK_SECONDS = 2.0
 CANCEL_CHECK_WITH_EVENTS = 15.0  # the event stream reports Cancelling at once; this is a net
 RECONCILE_SECONDS = 60.0
-BOOT_PATIENCE = 120.0  # a run stops counting as starting after this long, RUNNING or not
 
 
 class Worker:
     def __init__(
-        self, settings: WorkerSettings, api: PrefectAPI, docker_client: docker.DockerClient
+        self,
+        settings: WorkerSettings,
+        api: PrefectAPI,
+        docker_client: docker.DockerClient | None = None,
+        *,
+        runtime: Runtime | None = None,
+        builder: Builder | None = None,
     ) -> None:
+        """`docker_client` for the machine's engine; tests pass a `runtime` (and `builder`)."""
         self.settings = settings
         self.api = api
-        self.docker = docker_client
+        if runtime is None:
+            assert docker_client is not None, "a Docker client or a runtime"
+            runtime = LocalEngine(docker_client)
+        self.runtime = runtime
         self.stop_event = threading.Event()
         self.pool: WorkPool | None = None
         self.shipper = LogShipper(api)
-        self.builder = Builder(docker_client, settings.build_options(), holder=settings.name)
+        self.builder = builder or Builder(docker_client, settings.build_options(),
+                                          holder=settings.name)
         self.last_poll: float | None = None  # monotonic time of the last successful poll
-        self._supervisors: dict[UUID, RunSupervisor] = {}
-        self._threads: dict[UUID, threading.Thread] = {}
-        self._lock = threading.Lock()
-        self._host_id: str | None = None
+        self.admission: Admission[RunSupervisor] = Admission(
+            settings.limit, 0 if settings.run_once else settings.max_starting)
+        self.recovery: Recovery | None = None
         self._nudged = threading.Event()  # set by the event stream, or to stop: act now
         self.events: EventListener | None = None
-        self.warm = WarmPool(docker_client, settings.warm) if settings.warm else None
+        self.warm = WarmPool(runtime, settings.warm) if settings.warm else None
 
     # --- start-up -----------------------------------------------------------------------
     def wait_for_server(self) -> None:
@@ -136,7 +138,8 @@ class Worker:
         if self.stop_event.is_set():
             return 0
         self.pool = self.ensure_pool()
-        self._host_id = docker_host_id(self.docker)
+        self.recovery = Recovery(self.api, self.runtime, self.settings.pool, self.settings.name,
+                                 self.runtime.host_id())
         if stale := self.builder.release_locks():
             log.info("removed %d build locks left from this worker's previous run", stale)
         self.adopt()
@@ -166,7 +169,8 @@ class Worker:
                 if time.monotonic() >= due[name]:
                     try:
                         action()
-                    except (requests.RequestException, docker.errors.DockerException) as exc:
+                    except (RuntimeTrouble, requests.RequestException,
+                            docker.errors.DockerException) as exc:
                         log.warning("%s: Docker engine trouble: %s", name, exc)
                     due[name] = time.monotonic() + interval()
             if self.settings.run_once:
@@ -242,65 +246,43 @@ class Worker:
 
     def free_slots(self) -> int | None:
         """How many more runs to take now: within --limit and --max-starting (None: any)."""
-        bounds = []
-        with self._lock:
-            if self.settings.limit is not None:
-                bounds.append(self.settings.limit - len(self._threads))
-            if self.settings.max_starting and not self.settings.run_once:
-                bounds.append(self.settings.max_starting - len(self._booting()))
-        return min(bounds) if bounds else None
-
-    def _booting(self) -> list[RunSupervisor]:
-        """Supervisors whose run has not been seen RUNNING yet (within BOOT_PATIENCE)."""
-        now = time.monotonic()
-        return [s for s in self._supervisors.values()
-                if s.booting and now - s.created < BOOT_PATIENCE]
+        return self.admission.free()
 
     def _seen_running(self, run_id: UUID) -> None:
         """The run reached RUNNING: it no longer counts as starting; take the next one."""
-        supervisor = self._supervisors.get(run_id)
-        if supervisor is not None and supervisor.booting:
-            supervisor.booting = False
-            if self.settings.max_starting:
-                self._nudged.set()
+        if self.admission.running(run_id):
+            self._nudged.set()
 
-    def _start(self, flow_run: FlowRun, body: Callable[[RunSupervisor], None]) -> bool:
+    def _start(self, flow_run: FlowRun, body: Callable[[RunSupervisor], None],
+               booting: bool = True) -> bool:
+        """A supervisor for the run in its own thread, if admission has a slot for it."""
         assert self.pool is not None
-        with self._lock:
-            if flow_run.id in self._threads:
-                return False
-            if self.settings.limit is not None and len(self._threads) >= self.settings.limit:
-                return False
-            supervisor = RunSupervisor(
-                self.api, self.docker, self.settings, self.pool, flow_run, self.shipper,
-                self.builder, on_done=self._done, warm=self.warm,
-            )
-            thread = threading.Thread(
-                target=body, args=(supervisor,), name=f"run-{flow_run.id.hex[:8]}", daemon=True
-            )
-            self._supervisors[flow_run.id] = supervisor
-            self._threads[flow_run.id] = thread
-        thread.start()
+        pool = self.pool
+        supervisor = self.admission.admit(flow_run.id, lambda: RunSupervisor(
+            self.api, self.runtime, self.settings, pool, flow_run, self.shipper,
+            self.builder, on_done=self._done, warm=self.warm,
+        ), booting=booting)
+        if supervisor is None:
+            return False
+        threading.Thread(target=body, args=(supervisor,), name=f"run-{flow_run.id.hex[:8]}",
+                         daemon=True).start()
         return True
 
     def _done(self, flow_run: FlowRun) -> None:
-        with self._lock:
-            self._threads.pop(flow_run.id, None)
-            self._supervisors.pop(flow_run.id, None)
+        self.admission.release(flow_run.id)
 
     def active_runs(self) -> list[RunSupervisor]:
-        with self._lock:
-            return list(self._supervisors.values())
+        return list(self.admission.supervisors().values())
 
     # --- cancellation -------------------------------------------------------------------
     def check_cancellations(self) -> None:
         """Runs of ours moved to CANCELLING (UI or API): stop them, in a thread each.
         Without the event stream, also look for starting runs that are RUNNING now."""
-        supervisors = {s.flow_run.id: s for s in self.active_runs()}
+        supervisors = self.admission.supervisors()
         if not supervisors:
             return
-        booting = [s.flow_run.id for s in supervisors.values() if s.booting]
-        if booting and self.settings.max_starting and not (
+        booting = self.admission.booting()
+        if booting and self.admission.max_starting and not (
             self.events is not None and self.events.connected.is_set()
         ):
             try:
@@ -323,127 +305,22 @@ class Worker:
             if supervisor is not None and not supervisor.cancel_requested.is_set():
                 threading.Thread(target=supervisor.cancel, daemon=True).start()
 
-    # --- restarts: adoption and reconciliation ------------------------------------------
-    def _pool_containers(self, **filters: str) -> list:
-        labels = [f"{LABEL_POOL}={self.settings.pool}", f"{LABEL_MANAGED}=true"]
-        labels += [f"{k}={v}" for k, v in filters.items()]
-        # sparse (labels in attrs["Labels"]): no inspect per container, which would race
-        # with removals by other replicas
-        return self.docker.containers.list(all=True, sparse=True, filters={"label": labels})
-
+    # --- restarts: adoption and reconciliation (recovery.py) ------------------------------
     def adopt(self) -> None:
-        """Take back the containers this worker started before it restarted (same name);
-        remove its warm containers that were still waiting for a run."""
-        containers = self._pool_containers(**{LABEL_WORKER: self.settings.name})
-        handed_over: dict[str, FlowRun] | None = None
-        for container in containers:
-            labels = container.attrs["Labels"]
-            if LABEL_WARM in labels and is_waiting(container):
-                remove_quietly(container)
-                continue
-            if LABEL_FLOW_RUN_ID in labels:
-                run_id = UUID(labels[LABEL_FLOW_RUN_ID])
-                try:
-                    flow_run = self.api.read_flow_run(run_id)
-                except NotFound:
-                    log.info("container %s serves a deleted flow run; removing it",
-                             listed_name(container))
-                    remove_quietly(container)
-                    continue
-            else:  # a warm container: its run names it as infrastructure
-                if handed_over is None:
-                    handed_over = self._runs_by_container()
-                if (found := handed_over.get(container.id)) is None:
-                    continue  # its run is over (or gone): nothing to watch
-                flow_run = found
-            if flow_run.id in self._threads:
-                continue
-            if flow_run.state is not None and flow_run.state.is_final and (
-                container.status != "running"
-            ):
-                if WatchOptions.from_labels(labels).auto_remove:
-                    remove_quietly(container)
-                continue
-            try:
-                container.reload()  # the full attributes (env, config) for the supervisor
-            except docker.errors.NotFound:
-                continue
-            log.info("adopting container %s of flow run %r (%s)", container.name,
-                     flow_run.name, container.status)
-            self._start(flow_run, lambda supervisor, c=container: supervisor.adopt(c))
+        """Take back this worker's containers from before a restart, a supervisor each."""
+        assert self.recovery is not None
+        self.recovery.adopt(self.admission, self._adopt)
 
-    def _runs_by_container(self) -> dict[str, FlowRun]:
-        """Unfinished runs of this pool on this engine, by their container's id."""
-        states = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
-        found = {}
-        for flow_run in self.api.filter_flow_runs(self.settings.pool, states):
-            host, _, container_id = (flow_run.infrastructure_pid or "").rpartition(":")
-            if host == self._host_id:
-                found[container_id] = flow_run
-        return found
+    def _adopt(self, flow_run: FlowRun, workload: Workload) -> None:
+        self._start(flow_run, lambda supervisor: supervisor.adopt(workload), booting=False)
 
     def reconcile(self) -> None:
-        """Runs of this pool whose container on this engine vanished → CRASHED; exited
-        containers of final runs that asked for auto_remove → removed."""
-        try:
-            runs = self.api.filter_flow_runs(
-                self.settings.pool, [StateType.PENDING, StateType.RUNNING],
-                patience=LOOP_PATIENCE,
-            )
-        except PrefectAPIError as exc:
-            log.warning("reconciliation failed: %s", exc)
-            return
-        mine = set(self._threads)
-        for flow_run in runs:
-            if flow_run.id in mine:
-                continue
-            if not flow_run.infrastructure_pid:
-                self._reschedule_if_abandoned(flow_run)
-                continue
-            host, _, container_id = flow_run.infrastructure_pid.rpartition(":")
-            if host != self._host_id:
-                continue
-            try:
-                self.docker.containers.get(container_id)
-            except docker.errors.NotFound:
-                message = (f"container vanished: {container_id[:12]} no longer exists on the "
-                           "Docker host (reported by dockerworker's reconciliation)")
-                log.warning("flow run %r (%s): %s", flow_run.name, flow_run.id, message)
-                self.api.set_state(flow_run.id, StateType.CRASHED, message)
+        """Vanished containers → CRASHED; finished ones that asked for it → removed."""
+        assert self.recovery is not None
+        ours = set(self.admission.supervisors())
+        self.recovery.reconcile(ours)
         if self.warm is not None:
             self.warm.expire()
-        for container in self._pool_containers(**{"io.dockerworker.auto-remove": "true"}):
-            if container.status not in ("exited", "dead"):
-                continue
-            if LABEL_FLOW_RUN_ID not in container.attrs["Labels"]:
-                continue  # a warm container: removed by its run, or by adoption
-            run_id = UUID(container.attrs["Labels"][LABEL_FLOW_RUN_ID])
-            if run_id in mine:
-                continue
-            try:
-                state = self.api.read_flow_run(run_id).state
-            except NotFound:
-                state = None
-            if state is None or state.is_final:
-                remove_quietly(container)
-
-    def _reschedule_if_abandoned(self, flow_run: FlowRun) -> None:
-        """A run this worker claimed before it restarted, without a container yet: give it
-        back to the pool (any container it got would have been adopted already)."""
-        state = flow_run.state
-        if state is None or state.type != StateType.PENDING:
-            return
-        if state.message != claim_message(self.settings.name):
-            return
-        if self._pool_containers(**{LABEL_FLOW_RUN_ID: str(flow_run.id)}):
-            return
-        log.warning("flow run %r (%s) was claimed before a restart and never got a "
-                    "container; rescheduling it", flow_run.name, flow_run.id)
-        self.api.set_state(
-            flow_run.id, StateType.SCHEDULED,
-            f"rescheduled: dockerworker {self.settings.name} restarted before starting its "
-            "container", force=True,
-        )
 
     # --- stopping -----------------------------------------------------------------------
     def wait_for_runs(self, phases: tuple[Phase, ...] | None = None) -> None:

@@ -1,0 +1,104 @@
+"""Admission: how many runs this worker takes, and the one registry of its supervisors.
+
+`--limit` bounds the runs in flight (adopted runs count); a slot is freed the moment its
+supervisor ends. `--max-starting` bounds the runs still starting (claimed, not yet seen
+RUNNING): a container booting Prefect is CPU-heavy, and a burst booted all at once reaches
+RUNNING later for every run. A run stops counting as starting when the event stream (or the
+worker's check) sees it RUNNING, or after BOOT_PATIENCE, RUNNING or not.
+
+One object owns these numbers behind its own lock; the worker loop and the event thread call
+it, nothing else writes its state (arq's semaphore with a done-callback, made explicit).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+from uuid import UUID
+
+BOOT_PATIENCE = 120.0  # a run stops counting as starting after this long, RUNNING or not
+S = TypeVar("S")
+
+
+@dataclass
+class _Slot(Generic[S]):
+    supervisor: S
+    admitted: float  # clock() at admission
+    booting: bool
+
+
+class Admission(Generic[S]):
+    """The runs in flight, by flow run id, within `limit` and `max_starting` (0/None: any)."""
+
+    def __init__(self, limit: int | None, max_starting: int | None,
+                 patience: float = BOOT_PATIENCE,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.max_starting = max_starting or 0
+        self.patience = patience
+        self._clock = clock
+        self._slots: dict[UUID, _Slot[S]] = {}
+        self._lock = threading.Lock()
+
+    def free(self) -> int | None:
+        """How many more runs to take now (None: no bound)."""
+        with self._lock:
+            bounds = []
+            if self.limit is not None:
+                bounds.append(self.limit - len(self._slots))
+            if self.max_starting:
+                bounds.append(self.max_starting - len(self._booting()))
+        return min(bounds) if bounds else None
+
+    def admit(self, run_id: UUID, make: Callable[[], S], booting: bool = True) -> S | None:
+        """A slot for `run_id` and its supervisor (made under the lock), or None: the run is
+        already in flight, or the worker is at its limit."""
+        with self._lock:
+            if run_id in self._slots:
+                return None
+            if self.limit is not None and len(self._slots) >= self.limit:
+                return None
+            supervisor = make()
+            self._slots[run_id] = _Slot(supervisor, self._clock(), booting)
+        return supervisor
+
+    def release(self, run_id: UUID) -> None:
+        """The supervisor has ended: its slot is free."""
+        with self._lock:
+            self._slots.pop(run_id, None)
+
+    def running(self, run_id: UUID) -> bool:
+        """The run was seen RUNNING: it no longer counts as starting. True when that freed
+        a start slot (worth polling at once)."""
+        with self._lock:
+            slot = self._slots.get(run_id)
+            if slot is None or not slot.booting:
+                return False
+            slot.booting = False
+        return bool(self.max_starting)
+
+    def booting(self) -> list[UUID]:
+        """The runs still starting (within the patience)."""
+        with self._lock:
+            return list(self._booting())
+
+    def _booting(self) -> dict[UUID, _Slot[S]]:
+        now = self._clock()
+        return {run_id: slot for run_id, slot in self._slots.items()
+                if slot.booting and now - slot.admitted < self.patience}
+
+    def supervisors(self) -> dict[UUID, S]:
+        """A snapshot of the runs in flight."""
+        with self._lock:
+            return {run_id: slot.supervisor for run_id, slot in self._slots.items()}
+
+    def __contains__(self, run_id: object) -> bool:
+        with self._lock:
+            return run_id in self._slots
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._slots)

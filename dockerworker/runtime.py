@@ -1,0 +1,303 @@
+"""The runtime seam: what one flow run needs from the engine that runs its container.
+
+Claims, policy, output shipping and verdicts never talk to Docker themselves; they hold a
+`Workload` (a small record of one container) and ask a `Runtime` to act on it. `LocalEngine`
+is the machine's Docker engine through the Docker SDK; a Swarm backend (services of mode
+`replicated-job`) and the unit tests' in-memory fake implement the same interface.
+
+Errors are translated in one place (as docker-py does for HTTP): `WorkloadGone` when the
+container no longer exists, `EngineUnavailable` while the engine is away (restarting, socket
+gone; worth waiting for), `EngineError` for any other refusal (with the engine's reason).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import docker
+import docker.errors
+import requests
+from docker.models.containers import Container
+
+from .containers import (
+    LABEL_MANAGED,
+    LABEL_POOL,
+    RUN_ENV,
+    ContainerSpec,
+    ExitReport,
+    crash_context,
+    create_and_start,
+    docker_host_id,
+    read_exit,
+    remove_quietly,
+)
+from .entry import CANCEL_LINE, LABEL_CONTROL, write_line
+from .images import ensure_image
+from .jobs import JobVariables
+from .logs import ResumePoint, RunOutput
+
+log = logging.getLogger(__name__)
+DEFAULT_CPU_SHARES = 1024  # Docker's default weight: what a warm container gets at hand-over
+
+
+class RuntimeTrouble(Exception):
+    """Something the engine said or failed to say; the subclasses say what to do about it."""
+
+
+class WorkloadGone(RuntimeTrouble):
+    """The container no longer exists (removed behind our back, or never made it)."""
+
+
+class EngineUnavailable(RuntimeTrouble):
+    """The engine does not answer (restarting, socket gone): wait and try again."""
+
+
+class EngineError(RuntimeTrouble):
+    """The engine refused (bad image, bad option, a name in use...): its reason is the text."""
+
+
+@dataclass
+class Workload:
+    """One container as the run sees it. `native` is the backend's own handle."""
+
+    id: str
+    name: str
+    labels: dict[str, str] = field(default_factory=dict)
+    status: str = "running"  # created | running | exited | dead ...
+    env: dict[str, str] = field(default_factory=dict)
+    native: Any = None
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+
+def infrastructure_pid(host_id: str, workload_id: str) -> str:
+    """`<engine id>:<container id>`, as Prefect's workers record it."""
+    return f"{host_id}:{workload_id}"
+
+
+def parse_infrastructure_pid(value: str | None) -> tuple[str, str]:
+    """(engine id, container id); ("", "") when the run has none."""
+    host, _, workload_id = (value or "").rpartition(":")
+    return host, workload_id
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """What a run needs from the engine; every method may raise a `RuntimeTrouble`."""
+
+    def host_id(self) -> str:
+        """The engine's identity: which runs' infrastructure_pid points here."""
+
+    def ensure_image(self, job: JobVariables, trusted_credentials: bool) -> str:
+        """Make the job's image available by its pull policy; says what was done."""
+
+    def start(self, spec: ContainerSpec) -> Workload:
+        """Create and start the container (cold)."""
+
+    def hand_over(self, workload: Workload, spec: ContainerSpec) -> None:
+        """Give a waiting warm container the run's identity."""
+
+    def resume(self, workload: Workload) -> None:
+        """Start a container that was created but never started (a worker died in between)."""
+
+    def follow(self, workload: Workload, output: RunOutput, resume: ResumePoint | None) -> None:
+        """Feed the container's output to `output` until it ends or `output.stop()`."""
+
+    def wait(self, workload: Workload) -> None:
+        """Block until the container has ended."""
+
+    def read_exit(self, workload: Workload) -> ExitReport:
+        """How it ended: exit code, out of memory, the engine's error."""
+
+    def stop(self, workload: Workload, grace: int, note: Callable[[str], None]) -> None:
+        """Cancel: ask Prefect's engine inside (or SIGTERM), SIGKILL after `grace` seconds."""
+
+    def remove(self, workload: Workload) -> None:
+        """Remove it; already gone is fine."""
+
+    def removed_meanwhile(self, workload: Workload) -> bool:
+        """True when it was removed just after it ended (`docker rm -f` kills, then removes)."""
+
+    def crash_context(self, workload: Workload) -> str:
+        """Its last output and the exception lines in it, for a crash message."""
+
+    def is_running(self, workload: Workload) -> bool:
+        """Still running (a warm container can be handed a run)."""
+
+    def inspect(self, workload_id: str) -> Workload:
+        """The container by id, with everything (env too); `WorkloadGone` if there is none."""
+
+    def list_workloads(self, pool: str, **labels: str) -> list[Workload]:
+        """This pool's containers (managed by dockerworker), with these labels too."""
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    """Docker's errors as the runtime's (the one place that knows docker-py's exceptions)."""
+    try:
+        yield
+    except docker.errors.NotFound as exc:
+        raise WorkloadGone(str(exc)) from exc
+    except docker.errors.APIError as exc:
+        if exc.status_code is None or exc.status_code >= 500:
+            raise EngineUnavailable(str(exc)) from exc
+        raise EngineError(exc.explanation or str(exc)) from exc
+    except (requests.ConnectionError, requests.Timeout, ConnectionError) as exc:
+        raise EngineUnavailable(str(exc)) from exc
+    except docker.errors.DockerException as exc:
+        raise EngineError(str(exc)) from exc
+
+
+def _workload(container: Container, full: bool = True) -> Workload:
+    """A Workload from an inspected container (`full`) or from a sparse listing."""
+    attrs = container.attrs
+    if full:
+        labels = dict(attrs.get("Config", {}).get("Labels") or {})
+        env = dict(item.partition("=")[::2] for item in attrs.get("Config", {}).get("Env") or [])
+        name = str(attrs.get("Name") or container.name or "").lstrip("/")
+        status = str(attrs.get("State", {}).get("Status") or container.status)
+    else:
+        labels = dict(attrs.get("Labels") or {})
+        env = {}
+        names = attrs.get("Names") or [attrs.get("Name") or ""]
+        name = names[0].lstrip("/")
+        status = str(attrs.get("State") or "")
+    return Workload(id=container.id, name=name, labels=labels, status=status, env=env,
+                    native=container)
+
+
+class LocalEngine:
+    """The machine's Docker engine through the Docker SDK."""
+
+    def __init__(self, client: docker.DockerClient) -> None:
+        self.client = client
+
+    def _container(self, workload: Workload) -> Container:
+        if workload.native is None:
+            with _translated():
+                workload.native = self.client.containers.get(workload.id)
+        return workload.native
+
+    def host_id(self) -> str:
+        with _translated():
+            return docker_host_id(self.client)
+
+    def ensure_image(self, job: JobVariables, trusted_credentials: bool) -> str:
+        with _translated():
+            return ensure_image(self.client, job, trusted_credentials)
+
+    def start(self, spec: ContainerSpec) -> Workload:
+        with _translated():
+            container = create_and_start(self.client, spec)
+            container.reload()
+            return _workload(container)
+
+    def hand_over(self, workload: Workload, spec: ContainerSpec) -> None:
+        """Name the container after the run, give it the job's CPU weight and write the
+        run's identity to its stdin (see warm.py)."""
+        container = self._container(workload)
+        with _translated():
+            try:
+                container.rename(spec.name)
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:
+                    raise
+                container.rename(f"{spec.name}-{uuid.uuid4().hex[:4]}")
+            container.update(cpu_shares=spec.create_kwargs.get("cpu_shares") or DEFAULT_CPU_SHARES)
+            env = {k: v for k, v in spec.create_kwargs["environment"].items() if k in RUN_ENV}
+            write_line(container, json.dumps(env))
+            container.reload()
+        workload.name = container.name
+
+    def resume(self, workload: Workload) -> None:
+        with _translated():
+            self._container(workload).start()
+        workload.status = "running"
+
+    def follow(self, workload: Workload, output: RunOutput, resume: ResumePoint | None) -> None:
+        with _translated():
+            output.follow(self._container(workload), resume)
+
+    def wait(self, workload: Workload) -> None:
+        with _translated():
+            self._container(workload).wait(timeout=None)
+
+    def read_exit(self, workload: Workload) -> ExitReport:
+        with _translated():
+            return read_exit(self._container(workload))
+
+    def stop(self, workload: Workload, grace: int, note: Callable[[str], None]) -> None:
+        """Prefect's engine behind our entry script is asked to cancel (it reports Cancelled
+        and runs on_cancellation hooks); anything else gets SIGTERM. SIGKILL after the grace."""
+        container = self._container(workload)
+        if workload.labels.get(LABEL_CONTROL) == "stdin":
+            note(f"asking Prefect's engine in container {workload.name} to cancel "
+                 f"(SIGKILL after {grace} s)")
+            try:
+                with _translated():
+                    write_line(container, CANCEL_LINE)
+                    container.wait(timeout=grace)
+                return
+            except WorkloadGone:
+                raise
+            except (RuntimeTrouble, requests.RequestException) as exc:
+                log.info("container %s: no exit after the cancel request (%s); killing",
+                         workload.name, exc)
+            with contextlib.suppress(docker.errors.APIError):  # it may have ended meanwhile
+                container.kill()
+            return
+        note(f"stopping container {workload.name} (SIGTERM, SIGKILL after {grace} s)")
+        with _translated():
+            container.stop(timeout=grace)
+
+    def remove(self, workload: Workload) -> None:
+        with _translated():
+            remove_quietly(self._container(workload))
+
+    def removed_meanwhile(self, workload: Workload) -> bool:
+        time.sleep(0.5)
+        try:
+            with _translated():
+                self._container(workload).reload()
+        except WorkloadGone:
+            return True
+        return False
+
+    def crash_context(self, workload: Workload) -> str:
+        try:
+            return crash_context(self._container(workload))
+        except (RuntimeTrouble, docker.errors.DockerException):
+            return ""
+
+    def is_running(self, workload: Workload) -> bool:
+        try:
+            with _translated():
+                container = self._container(workload)
+                container.reload()
+        except WorkloadGone:
+            return False
+        workload.status = container.status
+        return container.status == "running"
+
+    def inspect(self, workload_id: str) -> Workload:
+        with _translated():
+            return _workload(self.client.containers.get(workload_id))
+
+    def list_workloads(self, pool: str, **labels: str) -> list[Workload]:
+        filters = [f"{LABEL_POOL}={pool}", f"{LABEL_MANAGED}=true"]
+        filters += [f"{k}={v}" for k, v in labels.items()]
+        # sparse (labels in attrs["Labels"]): no inspect per container, which would race
+        # with removals by other replicas
+        with _translated():
+            found = self.client.containers.list(all=True, sparse=True,
+                                                filters={"label": filters})
+        return [_workload(container, full=False) for container in found]

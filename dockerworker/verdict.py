@@ -1,0 +1,122 @@
+"""How a run ends, decided in one place.
+
+The steps of a run (runs.py) raise a small exception when the run ends early: `RunCrashed`,
+`RunCancelled`, `ClaimLost`, `Detached`. When the container ends, `judge()` — a pure function
+of what the engine and the server say — gives the `Verdict`. One handler in the supervisor
+turns either into a state on the server and frees the run's slot.
+
+Prefect's engine inside the container reports the final state itself; the verdict only fills
+in what it could not: a container that died (out of memory, a signal, an exit before the
+engine reported), a CRASHED whose reason Docker knows better, a cancellation, a container
+removed behind our back. A paused (suspended) run was left so by the engine on purpose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from .api import State, StateType
+from .containers import ExitReport
+from .runtime import Workload
+
+
+class Outcome(StrEnum):
+    LEAVE = "leave"  # the run's state on the server stands
+    CRASHED = "crashed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What to report: CRASHED or CANCELLED with a message, or nothing (LEAVE)."""
+
+    outcome: Outcome
+    message: str = ""
+    force: bool = False  # replace the run's state even if final (a CRASHED we know better)
+    workload: Workload | None = None  # its last output goes into a crash message
+
+
+class RunEnded(Exception):
+    """A step of the run decided how it ends; the supervisor's handler reports it."""
+
+
+class RunCrashed(RunEnded):
+    """The run cannot go on: CRASHED with this message (and the container's last output)."""
+
+    def __init__(self, message: str, container: Workload | None = None,
+                 force: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.container = container
+        self.force = force
+
+
+class RunCancelled(RunEnded):
+    """The run was cancelled (or must be): CANCELLED, with `message` or with what happened
+    to its container."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or "cancelled")
+        self.message = message
+
+
+class ClaimLost(RunEnded):
+    """Another worker (or the server) has the run: nothing to report, nothing to clean."""
+
+
+class Detached(RunEnded):
+    """The worker is leaving; the container runs on and whoever adopts it judges it."""
+
+
+def cancelled_verdict(state: State | None, workload: Workload | None, exit: ExitReport | None,
+              mem_limit: str | None = None) -> Verdict:
+    """After a cancellation: CANCELLED with what happened to the container, unless Prefect's
+    engine already reported it."""
+    if workload is None:
+        message = "Cancelled before its container started; no container was created."
+    elif exit is None:
+        message = f"Cancelled: container {workload.name} is gone."
+    else:
+        message = (f"Cancelled: container {workload.name} was stopped "
+                   f"({exit.describe(mem_limit)}).")
+    if state is not None and state.type == StateType.CANCELLED:
+        return Verdict(Outcome.LEAVE, message)
+    return Verdict(Outcome.CANCELLED, message, force=True)
+
+
+def vanished(workload: Workload) -> str:
+    return (f"container vanished: {workload.name} ({workload.short_id}) was removed from the "
+            "Docker host while the flow run was in progress")
+
+
+def judge(
+    exit: ExitReport | None,
+    state: State | None,
+    *,
+    cancelled: bool,
+    removed: bool,
+    workload: Workload,
+    mem_limit: str | None = None,
+) -> Verdict:
+    """The verdict on an ended container. `exit` None: it vanished before its exit could be
+    read; `removed`: it was removed right after it ended; `state`: the run's state now."""
+    if cancelled:
+        return cancelled_verdict(state, workload, exit, mem_limit)
+    final = state is not None and state.is_final
+    if exit is None or (removed and not final):
+        if final:
+            return Verdict(Outcome.LEAVE, f"flow run is {state.type.value}")  # type: ignore[union-attr]
+        return Verdict(Outcome.CRASHED, vanished(workload))
+    reason = f"Flow run container {workload.name} {exit.describe(mem_limit)}"
+    if state is None or not state.is_final:
+        if state is not None and state.type == StateType.PAUSED:
+            return Verdict(Outcome.LEAVE, "flow run is PAUSED (suspended); left as it is")
+        current = state.type.value if state else "without a state"
+        return Verdict(Outcome.CRASHED, f"{reason} while the flow run was {current}.",
+                       workload=workload)
+    if state.type == StateType.CRASHED and "dockerworker" not in (state.message or ""):
+        # Prefect's engine saw its flow process die, not why; Docker and the output know.
+        lead = f"{reason}. " if exit.oom_killed else ""
+        return Verdict(Outcome.CRASHED, f"{lead}{state.message}", force=True, workload=workload)
+    return Verdict(Outcome.LEAVE, f"flow run is {state.type.value}")
