@@ -133,16 +133,21 @@ class Worker:
         finally:
             self._leave()
 
-    def _loop(self) -> int:
-        self.wait_for_server()
-        if self.stop_event.is_set():
-            return 0
+    def start_up(self) -> None:
+        """The pool, the engine's identity, stale build locks, and this worker's containers
+        from before a restart."""
         self.pool = self.ensure_pool()
         self.recovery = Recovery(self.api, self.runtime, self.settings.pool, self.settings.name,
                                  self.runtime.host_id())
         if stale := self.builder.release_locks():
             log.info("removed %d build locks left from this worker's previous run", stale)
         self.adopt()
+
+    def _loop(self) -> int:
+        self.wait_for_server()
+        if self.stop_event.is_set():
+            return 0
+        self.start_up()
         self.events = EventListener(
             self.settings.api_url, self.settings.pool, self.settings.stream_token(),
             self.settings.auth_headers(), self._on_event, self.stop_event,

@@ -1,0 +1,112 @@
+"""judge(): the verdict on an ended container, as a table."""
+
+from __future__ import annotations
+
+import pytest
+
+from dockerworker.api import State, StateType
+from dockerworker.containers import ExitReport
+from dockerworker.runtime import Workload
+from dockerworker.verdict import Outcome, cancelled_verdict, judge
+
+W = Workload(id="0123456789abcdef" * 4, name="etl-1234abcd")
+EXIT_0 = ExitReport(0, False, "")
+EXIT_1 = ExitReport(1, False, "")
+OOM = ExitReport(137, True, "")
+SIGKILL = ExitReport(137, False, "")
+SIGTERM = ExitReport(143, False, "")
+ODD_SIGNAL = ExitReport(128 + 90, False, "")
+ENGINE_ERROR = ExitReport(127, False, "exec format error")
+
+
+def state(type_: StateType, message: str | None = None) -> State:
+    return State(type=type_, message=message)
+
+
+# (case, exit, state, removed, outcome, force, in the message, context attached)
+TABLE = [
+    ("completed", EXIT_0, state(StateType.COMPLETED), False, Outcome.LEAVE, False,
+     "COMPLETED", False),
+    ("failed by the flow", EXIT_1, state(StateType.FAILED), False, Outcome.LEAVE, False,
+     "FAILED", False),
+    ("cancelled by the engine", EXIT_0, state(StateType.CANCELLED), False, Outcome.LEAVE,
+     False, "CANCELLED", False),
+    ("exit code while running", EXIT_1, state(StateType.RUNNING), False, Outcome.CRASHED,
+     False, "exited with code 1 while the flow run was RUNNING", True),
+    ("exit 0 while pending", EXIT_0, state(StateType.PENDING), False, Outcome.CRASHED, False,
+     "exited with code 0 while the flow run was PENDING", True),
+    ("no state at all", EXIT_1, None, False, Outcome.CRASHED, False,
+     "while the flow run was without a state", True),
+    ("out of memory", OOM, state(StateType.RUNNING), False, Outcome.CRASHED, False,
+     "killed: out of memory (mem_limit 256m), exit code 137", True),
+    ("sigkill", SIGKILL, state(StateType.RUNNING), False, Outcome.CRASHED, False,
+     "killed by SIGKILL (exit code 137)", True),
+    ("sigterm", SIGTERM, state(StateType.RUNNING), False, Outcome.CRASHED, False,
+     "killed by SIGTERM (exit code 143)", True),
+    ("a signal without a name", ODD_SIGNAL, state(StateType.RUNNING), False, Outcome.CRASHED,
+     False, "killed by signal 90", True),
+    ("engine-reported error", ENGINE_ERROR, state(StateType.RUNNING), False, Outcome.CRASHED,
+     False, "Docker reported an error: exec format error", True),
+    ("crashed by Prefect's engine", EXIT_1,
+     state(StateType.CRASHED, "Flow run process exited with code 1"), False, Outcome.CRASHED,
+     True, "Flow run process exited with code 1", True),
+    ("crashed by Prefect's engine, out of memory", OOM,
+     state(StateType.CRASHED, "process died"), False, Outcome.CRASHED, True,
+     "out of memory (mem_limit 256m), exit code 137. process died", True),
+    ("crashed by dockerworker already", EXIT_1,
+     state(StateType.CRASHED, "... (reported by dockerworker)"), False, Outcome.LEAVE, False,
+     "CRASHED", False),
+    ("paused (suspended)", EXIT_0, state(StateType.PAUSED), False, Outcome.LEAVE, False,
+     "PAUSED", False),
+    ("vanished while running", None, state(StateType.RUNNING), False, Outcome.CRASHED, False,
+     "container vanished: etl-1234abcd (0123456789ab) was removed", False),
+    ("vanished without a state", None, None, False, Outcome.CRASHED, False,
+     "container vanished", False),
+    ("vanished after the engine finished", None, state(StateType.COMPLETED), False,
+     Outcome.LEAVE, False, "COMPLETED", False),
+    ("removed right after its exit", SIGKILL, state(StateType.RUNNING), True, Outcome.CRASHED,
+     False, "container vanished", False),
+    ("removed after a final state", EXIT_0, state(StateType.COMPLETED), True, Outcome.LEAVE,
+     False, "COMPLETED", False),
+]
+
+
+@pytest.mark.parametrize(
+    "exit_, state_, removed, outcome, force, needle, context",
+    [row[1:] for row in TABLE], ids=[row[0] for row in TABLE],
+)
+def test_judge(exit_, state_, removed, outcome, force, needle, context) -> None:
+    verdict = judge(exit_, state_, cancelled=False, removed=removed, workload=W,
+                    mem_limit="256m")
+    assert verdict.outcome is outcome
+    assert verdict.force is force
+    assert needle in verdict.message
+    assert (verdict.workload is not None) is context
+
+
+CANCELS = [
+    ("stopped", W, SIGTERM, state(StateType.CANCELLING), Outcome.CANCELLED,
+     "Cancelled: container etl-1234abcd was stopped (killed by SIGTERM (exit code 143))."),
+    ("gone", W, None, state(StateType.CANCELLING), Outcome.CANCELLED,
+     "Cancelled: container etl-1234abcd is gone."),
+    ("before a container", None, None, state(StateType.CANCELLING), Outcome.CANCELLED,
+     "Cancelled before its container started; no container was created."),
+    ("the engine reported it", W, EXIT_0, state(StateType.CANCELLED), Outcome.LEAVE,
+     "Cancelled: container etl-1234abcd was stopped (exited with code 0)."),
+]
+
+
+@pytest.mark.parametrize("workload, exit_, state_, outcome, message",
+                         [row[1:] for row in CANCELS], ids=[row[0] for row in CANCELS])
+def test_cancelled(workload, exit_, state_, outcome, message) -> None:
+    verdict = cancelled_verdict(state_, workload, exit_)
+    assert verdict.outcome is outcome
+    assert verdict.message == message
+    assert verdict.force is (outcome is Outcome.CANCELLED)
+
+
+def test_cancelled_wins_over_whatever_the_exit_says() -> None:
+    verdict = judge(OOM, state(StateType.CANCELLING), cancelled=True, removed=False,
+                    workload=W, mem_limit="1g")
+    assert verdict.outcome is Outcome.CANCELLED
+    assert "out of memory (mem_limit 1g)" in verdict.message
