@@ -66,6 +66,7 @@ class FakeAPI:
         self.proposals: list[tuple[UUID, StateType, str]] = []  # (run, state, status)
         self.fail: dict[str, Exception] = {}  # method name → raised at its next call
         self.heartbeats = 0
+        self.poll_barrier: threading.Barrier | None = None  # polls meet here before answering
         self._lock = threading.RLock()
 
     # --- test set-up --------------------------------------------------------------------
@@ -129,6 +130,8 @@ class FakeAPI:
                                 ) -> list[FlowRun]:
         self._maybe_fail("get_scheduled_flow_runs")
         found = self.filter_flow_runs(pool, [StateType.SCHEDULED])
+        if self.poll_barrier is not None:
+            self.poll_barrier.wait(5)
         return found[:limit] if limit is not None else found
 
     def filter_flow_runs(self, pool: str, states: list[StateType], ids: list[UUID] | None = None,
@@ -356,6 +359,7 @@ class FakeRuntime:
         container = self._call("resume", workload)
         assert container is not None
         container.workload.status = workload.status = "running"
+        self._begin(container, report_running=False)
 
     def follow(self, workload: Workload, output: RunOutput, resume: ResumePoint | None) -> None:
         container = self._call("follow", workload)
@@ -469,6 +473,7 @@ def make_worker(api: FakeAPI, runtime: FakeRuntime, *, start: bool = True,
               **settings}
     worker = Worker(WorkerSettings.model_validate(values), api,  # type: ignore[arg-type]
                     runtime=runtime, builder=FakeBuilder())  # type: ignore[arg-type]
+    worker.shipper.start()
     if start:
         worker.start_up()
     return worker

@@ -1,0 +1,314 @@
+"""One flow run through its steps, on the fakes: claim, prepare, start, watch, verdict."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from dockerworker.api import PrefectAPIError, StateType
+from dockerworker.containers import LABEL_FLOW_RUN_ID
+from dockerworker.runs import Phase
+from dockerworker.runtime import EngineError, EngineUnavailable, WorkloadGone
+
+from .fakes import FakeAPI, FakeRuntime, Script, make_worker, settle, wait_until
+
+
+@pytest.fixture
+def api() -> FakeAPI:
+    return FakeAPI()
+
+
+@pytest.fixture
+def runtime(api: FakeAPI) -> FakeRuntime:
+    return FakeRuntime(api)
+
+
+def run_one(api: FakeAPI, runtime: FakeRuntime, script: Script | None = None, **run_kw):
+    """A scheduled run, polled by a fresh worker and seen to its end."""
+    if script is not None:
+        runtime.script_for = lambda spec: script
+    run = api.add_run(**run_kw)
+    worker = make_worker(api, runtime)
+    worker.poll()
+    settle(worker)
+    return run, worker
+
+
+def test_a_run_completes_in_a_labelled_container(api, runtime) -> None:
+    run, _ = run_one(api, runtime, Script(lines=[("stdout", "hello from the flow")]))
+    assert api.history[run.id] == [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING,
+                                   StateType.COMPLETED]
+    container = runtime.of_run(run.id)
+    assert container is not None
+    assert container.workload.labels[LABEL_FLOW_RUN_ID] == str(run.id)
+    assert api.runs[run.id].infrastructure_pid == f"fake-engine:{container.workload.id}"
+
+
+def test_the_run_s_log_tells_its_steps_and_its_output(api, runtime) -> None:
+    run, worker = run_one(api, runtime, Script(lines=[("stdout", "hello from the flow")]))
+    assert worker.shipper.flush(5)
+    messages = api.messages(run.id)
+    assert "claimed by worker w1" in messages
+    assert any(m.startswith("container run-") and m.endswith("started") for m in messages)
+    assert "hello from the flow" in messages
+    assert any("exited with code 0; 1 output lines" in m for m in messages)
+
+
+def test_a_claim_another_worker_won_starts_nothing(api, runtime) -> None:
+    run = api.add_run()
+    worker = make_worker(api, runtime)
+    supervisor = worker.admission.admit(run.id, lambda: _supervisor(worker, run))
+    api.set_state(run.id, StateType.PENDING, "claimed by dockerworker other")
+    supervisor.run()
+    assert runtime.containers == {}
+    assert api.state_of(run.id).message == "claimed by dockerworker other"
+    assert run.id not in worker.admission
+
+
+def _supervisor(worker, run):
+    from dockerworker.runs import RunSupervisor
+
+    return RunSupervisor(worker.api, worker.runtime, worker.settings, worker.pool, run,
+                         worker.shipper, worker.builder, on_done=worker._done)
+
+
+def test_claim_race_between_workers_starts_each_run_once(api, runtime) -> None:
+    runs = [api.add_run(f"run-{i}") for i in range(12)]
+    workers = [make_worker(api, runtime, name=f"w{i}", max_starting=0) for i in range(3)]
+    api.poll_barrier = threading.Barrier(3)  # all three see all twelve before anyone claims
+    polls = [threading.Thread(target=w.poll) for w in workers]
+    for t in polls:
+        t.start()
+    for t in polls:
+        t.join()
+    for worker in workers:
+        settle(worker)
+    for run in runs:
+        assert api.history[run.id].count(StateType.PENDING) == 1
+        assert api.state_of(run.id).type == StateType.COMPLETED
+    assert len(runtime.containers) == 12
+    aborted = [p for p in api.proposals if p[1] == StateType.PENDING and p[2] == "ABORT"]
+    assert len(aborted) == 24  # every loser was told no
+
+
+def test_a_container_ending_without_a_state_is_crashed_with_code_and_output(api, runtime):
+    run, _ = run_one(api, runtime, Script(lines=[("stderr", "last words before exit")],
+                                          exit_code=3, final_state=None))
+    state = api.state_of(run.id)
+    assert state.type == StateType.CRASHED
+    assert "exited with code 3 while the flow run was RUNNING" in state.message
+    assert "last words before exit" in state.message
+    assert state.message.endswith("(reported by dockerworker)")
+
+
+def test_out_of_memory_is_named(api, runtime) -> None:
+    run, _ = run_one(api, runtime, Script(exit_code=137, oom=True, final_state=None),
+                     job_variables={"mem_limit": "256m"})
+    assert "out of memory (mem_limit 256m)" in api.state_of(run.id).message
+
+
+def test_a_crash_prefect_saw_gets_docker_s_reason(api, runtime) -> None:
+    run, _ = run_one(api, runtime, Script(exit_code=137, oom=True,
+                                          final_state=StateType.CRASHED))
+    state = api.state_of(run.id)
+    assert state.type == StateType.CRASHED and "out of memory" in state.message
+    assert api.proposals[-1][2] == "ACCEPT"  # forced over the engine's CRASHED
+
+
+def test_a_suspended_run_is_left_paused(api, runtime) -> None:
+    run, _ = run_one(api, runtime, Script(final_state=StateType.PAUSED))
+    assert api.state_of(run.id).type == StateType.PAUSED
+
+
+def test_a_run_whose_deployment_is_gone_is_cancelled(api, runtime) -> None:
+    deployment = api.add_deployment()
+    del api.deployments[deployment.id]
+    run, _ = run_one(api, runtime, deployment=deployment)
+    state = api.state_of(run.id)
+    assert state.type == StateType.CANCELLED and "no longer exists" in state.message
+    assert runtime.containers == {}
+
+
+def test_deployment_job_variables_reach_the_container(api, runtime) -> None:
+    deployment = api.add_deployment(job_variables={"env": {"FROM_DEPLOYMENT": "1"}})
+    run, _ = run_one(api, runtime, deployment=deployment, job_variables={"env": {"RUN": "2"}})
+    env = runtime.of_run(run.id).workload.env
+    assert env["FROM_DEPLOYMENT"] == "1" and env["RUN"] == "2"
+    assert env["PREFECT__DEPLOYMENT_NAME"] == "nightly"
+
+
+def test_an_invalid_job_variable_is_named(api, runtime) -> None:
+    run, _ = run_one(api, runtime, job_variables={"mem_limit": "lots"})
+    state = api.state_of(run.id)
+    assert state.type == StateType.CRASHED and "mem_limit" in state.message
+    assert runtime.containers == {}
+
+
+def test_the_policy_refuses_a_job(api, runtime) -> None:
+    run = api.add_run(job_variables={"privileged": True})
+    worker = make_worker(api, runtime, policy={"allow_privileged": False})
+    worker.poll()
+    settle(worker)
+    state = api.state_of(run.id)
+    assert state.type == StateType.CRASHED
+    assert "refused by the worker's policy" in state.message
+    assert runtime.containers == {}
+
+
+def test_an_image_that_cannot_be_had_is_crashed(api, runtime) -> None:
+    runtime.missing_images.add("nowhere/nothing:1")
+    run, _ = run_one(api, runtime, job_variables={"image": "nowhere/nothing:1"})
+    state = api.state_of(run.id)
+    assert state.type == StateType.CRASHED and "nowhere/nothing:1" in state.message
+
+
+def test_a_container_the_engine_refuses_to_start_is_crashed(api, runtime) -> None:
+    runtime.fail["start"] = EngineError("unable to apply caps: operation not permitted")
+    run, _ = run_one(api, runtime)
+    message = api.state_of(run.id).message
+    assert "could not start the flow run's container from" in message
+    assert "unable to apply caps" in message
+
+
+def test_a_failed_build_is_crashed_with_its_reason(api, runtime) -> None:
+    run = api.add_run(job_variables={"pip_packages": ["nonexistent-package-xyz"]})
+    worker = make_worker(api, runtime)
+    worker.builder.fail = "pip install failed: No matching distribution"
+    worker.poll()
+    settle(worker)
+    state = api.state_of(run.id)
+    assert state.type == StateType.CRASHED and "No matching distribution" in state.message
+
+
+def test_a_build_runs_from_the_built_image_without_extra_pip_packages(api, runtime) -> None:
+    run = api.add_run(job_variables={"env": {"EXTRA_PIP_PACKAGES": "six"}})
+    worker = make_worker(api, runtime)
+    worker.poll()
+    settle(worker)
+    assert worker.builder.builds == ["etl"]
+    container = runtime.of_run(run.id)
+    assert "EXTRA_PIP_PACKAGES" not in container.workload.env
+    assert api.state_of(run.id).type == StateType.COMPLETED
+
+
+def test_a_container_removed_behind_the_worker_s_back_is_crashed(api, runtime) -> None:
+    hold = threading.Event()
+    runtime.script_for = lambda spec: Script(hold=hold)
+    run = api.add_run()
+    worker = make_worker(api, runtime)
+    worker.poll()
+    wait_until(lambda: runtime.of_run(run.id) is not None)
+    runtime.vanish(run.id)
+    settle(worker)
+    state = api.state_of(run.id)
+    assert state.type == StateType.CRASHED and "container vanished" in state.message
+
+
+def test_auto_remove_removes_the_container_after_the_verdict(api, runtime) -> None:
+    run, _ = run_one(api, runtime, Script(exit_code=1, final_state=None),
+                     job_variables={"auto_remove": True})
+    assert runtime.of_run(run.id) is None
+    assert "exited with code 1" in api.state_of(run.id).message  # its output was read first
+
+
+def test_without_auto_remove_the_container_stays(api, runtime) -> None:
+    run, _ = run_one(api, runtime)
+    assert runtime.of_run(run.id) is not None
+
+
+def test_a_worker_leaving_detaches_and_reports_nothing(api, runtime) -> None:
+    hold = threading.Event()
+    runtime.script_for = lambda spec: Script(hold=hold)
+    run = api.add_run()
+    worker = make_worker(api, runtime)
+    worker.poll()
+    wait_until(lambda: any(s.phase == Phase.RUNNING and s.output is not None
+                           for s in worker.active_runs()))
+    for supervisor in worker.active_runs():
+        supervisor.stop_following()
+    settle(worker)
+    assert api.state_of(run.id).type == StateType.RUNNING
+    assert runtime.of_run(run.id).workload.status == "running"  # left for the next worker
+    hold.set()
+
+
+def test_the_engine_away_for_a_moment_is_waited_for(api, runtime, monkeypatch) -> None:
+    from dockerworker import runs
+
+    monkeypatch.setattr(runs, "wait_exponential_jitter", lambda **kw: lambda state: 0)
+    runtime.fail["read_exit"] = EngineUnavailable("connection refused")
+    run, _ = run_one(api, runtime, Script(lines=[("stdout", "x")]))
+    assert api.state_of(run.id).type == StateType.COMPLETED
+    assert [method for method, _ in runtime.calls].count("read_exit") == 2  # retried once
+
+
+# --- every supervisor frees its slot, whatever raises ------------------------------------
+API_FAILURES = ["read_work_pool", "read_flow", "read_flow_run", "set_state"]
+RUNTIME_FAILURES = ["host_id", "ensure_image", "start", "follow", "wait", "read_exit"]
+
+
+@pytest.mark.parametrize("method", API_FAILURES)
+def test_an_api_failure_at_any_step_frees_the_slot(api, runtime, method) -> None:
+    run = api.add_run()
+    worker = make_worker(api, runtime)
+    api.fail[method] = PrefectAPIError(f"{method} failed")
+    worker.poll()
+    settle(worker)
+    assert run.id not in worker.admission
+
+
+@pytest.mark.parametrize("method", RUNTIME_FAILURES)
+def test_a_runtime_failure_at_any_step_frees_the_slot_and_crashes_the_run(
+    api, runtime, method
+) -> None:
+    runtime.script_for = lambda spec: Script(final_state=None)  # the engine says nothing
+    run = api.add_run()
+    worker = make_worker(api, runtime)
+    runtime.fail[method] = RuntimeError(f"{method} exploded") if method != "follow" else (
+        WorkloadGone("gone"))
+    worker.poll()
+    settle(worker)
+    assert run.id not in worker.admission
+    assert api.state_of(run.id).type == StateType.CRASHED
+
+
+def test_an_unexpected_error_before_the_claim_leaves_the_run_untouched(api, runtime) -> None:
+    run = api.add_run()
+    deployment = api.add_deployment()
+    api.runs[run.id].deployment_id = deployment.id
+    api.fail["read_deployment"] = RuntimeError("boom")
+    worker = make_worker(api, runtime)
+    worker.poll()
+    settle(worker)
+    assert api.history[run.id] == [StateType.SCHEDULED]
+
+
+def test_a_report_that_fails_still_frees_the_slot(api, runtime) -> None:
+    runtime.script_for = lambda spec: Script(exit_code=1, final_state=None)
+    run = api.add_run()
+    worker = make_worker(api, runtime)
+    original = api.set_state
+    calls = []
+
+    def flaky(run_id, type_, *a, **kw):
+        calls.append(type_)
+        if type_ == StateType.CRASHED:
+            raise RuntimeError("the server fell over")
+        return original(run_id, type_, *a, **kw)
+
+    api.set_state = flaky
+    worker.poll()
+    settle(worker)
+    assert StateType.CRASHED in calls and run.id not in worker.admission
+
+
+def test_secrets_in_the_job_env_are_masked_in_the_crash_message(api, runtime) -> None:
+    runtime.script_for = lambda spec: Script(lines=[("stdout", "token is s3cr3t-value")],
+                                             exit_code=1, final_state=None)
+    run = api.add_run(job_variables={"env": {"API_TOKEN": "s3cr3t-value"}})
+    worker = make_worker(api, runtime)
+    worker.poll()
+    settle(worker)
+    message = api.state_of(run.id).message
+    assert "s3cr3t-value" not in message and "token is" in message

@@ -1,0 +1,416 @@
+"""The worker on the fakes: admission, cancellation at each phase, adoption, reconciliation,
+warm hand-over, leaving."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from dockerworker.api import StateType
+from dockerworker.containers import LABEL_FLOW_RUN_ID, LABEL_WORKER
+from dockerworker.events import RUNNING_EVENT
+from dockerworker.runs import Phase, claim_message
+from dockerworker.runtime import EngineError
+from dockerworker.warm import LABEL_WARM, WARM_NAME_PREFIX
+
+from .fakes import FAKE_HOST, FakeAPI, FakeRuntime, Script, make_worker, settle, wait_until
+
+
+@pytest.fixture
+def api() -> FakeAPI:
+    return FakeAPI()
+
+
+@pytest.fixture
+def runtime(api: FakeAPI) -> FakeRuntime:
+    return FakeRuntime(api)
+
+
+@pytest.fixture
+def hold(runtime: FakeRuntime):
+    """Containers run until the test lets them end."""
+    gate = threading.Event()
+    runtime.script_for = lambda spec: Script(hold=gate)
+    yield gate
+    gate.set()
+
+
+def cancel(api: FakeAPI, worker, run_id) -> None:
+    api.set_state(run_id, StateType.CANCELLING, force=True)
+    worker.check_cancellations()
+
+
+def running(worker) -> int:
+    return sum(1 for s in worker.active_runs() if s.phase == Phase.RUNNING)
+
+
+# --- admission ---------------------------------------------------------------------------
+def test_limit_bounds_runs_at_once(api, runtime, hold) -> None:
+    runs = [api.add_run(f"r{i}") for i in range(5)]
+    worker = make_worker(api, runtime, limit=2, max_starting=0)
+    worker.poll()
+    wait_until(lambda: running(worker) == 2)
+    worker.poll()
+    assert len(runtime.containers) == 2
+    hold.set()
+    settle(worker)
+    worker.poll()
+    settle(worker)
+    done = [r for r in runs if api.state_of(r.id).type == StateType.COMPLETED]
+    assert len(done) == 4
+
+
+def test_max_starting_waits_for_running_before_taking_more(api, runtime, hold) -> None:
+    runtime.script_for = lambda spec: Script(hold=hold, reports_running=False)
+    runs = [api.add_run(f"r{i}") for i in range(5)]
+    worker = make_worker(api, runtime, max_starting=2)
+    worker.poll()
+    wait_until(lambda: running(worker) == 2)
+    worker.poll()
+    assert len(runtime.containers) == 2
+    started = next(iter(worker.admission.supervisors()))
+    worker._on_event(RUNNING_EVENT, f"prefect.flow-run.{started}")
+    assert worker._nudged.is_set()
+    worker.poll()
+    wait_until(lambda: len(runtime.containers) == 3)
+    assert len(runs) == 5
+
+
+def test_without_the_event_stream_the_cancel_check_sees_runs_running(api, runtime, hold):
+    api.add_run()
+    worker = make_worker(api, runtime, max_starting=1)
+    worker.poll()
+    wait_until(lambda: running(worker) == 1)
+    assert worker.free_slots() == 0
+    worker.check_cancellations()  # the run is RUNNING on the server
+    assert worker.free_slots() == 1
+
+
+def test_run_once_ignores_max_starting(api, runtime) -> None:
+    for i in range(4):
+        api.add_run(f"r{i}")
+    worker = make_worker(api, runtime, max_starting=1, run_once=True)
+    assert worker.free_slots() is None
+    worker.poll()
+    settle(worker)
+    assert len(runtime.containers) == 4
+
+
+def test_a_full_worker_still_counts_as_polling(api, runtime, hold) -> None:
+    api.add_run()
+    worker = make_worker(api, runtime, limit=1)
+    worker.poll()
+    wait_until(lambda: running(worker) == 1)
+    worker.last_poll = None
+    worker.poll()
+    assert worker.last_poll is not None
+
+
+def test_a_scheduled_event_nudges_the_loop(api, runtime) -> None:
+    worker = make_worker(api, runtime)
+    worker._on_event("prefect.flow-run.Scheduled", "prefect.flow-run.x")
+    assert worker._nudged.is_set()
+
+
+def test_a_running_event_of_a_stranger_changes_nothing(api, runtime) -> None:
+    worker = make_worker(api, runtime)
+    worker._on_event(RUNNING_EVENT, "prefect.flow-run.not-a-uuid")
+    worker._on_event(RUNNING_EVENT, "prefect.flow-run.00000000-0000-0000-0000-000000000000")
+    assert not worker._nudged.is_set()
+
+
+# --- cancellation at each phase ----------------------------------------------------------
+def test_cancel_while_the_image_is_pulled(api, runtime) -> None:
+    runtime.image_gate = threading.Event()
+    run = api.add_run()
+    worker = make_worker(api, runtime)
+    worker.poll()
+    wait_until(lambda: ("ensure_image", "") in runtime.calls)
+    cancel(api, worker, run.id)
+    settle(worker)
+    runtime.image_gate.set()
+    state = api.state_of(run.id)
+    assert state.type == StateType.CANCELLED
+    assert state.message == "Cancelled before its container started; no container was created."
+    assert runtime.containers == {}
+
+
+def test_cancel_during_a_build(api, runtime) -> None:
+    run = api.add_run(job_variables={"pip_packages": ["six"]})
+    worker = make_worker(api, runtime)
+    worker.builder.gate = threading.Event()
+    worker.poll()
+    wait_until(lambda: any(s.phase == Phase.PREPARING for s in worker.active_runs()))
+    wait_until(lambda: any("dependencies" in m for m in _shipped(worker, api, run.id)))
+    cancel(api, worker, run.id)
+    settle(worker)
+    worker.builder.gate.set()
+    assert api.state_of(run.id).type == StateType.CANCELLED
+    assert runtime.containers == {}
+
+
+def _shipped(worker, api, run_id):
+    worker.shipper.flush(1)
+    return api.messages(run_id)
+
+
+def test_cancel_a_running_flow_through_prefect_s_engine(api, runtime, hold) -> None:
+    run = api.add_run()
+    worker = make_worker(api, runtime)
+    worker.poll()
+    wait_until(lambda: running(worker) == 1)
+    cancel(api, worker, run.id)
+    settle(worker)
+    assert api.history[run.id][-2:] == [StateType.CANCELLING, StateType.CANCELLED]
+    assert runtime.of_run(run.id) is None  # removed
+    messages = _shipped(worker, api, run.id)
+    assert "cancellation requested" in messages
+    assert any(m.startswith("Cancelled: container") for m in messages)
+
+
+def test_cancel_a_command_container_by_sigterm(api, runtime, hold) -> None:
+    run = api.add_run(job_variables={"command": "python flow.py"})
+    worker = make_worker(api, runtime)
+    worker.poll()
+    wait_until(lambda: running(worker) == 1)
+    cancel(api, worker, run.id)
+    settle(worker)
+    state = api.state_of(run.id)
+    assert state.type == StateType.CANCELLED
+    assert "was stopped (killed by SIGTERM (exit code 143))" in state.message
+
+
+def test_cancel_while_the_container_is_being_created(api, runtime, hold) -> None:
+    run = api.add_run()
+    worker = make_worker(api, runtime)
+
+    def script(spec):
+        worker.active_runs()[0].cancel()  # arrives before the supervisor knows its container
+        return Script(hold=hold)
+
+    runtime.script_for = script
+    worker.poll()
+    settle(worker)
+    assert api.state_of(run.id).type == StateType.CANCELLED
+    assert any(method == "stop" for method, _ in runtime.calls)  # stopped once it existed
+
+
+def test_a_second_cancel_request_stops_once(api, runtime, hold) -> None:
+    runtime.script_for = lambda spec: Script(hold=hold, cancellable=False)
+    run = api.add_run()
+    worker = make_worker(api, runtime)
+    worker.poll()
+    wait_until(lambda: running(worker) == 1)
+    supervisor = worker.active_runs()[0]
+    supervisor.cancel()
+    supervisor.cancel()
+    settle(worker)
+    assert [c[0] for c in runtime.calls].count("stop") == 1
+    assert api.state_of(run.id).type == StateType.CANCELLED
+
+
+def test_cancelling_runs_of_others_are_not_touched(api, runtime, hold) -> None:
+    other = api.add_run(state=StateType.CANCELLING)
+    worker = make_worker(api, runtime)
+    worker.check_cancellations()
+    assert api.state_of(other.id).type == StateType.CANCELLING
+
+
+# --- adoption ----------------------------------------------------------------------------
+def ours(run_id=None, **labels) -> dict[str, str]:
+    found = {LABEL_WORKER: "w1", **labels}
+    if run_id is not None:
+        found[LABEL_FLOW_RUN_ID] = str(run_id)
+    return found
+
+
+def test_a_restarted_worker_adopts_its_running_container_and_judges_it(api, runtime) -> None:
+    run = api.add_run(state=StateType.RUNNING)
+    gate = threading.Event()
+    container = runtime.add("etl-1", ours(run.id), Script(exit_code=3, final_state=None,
+                                                          hold=gate), run_id=run.id)
+    worker = make_worker(api, runtime)
+    assert run.id in worker.admission
+    assert worker.admission.booting() == []  # an adopted run is not starting
+    gate.set()
+    settle(worker)
+    state = api.state_of(run.id)
+    assert state.type == StateType.CRASHED and "exited with code 3" in state.message
+    assert container.workload.id in runtime.containers
+
+
+def test_a_container_created_but_never_started_is_started_at_adoption(api, runtime) -> None:
+    run = api.add_run(state=StateType.PENDING)
+    runtime.add("etl-1", ours(run.id), Script(final_state=None), status="created",
+                run_id=run.id)
+    worker = make_worker(api, runtime)
+    settle(worker)
+    assert ("resume", "etl-1") in runtime.calls
+
+
+def test_a_container_of_a_deleted_run_is_removed(api, runtime) -> None:
+    run = api.add_run()
+    del api.runs[run.id]
+    runtime.add("etl-1", ours(run.id), status="exited")
+    make_worker(api, runtime)
+    assert runtime.containers == {}
+
+
+def test_waiting_warm_containers_are_removed_at_start_up(api, runtime) -> None:
+    runtime.add(f"{WARM_NAME_PREFIX}abc", ours(**{LABEL_WARM: "k"}))
+    make_worker(api, runtime)
+    assert runtime.containers == {}
+
+
+def test_a_warm_container_that_took_a_run_is_adopted_by_its_infrastructure_pid(api, runtime):
+    gate = threading.Event()
+    container = runtime.add("etl-renamed", ours(**{LABEL_WARM: "k"}), Script(hold=gate))
+    run = api.add_run(state=StateType.RUNNING,
+                      infrastructure_pid=f"{FAKE_HOST}:{container.workload.id}")
+    container.run_id = run.id
+    worker = make_worker(api, runtime)
+    assert run.id in worker.admission
+    runtime.finish(container)
+    settle(worker)
+    assert api.state_of(run.id).type == StateType.COMPLETED
+
+
+def test_exited_containers_of_finished_runs_go_only_if_they_asked(api, runtime) -> None:
+    done = api.add_run(state=StateType.COMPLETED)
+    kept = api.add_run(state=StateType.COMPLETED)
+    runtime.add("a", ours(done.id, **{"io.dockerworker.auto-remove": "true"}), status="exited")
+    runtime.add("b", ours(kept.id), status="exited")
+    worker = make_worker(api, runtime)
+    assert [c.workload.name for c in runtime.containers.values()] == ["b"]
+    assert len(worker.admission) == 0
+
+
+def test_containers_of_another_worker_are_not_adopted(api, runtime) -> None:
+    run = api.add_run(state=StateType.RUNNING)
+    runtime.add("x", {LABEL_WORKER: "w2", LABEL_FLOW_RUN_ID: str(run.id)},
+                Script(hold=threading.Event()), run_id=run.id)
+    worker = make_worker(api, runtime)
+    assert len(worker.admission) == 0
+
+
+# --- reconciliation ----------------------------------------------------------------------
+def test_a_run_whose_container_vanished_is_crashed(api, runtime) -> None:
+    run = api.add_run(state=StateType.RUNNING, infrastructure_pid=f"{FAKE_HOST}:feedbeef")
+    worker = make_worker(api, runtime)
+    worker.reconcile()
+    state = api.state_of(run.id)
+    assert state.type == StateType.CRASHED and "container vanished: feedbeef" in state.message
+
+
+def test_runs_on_another_engine_are_not_reconciled(api, runtime) -> None:
+    run = api.add_run(state=StateType.RUNNING, infrastructure_pid="other-engine:feedbeef")
+    worker = make_worker(api, runtime)
+    worker.reconcile()
+    assert api.state_of(run.id).type == StateType.RUNNING
+
+
+def test_a_claim_abandoned_by_a_restart_is_rescheduled(api, runtime) -> None:
+    run = api.add_run(state=StateType.PENDING, message=claim_message("w1"))
+    worker = make_worker(api, runtime)
+    worker.reconcile()
+    state = api.state_of(run.id)
+    assert state.type == StateType.SCHEDULED and "rescheduled" in state.message
+
+
+def test_a_claim_of_another_worker_is_not_rescheduled(api, runtime) -> None:
+    run = api.add_run(state=StateType.PENDING, message=claim_message("w2"))
+    worker = make_worker(api, runtime)
+    worker.reconcile()
+    assert api.state_of(run.id).type == StateType.PENDING
+
+
+def test_a_claim_with_a_container_is_not_rescheduled(api, runtime) -> None:
+    run = api.add_run(state=StateType.PENDING, message=claim_message("w1"))
+    worker = make_worker(api, runtime)
+    runtime.add("x", {LABEL_WORKER: "w9", LABEL_FLOW_RUN_ID: str(run.id)}, status="exited")
+    worker.reconcile()
+    assert api.state_of(run.id).type == StateType.PENDING
+
+
+def test_reconciliation_removes_finished_auto_remove_containers_not_its_own(api, runtime,
+                                                                           hold) -> None:
+    finished = api.add_run(state=StateType.COMPLETED)
+    worker = make_worker(api, runtime)
+    runtime.add("old", ours(finished.id, **{"io.dockerworker.auto-remove": "true"}),
+                status="exited")
+    mine = api.add_run(job_variables={"auto_remove": True})
+    worker.poll()
+    wait_until(lambda: running(worker) == 1)
+    runtime.of_run(mine.id).workload.status = "exited"  # as if between exit and verdict
+    worker.reconcile()
+    assert [c.workload.name for c in runtime.containers.values()] == [
+        runtime.of_run(mine.id).workload.name]
+
+
+def test_a_run_being_supervised_is_not_reconciled(api, runtime, hold) -> None:
+    run = api.add_run()
+    worker = make_worker(api, runtime)
+    worker.poll()
+    wait_until(lambda: running(worker) == 1)
+    api.runs[run.id].infrastructure_pid = f"{FAKE_HOST}:nothing-here"
+    worker.reconcile()
+    assert api.state_of(run.id).type == StateType.RUNNING
+
+
+# --- warm hand-over ----------------------------------------------------------------------
+def warm_containers(runtime: FakeRuntime) -> list:
+    return [c for c in runtime.containers.values() if LABEL_WARM in c.workload.labels]
+
+
+def test_a_warm_container_takes_the_next_run(api, runtime) -> None:
+    worker = make_worker(api, runtime, warm=1)
+    first = api.add_run("first")
+    worker.poll()
+    settle(worker)
+    wait_until(lambda: len(warm_containers(runtime)) == 1)  # the first run started cold
+    second = api.add_run("second")
+    worker.poll()
+    settle(worker)
+    assert api.state_of(first.id).type == api.state_of(second.id).type == StateType.COMPLETED
+    taken = runtime.of_run(second.id)
+    assert LABEL_WARM in taken.workload.labels
+    assert not taken.workload.name.startswith(WARM_NAME_PREFIX)  # renamed after the run
+    assert api.runs[second.id].infrastructure_pid.endswith(taken.workload.id)
+    assert any("took over the run" in m for m in _shipped(worker, api, second.id))
+
+
+def test_a_warm_container_that_fails_at_hand_over_means_a_cold_start(api, runtime) -> None:
+    worker = make_worker(api, runtime, warm=1)
+    api.add_run("first")
+    worker.poll()
+    settle(worker)
+    wait_until(lambda: any(c.run_id is None for c in warm_containers(runtime)))
+    runtime.fail["hand_over"] = EngineError("rename failed")
+    second = api.add_run("second")
+    worker.poll()
+    settle(worker)
+    assert api.state_of(second.id).type == StateType.COMPLETED
+    assert LABEL_WARM not in runtime.of_run(second.id).workload.labels
+
+
+def test_a_job_with_its_own_command_never_waits_warm(api, runtime) -> None:
+    worker = make_worker(api, runtime, warm=2)
+    api.add_run(job_variables={"command": "python flow.py"})
+    worker.poll()
+    settle(worker)
+    assert warm_containers(runtime) == []
+
+
+# --- leaving -----------------------------------------------------------------------------
+def test_leaving_leaves_running_containers_for_the_next_worker(api, runtime, hold) -> None:
+    run = api.add_run()
+    worker = make_worker(api, runtime, warm=1)
+    worker.poll()
+    wait_until(lambda: running(worker) == 1 and worker.active_runs()[0].output is not None)
+    wait_until(lambda: any(c.run_id is None for c in warm_containers(runtime)))
+    worker._leave()
+    settle(worker)
+    assert api.state_of(run.id).type == StateType.RUNNING
+    assert runtime.of_run(run.id).workload.status == "running"
+    assert [c for c in warm_containers(runtime) if c.run_id is None] == []  # closed
