@@ -13,17 +13,12 @@ engine is behind the runtime seam (runtime.py): nothing here knows Docker.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 from collections.abc import Callable
 from enum import StrEnum
-from typing import TypeVar
-
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from .api import (
     Deployment,
-    Flow,
     FlowRun,
     NotFound,
     PrefectAPI,
@@ -31,25 +26,22 @@ from .api import (
     StateType,
     WorkPool,
 )
-from .builds import Builder, BuildFailed, BuildPlan
-from .containers import ContainerSpec, WatchOptions, build_spec
-from .images import ImageUnavailable
-from .jobs import InvalidJobVariables, JobVariables, merge_job_variables, resolve_job
+from .builds import Builder
+from .containers import ContainerSpec, WatchOptions
+from .follow import Follower
+from .jobs import JobVariables
 from .logs import LogShipper, ResumePoint, RunOutput, log_entry, resume_point
 from .policy import Masker
+from .prepare import Preparation, build_name
 from .runtime import (
-    EngineError,
-    EngineUnavailable,
     Runtime,
     RuntimeTrouble,
     Workload,
     WorkloadGone,
-    infrastructure_pid,
 )
 from .settings import WorkerSettings
 from .verdict import (
     ClaimLost,
-    Detached,
     Outcome,
     RunCancelled,
     RunCrashed,
@@ -61,17 +53,7 @@ from .verdict import (
 from .warm import WarmPool
 
 log = logging.getLogger(__name__)
-_console_lock = threading.Lock()
 MAX_STATE_MESSAGE = 2000
-DOCKER_PATIENCE = 600.0  # how long a run waits for a restarting Docker engine
-T = TypeVar("T")
-
-
-def echo(prefix: str, line: str) -> None:
-    """A container's line on the worker's console, prefixed with its flow run's name."""
-    with _console_lock:
-        sys.stdout.write(f"{prefix} | {line}\n")
-        sys.stdout.flush()
 
 
 def claim_message(worker_name: str) -> str:
@@ -114,11 +96,17 @@ class RunSupervisor:
         self.phase = Phase.CLAIMING
         self.claimed = False
         self.container: Workload | None = None
-        self.output: RunOutput | None = None
         self.options = WatchOptions()
         self.cancel_requested = threading.Event()
-        self._engine_trouble = False
         self.mask = Masker(settings.secrets())
+        self.prepare = Preparation(api, runtime, builder, settings, flow_run, shipper, warm,
+                                   self.say, lambda text: self.mask(text), self.cancel_requested)
+        self.follower = Follower(api, runtime, shipper, flow_run, self.label)
+
+    @property
+    def output(self) -> RunOutput | None:
+        """The container's output on its way to the server, once following has begun."""
+        return self.follower.output
 
     # --- entry points (each in the supervisor's own thread) ------------------------------
     def run(self) -> None:
@@ -201,8 +189,7 @@ class RunSupervisor:
 
     def stop_following(self) -> None:
         """The worker is leaving: stop shipping output (a later worker resumes from the server)."""
-        if self.output is not None:
-            self.output.stop()
+        self.follower.stop()
 
     # --- the steps -----------------------------------------------------------------------
     def _run(self) -> Verdict:
@@ -211,10 +198,10 @@ class RunSupervisor:
         self.phase = Phase.PREPARING
         job = self._resolve_job(deployment)
         self._check_policy(job)
-        job = self._ensure_image(job)
+        job = self.prepare.ensure_image(job)
         flow = self.api.read_flow(self.flow_run.flow_id)
-        job = self._build_dependencies(job, build_name(flow, deployment))
-        spec = self._container_spec(job, deployment, flow)
+        job = self.prepare.build_dependencies(job, build_name(flow, deployment))
+        spec = self.prepare.container_spec(job, deployment, flow, self.pool)
         workload = self._start(spec)
         return self._watch(workload, None)
 
@@ -247,23 +234,9 @@ class RunSupervisor:
         self.say(f"claimed by worker {self.settings.name}")
 
     def _resolve_job(self, deployment: Deployment | None) -> JobVariables:
-        """The pool's template as it is now (an operator's edit counts at once) ⊕ values."""
-        self.pool = self.api.read_work_pool(self.pool.name)
-        values = merge_job_variables(
-            deployment.job_variables if deployment else None, self.flow_run.job_variables
-        )
-        raw_env = values.get("env") if isinstance(values.get("env"), dict) else {}
-        self.mask = Masker.for_env(
-            {str(k): v for k, v in raw_env.items() if isinstance(v, str)}, self.settings.secrets()
-        )
-        try:
-            job = resolve_job(self.pool.base_job_template, values)
-        except InvalidJobVariables as exc:
-            raise RunCrashed(str(exc)) from None
-        secrets = self.settings.secrets()
-        if job.registry_credentials:
-            secrets.add(job.registry_credentials.password)
-        self.mask = Masker.for_env({**job.env, **self.settings.auth_env()}, secrets)
+        """The job (the pool's template as it is now ⊕ values); from here on its secrets are
+        masked and its options known."""
+        self.pool, job, self.mask = self.prepare.resolve_job(self.pool.name, deployment)
         self.options = WatchOptions.from_job(job)
         return job
 
@@ -272,62 +245,11 @@ class RunSupervisor:
         if refused := self.settings.policy.violations(job):
             raise RunCrashed("refused by the worker's policy: " + "; ".join(refused))
 
-    def _ensure_image(self, job: JobVariables) -> JobVariables:
-        """The job's image on the engine, by its pull policy (a cancellation stops waiting)."""
-        trusted = self.settings.policy.trusts_credentials_for(job.image)
-        try:
-            how = self._unless_cancelled(lambda: self.runtime.ensure_image(job, trusted))
-        except ImageUnavailable as exc:
-            raise RunCrashed(str(exc)) from None
-        self.say(f"image {job.image} {how}")
-        return job
-
-    def _build_dependencies(self, job: JobVariables, deployment: str) -> JobVariables:
-        """Run from the per-deployment image when the job asks for dependencies (built once,
-        cached by content); EXTRA_PIP_PACKAGES is built in, not installed at run time."""
-        plan = BuildPlan.from_job(job)
-        if plan is None:
-            return job
-        self.say(f"dependencies ({plan.describe()}) on {job.image}")
-        try:
-            result = self._unless_cancelled(
-                lambda: self.builder.ensure(job.image, plan, deployment, self._build_line)
-            )
-        except BuildFailed as exc:
-            raise RunCrashed(str(exc)) from None
-        if result.built:
-            self.say(f"built image {result.tag} in {result.seconds:.0f} s")
-        else:
-            self.say(f"image {result.tag} cached, no build")
-        env = {k: v for k, v in job.env.items() if k != "EXTRA_PIP_PACKAGES"}
-        return job.model_copy(update={"image": result.tag, "env": env})
-
-    def _build_line(self, line: str) -> None:
-        line = self.mask(line)
-        if not self.cancel_requested.is_set():
-            echo(f"{self.flow_run.name} [build]", line)
-            self.shipper.submit(log_entry(self.flow_run.id, line, name="dockerworker.build"))
-
-    def _container_spec(self, job: JobVariables, deployment: Deployment | None,
-                        flow: Flow) -> ContainerSpec:
-        spec = build_spec(
-            job,
-            flow_run=self.flow_run,
-            deployment=deployment,
-            flow=flow,
-            pool=self.pool,
-            worker_name=self.settings.name,
-            api_url=self.settings.api_url,
-            auth_env=self.settings.auth_env(),
-        )
-        spec.create_kwargs = self.settings.policy.harden(spec.create_kwargs)
-        return spec
-
     def _start(self, spec: ContainerSpec) -> Workload:
         """A warm container handed the run, or a new one; then it is the run's container."""
         if self.cancel_requested.is_set():
             raise RunCancelled
-        workload = self._take_warm(spec) or self._start_cold(spec)
+        workload = self.prepare.launch(spec)
         self.container = workload
         self.phase = Phase.RUNNING
         if self.cancel_requested.is_set():  # cancelled while the container was being created
@@ -335,123 +257,23 @@ class RunSupervisor:
             self.cancel()
         return workload
 
-    def _start_cold(self, spec: ContainerSpec) -> Workload:
-        try:
-            workload = self.runtime.start(spec)
-        except (EngineError, EngineUnavailable) as exc:
-            image = spec.create_kwargs.get("image")
-            raise RunCrashed(f"could not start the flow run's container from {image!r}: "
-                             f"{exc}") from None
-        self.say(f"container {workload.name} started")
-        self._record_infrastructure(workload)
-        return workload
-
-    def _take_warm(self, spec: ContainerSpec) -> Workload | None:
-        """A warm container for this run, handed the run's identity; None: start cold.
-        The run is recorded as its infrastructure first: a restarted worker finds it so."""
-        if self.warm is None or (workload := self.warm.take(spec)) is None:
-            return None
-        try:
-            self._record_infrastructure(workload)
-            self.runtime.hand_over(workload, spec)
-        except RuntimeTrouble as exc:
-            log.warning("%s: warm container %s failed (%s); starting cold", self.label,
-                        workload.name, exc)
-            self._remove(workload)
-            return None
-        self.say(f"warm container {workload.name} took over the run (Prefect already loaded)")
-        return workload
-
-    def _record_infrastructure(self, workload: Workload) -> None:
-        """infrastructure_pid = `<engine id>:<container id>`, as Prefect's workers do."""
-        try:
-            self.api.set_infrastructure_pid(
-                self.flow_run.id, infrastructure_pid(self.runtime.host_id(), workload.id)
-            )
-        except PrefectAPIError as exc:
-            log.warning("%s: could not record infrastructure_pid: %s", self.label, exc)
-
-    def _unless_cancelled(self, work: Callable[[], T]) -> T:
-        """Run `work` (a pull, a build) in a helper thread; give up on it if the run is
-        cancelled meanwhile (the pull or build finishes on its own and is simply cached)."""
-        result: dict[str, object] = {}
-
-        def target() -> None:
-            try:
-                result["value"] = work()
-            except Exception as exc:  # noqa: BLE001 - handed over to the supervisor's thread
-                result["error"] = exc
-
-        helper = threading.Thread(target=target, name=f"{threading.current_thread().name}-prep",
-                                  daemon=True)
-        helper.start()
-        while helper.is_alive():
-            helper.join(0.05)  # returns as soon as the work is done
-            if self.cancel_requested.is_set():
-                raise RunCancelled
-        if "error" in result:
-            raise result["error"]  # type: ignore[misc]
-        return result["value"]  # type: ignore[return-value]
-
     def _watch(self, workload: Workload, resume: ResumePoint | None) -> Verdict:
-        """Follow the container's output to its end, then judge. If the engine goes away
-        meanwhile, wait for it and resume from the server's cursor."""
-        options = self.options
-        self.output = RunOutput(
-            self.shipper,
-            self.flow_run.id,
-            max_bytes=options.max_log_bytes,
-            echo=(lambda text: echo(self.flow_run.name, text)) if options.stream_output else None,
-            skip_engine_records=options.skip_engine_records,
-            mask=self.mask,
-        )
-        try:
-            self._with_engine(lambda: self._follow(workload, resume))
-            if self.output.stopped:
-                raise Detached  # the worker is leaving; whoever adopts the container judges it
-            self._with_engine(lambda: self.runtime.wait(workload))
-            report = self._with_engine(lambda: self.runtime.read_exit(workload))
-            if self._engine_trouble:  # the output stream may have ended early: catch up
-                self._with_engine(lambda: self._follow(workload, None))
-        except WorkloadGone:
-            report = None
+        """Follow the container to its end, then judge it (and remove it if it asked)."""
+        report = self.follower.follow(workload, self.options, self.mask, resume)
+        mem_limit = self.options.mem_limit
         if report is not None:
-            self.say(f"container {workload.name} {report.describe(options.mem_limit)}; "
-                     f"{self.output.close()}")
+            self.say(f"container {workload.name} {report.describe(mem_limit)}; "
+                     f"{self.follower.summary()}")
         if self.cancel_requested.is_set():
             raise RunCancelled
         state = self.api.read_flow_run(self.flow_run.id).state
         removed = (report is not None and not (state is not None and state.is_final)
                    and self.runtime.removed_meanwhile(workload))
         verdict = self._with_context(judge(report, state, cancelled=False, removed=removed,
-                                           workload=workload, mem_limit=options.mem_limit))
-        if options.auto_remove and report is not None and not removed:
+                                           workload=workload, mem_limit=mem_limit))
+        if self.options.auto_remove and report is not None and not removed:
             self._remove(workload)
         return verdict
-
-    def _follow(self, workload: Workload, resume: ResumePoint | None) -> None:
-        """Follow the output; after trouble with the engine, resume from the server's cursor."""
-        assert self.output is not None
-        if self._engine_trouble:
-            self.shipper.flush(timeout=30)
-            resume = resume_point(self.api, self.flow_run.id)
-        self.runtime.follow(workload, self.output, resume)
-
-    def _with_engine(self, call: Callable[[], T]) -> T:
-        """`call`, retried while the container engine is unreachable (restarting)."""
-
-        def note(state: object) -> None:
-            self._engine_trouble = True
-            log.warning("%s: Docker engine unreachable; retrying", self.label)
-
-        retrying = Retrying(
-            retry=retry_if_exception_type(EngineUnavailable),
-            wait=wait_exponential_jitter(multiplier=1, max=15),
-            stop=stop_after_delay(DOCKER_PATIENCE),
-            before_sleep=note,
-            reraise=True,
-        )
-        return retrying(call)
 
     def _cancelled(self) -> Verdict:
         """After a cancellation: CANCELLED with what happened, and the container removed."""
@@ -502,7 +324,3 @@ class RunSupervisor:
         if result.status != "ACCEPT":
             log.info("%s: crash not recorded (server said %s)", self.label, result.status)
 
-
-def build_name(flow: Flow, deployment: Deployment | None) -> str:
-    """What a per-deployment image is named after."""
-    return f"{flow.name}-{deployment.name}" if deployment else flow.name

@@ -234,9 +234,9 @@ def test_a_worker_leaving_detaches_and_reports_nothing(api, runtime) -> None:
 
 
 def test_the_engine_away_for_a_moment_is_waited_for(api, runtime, monkeypatch) -> None:
-    from dockerworker import runs
+    from dockerworker import follow
 
-    monkeypatch.setattr(runs, "wait_exponential_jitter", lambda **kw: lambda state: 0)
+    monkeypatch.setattr(follow, "wait_exponential_jitter", lambda **kw: lambda state: 0)
     runtime.fail["read_exit"] = EngineUnavailable("connection refused")
     run, _ = run_one(api, runtime, Script(lines=[("stdout", "x")]))
     assert api.state_of(run.id).type == StateType.COMPLETED

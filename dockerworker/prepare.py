@@ -1,0 +1,207 @@
+"""From a run's job to its started container: the job, the image, the dependencies, the
+spec, and a container (a warm one handed the run, or a new one).
+
+The slow parts (a pull, a build) run in a helper thread, so a cancellation stops the wait at
+once; the pull or build finishes on its own and is simply cached for the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from .api import Deployment, Flow, FlowRun, PrefectAPI, PrefectAPIError, WorkPool
+from .builds import Builder, BuildFailed, BuildPlan
+from .containers import ContainerSpec, build_spec
+from .follow import echo
+from .images import ImageUnavailable
+from .jobs import InvalidJobVariables, JobVariables, merge_job_variables, resolve_job
+from .logs import LogShipper, log_entry
+from .policy import Masker
+from .runtime import (
+    EngineError,
+    EngineUnavailable,
+    Runtime,
+    RuntimeTrouble,
+    Workload,
+    infrastructure_pid,
+)
+from .settings import WorkerSettings
+from .verdict import RunCancelled, RunCrashed
+from .warm import WarmPool
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Preparation:
+    """The preparing steps of one run; each raises the run's verdict when it cannot go on."""
+
+    def __init__(
+        self,
+        api: PrefectAPI,
+        runtime: Runtime,
+        builder: Builder,
+        settings: WorkerSettings,
+        flow_run: FlowRun,
+        shipper: LogShipper,
+        warm: WarmPool | None,
+        say: Callable[[str], None],
+        mask: Callable[[str], str],
+        cancelled: threading.Event,
+    ) -> None:
+        self.api = api
+        self.runtime = runtime
+        self.builder = builder
+        self.settings = settings
+        self.flow_run = flow_run
+        self.shipper = shipper
+        self.warm = warm
+        self.say = say
+        self.mask = mask
+        self.cancelled = cancelled
+        self.label = f"flow run {flow_run.name!r} ({flow_run.id})"
+
+    def resolve_job(self, pool_name: str, deployment: Deployment | None
+                    ) -> tuple[WorkPool, JobVariables, Masker]:
+        """The pool's template as it is now (an operator's edit counts at once) ⊕ the
+        deployment's and the run's values; and the masker for the job's secrets."""
+        pool = self.api.read_work_pool(pool_name)
+        values = merge_job_variables(
+            deployment.job_variables if deployment else None, self.flow_run.job_variables
+        )
+        raw_env = values.get("env") if isinstance(values.get("env"), dict) else {}
+        early = Masker.for_env(
+            {str(k): v for k, v in raw_env.items() if isinstance(v, str)}, self.settings.secrets()
+        )
+        try:
+            job = resolve_job(pool.base_job_template, values)
+        except InvalidJobVariables as exc:
+            raise RunCrashed(early(str(exc))) from None
+        secrets = self.settings.secrets()
+        if job.registry_credentials:
+            secrets.add(job.registry_credentials.password)
+        return pool, job, Masker.for_env({**job.env, **self.settings.auth_env()}, secrets)
+
+    def ensure_image(self, job: JobVariables) -> JobVariables:
+        """The job's image on the engine, by its pull policy."""
+        trusted = self.settings.policy.trusts_credentials_for(job.image)
+        try:
+            how = self._unless_cancelled(lambda: self.runtime.ensure_image(job, trusted))
+        except ImageUnavailable as exc:
+            raise RunCrashed(str(exc)) from None
+        self.say(f"image {job.image} {how}")
+        return job
+
+    def build_dependencies(self, job: JobVariables, deployment: str) -> JobVariables:
+        """Run from the per-deployment image when the job asks for dependencies (built once,
+        cached by content); EXTRA_PIP_PACKAGES is built in, not installed at run time."""
+        plan = BuildPlan.from_job(job)
+        if plan is None:
+            return job
+        self.say(f"dependencies ({plan.describe()}) on {job.image}")
+        try:
+            result = self._unless_cancelled(
+                lambda: self.builder.ensure(job.image, plan, deployment, self._build_line)
+            )
+        except BuildFailed as exc:
+            raise RunCrashed(str(exc)) from None
+        if result.built:
+            self.say(f"built image {result.tag} in {result.seconds:.0f} s")
+        else:
+            self.say(f"image {result.tag} cached, no build")
+        env = {k: v for k, v in job.env.items() if k != "EXTRA_PIP_PACKAGES"}
+        return job.model_copy(update={"image": result.tag, "env": env})
+
+    def container_spec(self, job: JobVariables, deployment: Deployment | None, flow: Flow,
+                       pool: WorkPool) -> ContainerSpec:
+        """The container for the run, hardened by the worker's policy."""
+        spec = build_spec(
+            job,
+            flow_run=self.flow_run,
+            deployment=deployment,
+            flow=flow,
+            pool=pool,
+            worker_name=self.settings.name,
+            api_url=self.settings.api_url,
+            auth_env=self.settings.auth_env(),
+        )
+        spec.create_kwargs = self.settings.policy.harden(spec.create_kwargs)
+        return spec
+
+    def launch(self, spec: ContainerSpec) -> Workload:
+        """A warm container handed the run, or a new one."""
+        return self._take_warm(spec) or self._start_cold(spec)
+
+    def _start_cold(self, spec: ContainerSpec) -> Workload:
+        try:
+            workload = self.runtime.start(spec)
+        except (EngineError, EngineUnavailable) as exc:
+            image = spec.create_kwargs.get("image")
+            raise RunCrashed(f"could not start the flow run's container from {image!r}: "
+                             f"{exc}") from None
+        self.say(f"container {workload.name} started")
+        self._record_infrastructure(workload)
+        return workload
+
+    def _take_warm(self, spec: ContainerSpec) -> Workload | None:
+        """A warm container for this run, handed the run's identity; None: start cold.
+        The run is recorded as its infrastructure first: a restarted worker finds it so."""
+        if self.warm is None or (workload := self.warm.take(spec)) is None:
+            return None
+        try:
+            self._record_infrastructure(workload)
+            self.runtime.hand_over(workload, spec)
+        except RuntimeTrouble as exc:
+            log.warning("%s: warm container %s failed (%s); starting cold", self.label,
+                        workload.name, exc)
+            with contextlib.suppress(RuntimeTrouble):
+                self.runtime.remove(workload)
+            return None
+        self.say(f"warm container {workload.name} took over the run (Prefect already loaded)")
+        return workload
+
+    def _record_infrastructure(self, workload: Workload) -> None:
+        """infrastructure_pid = `<engine id>:<container id>`, as Prefect's workers do."""
+        try:
+            self.api.set_infrastructure_pid(
+                self.flow_run.id, infrastructure_pid(self.runtime.host_id(), workload.id)
+            )
+        except PrefectAPIError as exc:
+            log.warning("%s: could not record infrastructure_pid: %s", self.label, exc)
+
+    def _build_line(self, line: str) -> None:
+        line = self.mask(line)
+        if not self.cancelled.is_set():
+            echo(f"{self.flow_run.name} [build]", line)
+            self.shipper.submit(log_entry(self.flow_run.id, line, name="dockerworker.build"))
+
+    def _unless_cancelled(self, work: Callable[[], T]) -> T:
+        """Run `work` (a pull, a build) in a helper thread; give up on it if the run is
+        cancelled meanwhile."""
+        result: dict[str, object] = {}
+
+        def target() -> None:
+            try:
+                result["value"] = work()
+            except Exception as exc:  # noqa: BLE001 - handed over to the supervisor's thread
+                result["error"] = exc
+
+        helper = threading.Thread(target=target, name=f"{threading.current_thread().name}-prep",
+                                  daemon=True)
+        helper.start()
+        while helper.is_alive():
+            helper.join(0.05)  # returns as soon as the work is done
+            if self.cancelled.is_set():
+                raise RunCancelled
+        if "error" in result:
+            raise result["error"]  # type: ignore[misc]
+        return result["value"]  # type: ignore[return-value]
+
+
+def build_name(flow: Flow, deployment: Deployment | None) -> str:
+    """What a per-deployment image is named after."""
+    return f"{flow.name}-{deployment.name}" if deployment else flow.name
