@@ -149,55 +149,9 @@ def build_spec(
         for local in _LOCAL_HOSTS:
             flow_api_url = flow_api_url.replace(local, "host.docker.internal")
         extra_hosts = {"host.docker.internal": "host-gateway"}
-
-    env: dict[str, str | None] = {
-        "PREFECT_API_URL": flow_api_url,
-        **auth_env,
-        "PREFECT__FLOW_RUN_ID": str(flow_run.id),
-        "PREFECT__FLOW_ID": str(flow_run.flow_id),
-        "PREFECT__WORKER_NAME": worker_name,
-    }
-    if flow:
-        env["PREFECT__FLOW_NAME"] = flow.name
-    if deployment:
-        env["PREFECT__DEPLOYMENT_ID"] = str(deployment.id)
-        env["PREFECT__DEPLOYMENT_NAME"] = deployment.name
-    env.update(job.env)
-    environment = {k: v for k, v in env.items() if v is not None}
-
-    ours = {
-        "prefect.io/flow-run-id": str(flow_run.id),
-        "prefect.io/flow-run-name": flow_run.name,
-        "prefect.io/work-pool-name": pool.name,
-        "prefect.io/work-pool-id": str(pool.id),
-        "prefect.io/worker-name": worker_name,
-        "prefect.io/flow-id": str(flow_run.flow_id),
-    }
-    if flow:
-        ours["prefect.io/flow-name"] = flow.name
-    if deployment:
-        ours["prefect.io/deployment-id"] = str(deployment.id)
-        ours["prefect.io/deployment-name"] = deployment.name
-    labels = {_docker_label_key(k): v for k, v in job.labels.items()}
-    # The worker's own labels win: they are how it finds its containers again.
-    labels.update({_docker_label_key(k): v for k, v in ours.items()})
-    labels[LABEL_MANAGED] = "true"
-    labels["io.dockerworker.version"] = __version__
-    labels.update(WatchOptions.from_job(job).labels())
-    if job.command is None:  # Prefect's engine through our entry script (entry.py)
-        labels[LABEL_CONTROL] = "stdin"
-
-    extra = dict(job.container_create_kwargs or {})
-    extra = {k: v for k, v in extra.items() if k not in JobVariables.model_fields}
-    for key in ("volumes", "detach", "auto_remove", "remove"):
-        extra.pop(key, None)
-    if extra_hosts:
-        user_hosts = extra.pop("extra_hosts", None)
-        if isinstance(user_hosts, dict):
-            extra_hosts.update(user_hosts)
-        elif isinstance(user_hosts, list):
-            extra_hosts.update(dict(h.split(":", 1) for h in user_hosts if ":" in h))
-
+    environment = _run_env(job, flow_run, deployment, flow, worker_name, flow_api_url, auth_env)
+    labels = _run_labels(job, flow_run, deployment, flow, pool, worker_name)
+    extra = _extra_kwargs(job, extra_hosts)
     create_kwargs: dict[str, Any] = {
         "image": job.image,
         "command": job.command or entry_command(),
@@ -225,6 +179,69 @@ def build_spec(
         extra_networks=list(job.networks[1:]),
         auto_remove=job.auto_remove,
     )
+
+
+def _run_env(job: JobVariables, flow_run: FlowRun, deployment: Deployment | None,
+             flow: Flow | None, worker_name: str, flow_api_url: str,
+             auth_env: dict[str, str]) -> dict[str, str]:
+    """The API location, credentials and the run's identity; the job's env on top."""
+    env: dict[str, str | None] = {
+        "PREFECT_API_URL": flow_api_url,
+        **auth_env,
+        "PREFECT__FLOW_RUN_ID": str(flow_run.id),
+        "PREFECT__FLOW_ID": str(flow_run.flow_id),
+        "PREFECT__WORKER_NAME": worker_name,
+    }
+    if flow:
+        env["PREFECT__FLOW_NAME"] = flow.name
+    if deployment:
+        env["PREFECT__DEPLOYMENT_ID"] = str(deployment.id)
+        env["PREFECT__DEPLOYMENT_NAME"] = deployment.name
+    env.update(job.env)
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def _run_labels(job: JobVariables, flow_run: FlowRun, deployment: Deployment | None,
+                flow: Flow | None, pool: WorkPool, worker_name: str) -> dict[str, str]:
+    """The job's labels, then the worker's own (they win: they are how it finds its
+    containers again) and the watch options."""
+    ours = {
+        "prefect.io/flow-run-id": str(flow_run.id),
+        "prefect.io/flow-run-name": flow_run.name,
+        "prefect.io/work-pool-name": pool.name,
+        "prefect.io/work-pool-id": str(pool.id),
+        "prefect.io/worker-name": worker_name,
+        "prefect.io/flow-id": str(flow_run.flow_id),
+    }
+    if flow:
+        ours["prefect.io/flow-name"] = flow.name
+    if deployment:
+        ours["prefect.io/deployment-id"] = str(deployment.id)
+        ours["prefect.io/deployment-name"] = deployment.name
+    labels = {_docker_label_key(k): v for k, v in job.labels.items()}
+    labels.update({_docker_label_key(k): v for k, v in ours.items()})
+    labels[LABEL_MANAGED] = "true"
+    labels["io.dockerworker.version"] = __version__
+    labels.update(WatchOptions.from_job(job).labels())
+    if job.command is None:  # Prefect's engine through our entry script (entry.py)
+        labels[LABEL_CONTROL] = "stdin"
+    return labels
+
+
+def _extra_kwargs(job: JobVariables, extra_hosts: dict[str, str] | None) -> dict[str, Any]:
+    """The job's container_create_kwargs, minus what the worker owns; the job's extra_hosts
+    are merged into `extra_hosts` (changed in place) when the worker sets some."""
+    extra = dict(job.container_create_kwargs or {})
+    extra = {k: v for k, v in extra.items() if k not in JobVariables.model_fields}
+    for key in ("volumes", "detach", "auto_remove", "remove"):
+        extra.pop(key, None)
+    if extra_hosts:
+        user_hosts = extra.pop("extra_hosts", None)
+        if isinstance(user_hosts, dict):
+            extra_hosts.update(user_hosts)
+        elif isinstance(user_hosts, list):
+            extra_hosts.update(dict(h.split(":", 1) for h in user_hosts if ":" in h))
+    return extra
 
 
 def gpu_request(gpus: str | int | list[str]) -> docker.types.DeviceRequest:

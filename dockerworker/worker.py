@@ -1,12 +1,12 @@
 """The worker loop: wait for the server, ensure the pool, adopt, heartbeat, poll, claim,
 cancel, reconcile, and stop gracefully.
 
-Each run gets a RunSupervisor thread; `--limit` bounds how many are in flight (adopted runs
-count), and a slot is freed the moment its supervisor ends (a rejected claim ends it at once).
-`--max-starting` bounds how many are starting (claimed, not yet RUNNING): a container booting
-Prefect is CPU-heavy, and a burst booted all at once reaches RUNNING later for every run.
+Each run gets a RunSupervisor thread, admitted by `Admission` (admission.py: `--limit`,
+`--max-starting`, the runs still starting); a slot is freed the moment its supervisor ends.
 Runs over the bound stay SCHEDULED, for this worker's next poll or another replica.
-A worker only ever touches containers of its own pool on its own Docker engine.
+Adoption and reconciliation after a restart are recovery.py's; the container engine is behind
+the runtime seam (runtime.py). A worker only ever touches containers of its own pool on its
+own engine.
 """
 
 from __future__ import annotations
@@ -21,26 +21,23 @@ from uuid import UUID
 import docker
 import docker.errors
 import requests
-from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from .admission import Admission
 from .api import (
-    AuthRejected,
     FlowRun,
     NotFound,
     PrefectAPI,
     PrefectAPIError,
-    ServerUnreachable,
     StateType,
     WorkPool,
 )
 from .builds import Builder
 from .events import RUNNING_EVENT, EventListener
-from .jobs import default_base_job_template
 from .logs import LogShipper
 from .recovery import LOOP_PATIENCE, Recovery
 from .runs import Phase, RunSupervisor
 from .runtime import LocalEngine, Runtime, RuntimeTrouble, Workload
+from .server import ensure_pool, wait_for_server
 from .settings import WorkerSettings
 from .warm import WarmPool
 
@@ -51,6 +48,8 @@ RECONCILE_SECONDS = 60.0
 
 
 class Worker:
+    """One worker of one pool: the loop, and the supervisors it admits."""
+
     def __init__(
         self,
         settings: WorkerSettings,
@@ -82,48 +81,12 @@ class Worker:
 
     # --- start-up -----------------------------------------------------------------------
     def wait_for_server(self) -> None:
-        """Keep trying until the server answers and accepts us; say clearly what is wrong."""
-
-        def explain(state) -> None:  # tenacity's before_sleep hook
-            log.warning(
-                "%s; retrying in %.0fs", state.outcome.exception(), state.next_action.sleep
-            )
-
-        for attempt in Retrying(
-            retry=retry_if_exception_type((ServerUnreachable, AuthRejected)),
-            wait=wait_exponential_jitter(multiplier=1, max=10),
-            before_sleep=explain,
-            reraise=True,
-        ):
-            with attempt:
-                if self.stop_event.is_set():
-                    return
-                self.api.health(patience=0)
-                try:  # /health needs no credentials; a protected read proves the key works
-                    self.api.read_work_pool(self.settings.pool, patience=0)
-                except NotFound:
-                    pass
-        log.info("Prefect server at %s is up", self.settings.api_url)
+        """Keep trying until the server answers and accepts us (server.py)."""
+        wait_for_server(self.api, self.settings.pool, self.settings.api_url, self.stop_event)
 
     def ensure_pool(self) -> WorkPool:
         """Use the pool as it is; create it (type docker, our template) when it is missing."""
-        try:
-            pool = self.api.read_work_pool(self.settings.pool)
-        except NotFound:
-            try:
-                pool = self.api.create_work_pool(
-                    self.settings.pool, "docker", default_base_job_template()
-                )
-                log.info("created work pool %r (type docker)", pool.name)
-            except PrefectAPIError:  # another replica may have created it meanwhile
-                pool = self.api.read_work_pool(self.settings.pool)
-        if pool.type != "docker":
-            log.warning(
-                "work pool %r is of type %r, not docker; its template is used as it is",
-                pool.name,
-                pool.type,
-            )
-        return pool
+        return ensure_pool(self.api, self.settings.pool)
 
     # --- loop ---------------------------------------------------------------------------
     def run(self) -> int:
