@@ -4,11 +4,15 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test demo lint setup docker images clean
+.PHONY: test unit demo lint setup docker images clean
 
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+# The fast suite: pure logic and orchestration over in-memory fakes (no Docker, no server).
+unit: $(BIN)/dockerworker
+	$(BIN)/pytest tests/unit -q
 
 demo: setup
 	$(BIN)/python examples/demo.py
