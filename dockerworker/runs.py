@@ -287,6 +287,8 @@ class RunSupervisor:
         state = self.api.read_flow_run(self.flow_run.id).state
         verdict = cancelled_verdict(state, workload, report, self.options.mem_limit)
         self.say(verdict.message)
+        if verdict.outcome is Outcome.LEAVE:  # Prefect's engine reported it; said already
+            return Verdict(Outcome.LEAVE)
         return verdict
 
     def _remove(self, workload: Workload) -> None:
