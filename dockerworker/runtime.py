@@ -198,8 +198,9 @@ class LocalEngine:
     def start(self, spec: ContainerSpec) -> Workload:
         with _translated():
             container = create_and_start(self.client, spec)
-            container.reload()
-            return _workload(container)
+        workload = _workload(container)  # attrs as created: no second inspect per run
+        workload.status = "running"
+        return workload
 
     def hand_over(self, workload: Workload, spec: ContainerSpec) -> None:
         """Name the container after the run, give it the job's CPU weight and write the
