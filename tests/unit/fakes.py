@@ -466,6 +466,9 @@ def wait_until(condition: Callable[[], object], timeout: float = 5.0) -> None:
         time.sleep(0.005)
 
 
+STARTED: list[Worker] = []  # stopped after each test (conftest.py)
+
+
 def make_worker(api: FakeAPI, runtime: FakeRuntime, *, start: bool = True,
                 **settings: Any) -> Worker:
     """A worker on the fakes, started up (pool, recovery, adoption) but not looping."""
@@ -474,6 +477,7 @@ def make_worker(api: FakeAPI, runtime: FakeRuntime, *, start: bool = True,
     worker = Worker(WorkerSettings.model_validate(values), api,  # type: ignore[arg-type]
                     runtime=runtime, builder=FakeBuilder())  # type: ignore[arg-type]
     worker.shipper.start()
+    STARTED.append(worker)
     if start:
         worker.start_up()
     return worker
