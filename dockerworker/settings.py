@@ -6,6 +6,7 @@ import base64
 import os
 import socket
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, Field, SecretStr
 
@@ -60,6 +61,11 @@ class WorkerSettings(BaseModel):
             if secret:
                 value = secret.get_secret_value()
                 found.update({value, value.partition(":")[2]} - {""})
+        for index_url in (self.pip_index_url, self.pip_extra_index_url):
+            parts = urlsplit(index_url or "")
+            token = parts.password or parts.username  # `https://TOKEN@host/simple` too
+            if token:
+                found |= {token, unquote(token)}
         return found
 
     def stream_token(self) -> str | None:

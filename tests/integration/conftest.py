@@ -128,3 +128,18 @@ def start_worker(
     if failed is None or failed.failed:
         for worker in started:
             print(f"--- {worker.log_path.name} ---\n{worker.output()}")
+
+
+@pytest.fixture
+def policy_file(tmp_path: Path) -> Callable[..., str]:
+    """Write a policy file with the given rules; returns its path for `--policy`."""
+    import json
+
+    def write(**rules: object) -> str:
+        path = tmp_path / f"policy-{secrets.token_hex(3)}.toml"
+        lines = ["[policy]"] + [f"{key} = {json.dumps(value)}" for key, value in rules.items()]
+        path.write_text("\n".join(lines) + "\n")
+        return str(path)
+
+    return write
+

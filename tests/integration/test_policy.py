@@ -18,7 +18,7 @@ from dockerworker.jobs import default_base_job_template
 RUN_LABEL = "io.prefect.flow-run-id"
 REFUSALS = {
     "privileged": ({"privileged": True}, "privileged: privileged containers are not allowed"),
-    "root volume": ({"volumes": ["/:/host"]}, "volumes: host path / is not under an allowed"),
+    "root volume": ({"volumes": ["/:/host"]}, "volumes[0]: host path / is not under an allowed"),
     "host network": ({"network_mode": "host"}, "network_mode: 'host' is not allowed"),
     "cap_add": ({"container_create_kwargs": {"cap_add": ["SYS_ADMIN"]}},
                 "container_create_kwargs.cap_add: not allowed"),
