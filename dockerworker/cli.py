@@ -258,9 +258,9 @@ def pool_inspect(name: str, deployment_ref: str | None, api_url: str) -> None:
         work_pool = api.read_work_pool(name)
         values: dict = {}
         if deployment_ref:
-            path = (f"/deployments/name/{deployment_ref}" if "/" in deployment_ref
-                    else f"/deployments/{deployment_ref}")
-            values = merge_job_variables(api.request("GET", path).get("job_variables"), None)
+            deployment = (api.read_deployment_by_name(deployment_ref) if "/" in deployment_ref
+                          else api.read_deployment(deployment_ref))
+            values = merge_job_variables(deployment.job_variables, None)
         job = resolve_job(work_pool.base_job_template, values)
     except (PrefectAPIError, InvalidJobVariables) as exc:
         raise click.ClickException(str(exc)) from None
