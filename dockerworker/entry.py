@@ -1,8 +1,9 @@
 """What runs in a flow container by default, and how the worker talks to it.
 
 The default command is Prefect's engine (`python -m prefect.engine`: one process, where
-`prefect flow-run execute` runs two) started through a small entry script (entry_script.py, a standalone module). The script does
-what `prefect flow-run execute` does for cancellation: it plays the runner's side of
+`prefect flow-run execute` runs two) started through a small entry script (entry_script.py,
+a standalone module, shipped as `python -c` text). The script does what
+`prefect flow-run execute` does for cancellation: it plays the runner's side of
 Prefect's control channel (`PREFECT__CONTROL_PORT`/`TOKEN`, loopback inside the container),
 so a cancellation reaches the engine as a cancellation — Cancelling → Cancelled, with the
 flow's on_cancellation hooks — and not as a bare SIGTERM, which Prefect reports as Crashed.
