@@ -23,9 +23,11 @@ lint: $(BIN)/dockerworker
 
 setup: $(BIN)/dockerworker images
 
-$(BIN)/dockerworker: pyproject.toml
+# The test rig (testrig/, used by tests, bench and examples) is a package of its own, installed
+# editable beside dockerworker: the runtime wheel holds only `dockerworker`.
+$(BIN)/dockerworker: pyproject.toml testrig/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test]' -e ./testrig
 	touch $@
 
 docker:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect_rig import build_worker_image
+from testrig.prefect_rig import build_worker_image
 
 from dockerworker import __version__
 
