@@ -121,12 +121,17 @@ def test_stdin_closing_without_cancel_terminates_nothing() -> None:
 
 # --- the script itself, against a stand-in `prefect` -------------------------------------
 FAKE_ENGINE = """\
-import os, socket, sys, time
+import os, socket, sys, threading, time
 print("run", os.environ.get("RUN_ID"), flush=True)
 port = os.environ.get("PREFECT__CONTROL_PORT")
 if port and os.environ.get("CONNECT"):
     conn = socket.create_connection(("127.0.0.1", int(port)))
     conn.sendall(os.environ["PREFECT__CONTROL_TOKEN"].encode() + b"\\n")
+    # In this process: the script's serve() thread ends once it holds the connection.
+    deadline = time.monotonic() + 10
+    while any(t.name.endswith("(serve)") for t in threading.enumerate()):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     print("connected", flush=True)
     print("intent", conn.recv(1), flush=True)
     conn.sendall(b"k")
