@@ -82,7 +82,7 @@ def _click_type(field: FieldInfo, flag: Flag) -> Any:
         kind = next(arg for arg in get_args(kind) if arg is not type(None))
     if get_origin(kind) is Literal:
         return click.Choice(get_args(kind), case_sensitive=False)
-    if kind is Path and flag.existing_file:
+    if flag.existing_file:
         return click.Path(exists=True, dir_okay=False, path_type=Path)
     bounds: dict[str, Any] = {}
     for meta in field.metadata:  # pydantic's Ge/Gt/Le constraints
@@ -104,11 +104,13 @@ def setting_option(name: str, **overrides: Any) -> Callable[[F], F]:
     help all come from the model; the parameter is named like the field."""
     field = WorkerSettings.model_fields[name]
     flag = flags()[name]
-    decls = [flag.name, *([flag.short] if flag.short else []), name]
+    decls = [flag.name, *([flag.short] if flag.short else []), flag.param or name]
     kwargs: dict[str, Any] = {"help": field.description, "show_default": True}
     if flag.env:
         kwargs.update(envvar=flag.env, show_envvar=True)
-    if field.annotation is bool:
+    if flag.param:  # a file the field is read from: no default of its own
+        kwargs["type"] = _click_type(field, flag)
+    elif field.annotation is bool:
         kwargs["is_flag"] = True
     elif get_origin(field.annotation) is list:
         kwargs["multiple"] = True
@@ -131,10 +133,6 @@ def settings_options(command: F) -> F:
 
 @main.command()
 @settings_options
-@click.option("--policy", "policy_file", envvar="DOCKERWORKER_POLICY_FILE", show_envvar=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Policy file (TOML): what deployments may ask of Docker. "
-                   "Default: the safe built-in policy.")
 def start(policy_file: Path | None, **options: Any) -> None:
     """Poll a work pool and run each flow run in its own sibling container.
 

@@ -32,7 +32,7 @@ class Flag:
     short: str | None = None
     env: str | None = None
     existing_file: bool = False  # a path that must name an existing file
-    default_text: str | None = None  # the default's description where it is computed
+    param: str | None = None  # the CLI parameter, when the flag names a file the field is read from
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,12 @@ class WorkerSettings(BaseModel):
         float, Flag("--build-timeout", env="DOCKERWORKER_BUILD_TIMEOUT")
     ] = Field(default=BuildOptions.timeout, ge=1,  # the builder's default, stated once there
               description="Seconds a dependency image build may take.")
-    policy: Policy = Field(default_factory=Policy)  # from --policy FILE (cli.py: Policy.load)
+    policy: Annotated[
+        Policy,
+        Flag("--policy", env="DOCKERWORKER_POLICY_FILE", existing_file=True, param="policy_file"),
+    ] = Field(default_factory=Policy,  # the CLI reads the file: Policy.load
+              description="Policy file (TOML): what deployments may ask of Docker. "
+                          "Default: the safe built-in policy.")
     log_level: Annotated[LogLevel, Flag("--log-level", env="DOCKERWORKER_LOG_LEVEL")] = Field(
         default="INFO", description="How much the worker's console says.")
 

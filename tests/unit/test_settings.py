@@ -21,7 +21,7 @@ def _start_options() -> dict[str, click.Option]:
 def test_every_flagged_setting_is_an_option_with_its_env_and_default() -> None:
     options = _start_options()
     for name, flag in flags().items():
-        option = options[name]
+        option = options[flag.param or name]
         assert flag.name in option.opts
         assert option.envvar == flag.env
         default = WorkerSettings.model_fields[name].default
