@@ -116,3 +116,16 @@ def test_unset_flags_leave_the_models_defaults(started: list[WorkerSettings]) ->
 def test_out_of_bounds_env_is_a_usage_error(started: list[WorkerSettings]) -> None:
     result = CliRunner().invoke(cli.main, ["start", "-p", "p"], env={"DOCKERWORKER_WARM": "40"})
     assert result.exit_code == 2 and "--warm" in result.output and not started
+
+
+def test_the_policy_flag_reads_the_file_into_the_settings(
+    started: list[WorkerSettings], tmp_path: Any
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[policy]\npids_limit = 123\n")
+    result = CliRunner().invoke(cli.main, ["start", "-p", "p"],
+                                env={"DOCKERWORKER_POLICY_FILE": str(policy)})
+    assert result.exit_code == 0, result.output
+    assert started[0].policy.pids_limit == 123
+    missing = CliRunner().invoke(cli.main, ["start", "-p", "p", "--policy", str(tmp_path / "no")])
+    assert missing.exit_code == 2 and "--policy" in missing.output
