@@ -85,12 +85,12 @@ def _click_type(field: FieldInfo, flag: Flag) -> Any:
     if flag.existing_file:
         return click.Path(exists=True, dir_okay=False, path_type=Path)
     bounds: dict[str, Any] = {}
-    for meta in field.metadata:  # pydantic's Ge/Gt/Le constraints
+    for meta in field.metadata:  # pydantic's constraints (Ge, Gt, Le, or an Interval)
         if getattr(meta, "ge", None) is not None:
             bounds["min"] = meta.ge
-        elif getattr(meta, "gt", None) is not None:
+        if getattr(meta, "gt", None) is not None:
             bounds.update(min=meta.gt, min_open=True)
-        elif getattr(meta, "le", None) is not None:
+        if getattr(meta, "le", None) is not None:
             bounds["max"] = meta.le
     if kind is int:
         return click.IntRange(**bounds) if bounds else int
@@ -141,8 +141,7 @@ def start(policy_file: Path | None, **options: Any) -> None:
     is the one DOCKER_HOST names, or the local socket. PIP_INDEX_URL and PIP_EXTRA_INDEX_URL
     are passed on to dependency image builds.
     """
-    log_level = options["log_level"]
-    _configure_logging(log_level)
+    _configure_logging(options["log_level"])
     # Unset flags without a default (None) leave the model's own (computed) default.
     values: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
     values["work_queues"] = list(options["work_queues"])
