@@ -129,3 +129,15 @@ def test_the_policy_flag_reads_the_file_into_the_settings(
     assert started[0].policy.pids_limit == 123
     missing = CliRunner().invoke(cli.main, ["start", "-p", "p", "--policy", str(tmp_path / "no")])
     assert missing.exit_code == 2 and "--policy" in missing.output
+
+
+def test_the_readme_configuration_table_names_every_flag_and_env() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
+            for line in table.splitlines() if line.startswith("| `--")}
+    for flag in flags().values():
+        row = next(env for cell, env in rows.items() if cell.startswith(f"`{flag.name}`"))
+        assert row == (f"`{flag.env}`" if flag.env else ""), flag.name
