@@ -47,12 +47,9 @@ from typing import Any
 
 import docker
 import docker.errors
-
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_DIR = BENCH_DIR.parent
-sys.path.insert(0, str(REPO_DIR / "tests" / "integration"))
-
-from prefect_rig import (
+from procmon import RssSampler, cpu_seconds, rss_mib
+from proxy import CountingProxy, Request
+from testrig.prefect_rig import (
     FINAL_STATE_TYPES,
     FLOWS_IMAGE,
     POOL_LABEL,
@@ -64,10 +61,11 @@ from prefect_rig import (
     start_prefect_server,
     state_type,
 )
-from procmon import RssSampler, cpu_seconds, rss_mib
-from proxy import CountingProxy, Request
 
 from dockerworker.jobs import default_base_job_template
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
 
 WORKERS = ("dockerworker", "dockerworker-warm", "prefect-docker")
 WARM_ARGS = ("--warm", "2")  # dockerworker-warm: warm starts on, two waiting containers

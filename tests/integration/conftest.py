@@ -10,7 +10,7 @@ from pathlib import Path
 import docker
 import pytest
 import requests
-from prefect_rig import (
+from testrig.prefect_rig import (
     FLOWS_IMAGE,
     PREFECT_IMAGE,
     REPO_DIR,
@@ -20,7 +20,7 @@ from prefect_rig import (
     remove_pool_containers,
     start_prefect_server,
 )
-from workers import WorkerProcess, worker_env
+from testrig.workers import WorkerProcess, worker_env
 
 
 @pytest.fixture(scope="session")

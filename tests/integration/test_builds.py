@@ -7,7 +7,7 @@ import sys
 import time
 import uuid
 
-from prefect_rig import PrefectRig
+from testrig.prefect_rig import PrefectRig
 
 from dockerworker.builds import Builder, BuildOptions, BuildPlan
 

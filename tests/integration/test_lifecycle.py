@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from prefect_rig import POOL_LABEL, PrefectRig, free_port, start_prefect_server
+from testrig.prefect_rig import POOL_LABEL, PrefectRig, free_port, start_prefect_server
 
 RUN_LABEL = "io.prefect.flow-run-id"
 

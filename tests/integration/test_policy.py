@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prefect_rig import POOL_LABEL, PrefectRig, start_prefect_server
+from testrig.prefect_rig import POOL_LABEL, PrefectRig, start_prefect_server
 
 from dockerworker.jobs import default_base_job_template
 
@@ -165,7 +165,7 @@ def test_the_api_key_never_shows(
     rig: PrefectRig, prefect_server, start_worker, unique_pool: str, flow_image: str, tmp_path
 ) -> None:
     key = "pnu_dockerworker_test_key_0123456789"
-    from workers import WorkerProcess, worker_env
+    from testrig.workers import WorkerProcess, worker_env
 
     env = worker_env(prefect_server.url, PREFECT_API_KEY=key)
     worker = WorkerProcess(["--pool", unique_pool, "--name", f"{unique_pool}-k",
@@ -191,7 +191,7 @@ def test_the_api_key_never_shows(
 def test_server_with_basic_auth(
     right: bool, start_worker, unique_pool: str, flow_image: str, tmp_path: Path
 ) -> None:
-    from workers import WorkerProcess, worker_env
+    from testrig.workers import WorkerProcess, worker_env
 
     auth = "admin:correct-horse"
     with start_prefect_server(env={"PREFECT_SERVER_API_AUTH_STRING": auth}) as server:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import docker.errors
 import pytest
-from prefect_rig import POOL_LABEL, PrefectRig, start_prefect_server
-from workers import WorkerProcess, worker_env
+from testrig.prefect_rig import POOL_LABEL, PrefectRig, start_prefect_server
+from testrig.workers import WorkerProcess, worker_env
 
 RUN_LABEL = "io.prefect.flow-run-id"
 
