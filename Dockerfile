@@ -3,7 +3,7 @@
 #   docker build -t dockerworker .                                  # from python:3.12-slim
 #   docker build --build-arg BASE_IMAGE=dockerworker/local-python:bookworm -t dockerworker .
 #
-# Run it with the Docker socket and the socket's group (see README, "Security"):
+# Run it with the Docker socket and the socket's group (see docs/security.md):
 #   docker run -v /var/run/docker.sock:/var/run/docker.sock \
 #     --group-add "$(stat -c %g /var/run/docker.sock)" \
 #     -e PREFECT_API_URL=http://prefect:4200/api dockerworker start --pool my-pool

@@ -1,5 +1,6 @@
 # Everyday commands. `make demo` runs a flow in its own container end to end; `make test`
 # runs the whole test suite. Both set up what they need (venv, Docker engine, local images).
+# `make unit` is the fast suite (no Docker, no Prefect server): ruff and tests/unit.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,8 +11,8 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
-# The fast suite: pure logic and orchestration over in-memory fakes (no Docker, no server).
 unit: $(BIN)/dockerworker
+	$(BIN)/ruff check .
 	$(BIN)/pytest tests/unit -q
 
 demo: setup
@@ -22,9 +23,11 @@ lint: $(BIN)/dockerworker
 
 setup: $(BIN)/dockerworker images
 
-$(BIN)/dockerworker: pyproject.toml
+# The test rig (testrig/, used by tests, bench and examples) is a package of its own, installed
+# editable beside dockerworker: the runtime wheel holds only `dockerworker`.
+$(BIN)/dockerworker: pyproject.toml testrig/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test]' -e ./testrig
 	touch $@
 
 docker:

@@ -28,11 +28,7 @@ from typing import Any
 
 import docker
 import docker.errors
-
-REPO_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_DIR / "tests" / "integration"))
-
-from prefect_rig import (
+from testrig.prefect_rig import (
     FLOWS_IMAGE,
     PrefectRig,
     build_flow_image,
@@ -41,6 +37,8 @@ from prefect_rig import (
 )
 
 from dockerworker.entry import entry_command
+
+REPO_DIR = Path(__file__).resolve().parent.parent
 
 COMMANDS: dict[str, str | list[str]] = {
     "prefect flow-run execute": "prefect flow-run execute",

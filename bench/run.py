@@ -47,12 +47,9 @@ from typing import Any
 
 import docker
 import docker.errors
-
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_DIR = BENCH_DIR.parent
-sys.path.insert(0, str(REPO_DIR / "tests" / "integration"))
-
-from prefect_rig import (
+from procmon import RssSampler, cpu_seconds, rss_mib
+from proxy import CountingProxy, Request
+from testrig.prefect_rig import (
     FINAL_STATE_TYPES,
     FLOWS_IMAGE,
     POOL_LABEL,
@@ -64,10 +61,11 @@ from prefect_rig import (
     start_prefect_server,
     state_type,
 )
-from procmon import RssSampler, cpu_seconds, rss_mib
-from proxy import CountingProxy, Request
 
 from dockerworker.jobs import default_base_job_template
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
 
 WORKERS = ("dockerworker", "dockerworker-warm", "prefect-docker")
 WARM_ARGS = ("--warm", "2")  # dockerworker-warm: warm starts on, two waiting containers
@@ -236,6 +234,10 @@ class WorkerProcess:
             if kind == "dockerworker-warm":
                 cmd += WARM_ARGS
             env["DOCKERWORKER_BUILD_NETWORK"] = BUILD_NETWORK
+            # The deps workload's unique `dockerfile_lines` entry needs the operator's consent.
+            policy = workdir / f"policy-{pool}.toml"
+            policy.write_text("[policy]\nallow_dockerfile_lines = true\n")
+            env["DOCKERWORKER_POLICY_FILE"] = str(policy)
             if plan.ca_bundle:
                 env["DOCKERWORKER_BUILD_CA_BUNDLE"] = plan.ca_bundle
         else:

@@ -90,6 +90,8 @@ class Deployment(_Model):
     flow_id: UUID
     job_variables: dict[str, Any] | None = None
     updated: datetime | None = None
+    paused: bool = False
+    concurrency_limit: int | None = None
 
 
 class Flow(_Model):
@@ -220,6 +222,20 @@ class PrefectAPI:
         body = {"name": name, "type": type_, "base_job_template": base_job_template}
         return WorkPool.model_validate(self.request("POST", "/work_pools/", json=body))
 
+    def probe_work_pools(self, patience: float | None = None) -> None:
+        """A read that needs valid credentials (unlike /health): raises AuthRejected if not."""
+        self.request("POST", "/work_pools/filter", json={"limit": 1}, patience=patience)
+
+    def read_work_queues(self, pool: str, patience: float | None = None) -> list[dict[str, Any]]:
+        """The pool's queues as the server sends them (name, priority, limit, paused)."""
+        return self.request("POST", f"/work_pools/{pool}/queues/filter", json={},
+                            patience=patience)
+
+    def read_workers(self, pool: str, patience: float | None = None) -> list[dict[str, Any]]:
+        """The pool's workers as the server sends them (name, status, heartbeat)."""
+        return self.request("POST", f"/work_pools/{pool}/workers/filter", json={},
+                            patience=patience)
+
     def heartbeat(self, pool: str, worker_name: str, interval_seconds: float,
                   patience: float | None = None) -> None:
         body = {"name": worker_name, "heartbeat_interval_seconds": int(interval_seconds)}
@@ -255,6 +271,18 @@ class PrefectAPI:
         rows = self.request("POST", "/flow_runs/filter", json=body, patience=patience)
         return [FlowRun.model_validate(row) for row in rows]
 
+    def flow_runs_by_state_name(
+        self, pool: str, names: list[str], limit: int, patience: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Runs of `pool` whose state has one of `names` (e.g. Late, a SCHEDULED state), as the
+        server sends them: callers read fields our models leave out (the state's timestamp)."""
+        body = {
+            "flow_runs": {"state": {"name": {"any_": names}}},
+            "work_pools": {"name": {"any_": [pool]}},
+            "limit": limit,
+        }
+        return self.request("POST", "/flow_runs/filter", json=body, patience=patience)
+
     # --- flow runs ----------------------------------------------------------------------
     def read_flow_run(self, flow_run_id: UUID) -> FlowRun:
         return FlowRun.model_validate(self.request("GET", f"/flow_runs/{flow_run_id}"))
@@ -278,8 +306,18 @@ class PrefectAPI:
             "PATCH", f"/flow_runs/{flow_run_id}", json={"infrastructure_pid": infrastructure_pid}
         )
 
-    def read_deployment(self, deployment_id: UUID) -> Deployment:
-        return Deployment.model_validate(self.request("GET", f"/deployments/{deployment_id}"))
+    def read_deployment(
+        self, deployment_id: UUID | str, patience: float | None = None
+    ) -> Deployment:
+        return Deployment.model_validate(
+            self.request("GET", f"/deployments/{deployment_id}", patience=patience)
+        )
+
+    def read_deployment_by_name(self, flow_and_deployment: str) -> Deployment:
+        """`FLOW/DEPLOYMENT`, the way `prefect deployment run` names one."""
+        return Deployment.model_validate(
+            self.request("GET", f"/deployments/name/{flow_and_deployment}")
+        )
 
     def read_flow(self, flow_id: UUID) -> Flow:
         return Flow.model_validate(self.request("GET", f"/flows/{flow_id}"))
@@ -288,3 +326,15 @@ class PrefectAPI:
     def send_logs(self, logs: list[dict[str, Any]], patience: float | None = None) -> None:
         if logs:
             self.request("POST", "/logs/", json=logs, patience=patience)
+
+    def read_logs_newest_first(
+        self, flow_run_id: UUID, limit: int, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        """One page of a run's logs, newest first, as the server sends them."""
+        body = {
+            "logs": {"flow_run_id": {"any_": [str(flow_run_id)]}},
+            "sort": "TIMESTAMP_DESC",
+            "limit": limit,
+            "offset": offset,
+        }
+        return self.request("POST", "/logs/filter", json=body)

@@ -5,6 +5,13 @@ packages, the Dockerfile text, the build options): same inputs, same tag, no bui
 need the same key wait for one build, in this process (a lock per key) and across replicas
 sharing the engine (a named, never-started container: Docker makes name creation atomic; a
 lock older than the build timeout is stale and taken over).
+
+Builds are held to what a flow container may do. `dockerfile_lines` (with the policy's
+consent) go through `docker build` with the job's memory limit on the operator's build
+network. The packages are installed by pip in a container hardened like a flow container
+(no-new-privileges, pids, memory and CPU limits, the build network), which is then committed:
+the requirements file with the operator's index URLs (which may hold a token) and the CA
+bundle sit on a throwaway volume, never in a layer, the image's history or its config.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +33,11 @@ from typing import Any
 
 import docker
 import docker.errors
+import docker.types
+from docker.models.containers import Container
 from docker.models.images import Image
+from docker.models.volumes import Volume
+from docker.utils import parse_bytes
 
 from .jobs import JobVariables
 
@@ -38,6 +49,8 @@ BASE_LABEL = "io.dockerworker.base-image"
 LOCK_LABEL = "io.dockerworker.build-lock"
 HOLDER_LABEL = "io.dockerworker.holder"
 REPOSITORY_PREFIX = "dockerworker/"
+STEP_LABEL = "io.dockerworker.build-step"  # on a pip step's volume: its container's name
+_BUILT = re.compile(r"^Successfully built ([0-9a-f]+)$")
 _STEP = re.compile(r"^Step \d+/\d+ : (.*)$")
 _PIP_ERROR = re.compile(r"^(ERROR|error): .+")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -78,6 +91,10 @@ class BuildPlan:
             return None
         return cls(packages, requirements, lines)
 
+    @property
+    def installs(self) -> bool:
+        return bool(self.packages or self.requirements)
+
     def describe(self) -> str:
         parts = []
         if self.packages:
@@ -97,33 +114,56 @@ class BuildResult:
     log_lines: list[str] = field(default_factory=list)
 
 
-def dockerfile(base: str, plan: BuildPlan, options: BuildOptions, deployment: str) -> str:
-    """Dependencies first, in layers that depend on nothing that changes per run, and as few
-    steps as possible (each costs a layer commit, seconds on some storage drivers)."""
+FILES_DIR = "/tmp/dockerworker"  # the build's files, on a throwaway volume
+RECIPE = "2"  # how images are made; part of the key, so a change of recipe rebuilds
+
+
+@dataclass(frozen=True)
+class BuildLimits:
+    """The flow container's hardening, as far as each build step can have it."""
+
+    mem_limit: str | None = None
+    nano_cpus: int | None = None
+    pids_limit: int | None = None
+    no_new_privileges: bool = True
+
+    def container_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"mem_limit": self.mem_limit, "nano_cpus": self.nano_cpus,
+                                  "pids_limit": self.pids_limit}
+        if self.no_new_privileges:
+            kwargs["security_opt"] = ["no-new-privileges:true"]
+        return {k: v for k, v in kwargs.items() if v is not None}
+
+    def build_limits(self) -> dict[str, Any]:
+        """`docker build` takes only memory and CPU weights for its RUN steps."""
+        if not self.mem_limit:
+            return {}
+        memory = int(parse_bytes(self.mem_limit.lower().removesuffix("b")))
+        return {"memory": memory, "memswap": memory}
+
+
+def _labels(deployment: str, base: str) -> dict[str, str]:
+    return {BUILD_LABEL: "true", DEPLOYMENT_LABEL: deployment, BASE_LABEL: base}
+
+
+def dockerfile(base: str, plan: BuildPlan, deployment: str) -> str:
+    """The `docker build` part: the job's extra instructions (labels last, unless pip adds
+    a layer after them and the commit sets them)."""
     lines = [f"FROM {base}", *plan.dockerfile_lines]
-    if plan.packages or plan.requirements:
-        lines.append("COPY dockerworker/ /tmp/dockerworker/")
-        env = ""
-        if options.ca_bundle:
-            env += "PIP_CERT=/tmp/dockerworker/ca.crt "
-        if options.pip_index_url or options.pip_extra_index_url:
-            env += "PIP_CONFIG_FILE=/tmp/dockerworker/pip.conf "
-        lines.append(
-            f"RUN {env}python -m pip install --no-cache-dir --disable-pip-version-check "
-            "-r /tmp/dockerworker/requirements.txt"
-        )
-    labels = {BUILD_LABEL: "true", DEPLOYMENT_LABEL: deployment, BASE_LABEL: base}
-    lines.append("LABEL " + " ".join(f"{k}={json.dumps(v)}" for k, v in labels.items()))
+    if not plan.installs:
+        labels = _labels(deployment, base)
+        lines.append("LABEL " + " ".join(f"{k}={json.dumps(v)}" for k, v in labels.items()))
     return "\n".join(lines) + "\n"
 
 
-def pip_conf(options: BuildOptions) -> str:
-    lines = ["[global]"]
-    if options.pip_index_url:
-        lines.append(f"index-url = {options.pip_index_url}")
-    if options.pip_extra_index_url:
-        lines.append(f"extra-index-url = {options.pip_extra_index_url}")
-    return "\n".join(lines) + "\n"
+def pip_command(options: BuildOptions) -> list[str]:
+    """pip in the build container; its settings are files on the volume, never arguments
+    (a commit records the command in the image's history)."""
+    command = ["python", "-m", "pip", "install", "--no-cache-dir",
+               "--disable-pip-version-check"]
+    if options.ca_bundle:
+        command += ["--cert", f"{FILES_DIR}/ca.crt"]
+    return [*command, "-r", f"{FILES_DIR}/requirements.txt"]
 
 
 def requirements_text(plan: BuildPlan) -> str:
@@ -133,6 +173,16 @@ def requirements_text(plan: BuildPlan) -> str:
     return "\n".join(parts) + "\n"
 
 
+def requirements_file(plan: BuildPlan, options: BuildOptions) -> str:
+    """What pip reads: the operator's index URLs first, as options of the file itself."""
+    lines = []
+    if options.pip_index_url:
+        lines.append(f"--index-url {options.pip_index_url}")
+    if options.pip_extra_index_url:
+        lines.append(f"--extra-index-url {options.pip_extra_index_url}")
+    return "\n".join([*lines, requirements_text(plan)])
+
+
 def build_key(base_id: str, plan: BuildPlan, options: BuildOptions, dockerfile_text: str) -> str:
     """A short hash over everything that shapes the image."""
     ca_digest = (
@@ -140,9 +190,11 @@ def build_key(base_id: str, plan: BuildPlan, options: BuildOptions, dockerfile_t
     )
     material = json.dumps(
         {
+            "recipe": RECIPE,
             "base": base_id,
             "requirements": requirements_text(plan),
             "dockerfile": dockerfile_text,
+            "pip": pip_command(options) if plan.installs else [],
             "network": options.network_mode,
             "ca": ca_digest,
             "index": options.pip_index_url,
@@ -158,14 +210,7 @@ def repository_for(deployment: str) -> str:
     return f"{REPOSITORY_PREFIX}{slug}"
 
 
-def _context(dockerfile_text: str, plan: BuildPlan, options: BuildOptions) -> io.BytesIO:
-    files = {
-        "Dockerfile": dockerfile_text.encode(),
-        "dockerworker/requirements.txt": requirements_text(plan).encode(),
-        "dockerworker/pip.conf": pip_conf(options).encode(),
-    }
-    if options.ca_bundle:
-        files["dockerworker/ca.crt"] = options.ca_bundle.read_bytes()
+def _tar(files: dict[str, bytes]) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for name, data in files.items():
@@ -173,8 +218,7 @@ def _context(dockerfile_text: str, plan: BuildPlan, options: BuildOptions) -> io
             info.size = len(data)
             info.mtime = 0
             tar.addfile(info, io.BytesIO(data))
-    buffer.seek(0)
-    return buffer
+    return buffer.getvalue()
 
 
 class Builder:
@@ -188,11 +232,12 @@ class Builder:
         self._locks_guard = threading.Lock()
 
     def ensure(
-        self, base: str, plan: BuildPlan, deployment: str, on_line: Callable[[str], None]
+        self, base: str, plan: BuildPlan, deployment: str, on_line: Callable[[str], None],
+        limits: BuildLimits | None = None,
     ) -> BuildResult:
         """The tag of the built image; builds it unless it exists (marks it used either way)."""
         base_id = self.client.images.get(base).id
-        text = dockerfile(base, plan, self.options, deployment)
+        text = dockerfile(base, plan, deployment)
         key = build_key(base_id, plan, self.options, text)
         tag = f"{repository_for(deployment)}:{key}"
         if self._touch(tag):
@@ -204,19 +249,20 @@ class Builder:
                 if self._touch(tag):
                     return BuildResult(tag, built=False)
                 started = time.monotonic()
-                self._build(tag, text, plan, on_line)
+                self._build(tag, base, text, plan, deployment, on_line, limits or BuildLimits())
                 return BuildResult(tag, built=True, seconds=time.monotonic() - started)
 
     def release_locks(self) -> int:
-        """Remove the build locks this worker holds: at start-up they are left from its
-        previous life, at exit from builds it abandoned (cancelled runs)."""
+        """Remove the build locks (and build containers and volumes) this worker holds: at
+        start-up they are left from its previous life, at exit from builds it abandoned."""
+        mine = f"{HOLDER_LABEL}={self.holder}"
         locks = self.client.containers.list(all=True, sparse=True, filters={
-            "label": [LOCK_LABEL, f"{HOLDER_LABEL}={self.holder}"]})
+            "label": [LOCK_LABEL, mine]})
         for lock in locks:
-            try:
-                lock.remove(force=True)
-            except docker.errors.NotFound:
-                pass
+            _remove(lock)
+        for volume in self.client.volumes.list(filters={"label": [STEP_LABEL, mine]}):
+            _remove_named(self.client, volume.attrs["Labels"][STEP_LABEL])
+            _remove(volume)
         return len(locks)
 
     def _touch(self, tag: str) -> bool:
@@ -279,27 +325,43 @@ class Builder:
             return
         time.sleep(1)
 
-    def _build(
-        self, tag: str, text: str, plan: BuildPlan, on_line: Callable[[str], None]
-    ) -> None:
+    def _build(self, tag: str, base: str, text: str, plan: BuildPlan, deployment: str,
+               on_line: Callable[[str], None], limits: BuildLimits) -> None:
+        """`docker build` for the job's instructions, then pip in a committed container."""
+        started = time.monotonic()
+        image = base
+        if plan.dockerfile_lines:
+            image = self._docker_build(tag, text, None if plan.installs else tag, on_line,
+                                       limits)
+        if plan.installs:
+            remaining = self.options.timeout - (time.monotonic() - started)
+            self._pip_install(tag, image, plan, _labels(deployment, base), on_line, limits,
+                              remaining)
+
+    def _docker_build(self, tag: str, text: str, target: str | None,
+                      on_line: Callable[[str], None], limits: BuildLimits) -> str:
+        """Build `text`; returns the image id (tagged `target` when that is the last step)."""
         step = ""
         last_lines: list[str] = []
+        image_id = ""
         started = time.monotonic()
         try:
             stream = self.client.api.build(
-                fileobj=_context(text, plan, self.options),
+                fileobj=io.BytesIO(_tar({"Dockerfile": text.encode()})),
                 custom_context=True,
-                tag=tag,
+                tag=target,
                 rm=True,
                 forcerm=True,
                 pull=False,
                 decode=True,
                 network_mode=self.options.network_mode,
+                container_limits=limits.build_limits(),
                 timeout=int(self.options.timeout),
             )
             for chunk in stream:
                 if "error" in chunk:
                     raise BuildFailed(self._failure(tag, step, last_lines, chunk["error"]))
+                image_id = str((chunk.get("aux") or {}).get("ID") or image_id)
                 for raw_line in str(chunk.get("stream", "")).splitlines():
                     line = _ANSI.sub("", raw_line).rstrip()
                     if not line:
@@ -307,6 +369,8 @@ class Builder:
                     on_line(line)
                     if match := _STEP.match(line):
                         step = match.group(1)
+                    if match := _BUILT.match(line):
+                        image_id = image_id or match.group(1)
                     last_lines = (last_lines + [line])[-40:]
                 if time.monotonic() - started > self.options.timeout:
                     raise BuildFailed(
@@ -317,12 +381,99 @@ class Builder:
             raise BuildFailed(f"building image {tag} failed: {exc.explanation or exc}") from None
         except OSError as exc:  # includes read timeouts of the build stream
             raise BuildFailed(f"building image {tag} failed: {exc}") from None
+        if not image_id:
+            raise BuildFailed(f"building image {tag} failed: Docker named no image")
+        return image_id
+
+    def _pip_install(self, tag: str, image: str, plan: BuildPlan, labels: dict[str, str],
+                     on_line: Callable[[str], None], limits: BuildLimits, timeout: float
+                     ) -> None:
+        """pip in a hardened container on the build network, committed as `tag`. Its files
+        (requirements with the index URLs, the CA bundle) live on a volume: not committed."""
+        config = self.client.images.get(image).attrs.get("Config") or {}
+        command = pip_command(self.options)
+        overrides: dict[str, Any] = {"command": command}
+        if config.get("Entrypoint"):  # run pip itself, not the image's entrypoint
+            overrides = {"entrypoint": command[:1], "command": command[1:]}
+        files = {"requirements.txt": requirements_file(plan, self.options).encode()}
+        if self.options.ca_bundle:
+            files["ca.crt"] = self.options.ca_bundle.read_bytes()
+        # The container gets no labels: a commit would hand them on to the image, and so to
+        # every flow container. Its name and its volume's labels say whose it is.
+        name = f"dockerworker-pip-{tag.rpartition(':')[2]}"
+        volume = self.client.volumes.create(
+            name, labels={STEP_LABEL: name, HOLDER_LABEL: self.holder})
+        try:
+            _remove_named(self.client, name)  # a leftover of a builder that died
+            container = self.client.containers.create(
+                image, name=name, **overrides, network_mode=self.options.network_mode,
+                mounts=[docker.types.Mount(FILES_DIR, volume.name, type="volume")],
+                **limits.container_kwargs(),
+            )
+            try:
+                container.put_archive(FILES_DIR, _tar(files))
+                self._run_step(container, tag, on_line, timeout)
+                conf = {**config, "Labels": {**(config.get("Labels") or {}), **labels}}
+                repository, _, version = tag.rpartition(":")
+                container.commit(repository=repository, tag=version, conf=conf)
+            finally:
+                _remove(container)
+        except docker.errors.APIError as exc:
+            raise BuildFailed(f"building image {tag} failed at step 'pip install': "
+                              f"{exc.explanation or exc}") from None
+        finally:
+            _remove(volume)
+
+    def _run_step(self, container: Container, tag: str, on_line: Callable[[str], None],
+                  timeout: float) -> None:
+        """Start the build container, pass its output on, and judge its exit."""
+        killed = threading.Event()
+
+        def kill() -> None:
+            killed.set()
+            with suppress(docker.errors.APIError):
+                container.kill()
+
+        timer = threading.Timer(max(timeout, 1.0), kill)
+        last_lines: list[str] = []
+        container.start()
+        timer.start()
+        try:
+            pending = b""
+            for chunk in container.logs(stream=True, follow=True):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for raw in lines:
+                    line = _ANSI.sub("", raw.decode("utf-8", "replace")).rstrip()
+                    if line:
+                        on_line(line)
+                        last_lines = (last_lines + [line])[-40:]
+            exit_code = int(container.wait().get("StatusCode", -1))
+        finally:
+            timer.cancel()
+        if exit_code == 0:
+            return
+        if killed.is_set():
+            raise BuildFailed(f"building image {tag} timed out after {timeout:.0f} s at step "
+                              "'pip install'")
+        raise BuildFailed(self._failure(tag, "pip install", last_lines,
+                                        f"pip exited with code {exit_code}"))
 
     @staticmethod
     def _failure(tag: str, step: str, lines: list[str], error: str) -> str:
         pip_errors = [line for line in lines if _PIP_ERROR.match(line)]
         detail = pip_errors[-1] if pip_errors else error.strip()
         return f"building image {tag} failed at step {step!r}: {detail}"
+
+
+def _remove(thing: Container | Volume) -> None:
+    with suppress(docker.errors.NotFound):
+        thing.remove(force=True)
+
+
+def _remove_named(client: docker.DockerClient, name: str) -> None:
+    with suppress(docker.errors.NotFound):
+        client.containers.get(name).remove(force=True)
 
 
 @dataclass

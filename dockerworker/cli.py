@@ -8,13 +8,17 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
+from types import FrameType, UnionType
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import click
 import docker
 import docker.errors
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 
 from . import __version__
 from .api import PrefectAPI, PrefectAPIError
@@ -28,9 +32,17 @@ from .jobs import (
     merge_job_variables,
     resolve_job,
 )
-from .policy import Masker, Policy, PolicyError
-from .settings import DEFAULT_API_URL, WorkerSettings, docker_host_description
+from .policy import Masker, Policy, PolicyError, mask_logging
+from .settings import (
+    Flag,
+    WorkerSettings,
+    docker_host_description,
+    env_only_values,
+    flags,
+)
 from .worker import Worker
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _configure_logging(level: str) -> None:
@@ -63,77 +75,65 @@ def main() -> None:
     """A Docker-native worker for self-hosted Prefect: each flow run in its own container."""
 
 
+def _click_type(field: FieldInfo, flag: Flag) -> Any:
+    """The click type of a setting, with the field's own bounds."""
+    kind = field.annotation
+    if get_origin(kind) in (Union, UnionType):  # `X | None`: the flag is X, absent is None
+        kind = next(arg for arg in get_args(kind) if arg is not type(None))
+    if get_origin(kind) is Literal:
+        return click.Choice(get_args(kind), case_sensitive=False)
+    if flag.existing_file:
+        return click.Path(exists=True, dir_okay=False, path_type=Path)
+    bounds: dict[str, Any] = {}
+    for meta in field.metadata:  # pydantic's constraints (Ge, Gt, Le, or an Interval)
+        if getattr(meta, "ge", None) is not None:
+            bounds["min"] = meta.ge
+        if getattr(meta, "gt", None) is not None:
+            bounds.update(min=meta.gt, min_open=True)
+        if getattr(meta, "le", None) is not None:
+            bounds["max"] = meta.le
+    if kind is int:
+        return click.IntRange(**bounds) if bounds else int
+    if kind is float:
+        return click.FloatRange(**bounds) if bounds else float
+    return None  # click's default: text
+
+
+def setting_option(name: str, **overrides: Any) -> Callable[[F], F]:
+    """A click option for `WorkerSettings.<name>`: its flag, env variable, default, bounds and
+    help all come from the model; the parameter is named like the field."""
+    field = WorkerSettings.model_fields[name]
+    flag = flags()[name]
+    decls = [flag.name, *([flag.short] if flag.short else []), flag.param or name]
+    kwargs: dict[str, Any] = {"help": field.description, "show_default": True}
+    if flag.env:
+        kwargs.update(envvar=flag.env, show_envvar=True)
+    if flag.param:  # a file the field is read from: no default of its own
+        kwargs["type"] = _click_type(field, flag)
+    elif field.annotation is bool:
+        kwargs["is_flag"] = True
+    elif get_origin(field.annotation) is list:
+        kwargs["multiple"] = True
+    else:
+        kwargs["type"] = _click_type(field, flag)
+    if field.is_required():
+        kwargs["required"] = True
+    elif field.default is not None and field.default is not PydanticUndefined:
+        kwargs["default"] = field.default  # a computed default stays the model's: flag unset
+    kwargs.update(overrides)
+    return click.option(*decls, **kwargs)
+
+
+def settings_options(command: F) -> F:
+    """Every flagged setting as an option of `command`, in the model's order."""
+    for name in reversed(list(flags())):
+        command = setting_option(name)(command)
+    return command
+
+
 @main.command()
-@click.option("--pool", "-p", required=True, envvar="DOCKERWORKER_POOL",
-              help="Work pool to serve (created with type docker if missing).")
-@click.option("--work-queue", "-q", "work_queues", multiple=True,
-              help="Only take runs from this queue (repeatable; default: all queues).")
-@click.option("--name", "-n", envvar="DOCKERWORKER_NAME",
-              help="Worker name shown in the pool; a restarted worker adopts the containers carrying "
-                   "it (default: dockerworker-<hostname>).")
-@click.option("--limit", "-l", type=click.IntRange(min=1), envvar="DOCKERWORKER_LIMIT",
-              help="Most flow runs this worker runs at once (default: no limit).")
-@click.option("--poll-interval", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
-              envvar="DOCKERWORKER_POLL_INTERVAL", help="Seconds between polls for runs.")
-@click.option("--prefetch-seconds", type=click.FloatRange(min=0), default=10.0,
-              show_default=True, envvar="DOCKERWORKER_PREFETCH_SECONDS",
-              help="Claim runs scheduled up to this many seconds ahead.")
-@click.option("--heartbeat-interval", type=click.FloatRange(min=1), default=30.0,
-              show_default=True, envvar="DOCKERWORKER_HEARTBEAT_INTERVAL",
-              help="Seconds between heartbeats to the pool.")
-@click.option("--max-starting", type=click.IntRange(min=0), envvar="DOCKERWORKER_MAX_STARTING",
-              help="Most runs starting at once (claimed, not yet RUNNING); the rest stay "
-                   "scheduled for the next poll or another worker. 0: no bound "
-                   "(default: the number of CPUs).")
-@click.option("--warm", type=click.IntRange(0, 32), default=0, show_default=True,
-              envvar="DOCKERWORKER_WARM",
-              help="Warm starts: keep up to this many containers with Prefect already imported "
-                   "waiting for runs, shared among the job configurations in use (at least one "
-                   "each, the most recently used first); each still serves one run.")
-@click.option("--run-once", is_flag=True,
-              help="Process the runs that are due now, wait for them, then exit.")
-@click.option("--drain", is_flag=True, envvar="DOCKERWORKER_DRAIN",
-              help="On SIGTERM/SIGINT, wait for this worker's runs to finish before exiting "
-                   "(default: leave their containers running for the next worker to adopt).")
-@click.option("--health-port", type=click.IntRange(0, 65535), envvar="DOCKERWORKER_HEALTH_PORT",
-              help="Serve GET /health on this port (200 while the loop polls).")
-@click.option("--api-url", envvar="PREFECT_API_URL", default=DEFAULT_API_URL, show_default=True,
-              help="Prefect API URL [env: PREFECT_API_URL].")
-@click.option("--build-network", envvar="DOCKERWORKER_BUILD_NETWORK",
-              help="Network mode for dependency image builds (e.g. host).")
-@click.option("--build-ca-bundle", envvar="DOCKERWORKER_BUILD_CA_BUNDLE",
-              type=click.Path(exists=True, dir_okay=False),
-              help="CA bundle pip trusts inside builds (TLS-inspecting proxies).")
-@click.option("--build-timeout", type=click.FloatRange(min=1), default=1800.0,
-              show_default=True, envvar="DOCKERWORKER_BUILD_TIMEOUT",
-              help="Seconds a dependency image build may take.")
-@click.option("--policy", "policy_file", envvar="DOCKERWORKER_POLICY_FILE",
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Policy file (TOML): what deployments may ask of Docker. "
-                   "Default: the safe built-in policy.")
-@click.option("--log-level", default="INFO", envvar="DOCKERWORKER_LOG_LEVEL",
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-              show_default=True)
-def start(
-    pool: str,
-    work_queues: tuple[str, ...],
-    name: str | None,
-    limit: int | None,
-    poll_interval: float,
-    prefetch_seconds: float,
-    heartbeat_interval: float,
-    max_starting: int | None,
-    warm: int,
-    run_once: bool,
-    drain: bool,
-    health_port: int | None,
-    api_url: str,
-    build_network: str | None,
-    build_ca_bundle: str | None,
-    build_timeout: float,
-    policy_file: Path | None,
-    log_level: str,
-) -> None:
+@settings_options
+def start(policy_file: Path | None, **options: Any) -> None:
     """Poll a work pool and run each flow run in its own sibling container.
 
     Credentials come from the environment: PREFECT_API_KEY (bearer token) or
@@ -141,31 +141,11 @@ def start(
     is the one DOCKER_HOST names, or the local socket. PIP_INDEX_URL and PIP_EXTRA_INDEX_URL
     are passed on to dependency image builds.
     """
-    _configure_logging(log_level)
-    values = {
-        "api_url": api_url,
-        "api_key": os.environ.get("PREFECT_API_KEY") or None,
-        "auth_string": os.environ.get("PREFECT_API_AUTH_STRING") or None,
-        "pool": pool,
-        "work_queues": list(work_queues),
-        "limit": limit,
-        "poll_interval": poll_interval,
-        "prefetch_seconds": prefetch_seconds,
-        "heartbeat_interval": heartbeat_interval,
-        "warm": warm,
-        "run_once": run_once,
-        "drain": drain,
-        "health_port": health_port,
-        "build_network_mode": build_network,
-        "build_ca_bundle": build_ca_bundle,
-        "build_timeout": build_timeout,
-        "pip_index_url": os.environ.get("PIP_INDEX_URL") or None,
-        "pip_extra_index_url": os.environ.get("PIP_EXTRA_INDEX_URL") or None,
-    }
-    if name:
-        values["name"] = name
-    if max_starting is not None:
-        values["max_starting"] = max_starting
+    _configure_logging(options["log_level"])
+    # Unset flags without a default (None) leave the model's own (computed) default.
+    values: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+    values["work_queues"] = list(options["work_queues"])
+    values.update(env_only_values())
     try:
         values["policy"] = Policy.load(policy_file)
     except PolicyError as exc:
@@ -174,6 +154,7 @@ def start(
         settings = WorkerSettings.model_validate(values)
     except ValidationError as exc:
         raise click.UsageError(describe_validation_error(exc, "settings")) from None
+    mask_logging(Masker(settings.secrets()))
     docker_client = connect_docker()
     api = PrefectAPI(
         settings.api_url,
@@ -202,9 +183,8 @@ def start(
 
 
 @main.command()
-@click.option("--pool", "-p", required=True, envvar="DOCKERWORKER_POOL", help="Work pool to check.")
-@click.option("--api-url", envvar="PREFECT_API_URL", default=DEFAULT_API_URL, show_default=True,
-              help="Prefect API URL [env: PREFECT_API_URL].")
+@setting_option("pool", help="Work pool to check.")
+@setting_option("api_url")
 def doctor(pool: str, api_url: str) -> None:
     """Check the server, credentials, pool, workers, waiting runs and Docker; say how to fix
     what is wrong. Exit code 1 if anything is."""
@@ -214,8 +194,8 @@ def doctor(pool: str, api_url: str) -> None:
 
 
 def _api_from_env(api_url: str, patience: float = 120.0) -> tuple[PrefectAPI, set[str]]:
-    key = os.environ.get("PREFECT_API_KEY") or None
-    auth = os.environ.get("PREFECT_API_AUTH_STRING") or None
+    env = env_only_values()
+    key, auth = env["api_key"], env["auth_string"]
     secrets = {s for s in (key, auth, (auth or "").partition(":")[2]) if s}
     return PrefectAPI(api_url, api_key=key, auth_string=auth, patience=patience), secrets
 
@@ -225,8 +205,7 @@ def pool() -> None:
     """Create a docker work pool with dockerworker's template, or inspect one."""
 
 
-_API_URL = click.option("--api-url", envvar="PREFECT_API_URL", default=DEFAULT_API_URL,
-                        show_default=True, help="Prefect API URL [env: PREFECT_API_URL].")
+_API_URL = setting_option("api_url")
 
 
 @pool.command("create")
@@ -258,9 +237,9 @@ def pool_inspect(name: str, deployment_ref: str | None, api_url: str) -> None:
         work_pool = api.read_work_pool(name)
         values: dict = {}
         if deployment_ref:
-            path = (f"/deployments/name/{deployment_ref}" if "/" in deployment_ref
-                    else f"/deployments/{deployment_ref}")
-            values = merge_job_variables(api.request("GET", path).get("job_variables"), None)
+            deployment = (api.read_deployment_by_name(deployment_ref) if "/" in deployment_ref
+                          else api.read_deployment(deployment_ref))
+            values = merge_job_variables(deployment.job_variables, None)
         job = resolve_job(work_pool.base_job_template, values)
     except (PrefectAPIError, InvalidJobVariables) as exc:
         raise click.ClickException(str(exc)) from None
@@ -269,7 +248,7 @@ def pool_inspect(name: str, deployment_ref: str | None, api_url: str) -> None:
     if job.registry_credentials:
         secrets.add(job.registry_credentials.password)
     mask = Masker.for_env(job.env, secrets)
-    click.echo(mask(json.dumps(shown, indent=2)))
+    click.echo(json.dumps(mask.data(shown), indent=2, ensure_ascii=False))
 
 
 @main.group()

@@ -126,6 +126,12 @@ def network_mode_for(job: JobVariables, api_url: str) -> str | None:
     return None
 
 
+def _own_network_namespace(mode: str | None) -> bool:
+    """Whether the container gets a namespace of its own, where the host's loopback is the
+    gateway (`networks: ["host"]` means host mode as much as `network_mode: host` does)."""
+    return not (mode in ("host", "none") or (mode or "").startswith("container:"))
+
+
 def build_spec(
     job: JobVariables,
     *,
@@ -145,7 +151,8 @@ def build_spec(
     network_mode = network_mode_for(job, api_url)
     flow_api_url = api_url
     extra_hosts: dict[str, str] | None = None
-    if network_mode != "host" and urlparse(api_url).hostname in _LOCAL_HOSTS:
+    if _own_network_namespace(network_mode or (job.networks or [None])[0]) and (
+            urlparse(api_url).hostname in _LOCAL_HOSTS):
         for local in _LOCAL_HOSTS:
             flow_api_url = flow_api_url.replace(local, "host.docker.internal")
         extra_hosts = {"host.docker.internal": "host-gateway"}

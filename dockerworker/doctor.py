@@ -83,7 +83,7 @@ class Doctor:
 
     def credentials(self) -> Check:
         try:
-            self.api.request("POST", "/work_pools/filter", json={"limit": 1}, patience=0)
+            self.api.probe_work_pools(patience=0)
         except AuthRejected as exc:
             return Check(False, f"credentials rejected: {exc}",
                          "set PREFECT_API_KEY (bearer) or PREFECT_API_AUTH_STRING (user:password) "
@@ -113,9 +113,7 @@ class Doctor:
     def queues(self) -> Check | None:
         if self.pool is None:
             return None
-        rows = self.api.request(
-            "POST", f"/work_pools/{self.pool_name}/queues/filter", json={}, patience=0
-        )
+        rows = self.api.read_work_queues(self.pool_name, patience=0)
         paused = [row["name"] for row in rows if row.get("is_paused")]
         details = [
             f"{row['name']}: priority {row.get('priority')}, concurrency limit "
@@ -131,9 +129,7 @@ class Doctor:
     def workers(self) -> Check | None:
         if self.pool is None:
             return None
-        rows = self.api.request(
-            "POST", f"/work_pools/{self.pool_name}/workers/filter", json={}, patience=0
-        )
+        rows = self.api.read_workers(self.pool_name, patience=0)
         self.online = online = [row for row in rows if row.get("status") == "ONLINE"]
         if not online:
             return Check(False, f"no worker online in pool {self.pool_name!r}",
@@ -144,12 +140,8 @@ class Doctor:
     def waiting_runs(self) -> Check | None:
         if self.pool is None:
             return None
-        body = {
-            "flow_runs": {"state": {"name": {"any_": ["Late", "Pending"]}}},
-            "work_pools": {"name": {"any_": [self.pool_name]}},
-            "limit": 50,
-        }
-        runs = self.api.request("POST", "/flow_runs/filter", json=body, patience=0)
+        runs = self.api.flow_runs_by_state_name(self.pool_name, ["Late", "Pending"], limit=50,
+                                                patience=0)
         stale = datetime.now(UTC) - timedelta(minutes=5)
         stuck = [r for r in runs if r["state"]["name"] == "Late" or
                  datetime.fromisoformat(r["state"]["timestamp"]) < stale]
@@ -164,15 +156,15 @@ class Doctor:
             reasons.append(f"the pool's concurrency limit is {self.pool.concurrency_limit}")
         for deployment_id in {r["deployment_id"] for r in stuck if r.get("deployment_id")}:
             try:
-                deployment = self.api.request("GET", f"/deployments/{deployment_id}", patience=0)
+                deployment = self.api.read_deployment(deployment_id, patience=0)
             except NotFound:
                 reasons.append(f"deployment {deployment_id} no longer exists")
                 continue
-            if deployment.get("paused"):
-                reasons.append(f"deployment {deployment['name']!r} is paused")
-            if deployment.get("concurrency_limit"):
-                reasons.append(f"deployment {deployment['name']!r} has concurrency limit "
-                               f"{deployment['concurrency_limit']}")
+            if deployment.paused:
+                reasons.append(f"deployment {deployment.name!r} is paused")
+            if deployment.concurrency_limit:
+                reasons.append(f"deployment {deployment.name!r} has concurrency limit "
+                               f"{deployment.concurrency_limit}")
         details = [f"{r['name']} ({r['state']['name']})" for r in stuck[:10]]
         return Check(False, f"{len(stuck)} run(s) Late or stuck in Pending: "
                      + ("; ".join(reasons) or "no obvious reason: check the worker's console"),

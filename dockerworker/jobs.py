@@ -11,7 +11,15 @@ import copy
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from docker.utils import parse_bytes
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_IMAGE = "prefecthq/prefect:3-python3.12"
 
@@ -179,6 +187,36 @@ class JobVariables(BaseModel):
             "e.g. 512m)"
         )
 
+    @model_validator(mode="after")
+    def _memory_within_dockers_bounds(self) -> JobVariables:
+        """What Docker would refuse at create time, refused before anything starts."""
+        memory = memory_bytes(self.mem_limit)
+        if memory is not None and memory < MIN_MEMORY:
+            raise ValueError(f"mem_limit: {self.mem_limit!r} is below Docker's minimum of 6m")
+        if self.memswap_limit is None:
+            return self
+        if memory is None:
+            raise ValueError("memswap_limit: needs mem_limit (Docker refuses a swap limit "
+                             "without a memory limit)")
+        swap = memory_bytes(self.memswap_limit)
+        if swap != -1 and swap is not None and swap < memory:
+            raise ValueError(f"memswap_limit: {self.memswap_limit!r} is below mem_limit "
+                             f"{self.mem_limit!r} (it counts memory plus swap; -1 for "
+                             "unlimited swap)")
+        return self
+
+
+MIN_MEMORY = 6 * 1024 * 1024  # Docker's own minimum for a memory limit
+
+
+def memory_bytes(size: str | None) -> int | None:
+    """`512m` → bytes; `-1` stays -1; None for unset."""
+    if size is None:
+        return None
+    if size == "-1":
+        return -1
+    return int(parse_bytes(size.replace(" ", "").lower().removesuffix("b") or "0"))
+
 
 class InvalidJobVariables(ValueError):
     """Job variables that do not validate; the message names each variable and its problem."""
@@ -284,7 +322,7 @@ def describe_validation_error(exc: ValidationError, what: str = "job variables")
         secret = error["loc"][:1] in (("env",), ("registry_credentials",))
         if error["type"] not in ("value_error",) and "input" in error and not secret:
             message = f"{message} (got {_short(repr(error['input']))})"
-        problems.append(f"{where}: {message}")
+        problems.append(f"{where}: {message}" if error["loc"] else message)
     return f"invalid {what}: " + "; ".join(problems)
 
 

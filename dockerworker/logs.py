@@ -422,12 +422,7 @@ def resume_point(api: PrefectAPI, flow_run_id: UUID, depth: int = 20,
     tails: dict[str, list[str]] = {}
     newest: dict[str, datetime] = {}
     for page in range(pages):
-        rows = api.request("POST", "/logs/filter", json={
-            "logs": {"flow_run_id": {"any_": [str(flow_run_id)]}},
-            "sort": "TIMESTAMP_DESC",
-            "limit": 200,
-            "offset": page * 200,
-        })
+        rows = api.read_logs_newest_first(flow_run_id, limit=200, offset=page * 200)
         for row in rows:
             stream = streams.get(row["name"])
             if stream is None or len(tails.get(stream, [])) >= depth:

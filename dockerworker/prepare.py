@@ -105,7 +105,8 @@ class Preparation:
         self.say(f"dependencies ({plan.describe()}) on {job.image}")
         try:
             result = self._unless_cancelled(
-                lambda: self.builder.ensure(job.image, plan, deployment, self._build_line)
+                lambda: self.builder.ensure(job.image, plan, deployment, self._build_line,
+                                            self.settings.policy.build_limits(job))
             )
         except BuildFailed as exc:
             raise RunCrashed(str(exc)) from None

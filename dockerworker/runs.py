@@ -241,8 +241,8 @@ class RunSupervisor:
         return job
 
     def _check_policy(self, job: JobVariables) -> None:
-        """The worker's policy may refuse the job (issue 12 extends what it looks at)."""
-        if refused := self.settings.policy.violations(job):
+        """The worker's policy may refuse the job, looking at the host as the engine will."""
+        if refused := self.settings.policy.violations(job, self.runtime.host_view()):
             raise RunCrashed("refused by the worker's policy: " + "; ".join(refused))
 
     def _start(self, spec: ContainerSpec) -> Workload:

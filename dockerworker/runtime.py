@@ -39,6 +39,7 @@ from .containers import (
     remove_quietly,
 )
 from .entry import CANCEL_LINE, LABEL_CONTROL, write_line
+from .hostview import HostView
 from .images import ensure_image
 from .jobs import JobVariables
 from .logs import ResumePoint, RunOutput
@@ -96,6 +97,10 @@ class Runtime(Protocol):
 
     def host_id(self) -> str:
         """The engine's identity: which runs' infrastructure_pid points here."""
+
+    def host_view(self) -> HostView | None:
+        """The host as the engine sees it (bind sources, networks), for the policy; None:
+        the policy judges the job by its text alone."""
 
     def ensure_image(self, job: JobVariables, trusted_credentials: bool) -> str:
         """Make the job's image available by its pull policy; says what was done."""
@@ -190,6 +195,9 @@ class LocalEngine:
     def host_id(self) -> str:
         with _translated():
             return docker_host_id(self.client)
+
+    def host_view(self) -> HostView:
+        return HostView(self.client)
 
     def ensure_image(self, job: JobVariables, trusted_credentials: bool) -> str:
         with _translated():

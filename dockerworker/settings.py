@@ -1,11 +1,19 @@
-"""The worker's settings: one pydantic model, filled from CLI flags and the environment."""
+"""The worker's settings: one pydantic model, filled from CLI flags and the environment.
+
+`WorkerSettings` is the one place that knows each setting's default, bounds, flag, env
+variable and help: `dockerworker start`'s options are generated from it (cli.py), so the
+command line and the model cannot disagree.
+"""
 
 from __future__ import annotations
 
 import base64
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, Field, SecretStr
 
@@ -13,6 +21,26 @@ from .builds import BuildOptions
 from .policy import Policy
 
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"
+API_URL_ENV = "PREFECT_API_URL"
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a setting appears on `dockerworker start`: its flag, short form and env variable.
+    The default, bounds and help are the field's own (`Field(default, ge, le, description)`)."""
+
+    name: str
+    short: str | None = None
+    env: str | None = None
+    existing_file: bool = False  # a path that must name an existing file
+    param: str | None = None  # the CLI parameter, when the flag names a file the field is read from
+
+
+@dataclass(frozen=True)
+class FromEnv:
+    """A setting only the environment gives (credentials, pip's index): never a flag."""
+
+    name: str
 
 
 def default_worker_name() -> str:
@@ -21,28 +49,79 @@ def default_worker_name() -> str:
     return f"dockerworker-{socket.gethostname()}"
 
 
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
 class WorkerSettings(BaseModel):
-    api_url: str = DEFAULT_API_URL
-    api_key: SecretStr | None = None
-    auth_string: SecretStr | None = None
-    pool: str
-    work_queues: list[str] = Field(default_factory=list)
-    name: str = Field(default_factory=default_worker_name)
-    limit: int | None = Field(default=None, ge=1)
-    poll_interval: float = Field(default=5.0, gt=0)
-    prefetch_seconds: float = Field(default=10.0, ge=0)
-    heartbeat_interval: float = Field(default=30.0, gt=0)
-    max_starting: int = Field(default_factory=lambda: os.cpu_count() or 2, ge=0)
-    warm: int = Field(default=0, ge=0, le=32)
-    run_once: bool = False
-    drain: bool = False
-    health_port: int | None = Field(default=None, ge=0, le=65535)
-    build_network_mode: str | None = None
-    build_ca_bundle: Path | None = None
-    pip_index_url: str | None = None
-    pip_extra_index_url: str | None = None
-    build_timeout: float = Field(default=1800.0, gt=0)
-    policy: Policy = Field(default_factory=Policy)
+    """Everything `dockerworker start` is told; the order here is the order of `--help`."""
+
+    pool: Annotated[str, Flag("--pool", "-p", env="DOCKERWORKER_POOL")] = Field(
+        description="Work pool to serve (created with type docker if missing).")
+    work_queues: Annotated[list[str], Flag("--work-queue", "-q")] = Field(
+        default_factory=list,
+        description="Only take runs from this queue (repeatable; default: all queues).")
+    name: Annotated[str, Flag("--name", "-n", env="DOCKERWORKER_NAME")] = Field(
+        default_factory=default_worker_name,
+        description="Worker name shown in the pool; a restarted worker adopts the containers "
+                    "carrying it (default: dockerworker-<hostname>).")
+    limit: Annotated[int | None, Flag("--limit", "-l", env="DOCKERWORKER_LIMIT")] = Field(
+        default=None, ge=1,
+        description="Most flow runs this worker runs at once (default: no limit).")
+    poll_interval: Annotated[float, Flag("--poll-interval", env="DOCKERWORKER_POLL_INTERVAL")] = (
+        Field(default=5.0, ge=0.1, description="Seconds between polls for runs."))
+    prefetch_seconds: Annotated[
+        float, Flag("--prefetch-seconds", env="DOCKERWORKER_PREFETCH_SECONDS")
+    ] = Field(default=10.0, ge=0, description="Claim runs scheduled up to this many seconds ahead.")
+    heartbeat_interval: Annotated[
+        float, Flag("--heartbeat-interval", env="DOCKERWORKER_HEARTBEAT_INTERVAL")
+    ] = Field(default=30.0, ge=1, description="Seconds between heartbeats to the pool.")
+    max_starting: Annotated[int, Flag("--max-starting", env="DOCKERWORKER_MAX_STARTING")] = Field(
+        default_factory=lambda: os.cpu_count() or 2, ge=0,
+        description="Most runs starting at once (claimed, not yet RUNNING); the rest stay "
+                    "scheduled for the next poll or another worker. 0: no bound "
+                    "(default: the number of CPUs).")
+    warm: Annotated[int, Flag("--warm", env="DOCKERWORKER_WARM")] = Field(
+        default=0, ge=0, le=32,
+        description="Warm starts: keep up to this many containers with Prefect already "
+                    "imported waiting for runs, shared among the job configurations in use (at "
+                    "least one each, the most recently used first); each still serves one run.")
+    run_once: Annotated[bool, Flag("--run-once")] = Field(
+        default=False,
+        description="Process the runs that are due now, wait for them, then exit.")
+    drain: Annotated[bool, Flag("--drain", env="DOCKERWORKER_DRAIN")] = Field(
+        default=False,
+        description="On SIGTERM/SIGINT, wait for this worker's runs to finish before exiting "
+                    "(default: leave their containers running for the next worker to adopt).")
+    health_port: Annotated[int | None, Flag("--health-port", env="DOCKERWORKER_HEALTH_PORT")] = (
+        Field(default=None, ge=0, le=65535,
+              description="Serve GET /health on this port (200 while the loop polls)."))
+    api_url: Annotated[str, Flag("--api-url", env=API_URL_ENV)] = Field(
+        default=DEFAULT_API_URL, description="Prefect API URL.")
+    api_key: Annotated[SecretStr | None, FromEnv("PREFECT_API_KEY")] = None
+    auth_string: Annotated[SecretStr | None, FromEnv("PREFECT_API_AUTH_STRING")] = None
+    build_network_mode: Annotated[
+        str | None, Flag("--build-network", env="DOCKERWORKER_BUILD_NETWORK")
+    ] = Field(default=None,
+              description="Network mode for dependency image builds (e.g. host).")
+    build_ca_bundle: Annotated[
+        Path | None,
+        Flag("--build-ca-bundle", env="DOCKERWORKER_BUILD_CA_BUNDLE", existing_file=True),
+    ] = Field(default=None,
+              description="CA bundle pip trusts inside builds (TLS-inspecting proxies).")
+    pip_index_url: Annotated[str | None, FromEnv("PIP_INDEX_URL")] = None
+    pip_extra_index_url: Annotated[str | None, FromEnv("PIP_EXTRA_INDEX_URL")] = None
+    build_timeout: Annotated[
+        float, Flag("--build-timeout", env="DOCKERWORKER_BUILD_TIMEOUT")
+    ] = Field(default=BuildOptions.timeout, ge=1,  # the builder's default, stated once there
+              description="Seconds a dependency image build may take.")
+    policy: Annotated[
+        Policy,
+        Flag("--policy", env="DOCKERWORKER_POLICY_FILE", existing_file=True, param="policy_file"),
+    ] = Field(default_factory=Policy,  # the CLI reads the file: Policy.load
+              description="Policy file (TOML): what deployments may ask of Docker. "
+                          "Default: the safe built-in policy.")
+    log_level: Annotated[LogLevel, Flag("--log-level", env="DOCKERWORKER_LOG_LEVEL")] = Field(
+        default="INFO", description="How much the worker's console says.")
 
     def build_options(self) -> BuildOptions:
         return BuildOptions(
@@ -60,6 +139,11 @@ class WorkerSettings(BaseModel):
             if secret:
                 value = secret.get_secret_value()
                 found.update({value, value.partition(":")[2]} - {""})
+        for index_url in (self.pip_index_url, self.pip_extra_index_url):
+            parts = urlsplit(index_url or "")
+            token = parts.password or parts.username  # `https://TOKEN@host/simple` too
+            if token:
+                found |= {token, unquote(token)}
         return found
 
     def stream_token(self) -> str | None:
@@ -86,6 +170,26 @@ class WorkerSettings(BaseModel):
         if self.auth_string:
             env["PREFECT_API_AUTH_STRING"] = self.auth_string.get_secret_value()
         return env
+
+
+def flags() -> dict[str, Flag]:
+    """Each flagged setting's Flag, by field name, in the model's order."""
+    return {
+        name: meta
+        for name, field in WorkerSettings.model_fields.items()
+        for meta in field.metadata
+        if isinstance(meta, Flag)
+    }
+
+
+def env_only_values() -> dict[str, str | None]:
+    """The settings only the environment gives, read from it now (unset or empty: None)."""
+    return {
+        name: os.environ.get(meta.name) or None
+        for name, field in WorkerSettings.model_fields.items()
+        for meta in field.metadata
+        if isinstance(meta, FromEnv)
+    }
 
 
 def docker_host_description() -> str:

@@ -13,11 +13,9 @@ import time
 from pathlib import Path
 
 import docker
+from testrig.prefect_rig import PrefectRig, compose_stack
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests" / "integration"))
-
-from prefect_rig import PrefectRig, compose_stack
 
 IMAGE = "dockerworker-demo/flows:dev"
 POOL = "demo"

@@ -10,7 +10,7 @@ from pathlib import Path
 import docker
 import pytest
 import requests
-from prefect_rig import (
+from testrig.prefect_rig import (
     FLOWS_IMAGE,
     PREFECT_IMAGE,
     REPO_DIR,
@@ -20,7 +20,7 @@ from prefect_rig import (
     remove_pool_containers,
     start_prefect_server,
 )
-from workers import WorkerProcess, worker_env
+from testrig.workers import WorkerProcess, worker_env
 
 
 @pytest.fixture(scope="session")
@@ -128,3 +128,18 @@ def start_worker(
     if failed is None or failed.failed:
         for worker in started:
             print(f"--- {worker.log_path.name} ---\n{worker.output()}")
+
+
+@pytest.fixture
+def policy_file(tmp_path: Path) -> Callable[..., str]:
+    """Write a policy file with the given rules; returns its path for `--policy`."""
+    import json
+
+    def write(**rules: object) -> str:
+        path = tmp_path / f"policy-{secrets.token_hex(3)}.toml"
+        lines = ["[policy]"] + [f"{key} = {json.dumps(value)}" for key, value in rules.items()]
+        path.write_text("\n".join(lines) + "\n")
+        return str(path)
+
+    return write
+

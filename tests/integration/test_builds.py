@@ -7,7 +7,7 @@ import sys
 import time
 import uuid
 
-from prefect_rig import PrefectRig
+from testrig.prefect_rig import PrefectRig
 
 from dockerworker.builds import Builder, BuildOptions, BuildPlan
 
@@ -75,9 +75,9 @@ def _unique_spec(flow_image: str) -> dict:
 
 
 def test_runs_arriving_together_share_one_build(
-    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, policy_file
 ) -> None:
-    start_worker(unique_pool)
+    start_worker(unique_pool, "--policy", policy_file(allow_dockerfile_lines=True))
     deployment = rig.create_deployment(
         unique_pool, "flows.py:six_version", _unique_spec(flow_image)
     )
@@ -91,9 +91,10 @@ def test_runs_arriving_together_share_one_build(
 
 
 def test_two_worker_processes_share_one_build(
-    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, policy_file
 ) -> None:
-    workers = [start_worker(unique_pool, "--limit", "2") for _ in range(2)]
+    consent = policy_file(allow_dockerfile_lines=True)
+    workers = [start_worker(unique_pool, "--limit", "2", "--policy", consent) for _ in range(2)]
     deployment = rig.create_deployment(
         unique_pool, "flows.py:six_version", _unique_spec(flow_image)
     )

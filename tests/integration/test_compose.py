@@ -6,7 +6,7 @@ import secrets
 from collections import Counter
 
 import pytest
-from prefect_rig import PrefectRig, compose_stack, free_port
+from testrig.prefect_rig import PrefectRig, compose_stack, free_port
 
 
 @pytest.fixture

@@ -9,8 +9,14 @@ from collections import Counter
 from pathlib import Path
 
 import docker
-from prefect_rig import POOL_LABEL, PrefectRig, free_port, prefect_executable, start_prefect_server
-from workers import WorkerProcess, worker_env
+from testrig.prefect_rig import (
+    POOL_LABEL,
+    PrefectRig,
+    free_port,
+    prefect_executable,
+    start_prefect_server,
+)
+from testrig.workers import WorkerProcess, worker_env
 
 RUN_LABEL = "io.prefect.flow-run-id"
 

@@ -6,8 +6,8 @@ import json
 import subprocess
 import sys
 
-from prefect_rig import PrefectRig, free_port
-from workers import worker_env
+from testrig.prefect_rig import PrefectRig, free_port
+from testrig.workers import worker_env
 
 from dockerworker.jobs import default_base_job_template
 

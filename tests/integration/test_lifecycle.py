@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from prefect_rig import POOL_LABEL, PrefectRig, free_port, start_prefect_server
+from testrig.prefect_rig import POOL_LABEL, PrefectRig, free_port, start_prefect_server
 
 RUN_LABEL = "io.prefect.flow-run-id"
 
@@ -79,9 +79,9 @@ def test_cancel_a_flow_that_ignores_sigterm(
 
 
 def test_cancel_during_a_slow_build(
-    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, docker_client
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, docker_client, policy_file
 ) -> None:
-    worker = start_worker(unique_pool)
+    worker = start_worker(unique_pool, "--policy", policy_file(allow_dockerfile_lines=True))
     job = {"image": flow_image, "dockerfile_lines": [f"RUN sleep 20 # {uuid.uuid4().hex}"]}
     deployment = rig.create_deployment(unique_pool, "flows.py:hello", job)
     run_id = rig.create_flow_run(deployment)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from uuid import UUID
 
-from prefect_rig import POOL_LABEL, PrefectRig, free_port, start_prefect_server
+from testrig.prefect_rig import POOL_LABEL, PrefectRig, free_port, start_prefect_server
 
 from dockerworker.api import PrefectAPI
 from dockerworker.logs import LogShipper, RunOutput, resume_point

@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prefect_rig import POOL_LABEL, PrefectRig, start_prefect_server
+from testrig.prefect_rig import POOL_LABEL, PrefectRig, start_prefect_server
 
 from dockerworker.jobs import default_base_job_template
 
 RUN_LABEL = "io.prefect.flow-run-id"
 REFUSALS = {
     "privileged": ({"privileged": True}, "privileged: privileged containers are not allowed"),
-    "root volume": ({"volumes": ["/:/host"]}, "volumes: host path / is not under an allowed"),
+    "root volume": ({"volumes": ["/:/host"]}, "volumes[0]: host path / is not under an allowed"),
     "host network": ({"network_mode": "host"}, "network_mode: 'host' is not allowed"),
     "cap_add": ({"container_create_kwargs": {"cap_add": ["SYS_ADMIN"]}},
                 "container_create_kwargs.cap_add: not allowed"),
@@ -165,7 +165,7 @@ def test_the_api_key_never_shows(
     rig: PrefectRig, prefect_server, start_worker, unique_pool: str, flow_image: str, tmp_path
 ) -> None:
     key = "pnu_dockerworker_test_key_0123456789"
-    from workers import WorkerProcess, worker_env
+    from testrig.workers import WorkerProcess, worker_env
 
     env = worker_env(prefect_server.url, PREFECT_API_KEY=key)
     worker = WorkerProcess(["--pool", unique_pool, "--name", f"{unique_pool}-k",
@@ -191,7 +191,7 @@ def test_the_api_key_never_shows(
 def test_server_with_basic_auth(
     right: bool, start_worker, unique_pool: str, flow_image: str, tmp_path: Path
 ) -> None:
-    from workers import WorkerProcess, worker_env
+    from testrig.workers import WorkerProcess, worker_env
 
     auth = "admin:correct-horse"
     with start_prefect_server(env={"PREFECT_SERVER_API_AUTH_STRING": auth}) as server:

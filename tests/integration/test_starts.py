@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import time
 
-from prefect_rig import POOL_LABEL, PrefectRig, log_messages
+from testrig.prefect_rig import POOL_LABEL, PrefectRig, log_messages
 
 WARM_LABEL = "io.dockerworker.warm"
 

@@ -193,15 +193,13 @@ class FakeAPI:
         with self._lock:
             self.logs.extend(logs)
 
-    def request(self, method: str, path: str, json: Any = None,
-                patience: float | None = None) -> Any:
-        """Only what resume_point() asks: a run's logs, newest first."""
-        assert (method, path) == ("POST", "/logs/filter"), (method, path)
-        run_id = json["logs"]["flow_run_id"]["any_"][0]
+    def read_logs_newest_first(self, flow_run_id: UUID, limit: int,
+                               offset: int = 0) -> list[dict[str, Any]]:
+        """What resume_point() reads: a page of the run's logs, newest first."""
         with self._lock:
-            rows = [e for e in self.logs if e["flow_run_id"] == run_id]
+            rows = [e for e in self.logs if e["flow_run_id"] == str(flow_run_id)]
         rows.sort(key=lambda e: e["timestamp"], reverse=True)
-        return rows[json["offset"]:json["offset"] + json["limit"]]
+        return rows[offset:offset + limit]
 
 
 @dataclass
@@ -325,6 +323,9 @@ class FakeRuntime:
         self._call("host_id")
         return self.host
 
+    def host_view(self) -> None:
+        return None  # the policy judges the job by its text
+
     def ensure_image(self, job: JobVariables, trusted_credentials: bool) -> str:
         self._call("ensure_image")
         if self.image_gate is not None:
@@ -444,7 +445,7 @@ class FakeBuilder:
         self.builds: list[str] = []
 
     def ensure(self, base: str, plan: Any, deployment: str,
-               on_line: Callable[[str], None]) -> BuildResult:
+               on_line: Callable[[str], None], limits: Any = None) -> BuildResult:
         if self.gate is not None:
             self.gate.wait(10)
         if self.fail:

@@ -55,6 +55,14 @@ def test_local_api_means_host_network_like_prefect_docker() -> None:
     assert remote.create_kwargs["network"] == "a" and remote.extra_networks == ["b"]
 
 
+def test_a_shared_or_host_namespace_gets_no_gateway_alias() -> None:
+    for job in (JobVariables(networks=["host"]), JobVariables(network_mode="container:db"),
+                JobVariables(networks=["container:db", "b"]), JobVariables(network_mode="none")):
+        kwargs = spec_for(job).create_kwargs
+        assert "extra_hosts" not in kwargs, job  # Docker refuses it with container:…
+        assert kwargs["environment"]["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
+
+
 def test_auto_remove_is_never_handed_to_docker() -> None:
     spec = spec_for(JobVariables(auto_remove=True,
                                  container_create_kwargs={"auto_remove": True, "cpu_shares": 2}))

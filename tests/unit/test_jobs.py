@@ -90,6 +90,29 @@ def test_invalid_values_name_the_variable(values: dict[str, Any], names: list[st
         assert name in str(caught.value)
 
 
-@pytest.mark.parametrize("size", ["64m", "1g", "100000", "1.5g", "512MB", "-1"])
+@pytest.mark.parametrize("size", ["64m", "1g", "10000000", "1.5g", "512MB", "6m"])
 def test_memory_sizes_docker_accepts(size: str) -> None:
-    assert resolve_job(default_base_job_template(), {"memswap_limit": size}).memswap_limit == size
+    job = resolve_job(default_base_job_template(), {"mem_limit": size, "memswap_limit": "-1"})
+    assert job.mem_limit == size and job.memswap_limit == "-1"
+    assert resolve_job(default_base_job_template(),
+                       {"mem_limit": size, "memswap_limit": size}).memswap_limit == size
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"mem_limit": "-1"}, "mem_limit: '-1' is below Docker's minimum of 6m"),
+        ({"mem_limit": "0"}, "mem_limit: '0' is below Docker's minimum of 6m"),
+        ({"mem_limit": "4m"}, "below Docker's minimum"),
+        ({"mem_limit": "100000"}, "below Docker's minimum"),
+        ({"memswap_limit": "1g"}, "memswap_limit: needs mem_limit"),
+        ({"mem_limit": "1g", "memswap_limit": "512m"}, "memswap_limit: '512m' is below mem_limit"),
+        ({"mem_limit": "lots"}, "mem_limit: 'lots' is not a memory size"),
+    ],
+)
+def test_memory_sizes_docker_refuses_are_refused_before_anything_starts(
+    values: dict, message: str
+) -> None:
+    with pytest.raises(InvalidJobVariables) as caught:
+        resolve_job(default_base_job_template(), values)
+    assert message in str(caught.value)

@@ -17,7 +17,7 @@ def refused(job: JobVariables, policy: Policy = DEFAULT) -> str:
 
 
 def test_a_plain_job_passes_the_default_policy() -> None:
-    job = JobVariables(image="dockerworker-test/flows:dev", volumes=["data:/data"],
+    job = JobVariables(image="dockerworker-test/flows:dev", volumes=["/scratch"],
                        networks=["backend"], container_create_kwargs={"cpu_shares": 2})
     assert DEFAULT.violations(job) == []
 
@@ -26,7 +26,7 @@ def test_a_plain_job_passes_the_default_policy() -> None:
     ("job", "expected"),
     [
         (JobVariables(privileged=True), "privileged: privileged containers are not allowed"),
-        (JobVariables(volumes=["/:/host"]), "volumes: host path / is not under an allowed prefix"),
+        (JobVariables(volumes=["/:/host"]), "volumes[0]: host path / is not under an allowed prefix"),
         (JobVariables(network_mode="host"), "network_mode: 'host' is not allowed"),
         (JobVariables(network_mode="container:abc"), "network_mode: 'container:abc'"),
         (JobVariables(container_create_kwargs={"cap_add": ["SYS_ADMIN"]}),

@@ -24,8 +24,11 @@ from typing import Any, Self
 import docker.errors
 import httpx
 
-TESTS_DIR = Path(__file__).resolve().parent.parent
-REPO_DIR = TESTS_DIR.parent
+REPO_DIR = Path(__file__).resolve().parents[2]  # testrig/testrig/ -> the repository
+TESTS_DIR = REPO_DIR / "tests"
+if not (REPO_DIR / "dockerworker").is_dir() or not TESTS_DIR.is_dir():
+    raise ImportError(f"testrig works from dockerworker's repository; {REPO_DIR} is not it "
+                      "(install it editable: pip install -e ./testrig, as `make setup` does)")
 PREFECT_IMAGE = "dockerworker/prefect:3.9.1-local"
 FLOWS_IMAGE = "dockerworker-test/flows:dev"
 FLOWS_DOCKERFILE = "images/flows.Dockerfile"

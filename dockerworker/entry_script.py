@@ -1,0 +1,143 @@
+"""dockerworker's entry script: the default command of a flow container.
+
+It is shipped as the text of `python -c` (see entry.py), so it runs with only the image's
+Python and Prefect: standard library and `prefect` imports only, never `dockerworker`, and
+nothing newer than the oldest Python Prefect supports. Importing it runs nothing; `main()`
+runs when it is executed (`__name__ == "__main__"` under `python -c`).
+
+It plays the runner's side of Prefect's control channel (`PREFECT__CONTROL_PORT`/`TOKEN`,
+loopback inside the container), so a `cancel` line on stdin reaches the engine as a
+cancellation (Cancelling -> Cancelled, on_cancellation hooks) and not as a bare SIGTERM,
+which Prefect reports as Crashed. With a time-out argument it is a warm container: it imports
+Prefect, then waits on stdin for the run's identity (a JSON object of environment variables).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import secrets
+import select
+import signal
+import socket
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
+
+CANCEL_LINE = "cancel"
+
+
+def read_lines(fd: int = 0) -> Iterator[str]:
+    """Stripped lines from the raw descriptor: a reader blocked there never stalls the exit
+    (a buffered `sys.stdin` reader did keep a failed engine from exiting)."""
+    pending = b""
+    while True:
+        while b"\n" not in pending:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return
+            pending += chunk
+        line, pending = pending.split(b"\n", 1)
+        yield line.decode().strip()
+
+
+def wait_for_identity(lines: Iterator[str], fd: int, timeout: float) -> dict[str, str] | None:
+    """A warm container's wait: the run's environment from the first line on `fd`, or None
+    when nothing came within `timeout` seconds (or stdin closed)."""
+    ready, _, _ = select.select([fd], [], [], timeout)
+    line = next(lines, "") if ready else ""
+    if not line:
+        return None
+    return json.loads(line)
+
+
+def serve(
+    server: socket.socket, token: str, hello: int, engine: list[tuple[socket.socket, BinaryIO]]
+) -> None:
+    """Accept the engine's control connection (it connects once its SIGTERM bridge is in
+    place) and keep it in `engine` when it proves it knows the token."""
+    conn, _ = server.accept()
+    reader = conn.makefile("rb")
+    if reader.readline().strip() != token.encode():
+        return
+    conn.settimeout(1)
+    try:
+        reader.read(hello)  # a version-two hello; as a version-one runner we do not answer
+    except OSError:
+        pass
+    engine.append((conn, reader))
+
+
+def _terminate() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def cancel_on_request(
+    lines: Iterator[str],
+    engine: list[tuple[socket.socket, BinaryIO]],
+    intent: bytes | None,
+    terminate: Callable[[], None] = _terminate,
+) -> None:
+    """On a `cancel` line: tell the engine it is a cancellation (when it is connected and
+    Prefect knows the intent), wait for its acknowledgement, then SIGTERM ourselves. Stdin
+    closing without `cancel` does nothing."""
+    for line in lines:
+        if line == CANCEL_LINE:
+            break
+    else:
+        return
+    if engine and intent:
+        conn, reader = engine[0]
+        try:
+            conn.sendall(intent)
+            conn.settimeout(2)
+            reader.read(1)  # the engine acknowledges the intent before the signal
+        except OSError:
+            pass
+    terminate()
+
+
+def open_control_channel(engine: list[tuple[socket.socket, BinaryIO]]) -> bytes | None:
+    """Listen for the engine on loopback and tell it where (PREFECT__CONTROL_*); return the
+    cancel intent byte, or None when this Prefect has no control channel."""
+    try:
+        from prefect._internal.attempt_control import BYTE_FOR_INTENT, NEGOTIATION_FRAME_SIZE
+
+        intent = BYTE_FOR_INTENT["cancel"]
+        server = socket.create_server(("127.0.0.1", 0))
+    except (ImportError, KeyError, OSError):
+        return None
+    token = secrets.token_hex(16)
+    os.environ["PREFECT__CONTROL_PORT"] = str(server.getsockname()[1])
+    os.environ["PREFECT__CONTROL_TOKEN"] = token
+    threading.Thread(
+        target=serve, args=(server, token, NEGOTIATION_FRAME_SIZE, engine), daemon=True
+    ).start()
+    return intent
+
+
+def main() -> None:
+    """Import Prefect, (warm: wait for the run), then run Prefect's engine in this process."""
+    # Imported before a warm wait: that is the head start a warm container gives a run.
+    import prefect.engine
+    import prefect.flow_engine  # noqa: F401
+
+    stdin = read_lines()
+    if len(sys.argv) > 1:  # warm: wait for a run's identity, or time out unused
+        identity = wait_for_identity(stdin, 0, float(sys.argv[1]))
+        if identity is None:
+            sys.exit(0)
+        os.environ.update(identity)
+        del sys.argv[1:]
+    engine: list[tuple[socket.socket, BinaryIO]] = []  # the engine's connection, once made
+    intent = open_control_channel(engine)
+    threading.Thread(target=cancel_on_request, args=(stdin, engine, intent), daemon=True).start()
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="runpy")
+    runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()

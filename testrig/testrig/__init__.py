@@ -1,0 +1,8 @@
+"""dockerworker's test rig: a real Prefect server on loopback, a small REST client over it,
+Docker helpers (`prefect_rig`) and `dockerworker start` as a subprocess (`workers`).
+
+Used by tests/, bench/ and examples/. It is a distribution of its own (testrig/pyproject.toml),
+installed editable into the dev venv by `make setup`, so that the runtime wheel holds only
+`dockerworker`. It works from the repository it lives in (it builds the test images from
+tests/ and the worker image from the top-level Dockerfile).
+"""

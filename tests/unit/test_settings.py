@@ -1,0 +1,143 @@
+"""`dockerworker start`'s options come from WorkerSettings: one default, bound and env name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+import pytest
+from click.testing import CliRunner
+from pydantic import ValidationError
+from pydantic_core import PydanticUndefined
+
+from dockerworker import cli
+from dockerworker.settings import DEFAULT_API_URL, WorkerSettings, flags
+
+
+def _start_options() -> dict[str, click.Option]:
+    return {p.name: p for p in cli.start.params if isinstance(p, click.Option)}
+
+
+def test_every_flagged_setting_is_an_option_with_its_env_and_default() -> None:
+    options = _start_options()
+    for name, flag in flags().items():
+        option = options[flag.param or name]
+        assert flag.name in option.opts
+        assert option.envvar == flag.env
+        default = WorkerSettings.model_fields[name].default
+        if default not in (None, PydanticUndefined):
+            assert option.default == default, name
+
+
+def test_the_flags_and_env_names_users_know() -> None:
+    options = _start_options()
+    assert {name: (o.opts, o.envvar) for name, o in options.items()} == {
+        "pool": (["--pool", "-p"], "DOCKERWORKER_POOL"),
+        "work_queues": (["--work-queue", "-q"], None),
+        "name": (["--name", "-n"], "DOCKERWORKER_NAME"),
+        "limit": (["--limit", "-l"], "DOCKERWORKER_LIMIT"),
+        "poll_interval": (["--poll-interval"], "DOCKERWORKER_POLL_INTERVAL"),
+        "prefetch_seconds": (["--prefetch-seconds"], "DOCKERWORKER_PREFETCH_SECONDS"),
+        "heartbeat_interval": (["--heartbeat-interval"], "DOCKERWORKER_HEARTBEAT_INTERVAL"),
+        "max_starting": (["--max-starting"], "DOCKERWORKER_MAX_STARTING"),
+        "warm": (["--warm"], "DOCKERWORKER_WARM"),
+        "run_once": (["--run-once"], None),
+        "drain": (["--drain"], "DOCKERWORKER_DRAIN"),
+        "health_port": (["--health-port"], "DOCKERWORKER_HEALTH_PORT"),
+        "api_url": (["--api-url"], "PREFECT_API_URL"),
+        "build_network_mode": (["--build-network"], "DOCKERWORKER_BUILD_NETWORK"),
+        "build_ca_bundle": (["--build-ca-bundle"], "DOCKERWORKER_BUILD_CA_BUNDLE"),
+        "build_timeout": (["--build-timeout"], "DOCKERWORKER_BUILD_TIMEOUT"),
+        "log_level": (["--log-level"], "DOCKERWORKER_LOG_LEVEL"),
+        "policy_file": (["--policy"], "DOCKERWORKER_POLICY_FILE"),
+    }
+
+
+@pytest.mark.parametrize(("field", "too_low", "too_high"), [
+    ("poll_interval", 0.05, None),
+    ("heartbeat_interval", 0.5, None),
+    ("build_timeout", 0.5, None),
+    ("warm", -1, 33),
+    ("limit", 0, None),
+    ("health_port", -1, 65536),
+])
+def test_the_cli_and_the_model_share_bounds(field: str, too_low: Any, too_high: Any) -> None:
+    option = _start_options()[field]
+    for value in (v for v in (too_low, too_high) if v is not None):
+        with pytest.raises(ValidationError):
+            WorkerSettings(pool="p", **{field: value})
+        with pytest.raises(click.BadParameter):
+            option.type.convert(str(value), option, None)
+
+
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> list[WorkerSettings]:
+    """Run `start` up to the worker: no Docker, no server, no signal handlers."""
+    seen: list[WorkerSettings] = []
+
+    class FakeWorker:
+        def __init__(self, settings: WorkerSettings, api: Any, docker_client: Any) -> None:
+            seen.append(settings)
+
+        def run(self) -> int:
+            return 0
+
+    monkeypatch.setattr(cli, "Worker", FakeWorker)
+    monkeypatch.setattr(cli, "connect_docker", lambda: None)
+    monkeypatch.setattr(cli.signal, "signal", lambda *args: None)
+    monkeypatch.setattr(cli, "_configure_logging", lambda level: None)
+    for key in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING"):
+        monkeypatch.delenv(key, raising=False)
+    return seen
+
+
+def test_flags_and_env_reach_the_settings(started: list[WorkerSettings]) -> None:
+    result = CliRunner().invoke(
+        cli.main, ["start", "-p", "pool-a", "-q", "a", "-q", "b", "--warm", "3", "--run-once"],
+        env={"DOCKERWORKER_POLL_INTERVAL": "2.5", "DOCKERWORKER_DRAIN": "1",
+             "PREFECT_API_KEY": "k3y", "PIP_INDEX_URL": "https://pypi.example/simple"},
+    )
+    assert result.exit_code == 0, result.output
+    settings = started[0]
+    assert (settings.pool, settings.work_queues, settings.warm) == ("pool-a", ["a", "b"], 3)
+    assert (settings.poll_interval, settings.drain, settings.run_once) == (2.5, True, True)
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "k3y"
+    assert settings.pip_index_url == "https://pypi.example/simple"
+
+
+def test_unset_flags_leave_the_models_defaults(started: list[WorkerSettings]) -> None:
+    result = CliRunner().invoke(cli.main, ["start", "-p", "pool-b"], env={})
+    assert result.exit_code == 0, result.output
+    assert started[0].model_dump(exclude={"pool", "policy"}) == WorkerSettings(
+        pool="pool-b").model_dump(exclude={"pool", "policy"})
+    assert started[0].api_url == DEFAULT_API_URL
+
+
+def test_out_of_bounds_env_is_a_usage_error(started: list[WorkerSettings]) -> None:
+    result = CliRunner().invoke(cli.main, ["start", "-p", "p"], env={"DOCKERWORKER_WARM": "40"})
+    assert result.exit_code == 2 and "--warm" in result.output and not started
+
+
+def test_the_policy_flag_reads_the_file_into_the_settings(
+    started: list[WorkerSettings], tmp_path: Any
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[policy]\npids_limit = 123\n")
+    result = CliRunner().invoke(cli.main, ["start", "-p", "p"],
+                                env={"DOCKERWORKER_POLICY_FILE": str(policy)})
+    assert result.exit_code == 0, result.output
+    assert started[0].policy.pids_limit == 123
+    missing = CliRunner().invoke(cli.main, ["start", "-p", "p", "--policy", str(tmp_path / "no")])
+    assert missing.exit_code == 2 and "--policy" in missing.output
+
+
+def test_the_readme_configuration_table_names_every_flag_and_env() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
+            for line in table.splitlines() if line.startswith("| `--")}
+    for flag in flags().values():
+        row = next(env for cell, env in rows.items() if cell.startswith(f"`{flag.name}`"))
+        assert row == (f"`{flag.env}`" if flag.env else ""), flag.name
