@@ -301,6 +301,11 @@ class PrefectAPI:
         )
         return OrchestrationResult.model_validate(result)
 
+    def read_flow_run_states(self, flow_run_id: UUID) -> list[State]:
+        """The run's state history, oldest first."""
+        found = self.request("GET", f"/flow_run_states/?flow_run_id={flow_run_id}")
+        return [State.model_validate(state) for state in found or []]
+
     def set_infrastructure_pid(self, flow_run_id: UUID, infrastructure_pid: str) -> None:
         self.request(
             "PATCH", f"/flow_runs/{flow_run_id}", json={"infrastructure_pid": infrastructure_pid}

@@ -57,7 +57,12 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class BuildFailed(RuntimeError):
-    """The image could not be built; the message names the failing step and pip's error."""
+    """The image could not be built; the message names the failing step and pip's error.
+    `transient`: the engine failed, not the build's own steps (worth another try)."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -378,9 +383,10 @@ class Builder:
                         f"at step {step!r}"
                     )
         except docker.errors.APIError as exc:
-            raise BuildFailed(f"building image {tag} failed: {exc.explanation or exc}") from None
+            raise BuildFailed(f"building image {tag} failed: {exc.explanation or exc}",
+                              transient=True) from None
         except OSError as exc:  # includes read timeouts of the build stream
-            raise BuildFailed(f"building image {tag} failed: {exc}") from None
+            raise BuildFailed(f"building image {tag} failed: {exc}", transient=True) from None
         if not image_id:
             raise BuildFailed(f"building image {tag} failed: Docker named no image")
         return image_id
@@ -420,7 +426,7 @@ class Builder:
                 _remove(container)
         except docker.errors.APIError as exc:
             raise BuildFailed(f"building image {tag} failed at step 'pip install': "
-                              f"{exc.explanation or exc}") from None
+                              f"{exc.explanation or exc}", transient=True) from None
         finally:
             _remove(volume)
 

@@ -50,6 +50,7 @@ class WatchOptions:
     stop_timeout: int = 30
     mem_limit: str | None = None
     skip_engine_records: bool = True
+    infra_retries: int = 1
 
     @classmethod
     def from_job(cls, job: JobVariables) -> WatchOptions:
@@ -61,6 +62,7 @@ class WatchOptions:
             stop_timeout=job.stop_timeout,
             mem_limit=job.mem_limit,
             skip_engine_records=to_api not in ("false", "0", "no"),
+            infra_retries=cls.infra_retries if job.infra_retries is None else job.infra_retries,
         )
 
     def labels(self) -> dict[str, str]:
@@ -70,6 +72,7 @@ class WatchOptions:
             "max-log-bytes": str(self.max_log_bytes),
             "stop-timeout": str(self.stop_timeout),
             "skip-engine-records": str(self.skip_engine_records).lower(),
+            "infra-retries": str(self.infra_retries),
         }
         if self.mem_limit:
             values["mem-limit"] = self.mem_limit
@@ -87,6 +90,7 @@ class WatchOptions:
             stop_timeout=int(get("stop-timeout", str(cls.stop_timeout))),
             mem_limit=labels.get(_OPTION_PREFIX + "mem-limit"),
             skip_engine_records=get("skip-engine-records", "true") == "true",
+            infra_retries=int(get("infra-retries", str(cls.infra_retries))),
         )
 
 

@@ -46,7 +46,7 @@ class Follower:
         self.label = label
         self.output: RunOutput | None = None
         self._stopped = threading.Event()
-        self._engine_trouble = False
+        self.engine_trouble = False  # the engine went away while following (a restart)
 
     def follow(self, workload: Workload, options: WatchOptions, mask: Callable[[str], str],
                resume: ResumePoint | None) -> ExitReport | None:
@@ -69,7 +69,7 @@ class Follower:
                 raise Detached
             self._with_engine(lambda: self.runtime.wait(workload))
             report = self._with_engine(lambda: self.runtime.read_exit(workload))
-            if self._engine_trouble:  # the output stream may have ended early: catch up
+            if self.engine_trouble:  # the output stream may have ended early: catch up
                 self._with_engine(lambda: self._follow(workload, None))
         except WorkloadGone:
             return None
@@ -89,7 +89,7 @@ class Follower:
     def _follow(self, workload: Workload, resume: ResumePoint | None) -> None:
         """Follow the output; after trouble with the engine, resume from the server's cursor."""
         assert self.output is not None
-        if self._engine_trouble:
+        if self.engine_trouble:
             self.shipper.flush(timeout=30)
             resume = resume_point(self.api, self.flow_run.id)
         self.runtime.follow(workload, self.output, resume)
@@ -98,7 +98,7 @@ class Follower:
         """`call`, retried while the container engine is unreachable (restarting)."""
 
         def note(state: object) -> None:
-            self._engine_trouble = True
+            self.engine_trouble = True
             log.warning("%s: Docker engine unreachable; retrying", self.label)
 
         retrying = Retrying(

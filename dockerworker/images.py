@@ -14,7 +14,22 @@ log = logging.getLogger(__name__)
 
 
 class ImageUnavailable(RuntimeError):
-    """The image is not on the host and could not (or may not) be pulled."""
+    """The image is not on the host and could not (or may not) be pulled. `transient`: the
+    registry could not be reached (worth another try), as opposed to an answer such as
+    "not found" or "denied"."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+_PERMANENT_PULL_ERRORS = ("not found", "manifest unknown", "denied", "unauthorized",
+                          "does not exist", "invalid reference", "no such image",
+                          "no matching manifest", "repository name must")
+
+
+def _transient(reason: str) -> bool:
+    return not any(fragment in reason.lower() for fragment in _PERMANENT_PULL_ERRORS)
 
 
 def effective_pull_policy(image: str, policy: str | None) -> str:
@@ -47,10 +62,12 @@ def _pull(client: docker.DockerClient, image: str, job: JobVariables, job_creden
             repository, tag=tag or "latest", stream=True, decode=True, auth_config=auth
         ):
             if "error" in line:
-                raise ImageUnavailable(f"pulling image {image!r} failed: {line['error']}")
+                raise ImageUnavailable(f"pulling image {image!r} failed: {line['error']}",
+                                       _transient(str(line["error"])))
     except docker.errors.APIError as exc:
-        reason = exc.explanation or str(exc)
-        raise ImageUnavailable(f"pulling image {image!r} failed: {reason}") from None
+        reason = str(exc.explanation or exc)
+        raise ImageUnavailable(f"pulling image {image!r} failed: {reason}",
+                               _transient(reason)) from None
 
 
 def ensure_image(

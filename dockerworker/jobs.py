@@ -146,6 +146,15 @@ class JobVariables(BaseModel):
         description="dockerworker: most bytes of container output shipped to the flow run's "
         "logs; past it, one notice says how much was left out.",
     )
+    infra_retries: int | None = Field(
+        default=None,
+        ge=0,
+        le=10,
+        description="dockerworker: how often a run that crashed because of the infrastructure "
+        "(its container vanished, the Docker engine restarted under it, a pull or build failed "
+        "for a transient reason) is rescheduled; never for the flow's own errors. Default: the "
+        "worker's policy (1).",
+    )
     container_create_kwargs: dict[str, Any] | None = Field(
         default=None,
         title="Container Configuration",

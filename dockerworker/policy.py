@@ -106,6 +106,11 @@ class Policy(BaseModel):
         description="dockerfile_lines run in builds, which Docker cannot harden as it hardens "
         "flow containers; pip_packages and requirements need no consent.",
     )
+    infra_retries: int = Field(
+        default=1, ge=0, le=10,
+        description="Default of the infra_retries job variable: reschedules of a run that "
+        "crashed because of the infrastructure.",
+    )
     no_new_privileges: bool = True
     pids_limit: int | None = Field(default=2048, ge=1)
     default_mem_limit: str | None = None

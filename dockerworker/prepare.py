@@ -81,6 +81,8 @@ class Preparation:
             job = resolve_job(pool.base_job_template, values)
         except InvalidJobVariables as exc:
             raise RunCrashed(early(str(exc))) from None
+        if job.infra_retries is None:  # the operator's default
+            job = job.model_copy(update={"infra_retries": self.settings.policy.infra_retries})
         secrets = self.settings.secrets()
         if job.registry_credentials:
             secrets.add(job.registry_credentials.password)
@@ -92,7 +94,7 @@ class Preparation:
         try:
             how = self._unless_cancelled(lambda: self.runtime.ensure_image(job, trusted))
         except ImageUnavailable as exc:
-            raise RunCrashed(str(exc)) from None
+            raise RunCrashed(str(exc), infrastructure=exc.transient) from None
         self.say(f"image {job.image} {how}")
         return job
 
@@ -109,7 +111,7 @@ class Preparation:
                                             self.settings.policy.build_limits(job))
             )
         except BuildFailed as exc:
-            raise RunCrashed(str(exc)) from None
+            raise RunCrashed(str(exc), infrastructure=exc.transient) from None
         if result.built:
             self.say(f"built image {result.tag} in {result.seconds:.0f} s")
         else:
@@ -143,7 +145,8 @@ class Preparation:
         except (EngineError, EngineUnavailable) as exc:
             image = spec.create_kwargs.get("image")
             raise RunCrashed(f"could not start the flow run's container from {image!r}: "
-                             f"{exc}") from None
+                             f"{exc}", infrastructure=isinstance(exc, EngineUnavailable)
+                             ) from None
         self.say(f"container {workload.name} started")
         self._record_infrastructure(workload)
         return workload

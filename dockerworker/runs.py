@@ -54,6 +54,7 @@ from .warm import WarmPool
 
 log = logging.getLogger(__name__)
 MAX_STATE_MESSAGE = 2000
+RETRY_MESSAGE = "Rescheduled by dockerworker after an infrastructure failure"
 
 
 def claim_message(worker_name: str) -> str:
@@ -147,7 +148,7 @@ class RunSupervisor:
             return body()
         except RunCrashed as end:
             return self._with_context(Verdict(Outcome.CRASHED, end.message, end.force,
-                                              end.container))
+                                              end.container, end.infrastructure))
         except RunCancelled as end:
             if end.message is not None:
                 return Verdict(Outcome.CANCELLED, end.message, force=True)
@@ -163,7 +164,9 @@ class RunSupervisor:
 
     def _report(self, verdict: Verdict) -> None:
         """The verdict as the run's state: CRASHED, CANCELLED, or left as it is."""
-        if verdict.outcome is Outcome.CRASHED:
+        if verdict.outcome is Outcome.CRASHED and verdict.infrastructure:
+            self._retry_or_crash(verdict.message)
+        elif verdict.outcome is Outcome.CRASHED:
             self._report_crash(verdict.message, verdict.force)
         elif verdict.outcome is Outcome.CANCELLED:
             self.api.set_state(self.flow_run.id, StateType.CANCELLED, verdict.message,
@@ -222,6 +225,8 @@ class RunSupervisor:
         """Propose PENDING: the server accepts exactly one proposer, so no run starts twice."""
         result = self.api.set_state(self.flow_run.id, StateType.PENDING,
                                     claim_message(self.settings.name))
+        if result.status != "ACCEPT" and self._claimed_already():
+            result = result.model_copy(update={"status": "ACCEPT", "state": None})
         if result.status != "ACCEPT" or (result.state and result.state.type != StateType.PENDING):
             log.info(
                 "%s: not claimed (server said %s%s)",
@@ -232,6 +237,13 @@ class RunSupervisor:
             raise ClaimLost(result.status)
         self.claimed = True
         self.say(f"claimed by worker {self.settings.name}")
+
+    def _claimed_already(self) -> bool:
+        """A refused claim whose PENDING state is this worker's own: the answer to an
+        earlier attempt was lost after the server applied it (a retried request)."""
+        state = self.api.read_flow_run(self.flow_run.id).state
+        return (state is not None and state.type == StateType.PENDING
+                and state.message == claim_message(self.settings.name))
 
     def _resolve_job(self, deployment: Deployment | None) -> JobVariables:
         """The job (the pool's template as it is now ⊕ values); from here on its secrets are
@@ -269,8 +281,9 @@ class RunSupervisor:
         state = self.api.read_flow_run(self.flow_run.id).state
         removed = (report is not None and not (state is not None and state.is_final)
                    and self.runtime.removed_meanwhile(workload))
-        verdict = self._with_context(judge(report, state, cancelled=False, removed=removed,
-                                           workload=workload, mem_limit=mem_limit))
+        verdict = self._with_context(judge(
+            report, state, cancelled=False, removed=removed, workload=workload,
+            mem_limit=mem_limit, engine_restarted=self.follower.engine_trouble))
         if self.options.auto_remove and report is not None and not removed:
             self._remove(workload)
         return verdict
@@ -311,7 +324,24 @@ class RunSupervisor:
         message = verdict.message
         if context := self.runtime.crash_context(verdict.workload):
             message = f"{message}\n{context}"
-        return Verdict(verdict.outcome, message, verdict.force)
+        return Verdict(verdict.outcome, message, verdict.force,
+                       infrastructure=verdict.infrastructure)
+
+    def _retry_or_crash(self, message: str) -> None:
+        """An infrastructure failure: rescheduled while retries are left (the flow has not
+        failed, its infrastructure has), CRASHED with the reason otherwise."""
+        allowed = self.options.infra_retries
+        used = sum(1 for state in self.api.read_flow_run_states(self.flow_run.id)
+                   if state.type == StateType.SCHEDULED
+                   and (state.message or "").startswith(RETRY_MESSAGE))
+        if used >= allowed:
+            spent = f"no infrastructure retries left ({used} of {allowed} used)"
+            self._report_crash(f"{message}\n({spent})")
+            return
+        note = self.mask(f"{RETRY_MESSAGE} (retry {used + 1} of {allowed}): "
+                         f"{message[:MAX_STATE_MESSAGE]}")
+        self.say(note, logging.WARNING)
+        self.api.set_state(self.flow_run.id, StateType.SCHEDULED, note, force=True)
 
     def _report_crash(self, message: str, force: bool = False) -> None:
         """End the run CRASHED with a reason, unless it already reached a final state

@@ -35,6 +35,7 @@ class Verdict:
     message: str = ""
     force: bool = False  # replace the run's state even if final (a CRASHED we know better)
     workload: Workload | None = None  # its last output goes into a crash message
+    infrastructure: bool = False  # the infrastructure failed, not the flow: worth a retry
 
 
 class RunEnded(Exception):
@@ -45,11 +46,12 @@ class RunCrashed(RunEnded):
     """The run cannot go on: CRASHED with this message (and the container's last output)."""
 
     def __init__(self, message: str, container: Workload | None = None,
-                 force: bool = False) -> None:
+                 force: bool = False, infrastructure: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.container = container
         self.force = force
+        self.infrastructure = infrastructure
 
 
 class RunCancelled(RunEnded):
@@ -98,23 +100,28 @@ def judge(
     removed: bool,
     workload: Workload,
     mem_limit: str | None = None,
+    engine_restarted: bool = False,
 ) -> Verdict:
     """The verdict on an ended container. `exit` None: it vanished before its exit could be
-    read; `removed`: it was removed right after it ended; `state`: the run's state now."""
+    read; `removed`: it was removed right after it ended; `state`: the run's state now;
+    `engine_restarted`: the engine went away while the container ran (a kill then is the
+    infrastructure's doing, not the flow's)."""
     if cancelled:
         return cancelled_verdict(state, workload, exit, mem_limit)
     final = state is not None and state.is_final
     if exit is None or (removed and not final):
         if final:
             return Verdict(Outcome.LEAVE, f"flow run is {state.type.value}")  # type: ignore[union-attr]
-        return Verdict(Outcome.CRASHED, vanished(workload))
+        return Verdict(Outcome.CRASHED, vanished(workload), infrastructure=True)
     reason = f"Flow run container {workload.name} {exit.describe(mem_limit)}"
     if state is None or not state.is_final:
         if state is not None and state.type == StateType.PAUSED:
             return Verdict(Outcome.LEAVE, "flow run is PAUSED (suspended); left as it is")
         current = state.type.value if state else "without a state"
-        return Verdict(Outcome.CRASHED, f"{reason} while the flow run was {current}.",
-                       workload=workload)
+        by_engine = engine_restarted and not exit.oom_killed and exit.exit_code != 0
+        lead = "The Docker engine restarted under the run: " if by_engine else ""
+        return Verdict(Outcome.CRASHED, f"{lead}{reason} while the flow run was {current}.",
+                       workload=workload, infrastructure=by_engine)
     if state.type == StateType.CRASHED and "dockerworker" not in (state.message or ""):
         # Prefect's engine saw its flow process die, not why; Docker and the output know.
         lead = f"{reason}. " if exit.oom_killed else ""

@@ -358,8 +358,16 @@ class PrefectRig:
 
     def read_states(self, flow_run_id: str) -> list[str]:
         """The run's state types, oldest first."""
+        return [s["type"] for s in self.read_state_history(flow_run_id)]
+
+    def read_state_history(self, flow_run_id: str) -> list[dict[str, Any]]:
+        """The run's states (type, name, message, …), oldest first."""
         states = self._call("GET", f"/flow_run_states/?flow_run_id={flow_run_id}")
-        return [s["type"] for s in sorted(states, key=lambda s: s["timestamp"])]
+        return sorted(states, key=lambda s: s["timestamp"])
+
+    def resume_flow_run(self, flow_run_id: str) -> dict[str, Any]:
+        """Resume a paused or suspended run, as `prefect flow-run resume` does."""
+        return self._call("POST", f"/flow_runs/{flow_run_id}/resume", {})
 
     def read_logs_page(
         self, flow_run_id: str, offset: int = 0, limit: int = 200

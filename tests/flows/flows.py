@@ -65,3 +65,14 @@ def ticker(seconds: int = 15) -> int:
         print(f"tick {i}", flush=True)
         time.sleep(1)
     return seconds
+
+
+@flow(log_prints=True)
+def suspends() -> str:
+    """Suspend itself once (the container exits); after `resume` it runs again and finishes."""
+    from prefect.flow_runs import suspend_flow_run
+
+    print("before the suspension")
+    suspend_flow_run(timeout=600)
+    print("after the resumption")
+    return "resumed"

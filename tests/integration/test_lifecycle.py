@@ -153,7 +153,8 @@ def test_container_removed_behind_the_workers_back_is_crashed(
     rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, docker_client
 ) -> None:
     start_worker(unique_pool)
-    deployment = rig.create_deployment(unique_pool, "flows.py:sleepy", {"image": flow_image})
+    deployment = rig.create_deployment(unique_pool, "flows.py:sleepy",
+                                       {"image": flow_image, "infra_retries": 0})
     run_id = rig.create_flow_run(deployment, parameters={"seconds": 60})
     rig.wait_for_state(run_id, "RUNNING", timeout=60)
     wait_for_container(docker_client, run_id).remove(force=True)

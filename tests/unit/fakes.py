@@ -63,6 +63,10 @@ class FakeAPI:
         self.flow = Flow(id=uuid.uuid4(), name="etl")
         self.logs: list[dict[str, Any]] = []
         self.history: dict[UUID, list[StateType]] = {}
+        self.states: dict[UUID, list[State]] = {}  # the full history, as the server keeps it
+        # Proposals of these types are applied, and then answered as their retry would be
+        # (the first answer lost on the way back, the client's retry answered instead).
+        self.lose_answers: set[StateType] = set()
         self.proposals: list[tuple[UUID, StateType, str]] = []  # (run, state, status)
         self.fail: dict[str, Exception] = {}  # method name → raised at its next call
         self.heartbeats = 0
@@ -81,6 +85,7 @@ class FakeAPI:
         with self._lock:
             self.runs[run.id] = run
             self.history[run.id] = [state]
+            self.states[run.id] = [run.state] if run.state else []
         return run
 
     def add_deployment(self, name: str = "nightly",
@@ -154,6 +159,13 @@ class FakeAPI:
         """Prefect's rules, as far as the worker meets them: PENDING only from SCHEDULED
         (one proposer wins), a final state stays unless forced."""
         self._maybe_fail("set_state")
+        result = self._propose(flow_run_id, type_, message, force, name)
+        if type_ in self.lose_answers and result.status == "ACCEPT":
+            return self._propose(flow_run_id, type_, message, force, name)
+        return result
+
+    def _propose(self, flow_run_id: UUID, type_: StateType, message: str | None,
+                 force: bool, name: str | None) -> OrchestrationResult:
         with self._lock:
             run = self.runs.get(flow_run_id)
             if run is None:
@@ -172,8 +184,13 @@ class FakeAPI:
             if status == "ACCEPT":
                 run.state = State(type=type_, name=name or type_.value.title(), message=message)
                 self.history[flow_run_id].append(type_)
+                self.states[flow_run_id].append(run.state)
             return OrchestrationResult(status=status, state=run.state,
                                        details={"reason": reason} if reason else {})
+
+    def read_flow_run_states(self, flow_run_id: UUID) -> list[State]:
+        with self._lock:
+            return list(self.states[flow_run_id])
 
     def set_infrastructure_pid(self, flow_run_id: UUID, infrastructure_pid: str) -> None:
         with self._lock:

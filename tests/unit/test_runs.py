@@ -195,7 +195,7 @@ def test_a_build_runs_from_the_built_image_without_extra_pip_packages(api, runti
 def test_a_container_removed_behind_the_worker_s_back_is_crashed(api, runtime) -> None:
     hold = threading.Event()
     runtime.script_for = lambda spec: Script(hold=hold)
-    run = api.add_run()
+    run = api.add_run(job_variables={"infra_retries": 0})
     worker = make_worker(api, runtime)
     worker.poll()
     wait_until(lambda: runtime.of_run(run.id) is not None)
@@ -203,6 +203,7 @@ def test_a_container_removed_behind_the_worker_s_back_is_crashed(api, runtime) -
     settle(worker)
     state = api.state_of(run.id)
     assert state.type == StateType.CRASHED and "container vanished" in state.message
+    assert "no infrastructure retries left (0 of 0 used)" in state.message
 
 
 def test_auto_remove_removes_the_container_after_the_verdict(api, runtime) -> None:
@@ -263,7 +264,7 @@ def test_a_runtime_failure_at_any_step_frees_the_slot_and_crashes_the_run(
     api, runtime, method
 ) -> None:
     runtime.script_for = lambda spec: Script(final_state=None)  # the engine says nothing
-    run = api.add_run()
+    run = api.add_run(job_variables={"infra_retries": 0})
     worker = make_worker(api, runtime)
     runtime.fail[method] = RuntimeError(f"{method} exploded") if method != "follow" else (
         WorkloadGone("gone"))
@@ -312,3 +313,132 @@ def test_secrets_in_the_job_env_are_masked_in_the_crash_message(api, runtime) ->
     settle(worker)
     message = api.state_of(run.id).message
     assert "s3cr3t-value" not in message and "token is" in message
+
+
+# --- idempotent claims -----------------------------------------------------------------
+def test_a_claim_whose_answer_was_lost_is_ours_and_goes_on(api, runtime) -> None:
+    """The server applied PENDING, the answer was lost, the retry heard "already PENDING":
+    the PENDING state carries this worker's claim, so the run starts at once."""
+    api.lose_answers = {StateType.PENDING}
+    run, worker = run_one(api, runtime)
+    assert ("ABORT" in [status for run_id, kind, status in api.proposals
+                        if run_id == run.id and kind == StateType.PENDING])
+    assert api.state_of(run.id).type == StateType.COMPLETED
+    assert run.id not in worker.admission
+
+
+def test_a_pending_state_of_another_worker_is_not_taken_for_ours(api, runtime) -> None:
+    run = api.add_run(state=StateType.PENDING, message="claimed by dockerworker w2")
+    worker = make_worker(api, runtime)
+    supervisor = worker.admission.admit(run.id, lambda: _supervisor(worker, run))
+    supervisor.run()
+    assert runtime.containers == {}
+    assert api.state_of(run.id).message == "claimed by dockerworker w2"
+
+
+# --- retries for infrastructure, not for flows ------------------------------------------
+RETRIED = "Rescheduled by dockerworker after an infrastructure failure (retry 1 of 1)"
+
+
+def _vanish_first_attempt(api, runtime, run_kw=None):
+    """The first container of the run vanishes; later ones complete."""
+    hold = threading.Event()
+    attempts = []
+
+    def script(spec):
+        attempts.append(spec)
+        return Script(hold=hold) if len(attempts) == 1 else Script()
+
+    runtime.script_for = script
+    run = api.add_run(**(run_kw or {}))
+    worker = make_worker(api, runtime)
+    worker.poll()
+    wait_until(lambda: runtime.of_run(run.id) is not None)
+    runtime.vanish(run.id)
+    settle(worker)
+    return run, worker, attempts
+
+
+def test_a_vanished_container_is_retried_once_then_completes(api, runtime) -> None:
+    run, worker, attempts = _vanish_first_attempt(api, runtime)
+    state = api.state_of(run.id)
+    assert state.type == StateType.SCHEDULED and state.message.startswith(RETRIED)
+    assert "container vanished" in state.message
+    worker.poll()  # rescheduled: claimed and run again like any scheduled run
+    settle(worker)
+    assert api.state_of(run.id).type == StateType.COMPLETED
+    assert len(attempts) == 2
+
+
+def test_retries_are_counted_from_the_run_s_history(api, runtime) -> None:
+    run, worker, _ = _vanish_first_attempt(api, runtime)
+    hold = threading.Event()
+    runtime.script_for = lambda spec: Script(hold=hold)
+    worker.poll()
+    wait_until(lambda: runtime.of_run(run.id) is not None
+               and not runtime.of_run(run.id).removed and api.state_of(run.id).type
+               == StateType.RUNNING)
+    runtime.vanish(run.id)
+    settle(worker)
+    state = api.state_of(run.id)
+    assert state.type == StateType.CRASHED
+    assert "no infrastructure retries left (1 of 1 used)" in state.message
+
+
+def test_a_pool_or_job_may_ask_for_more_retries_or_none(api, runtime) -> None:
+    run, _, _ = _vanish_first_attempt(api, runtime, {"job_variables": {"infra_retries": 3}})
+    assert "(retry 1 of 3)" in api.state_of(run.id).message
+
+
+@pytest.mark.parametrize(
+    ("script", "why"),
+    [
+        (Script(exit_code=1, final_state=None), "exited with code 1"),
+        (Script(exit_code=137, oom=True, final_state=None), "out of memory"),
+        (Script(exit_code=0, final_state=StateType.FAILED), None),
+    ],
+    ids=["non-zero exit", "oom", "flow failed"],
+)
+def test_flow_errors_are_never_retried(api, runtime, script, why) -> None:
+    run, _ = run_one(api, runtime, script)
+    state = api.state_of(run.id)
+    assert state.type in (StateType.CRASHED, StateType.FAILED)
+    assert StateType.SCHEDULED not in api.history[run.id][1:]
+    if why:
+        assert why in state.message
+
+
+def test_a_transient_pull_failure_is_retried_and_a_missing_image_is_not(api, runtime) -> None:
+    from dockerworker.images import ImageUnavailable
+
+    runtime.fail["ensure_image"] = ImageUnavailable("pulling image 'x' failed: i/o timeout",
+                                                    transient=True)
+    run, worker = run_one(api, runtime)
+    assert api.state_of(run.id).message.startswith(RETRIED)
+    worker.poll()
+    settle(worker)
+    assert api.state_of(run.id).type == StateType.COMPLETED
+
+    runtime.fail["ensure_image"] = ImageUnavailable("pulling image 'x' failed: not found")
+    missing, _ = run_one(api, runtime)
+    assert api.state_of(missing.id).type == StateType.CRASHED
+
+
+def test_an_engine_restart_under_a_running_container_is_retried(api, runtime) -> None:
+    from dockerworker.containers import ExitReport
+    from dockerworker.verdict import Outcome, judge
+
+    class Box:
+        name, short_id = "c", "c"
+
+    killed = ExitReport(exit_code=137, oom_killed=False, error="")
+    running = api.add_run(state=StateType.RUNNING).state
+    verdict = judge(killed, running, cancelled=False, removed=False, workload=Box(),
+                    engine_restarted=True)
+    assert verdict.outcome is Outcome.CRASHED and verdict.infrastructure
+    assert verdict.message.startswith("The Docker engine restarted under the run")
+    plain = judge(killed, running, cancelled=False, removed=False, workload=Box())
+    assert not plain.infrastructure
+    oom = judge(ExitReport(137, True, ""), running, cancelled=False, removed=False,
+                workload=Box(), engine_restarted=True)
+    assert not oom.infrastructure
