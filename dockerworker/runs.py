@@ -22,7 +22,6 @@ from .api import (
     FlowRun,
     NotFound,
     PrefectAPI,
-    PrefectAPIError,
     StateType,
     WorkPool,
 )
@@ -30,9 +29,10 @@ from .builds import Builder
 from .containers import ContainerSpec, WatchOptions
 from .follow import Follower
 from .jobs import JobVariables
-from .logs import LogShipper, ResumePoint, RunOutput, log_entry, resume_point
+from .logs import LogShipper, ResumePoint, RunOutput, resume_point
 from .policy import Masker
 from .prepare import Preparation, build_name
+from .report import RunReporter
 from .runtime import (
     Runtime,
     RuntimeTrouble,
@@ -53,8 +53,6 @@ from .verdict import (
 from .warm import WarmPool
 
 log = logging.getLogger(__name__)
-MAX_STATE_MESSAGE = 2000
-RETRY_MESSAGE = "Rescheduled by dockerworker after an infrastructure failure"
 
 
 def claim_message(worker_name: str) -> str:
@@ -99,10 +97,24 @@ class RunSupervisor:
         self.container: Workload | None = None
         self.options = WatchOptions()
         self.cancel_requested = threading.Event()
-        self.mask = Masker(settings.secrets())
+        self.reporter = RunReporter(api, runtime, shipper, flow_run, self.label,
+                                    Masker(settings.secrets()))
         self.prepare = Preparation(api, runtime, builder, settings, flow_run, shipper, warm,
                                    self.say, lambda text: self.mask(text), self.cancel_requested)
         self.follower = Follower(api, runtime, shipper, flow_run, self.label)
+
+    @property
+    def mask(self) -> Masker:
+        """Secrets of the run (its job's and the worker's), masked in all it writes."""
+        return self.reporter.mask
+
+    @mask.setter
+    def mask(self, masker: Masker) -> None:
+        self.reporter.mask = masker
+
+    def say(self, message: str, level: int = logging.INFO) -> None:
+        """A step of this run: on the worker's console and in the run's logs (secrets masked)."""
+        self.reporter.say(message, level)
 
     @property
     def output(self) -> RunOutput | None:
@@ -135,7 +147,7 @@ class RunSupervisor:
         try:
             verdict = self._verdict_of(body)
             if verdict is not None:
-                self._report(verdict)
+                self.reporter.report(verdict, self.options.infra_retries)
         except Exception:  # the last line of defence: one run never kills the worker
             log.exception("%s: could not report how the run ended", self.label)
         finally:
@@ -147,7 +159,7 @@ class RunSupervisor:
         try:
             return body()
         except RunCrashed as end:
-            return self._with_context(Verdict(Outcome.CRASHED, end.message, end.force,
+            return self.reporter.with_context(Verdict(Outcome.CRASHED, end.message, end.force,
                                               end.container, end.infrastructure))
         except RunCancelled as end:
             if end.message is not None:
@@ -161,18 +173,6 @@ class RunSupervisor:
                 return None
             return Verdict(Outcome.CRASHED,
                            f"dockerworker failed while running this flow run: {exc}")
-
-    def _report(self, verdict: Verdict) -> None:
-        """The verdict as the run's state: CRASHED, CANCELLED, or left as it is."""
-        if verdict.outcome is Outcome.CRASHED and verdict.infrastructure:
-            self._retry_or_crash(verdict.message)
-        elif verdict.outcome is Outcome.CRASHED:
-            self._report_crash(verdict.message, verdict.force)
-        elif verdict.outcome is Outcome.CANCELLED:
-            self.api.set_state(self.flow_run.id, StateType.CANCELLED, verdict.message,
-                               force=verdict.force)
-        elif verdict.message:
-            log.info("%s: %s", self.label, verdict.message)
 
     # --- called from the worker's loop ---------------------------------------------------
     def cancel(self) -> None:
@@ -281,7 +281,7 @@ class RunSupervisor:
         state = self.api.read_flow_run(self.flow_run.id).state
         removed = (report is not None and not (state is not None and state.is_final)
                    and self.runtime.removed_meanwhile(workload))
-        verdict = self._with_context(judge(
+        verdict = self.reporter.with_context(judge(
             report, state, cancelled=False, removed=removed, workload=workload,
             mem_limit=mem_limit, engine_restarted=self.follower.engine_trouble))
         if self.options.auto_remove and report is not None and not removed:
@@ -309,50 +309,3 @@ class RunSupervisor:
             self.runtime.remove(workload)
         except RuntimeTrouble as exc:
             log.warning("%s: could not remove container %s: %s", self.label, workload.name, exc)
-
-    # --- reporting ----------------------------------------------------------------------
-    def say(self, message: str, level: int = logging.INFO) -> None:
-        """A step of this run: on the worker's console and in the run's logs (secrets masked)."""
-        message = self.mask(message)
-        log.log(level, "%s: %s", self.label, message)
-        self.shipper.submit(log_entry(self.flow_run.id, message, level))
-
-    def _with_context(self, verdict: Verdict) -> Verdict:
-        """A crash verdict with what the container printed last (read before it is removed)."""
-        if verdict.outcome is not Outcome.CRASHED or verdict.workload is None:
-            return verdict
-        message = verdict.message
-        if context := self.runtime.crash_context(verdict.workload):
-            message = f"{message}\n{context}"
-        return Verdict(verdict.outcome, message, verdict.force,
-                       infrastructure=verdict.infrastructure)
-
-    def _retry_or_crash(self, message: str) -> None:
-        """An infrastructure failure: rescheduled while retries are left (the flow has not
-        failed, its infrastructure has), CRASHED with the reason otherwise."""
-        allowed = self.options.infra_retries
-        used = sum(1 for state in self.api.read_flow_run_states(self.flow_run.id)
-                   if state.type == StateType.SCHEDULED
-                   and (state.message or "").startswith(RETRY_MESSAGE))
-        if used >= allowed:
-            spent = f"no infrastructure retries left ({used} of {allowed} used)"
-            self._report_crash(f"{message}\n({spent})")
-            return
-        note = self.mask(f"{RETRY_MESSAGE} (retry {used + 1} of {allowed}): "
-                         f"{message[:MAX_STATE_MESSAGE]}")
-        self.say(note, logging.WARNING)
-        self.api.set_state(self.flow_run.id, StateType.SCHEDULED, note, force=True)
-
-    def _report_crash(self, message: str, force: bool = False) -> None:
-        """End the run CRASHED with a reason, unless it already reached a final state
-        (`force`: replace a CRASHED whose reason we know better)."""
-        message = self.mask(f"{message[:MAX_STATE_MESSAGE]}\n(reported by dockerworker)")
-        self.say(f"crashed: {message}", logging.ERROR)
-        try:
-            result = self.api.set_state(self.flow_run.id, StateType.CRASHED, message, force=force)
-        except PrefectAPIError as exc:
-            log.error("%s: could not report the crash: %s", self.label, exc)
-            return
-        if result.status != "ACCEPT":
-            log.info("%s: crash not recorded (server said %s)", self.label, result.status)
-

@@ -1,0 +1,88 @@
+"""Reporting a run's end: its verdict as a state on the server, and its steps in its logs.
+
+A crash carries what the container printed last; an infrastructure failure is rescheduled
+while the run has retries left (counted from its state history, so they hold across worker
+restarts and replicas); everything written is masked.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .api import FlowRun, PrefectAPI, PrefectAPIError, StateType
+from .logs import LogShipper, log_entry
+from .policy import Masker
+from .runtime import Runtime
+from .verdict import Outcome, Verdict
+
+log = logging.getLogger(__name__)
+MAX_STATE_MESSAGE = 2000
+RETRY_MESSAGE = "Rescheduled by dockerworker after an infrastructure failure"
+
+
+class RunReporter:
+    """What one run's supervisor writes: log lines and the final verdict."""
+
+    def __init__(self, api: PrefectAPI, runtime: Runtime, shipper: LogShipper,
+                 flow_run: FlowRun, label: str, mask: Masker) -> None:
+        self.api = api
+        self.runtime = runtime
+        self.shipper = shipper
+        self.flow_run = flow_run
+        self.label = label
+        self.mask = mask
+
+    def say(self, message: str, level: int = logging.INFO) -> None:
+        """A step of this run: on the worker's console and in the run's logs (secrets masked)."""
+        message = self.mask(message)
+        log.log(level, "%s: %s", self.label, message)
+        self.shipper.submit(log_entry(self.flow_run.id, message, level))
+
+    def report(self, verdict: Verdict, infra_retries: int) -> None:
+        """The verdict as the run's state: CRASHED (or rescheduled), CANCELLED, or left."""
+        if verdict.outcome is Outcome.CRASHED and verdict.infrastructure:
+            self._retry_or_crash(verdict.message, infra_retries)
+        elif verdict.outcome is Outcome.CRASHED:
+            self._crash(verdict.message, verdict.force)
+        elif verdict.outcome is Outcome.CANCELLED:
+            self.api.set_state(self.flow_run.id, StateType.CANCELLED, verdict.message,
+                               force=verdict.force)
+        elif verdict.message:
+            log.info("%s: %s", self.label, verdict.message)
+
+    def with_context(self, verdict: Verdict) -> Verdict:
+        """A crash verdict with what the container printed last (read before it is removed)."""
+        if verdict.outcome is not Outcome.CRASHED or verdict.workload is None:
+            return verdict
+        message = verdict.message
+        if context := self.runtime.crash_context(verdict.workload):
+            message = f"{message}\n{context}"
+        return Verdict(verdict.outcome, message, verdict.force,
+                       infrastructure=verdict.infrastructure)
+
+    def _retry_or_crash(self, message: str, allowed: int) -> None:
+        """An infrastructure failure: rescheduled while retries are left (the flow has not
+        failed, its infrastructure has), CRASHED with the reason otherwise."""
+        used = sum(1 for state in self.api.read_flow_run_states(self.flow_run.id)
+                   if state.type == StateType.SCHEDULED
+                   and (state.message or "").startswith(RETRY_MESSAGE))
+        if used >= allowed:
+            self._crash(f"{message}\n(no infrastructure retries left ({used} of {allowed} used))")
+            return
+        note = self.mask(f"{RETRY_MESSAGE} (retry {used + 1} of {allowed}): "
+                         f"{message[:MAX_STATE_MESSAGE]}")
+        self.say(note, logging.WARNING)
+        self.api.set_state(self.flow_run.id, StateType.SCHEDULED, note, force=True)
+
+    def _crash(self, message: str, force: bool = False) -> None:
+        """End the run CRASHED with a reason, unless it already reached a final state
+        (`force`: replace a CRASHED whose reason we know better)."""
+        message = self.mask(f"{message[:MAX_STATE_MESSAGE]}\n(reported by dockerworker)")
+        self.say(f"crashed: {message}", logging.ERROR)
+        try:
+            result = self.api.set_state(self.flow_run.id, StateType.CRASHED, message, force=force)
+        except PrefectAPIError as exc:
+            log.error("%s: could not report the crash: %s", self.label, exc)
+            return
+        if result.status != "ACCEPT":
+            log.info("%s: crash not recorded (server said %s)", self.label, result.status)
