@@ -56,6 +56,10 @@ def _link_exists(name: str) -> bool:
 
 
 def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, ended but not yet reaped, does not)."""
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -211,12 +215,14 @@ class Engine:
         if pid is None:
             return
         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
+        deadline, killed = time.monotonic() + timeout, False
         while self._still_running(pid):
             if time.monotonic() > deadline:
+                if killed:
+                    raise RuntimeError(f"dockerd {pid} survived SIGKILL")
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                deadline = time.monotonic() + 10
+                deadline, killed = time.monotonic() + 10, True
             time.sleep(0.2)
         self._end_containerd()
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import docker
 import pytest
 import requests
+from testrig.engine import Engine
+from testrig.faultproxy import FaultProxy
 from testrig.prefect_rig import (
     FLOWS_IMAGE,
     PREFECT_IMAGE,
@@ -143,3 +145,28 @@ def policy_file(tmp_path: Path) -> Callable[..., str]:
 
     return write
 
+
+
+@pytest.fixture
+def fault_proxy(prefect_server: PrefectServer) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy on loopback in front of the session's server (`.url` for the
+    worker); it stops itself after 15 minutes whatever happens."""
+    with FaultProxy(prefect_server.port, lifetime=900) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def own_engine(docker_client: docker.DockerClient) -> Iterator[Engine]:
+    """A second dockerd of the test's own (ENVIRONMENT.md), empty; afterwards it is stopped,
+    its bridge and data dir are deleted and the machine's engine is checked to still run a
+    container."""
+    engine = Engine()
+    try:
+        engine.start()
+    except RuntimeError as exc:
+        engine.stop(check_host=False)
+        pytest.fail(f"could not start a second dockerd: {exc}", pytrace=False)
+    try:
+        yield engine
+    finally:
+        engine.stop()
