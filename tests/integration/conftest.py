@@ -109,10 +109,11 @@ def start_worker(
     started: list[WorkerProcess] = []
 
     def start(pool: str, *args: str, api_url: str | None = None, ready: bool = True,
-              name: str | None = None) -> WorkerProcess:
+              name: str | None = None, env: dict[str, str] | None = None) -> WorkerProcess:
         """Each worker gets its own `--name` (several share this host) unless `name` is given,
-        e.g. to restart one. With `ready`, return once it polls (so its pool exists)."""
-        env = worker_env(api_url or prefect_server.url)
+        e.g. to restart one. With `ready`, return once it polls (so its pool exists). `env`
+        adds variables (e.g. DOCKER_HOST of an engine of the test's own)."""
+        env = worker_env(api_url or prefect_server.url, **(env or {}))
         log_path = tmp_path / f"worker-{len(started)}.log"
         name = name or f"{pool}-w{len(started)}"
         worker = WorkerProcess(
