@@ -379,8 +379,8 @@ class FaultProxy:
             while await self._one_request(reader, writer):
                 pass
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
-                ValueError, OSError):
-            pass
+                ValueError, OSError, asyncio.CancelledError):
+            pass  # a cancel is a cut of ours (blackout, stop): the connection just ends
         finally:
             self._conns.pop(writer, None)
             writer.close()

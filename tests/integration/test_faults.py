@@ -13,8 +13,10 @@ once (states, containers, the proxy's counts) rather than only the first.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -80,14 +82,28 @@ def _history(rig: PrefectRig, run_id: str) -> list[tuple[str, str]]:
     return [(s["type"], s["name"]) for s in sorted(states, key=lambda s: s["timestamp"])]
 
 
-def _created_containers(client: docker.DockerClient, pool: str, since: datetime
-                        ) -> Counter[str]:
-    """How many containers were created per flow run (Docker's own events), so a duplicate
-    that was removed again still counts."""
-    events = client.events(since=since, until=datetime.now(UTC), decode=True,
-                           filters={"type": "container", "event": "create",
-                                    "label": f"{POOL_LABEL}={pool}"})
-    return Counter(e["Actor"]["Attributes"].get(RUN_LABEL, "?") for e in events)
+class ContainerCreations:
+    """Counts the containers created per flow run from Docker's event stream, followed live
+    (the engine replays only its last 256 events, too few on a busy machine), so that a
+    duplicate container that was removed again still counts."""
+
+    def __init__(self, client: docker.DockerClient, pool: str) -> None:
+        self.created: Counter[str] = Counter()
+        self._events = client.events(decode=True, since=datetime.now(UTC), filters={
+            "type": "container", "event": "create", "label": f"{POOL_LABEL}={pool}"})
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        with contextlib.suppress(Exception):  # ends when the stream is closed
+            for event in self._events:
+                self.created[event["Actor"]["Attributes"].get(RUN_LABEL, "?")] += 1
+
+    def close(self) -> Counter[str]:
+        """Stop following; the counts so far."""
+        self._events.close()
+        self._thread.join(10)
+        return self.created
 
 
 def _running_containers(client: docker.DockerClient, pool: str) -> list[str]:
@@ -113,7 +129,7 @@ def test_thirty_runs_through_a_faulty_network_all_complete(
     answers, cuts the event stream and blacks out twice for 15 s: every run ends COMPLETED
     within 90 s of the last one's creation, with exactly one container each; the worker is
     alive at the end and exits 0 on SIGTERM; no container is left running."""
-    since = datetime.now(UTC)
+    creations = ContainerCreations(docker_client, unique_pool)
     worker = start_worker(unique_pool, api_url=fault_proxy.url)
     hello = rig.create_deployment(unique_pool, "flows.py:hello", {
         "image": flow_image, "env": {"PREFECT_API_URL": prefect_server.url}})
@@ -126,6 +142,8 @@ def test_thirty_runs_through_a_faulty_network_all_complete(
     ids: list[str] = []
     for i in range(RUNS):
         time.sleep(max(0.0, t0 + i * SPREAD / RUNS - time.monotonic()))
+        if i == RUNS - 4:  # and late claims too, after the second blackout
+            fault_proxy.inject(DROP_AFTER, SET_STATE, times=2)
         ids.append(rig.create_flow_run(hello))
     last_created = time.monotonic()
 
@@ -155,7 +173,7 @@ def test_thirty_runs_through_a_faulty_network_all_complete(
         time.sleep(1.0)
     if left := _running_containers(docker_client, unique_pool):
         problems.append(f"containers still running: {left}")
-    created = _created_containers(docker_client, unique_pool, since)
+    created = creations.close()  # every run ended long after its container's create event
     for run_id in ids:
         if created.get(run_id, 0) != 1:
             problems.append(f"run {run_id} had {created.get(run_id, 0)} containers, not 1")
