@@ -245,10 +245,17 @@ class Engine:
 
     def restart(self, timeout: float = 60.0) -> None:
         """Stop dockerd with SIGTERM and start it again on the same data root."""
+        self.stop_daemon()
+        self.start_daemon(timeout)
+
+    def start_daemon(self, timeout: float = 60.0) -> None:
+        """Start dockerd again on the same data root after `stop_daemon()` (a restart with a
+        down time of the test's choosing)."""
         if self.address_pool:
             raise ValueError("a restart with a default address pool deletes the machine's "
                              "docker0 (see RECIPE_POOL); start this engine without one")
-        self.stop_daemon()
+        if self._daemon_pid() is not None:
+            raise RuntimeError("dockerd is still running; stop_daemon() first")
         self._launch(timeout)
 
     def _unmount(self) -> None:

@@ -46,6 +46,7 @@ RUNS = 30
 SPREAD = 60.0  # the runs are created over a minute
 FINISH_WITHIN = 90.0  # ... and all end within 90 s of the last one's creation
 BLACKOUT_SECONDS = 15.0
+ENGINE_DOWN = 15.0  # seconds the test's engine stays down in the restart test
 FAULT_PLAN = Plan(
     seed=14,
     rates={REFUSE_503: 0.06, DROP_BEFORE: 0.04, DROP_AFTER: 0.04, DELAY: 0.04},
@@ -107,8 +108,17 @@ class ContainerCreations:
 
 
 def _running_containers(client: docker.DockerClient, pool: str) -> list[str]:
-    return [c.name for c in client.containers.list(
+    return [",".join(c.attrs.get("Names") or [c.id]) for c in client.containers.list(
         sparse=True, filters={"label": f"{POOL_LABEL}={pool}", "status": "running"})]
+
+
+def _settled(client: docker.DockerClient, pool: str, timeout: float = 30.0) -> list[str]:
+    """The pool's running containers once none runs or `timeout` passed (a run is final on the
+    server a moment before its container's process has exited)."""
+    deadline = time.monotonic() + timeout
+    while (running := _running_containers(client, pool)) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    return running
 
 
 def _sigterm_exit_code(worker: WorkerProcess, timeout: float = 60.0) -> int | None:
@@ -168,10 +178,7 @@ def test_thirty_runs_through_a_faulty_network_all_complete(
     slow = sorted(finished.items(), key=lambda item: -item[1])[:5]
     print(f"slowest runs (s after the last creation): {slow}")
 
-    settle = time.monotonic() + 30
-    while _running_containers(docker_client, unique_pool) and time.monotonic() < settle:
-        time.sleep(1.0)
-    if left := _running_containers(docker_client, unique_pool):
+    if left := _settled(docker_client, unique_pool):
         problems.append(f"containers still running: {left}")
     created = creations.close()  # every run ended long after its container's create event
     for run_id in ids:
@@ -201,9 +208,11 @@ def test_a_docker_engine_restart_gives_runs_in_flight_a_verdict_and_new_runs_sta
     own_engine: Engine, docker_client: docker.DockerClient, rig: PrefectRig, flow_image: str,
     unique_pool: str, start_worker: Callable[..., WorkerProcess],
 ) -> None:
-    """The worker's engine (an engine of the test's own) restarts under two running flows:
-    each gets a verdict (a final state, or a reschedule that then completes), the worker
-    carries on, and a run created once the engine is back starts on it and completes."""
+    """The worker's engine (an engine of the test's own) restarts under two running flows and
+    stays down for a while, during which a run is created: the runs in flight each get a
+    verdict (a final state, or a reschedule that then completes), the worker carries on, and
+    both the run created while the engine was down and one created once it is back start on
+    it and complete."""
     own_engine.load_images(docker_client, flow_image)
     engine = own_engine.client
     worker = start_worker(unique_pool, env={"DOCKER_HOST": own_engine.host})
@@ -218,7 +227,14 @@ def test_a_docker_engine_restart_gives_runs_in_flight_a_verdict_and_new_runs_sta
     assert not docker_client.containers.list(
         all=True, sparse=True, filters={"label": f"{POOL_LABEL}={unique_pool}"})
 
-    own_engine.restart()
+    own_engine.stop_daemon()  # SIGTERM: dockerd stops the flow containers, then itself
+    while_down = rig.create_flow_run(hello)
+    down_until = time.monotonic() + ENGINE_DOWN
+    while time.monotonic() < down_until:
+        assert worker.alive(), f"the worker died while the engine was down:\n{worker.output()}"
+        time.sleep(1.0)
+    own_engine.start_daemon()
+    engine = own_engine.client
     restarted = time.monotonic()
 
     def verdict(run_id: str) -> bool:
@@ -249,6 +265,14 @@ def test_a_docker_engine_restart_gives_runs_in_flight_a_verdict_and_new_runs_sta
                 problems.append("the run after the restart has no container on the engine")
         except AssertionError as exc:
             problems.append(f"the run after the restart: {exc}; history {_history(rig, fresh)}")
+    try:
+        run = rig.wait_for_final(while_down, timeout=150)
+        if run["state"]["type"] != "COMPLETED":
+            problems.append(f"the run created while the engine was down ended {_state(run)}; "
+                            f"history {_history(rig, while_down)}")
+    except AssertionError as exc:
+        problems.append(f"the run created while the engine was down: {exc}; "
+                        f"history {_history(rig, while_down)}")
     rescheduled = [r for r in in_flight if verdict(r)
                    and rig.read_flow_run(r)["state"]["type"] not in FINAL_STATE_TYPES]
     for run_id in rescheduled:  # a retry must then complete
@@ -266,6 +290,6 @@ def test_a_docker_engine_restart_gives_runs_in_flight_a_verdict_and_new_runs_sta
             problems.append(f"the worker's exit code on SIGTERM: {code}")
     elif not any(p.startswith("the worker died") for p in problems):
         problems.append(f"the worker died with {worker.process.returncode}")
-    if left := _running_containers(engine, unique_pool):
+    if left := _settled(engine, unique_pool):
         problems.append(f"containers still running on the test's engine: {left}")
     assert not problems, "\n".join(problems)
