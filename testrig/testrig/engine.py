@@ -21,6 +21,7 @@ The machine's engine is only read from (image export) and used for the final hea
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -92,6 +93,7 @@ class Engine:
         self.process: subprocess.Popen[bytes] | None = None
         self._client: docker.DockerClient | None = None
         self._swarm = False
+        self._lock_fd: int | None = None
         self.starts = 0
 
     # --- where things are --------------------------------------------------------------
@@ -128,9 +130,36 @@ class Engine:
 
     # --- life --------------------------------------------------------------------------
 
-    def start(self, timeout: float = 60.0) -> Self:
-        """Clean up a leftover of an earlier run on the same root, make the bridge and the
-        data dir, start dockerd and wait until it answers."""
+    def _lock(self, timeout: float) -> None:
+        """Hold `root`.lock while this engine lives: a second user of the same root (another
+        test process) waits instead of ending our dockerd as a "leftover"; a killed process's
+        lock is released by the kernel, so its leftover is ours to clean."""
+        if self._lock_fd is not None:
+            return
+        fd = os.open(f"{self.root}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._lock_fd = fd
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise RuntimeError(f"{self.root} is in use by another process for "
+                                       f"{timeout} s") from None
+                time.sleep(0.5)
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+    def start(self, timeout: float = 60.0, wait_for_root: float = 600.0) -> Self:
+        """Take the root's lock (waiting up to `wait_for_root` s for another user), clean up a
+        leftover of a killed run on the same root, make the bridge and the data dir, start
+        dockerd and wait until it answers."""
+        self._lock(wait_for_root)
         self.cleanup_leftover()
         self._make_bridge()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -279,7 +308,12 @@ class Engine:
 
     def stop(self, check_host: bool = True) -> None:
         """Clean up in ENVIRONMENT.md's order (swarm leave, dockerd, bridges, data dir), then
-        check that the machine's engine still runs a container."""
+        check that the machine's engine still runs a container. Without the root's lock
+        (never started, or stopped already) there is nothing of ours to stop."""
+        if self._lock_fd is None:
+            if check_host:
+                self.check_host_engine()
+            return
         if self._swarm:
             with contextlib.suppress(Exception):
                 self.client.swarm.leave(force=True)
@@ -288,6 +322,7 @@ class Engine:
             _run("ip", "link", "delete", "docker_gwbridge")  # made by our swarm init only
         self._swarm = False
         self.cleanup_leftover()
+        self._unlock()
         if check_host:
             self.check_host_engine()
 

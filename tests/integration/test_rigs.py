@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import docker
 import httpx
@@ -253,18 +255,31 @@ def test_own_engine_runs_restarts_and_cleans_up(
 
 
 def test_a_leftover_engine_of_a_killed_run_is_cleaned_up() -> None:
-    """A run killed without cleanup leaves dockerd running (own session); the next start
-    ends it and starts afresh on the same root."""
-    left = Engine().start()
-    old_pid = left._daemon_pid()
-    assert old_pid is not None
+    """A test process killed without cleanup leaves its dockerd running (own session) and
+    its lock released; the next start ends that dockerd and starts afresh on the same root."""
+    script = ("import time; from testrig.engine import Engine; e = Engine().start(); "
+              "print(e._daemon_pid(), flush=True); time.sleep(600)")
+    victim = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert victim.stdout is not None
+        old_pid = int(victim.stdout.readline())
+    finally:
+        victim.kill()  # SIGKILL: no cleanup at all
+        victim.wait(10)
+    assert Path(f"/proc/{old_pid}").exists()  # the leftover
     fresh = Engine()
     try:
         fresh.start()
         assert fresh.client.ping()
         assert fresh._daemon_pid() != old_pid
-        assert left.process is not None and left.process.wait(30) is not None  # it ended
+        _until(lambda: not Path(f"/proc/{old_pid}").exists(), 30, "the leftover dockerd ends")
         assert fresh.client.containers.list(all=True) == []
     finally:
         fresh.stop()
-        left.stop(check_host=False)
+
+
+def test_a_second_user_of_the_engine_root_waits_for_the_first(own_engine: Engine) -> None:
+    """Another process's engine on the same root is never taken for a leftover."""
+    with pytest.raises(RuntimeError, match="in use"):
+        Engine().start(wait_for_root=1.0)
+    assert own_engine.client.ping()
