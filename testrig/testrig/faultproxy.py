@@ -12,6 +12,8 @@ cuts) and/or from the test's own commands (`inject`, `blackout`, `cut_websockets
 - `delay`        forward, then hold the answer for `delay_seconds` before passing it on;
 - websocket cut: close open tunnels (e.g. the worker's event stream) and refuse upgrades
                  (503) for a while;
+- websocket stall: open tunnels stay open but pass nothing either way for a while (a
+                 half-open connection: pings go unanswered, nothing closes);
 - blackout:      cut every open connection and reset every new one for N seconds.
 
 Everything it did is counted per kind and per endpoint (`counts`, `count()`), so tests can
@@ -54,6 +56,7 @@ BLACKOUT = "blackout"  # a blackout began
 BLACKOUT_DROP = "blackout_drop"  # a connection reset by a blackout (open or new)
 FORWARDED = "forwarded"  # a request answered normally (delayed ones included)
 WS_OPENED = "ws_opened"  # a websocket tunnel established
+WS_STALL = "ws_stall"  # open tunnels went silent (half-open: nothing passes, nothing closes)
 
 
 def endpoint(method: str, target: str) -> str:
@@ -140,12 +143,6 @@ async def _read_body(src: asyncio.StreamReader, headers: dict[str, str], *,
     return b"", True
 
 
-async def _copy_until_eof(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    while chunk := await src.read(65536):
-        dst.write(chunk)
-        await dst.drain()
-
-
 def _reset(writer: asyncio.StreamWriter) -> None:
     """Close a connection with a TCP reset (SO_LINGER 0): the peer sees it at once."""
     sock = writer.get_extra_info("socket")
@@ -177,6 +174,8 @@ class FaultProxy:
         self._rng = random.Random(0)
         self._blackout_until = 0.0
         self._ws_refused_until = 0.0
+        self._ws_stalled_until = 0.0
+        self._ws_stall_began = 0.0
         self._ws_match = re.compile(r"^/api/events/")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="faultproxy",
@@ -268,6 +267,16 @@ class FaultProxy:
         """Close open websocket tunnels whose path matches `match` (default: the event streams,
         `^/api/events/`) and answer new upgrades 503 for `refuse_for` seconds."""
         self._loop.call_soon_threadsafe(self._cut_ws, refuse_for, match)
+
+    def stall_websockets(self, seconds: float) -> None:
+        """For `seconds`, open websocket tunnels stay open but every byte either way is
+        dropped (a half-open connection); tunnels opened meanwhile are not stalled."""
+        self._loop.call_soon_threadsafe(self._stall_ws, seconds)
+
+    def _stall_ws(self, seconds: float) -> None:
+        self._ws_stall_began = time.monotonic()
+        self._ws_stalled_until = self._ws_stall_began + seconds
+        self._record(WS_STALL, f"{len(self._tunnels)} open")
 
     # --- what happened -----------------------------------------------------------------
 
@@ -471,10 +480,16 @@ class FaultProxy:
                 return
             self._record(WS_OPENED, ep)
             self._tunnels[writer] = (target.split("?", 1)[0], up_writer)
+            opened = time.monotonic()
 
             async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
                 try:
-                    await _copy_until_eof(src, dst)
+                    while chunk := await src.read(65536):
+                        if (opened <= self._ws_stall_began
+                                and time.monotonic() < self._ws_stalled_until):
+                            continue  # stalled: the bytes are lost, the connection stays
+                        dst.write(chunk)
+                        await dst.drain()
                 finally:
                     dst.close()
 

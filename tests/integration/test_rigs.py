@@ -25,6 +25,7 @@ from testrig.faultproxy import (
     REFUSE_503,
     WS_CUT,
     WS_REFUSED,
+    WS_STALL,
     FaultProxy,
     Plan,
 )
@@ -204,6 +205,22 @@ def test_the_event_stream_is_cut_and_refused_for_a_while(fault_proxy: FaultProxy
     assert 1.5 <= took <= 6, took
     assert fault_proxy.count(WS_CUT, r"^WS /api/events/out$") == 1
     assert fault_proxy.count(WS_REFUSED) >= 1
+
+
+def test_a_stalled_event_stream_stays_open_and_silent(fault_proxy: FaultProxy) -> None:
+    """Half-open: the socket does not close, but a ping gets no pong until the stall ends."""
+    socket = _subscribe(fault_proxy)
+    try:
+        assert socket.ping().wait(5)
+        fault_proxy.stall_websockets(3.0)
+        _until(lambda: fault_proxy.count(WS_STALL) == 1, 2, "the stall begins")
+        assert not socket.ping().wait(1.5)  # lost, and nothing closed
+        fresh = _subscribe(fault_proxy)  # a new connection is not stalled
+        assert fresh.ping().wait(5)
+        fresh.close()
+        _until(lambda: socket.ping().wait(0.5), 10, "pongs again after the stall")
+    finally:
+        socket.close()
 
 
 def test_the_proxy_stops_by_itself(prefect_server: PrefectServer) -> None:
