@@ -10,6 +10,8 @@ from pathlib import Path
 import docker
 import pytest
 import requests
+from testrig.engine import Engine
+from testrig.faultproxy import FaultProxy
 from testrig.prefect_rig import (
     FLOWS_IMAGE,
     PREFECT_IMAGE,
@@ -107,10 +109,11 @@ def start_worker(
     started: list[WorkerProcess] = []
 
     def start(pool: str, *args: str, api_url: str | None = None, ready: bool = True,
-              name: str | None = None) -> WorkerProcess:
+              name: str | None = None, env: dict[str, str] | None = None) -> WorkerProcess:
         """Each worker gets its own `--name` (several share this host) unless `name` is given,
-        e.g. to restart one. With `ready`, return once it polls (so its pool exists)."""
-        env = worker_env(api_url or prefect_server.url)
+        e.g. to restart one. With `ready`, return once it polls (so its pool exists). `env`
+        adds variables (e.g. DOCKER_HOST of an engine of the test's own)."""
+        env = worker_env(api_url or prefect_server.url, **(env or {}))
         log_path = tmp_path / f"worker-{len(started)}.log"
         name = name or f"{pool}-w{len(started)}"
         worker = WorkerProcess(
@@ -143,3 +146,28 @@ def policy_file(tmp_path: Path) -> Callable[..., str]:
 
     return write
 
+
+
+@pytest.fixture
+def fault_proxy(prefect_server: PrefectServer) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy on loopback in front of the session's server (`.url` for the
+    worker); it stops itself after 15 minutes whatever happens."""
+    with FaultProxy(prefect_server.port, lifetime=900) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def own_engine(docker_client: docker.DockerClient) -> Iterator[Engine]:
+    """A second dockerd of the test's own (ENVIRONMENT.md), empty; afterwards it is stopped,
+    its bridge and data dir are deleted and the machine's engine is checked to still run a
+    container."""
+    engine = Engine()
+    try:
+        engine.start()
+    except RuntimeError as exc:
+        engine.stop(check_host=False)
+        pytest.fail(f"could not start a second dockerd: {exc}", pytrace=False)
+    try:
+        yield engine
+    finally:
+        engine.stop()

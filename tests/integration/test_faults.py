@@ -1,0 +1,301 @@
+"""Issue 14, "never lose a run": the worker under a faulty network and under a Docker engine
+restart, end to end (real Prefect server, real Docker, the worker as operators run it).
+
+- A fault-injecting proxy (testrig.faultproxy) sits between the worker and the server; the
+  flows in their containers talk to the server directly (job env PREFECT_API_URL).
+- The engine restart uses a second dockerd of the test's own (testrig.engine): the worker's
+  DOCKER_HOST points at it, the server stays on loopback and the flow containers on that
+  engine reach it through host networking.
+
+Each test waits, with a deadline, for what it asserts, and reports every broken promise at
+once (states, containers, the proxy's counts) rather than only the first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import docker
+from testrig.engine import Engine
+from testrig.faultproxy import (
+    BLACKOUT,
+    DELAY,
+    DROP_AFTER,
+    DROP_BEFORE,
+    REFUSE_503,
+    REQUEST_FAULTS,
+    WS_CUT,
+    FaultProxy,
+    Plan,
+    faults_by_endpoint,
+)
+from testrig.prefect_rig import FINAL_STATE_TYPES, POOL_LABEL, PrefectRig, PrefectServer
+from testrig.workers import WorkerProcess
+
+RUN_LABEL = "io.prefect.flow-run-id"
+SET_STATE = r"^POST /api/flow_runs/\{id\}/set_state$"
+RUNS = 30
+SPREAD = 60.0  # the runs are created over a minute
+FINISH_WITHIN = 90.0  # ... and all end within 90 s of the last one's creation
+BLACKOUT_SECONDS = 15.0
+ENGINE_DOWN = 15.0  # seconds the test's engine stays down in the restart test
+FAULT_PLAN = Plan(
+    seed=14,
+    rates={REFUSE_503: 0.06, DROP_BEFORE: 0.04, DROP_AFTER: 0.04, DELAY: 0.04},
+    max_faults={REFUSE_503: 30, DROP_BEFORE: 15, DROP_AFTER: 15, DELAY: 15},
+    duration=SPREAD,
+    delay_seconds=3.0,
+    blackouts=[(10.0, BLACKOUT_SECONDS), (36.0, BLACKOUT_SECONDS)],
+    ws_cuts=[(28.0, 5.0)],
+)
+
+
+def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.25)
+
+
+def _read_runs(rig: PrefectRig, ids: list[str]) -> dict[str, dict[str, Any]]:
+    runs = rig._call("POST", "/flow_runs/filter",
+                     {"flow_runs": {"id": {"any_": ids}}, "limit": 200})
+    return {run["id"]: run for run in runs}
+
+
+def _state(run: dict[str, Any]) -> str:
+    state = run.get("state") or {}
+    return f"{state.get('type')}/{state.get('name')}: {(state.get('message') or '')[:160]!r}"
+
+
+def _history(rig: PrefectRig, run_id: str) -> list[tuple[str, str]]:
+    """(type, name) of each state of a run, oldest first."""
+    states = rig._call("GET", f"/flow_run_states/?flow_run_id={run_id}")
+    return [(s["type"], s["name"]) for s in sorted(states, key=lambda s: s["timestamp"])]
+
+
+class ContainerCreations:
+    """Counts the containers created per flow run from Docker's event stream, followed live
+    (the engine replays only its last 256 events, too few on a busy machine), so that a
+    duplicate container that was removed again still counts."""
+
+    def __init__(self, client: docker.DockerClient, pool: str) -> None:
+        self.created: Counter[str] = Counter()
+        self._events = client.events(decode=True, since=datetime.now(UTC), filters={
+            "type": "container", "event": "create", "label": f"{POOL_LABEL}={pool}"})
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        with contextlib.suppress(Exception):  # ends when the stream is closed
+            for event in self._events:
+                self.created[event["Actor"]["Attributes"].get(RUN_LABEL, "?")] += 1
+
+    def close(self) -> Counter[str]:
+        """Stop following; the counts so far."""
+        self._events.close()
+        self._thread.join(10)
+        return self.created
+
+
+def _running_containers(client: docker.DockerClient, pool: str) -> list[str]:
+    return [",".join(c.attrs.get("Names") or [c.id]) for c in client.containers.list(
+        sparse=True, filters={"label": f"{POOL_LABEL}={pool}", "status": "running"})]
+
+
+def _settled(client: docker.DockerClient, pool: str, timeout: float = 30.0) -> list[str]:
+    """The pool's running containers once none runs or `timeout` passed (a run is final on the
+    server a moment before its container's process has exited)."""
+    deadline = time.monotonic() + timeout
+    while (running := _running_containers(client, pool)) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    return running
+
+
+def _sigterm_exit_code(worker: WorkerProcess, timeout: float = 60.0) -> int | None:
+    worker.process.send_signal(signal.SIGTERM)
+    try:
+        return worker.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def test_thirty_runs_through_a_faulty_network_all_complete(
+    fault_proxy: FaultProxy, rig: PrefectRig, prefect_server: PrefectServer, flow_image: str,
+    docker_client: docker.DockerClient, unique_pool: str,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    """30 runs created over a minute while the worker's link to the server answers 503s,
+    drops requests before and after the server applied them (claims first of all), delays
+    answers, cuts the event stream and blacks out twice for 15 s: every run ends COMPLETED
+    within 90 s of the last one's creation, with exactly one container each and claimed once
+    (a claim whose answer was lost is still ours: issue 14 item 7); the worker is alive at
+    the end and exits 0 on SIGTERM; no container is left running."""
+    creations = ContainerCreations(docker_client, unique_pool)
+    worker = start_worker(unique_pool, api_url=fault_proxy.url)
+    hello = rig.create_deployment(unique_pool, "flows.py:hello", {
+        "image": flow_image, "env": {"PREFECT_API_URL": prefect_server.url}})
+    _until(lambda: fault_proxy.websocket_count() >= 1, 60, "the worker's event stream opens")
+
+    fault_proxy.arm(FAULT_PLAN)
+    fault_proxy.inject(DROP_AFTER, SET_STATE, times=3)  # the first claims: applied, answer lost
+    fault_proxy.cut_websockets(refuse_for=8.0)
+    t0 = time.monotonic()
+    ids: list[str] = []
+    for i in range(RUNS):
+        time.sleep(max(0.0, t0 + i * SPREAD / RUNS - time.monotonic()))
+        if i == RUNS - 4:  # and late claims too, after the second blackout
+            fault_proxy.inject(DROP_AFTER, SET_STATE, times=2)
+        ids.append(rig.create_flow_run(hello))
+    last_created = time.monotonic()
+
+    finished: dict[str, float] = {}
+
+    def all_final() -> bool:
+        for run_id, run in _read_runs(rig, ids).items():
+            if (run.get("state") or {}).get("type") in FINAL_STATE_TYPES:
+                finished.setdefault(run_id, time.monotonic() - last_created)
+        return len(finished) == RUNS
+
+    deadline = last_created + FINISH_WITHIN
+    while not all_final() and time.monotonic() < deadline:
+        time.sleep(1.0)
+    runs = _read_runs(rig, ids)
+
+    problems: list[str] = []
+    not_completed = {i: r for i, r in runs.items() if r["state"]["type"] != "COMPLETED"}
+    for run_id, run in not_completed.items():
+        problems.append(f"run {run_id} not COMPLETED {FINISH_WITHIN:g} s after the last "
+                        f"creation: {_state(run)}; history {_history(rig, run_id)}")
+    for run_id in ids:  # a lost claim answer costs nothing when claims are idempotent
+        history = _history(rig, run_id)
+        if sum(kind == "PENDING" for kind, _ in history) != 1:
+            problems.append(f"run {run_id} was claimed more than once (handed back between): "
+                            f"history {history}")
+    slow = sorted(finished.items(), key=lambda item: -item[1])[:5]
+    print(f"slowest runs (s after the last creation): {slow}")
+
+    if left := _settled(docker_client, unique_pool):
+        problems.append(f"containers still running: {left}")
+    created = creations.close()  # every run ended long after its container's create event
+    for run_id in ids:
+        if created.get(run_id, 0) != 1:
+            problems.append(f"run {run_id} had {created.get(run_id, 0)} containers, not 1")
+
+    if not worker.alive():
+        problems.append(f"the worker died with {worker.process.returncode}")
+    elif (code := _sigterm_exit_code(worker)) != 0:
+        problems.append(f"the worker's exit code on SIGTERM: {code}")
+
+    summary = fault_proxy.summary()
+    print(f"faults: {summary}\nby endpoint: {faults_by_endpoint(fault_proxy)}")
+    for kind in REQUEST_FAULTS:
+        if not summary.get(kind):
+            problems.append(f"the proxy never injected {kind}")
+    if summary.get(BLACKOUT) != 2:
+        problems.append(f"blackouts: {summary.get(BLACKOUT)}, not 2")
+    if not fault_proxy.count(DROP_AFTER, SET_STATE):
+        problems.append("no claim's answer was lost after the server applied it")
+    if not summary.get(WS_CUT):
+        problems.append("the event stream was never cut")
+    assert not problems, "\n".join(problems)
+
+
+def test_a_docker_engine_restart_gives_runs_in_flight_a_verdict_and_new_runs_start(
+    own_engine: Engine, docker_client: docker.DockerClient, rig: PrefectRig, flow_image: str,
+    unique_pool: str, start_worker: Callable[..., WorkerProcess],
+) -> None:
+    """The worker's engine (an engine of the test's own) restarts under two running flows and
+    stays down for a while, during which a run is created: the runs in flight each get a
+    verdict (a final state, or a reschedule that then completes), the worker carries on, and
+    both the run created while the engine was down and one created once it is back start on
+    it and complete."""
+    own_engine.load_images(docker_client, flow_image)
+    engine = own_engine.client
+    worker = start_worker(unique_pool, env={"DOCKER_HOST": own_engine.host})
+    sleepy = rig.create_deployment(unique_pool, "flows.py:sleepy", {"image": flow_image})
+    hello = rig.create_deployment(unique_pool, "flows.py:hello", {"image": flow_image})
+
+    in_flight = [rig.create_flow_run(sleepy, parameters={"seconds": 60}) for _ in range(2)]
+    for run_id in in_flight:
+        rig.wait_for_state(run_id, "RUNNING", timeout=180)
+    _until(lambda: len(_running_containers(engine, unique_pool)) == 2, 30,
+           "both flow containers run on the test's engine")
+    assert not docker_client.containers.list(
+        all=True, sparse=True, filters={"label": f"{POOL_LABEL}={unique_pool}"})
+
+    own_engine.stop_daemon()  # SIGTERM: dockerd stops the flow containers, then itself
+    while_down = rig.create_flow_run(hello)
+    down_until = time.monotonic() + ENGINE_DOWN
+    while time.monotonic() < down_until:
+        assert worker.alive(), f"the worker died while the engine was down:\n{worker.output()}"
+        time.sleep(1.0)
+    own_engine.start_daemon()
+    engine = own_engine.client
+    restarted = time.monotonic()
+
+    def verdict(run_id: str) -> bool:
+        """Final, or handed back for another try after it ran."""
+        history = _history(rig, run_id)
+        ran = [i for i, (kind, _) in enumerate(history) if kind == "RUNNING"]
+        return history[-1][0] in FINAL_STATE_TYPES or (
+            bool(ran) and any(kind == "SCHEDULED" for kind, _ in history[ran[0]:]))
+
+    problems: list[str] = []
+    deadline = restarted + 150
+    while not all(verdict(r) for r in in_flight) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    for run_id in in_flight:
+        if not verdict(run_id):
+            problems.append(f"run in flight {run_id} has no verdict 150 s after the restart: "
+                            f"{_state(rig.read_flow_run(run_id))}; "
+                            f"history {_history(rig, run_id)}")
+    if not worker.alive():
+        problems.append(f"the worker died with {worker.process.returncode}")
+    else:
+        fresh = rig.create_flow_run(hello)
+        try:
+            run = rig.wait_for_final(fresh, timeout=150)
+            if run["state"]["type"] != "COMPLETED":
+                problems.append(f"the run after the restart ended {_state(run)}")
+            elif not engine.containers.list(all=True, filters={"label": f"{RUN_LABEL}={fresh}"}):
+                problems.append("the run after the restart has no container on the engine")
+        except AssertionError as exc:
+            problems.append(f"the run after the restart: {exc}; history {_history(rig, fresh)}")
+    try:
+        run = rig.wait_for_final(while_down, timeout=150)
+        if run["state"]["type"] != "COMPLETED":
+            problems.append(f"the run created while the engine was down ended {_state(run)}; "
+                            f"history {_history(rig, while_down)}")
+    except AssertionError as exc:
+        problems.append(f"the run created while the engine was down: {exc}; "
+                        f"history {_history(rig, while_down)}")
+    rescheduled = [r for r in in_flight if verdict(r)
+                   and rig.read_flow_run(r)["state"]["type"] not in FINAL_STATE_TYPES]
+    for run_id in rescheduled:  # a retry must then complete
+        try:
+            run = rig.wait_for_final(run_id, timeout=150)
+            if run["state"]["type"] != "COMPLETED":
+                problems.append(f"retried run {run_id} ended {_state(run)}")
+        except AssertionError as exc:
+            problems.append(f"retried run {run_id}: {exc}")
+    for run_id in in_flight:
+        print(f"in flight {run_id}: {_state(rig.read_flow_run(run_id))}; "
+              f"history {_history(rig, run_id)}")
+    if worker.alive():
+        if (code := _sigterm_exit_code(worker)) != 0:
+            problems.append(f"the worker's exit code on SIGTERM: {code}")
+    elif not any(p.startswith("the worker died") for p in problems):
+        problems.append(f"the worker died with {worker.process.returncode}")
+    if left := _settled(engine, unique_pool):
+        problems.append(f"containers still running on the test's engine: {left}")
+    assert not problems, "\n".join(problems)
