@@ -34,6 +34,7 @@ from .policy import Masker
 from .prepare import Preparation, build_name
 from .report import RunReporter
 from .runtime import (
+    EngineUnavailable,
     Runtime,
     RuntimeTrouble,
     Workload,
@@ -167,6 +168,11 @@ class RunSupervisor:
             return self._cancelled()
         except RunEnded:  # ClaimLost, Detached: the run is not ours to judge
             return None
+        except EngineUnavailable as exc:  # the engine went away before the container ran
+            if not self.claimed:
+                return None
+            return Verdict(Outcome.CRASHED, f"the Docker engine did not answer: {exc}",
+                           infrastructure=True)
         except Exception as exc:
             log.exception("%s: unexpected worker error", self.label)
             if not self.claimed:  # an unclaimed run is left for the next poll, untouched

@@ -39,7 +39,7 @@ from .containers import (
     remove_quietly,
 )
 from .entry import CANCEL_LINE, LABEL_CONTROL, write_line
-from .hostview import HostView
+from .hostview import HostView, Resolved
 from .images import ensure_image
 from .jobs import JobVariables
 from .logs import ResumePoint, RunOutput
@@ -97,6 +97,9 @@ class Runtime(Protocol):
 
     def host_id(self) -> str:
         """The engine's identity: which runs' infrastructure_pid points here."""
+
+    def ping(self) -> None:
+        """Raises EngineUnavailable unless the engine answers (no claims while it is away)."""
 
     def host_view(self) -> HostView | None:
         """The host as the engine sees it (bind sources, networks), for the policy; None:
@@ -162,6 +165,18 @@ def _translated() -> Iterator[None]:
         raise EngineError(str(exc)) from exc
 
 
+class _TranslatedHostView(HostView):
+    """The host view, its engine errors translated like every other call's."""
+
+    def resolve_bind(self, source: str, prefixes: list[str]) -> Resolved:
+        with _translated():
+            return super().resolve_bind(source, prefixes)
+
+    def network_driver(self, name: str) -> str | None:
+        with _translated():
+            return super().network_driver(name)
+
+
 def _workload(container: Container, full: bool = True) -> Workload:
     """A Workload from an inspected container (`full`) or from a sparse listing."""
     attrs = container.attrs
@@ -196,8 +211,12 @@ class LocalEngine:
         with _translated():
             return docker_host_id(self.client)
 
+    def ping(self) -> None:
+        with _translated():
+            self.client.ping()
+
     def host_view(self) -> HostView:
-        return HostView(self.client)
+        return _TranslatedHostView(self.client)
 
     def ensure_image(self, job: JobVariables, trusted_credentials: bool) -> str:
         with _translated():

@@ -195,6 +195,12 @@ class Worker:
         if free is not None and free <= 0:
             self.last_poll = time.monotonic()  # full, not stuck: healthy, nothing to ask for
             return
+        try:
+            self.runtime.ping()
+        except RuntimeTrouble as exc:  # a claim now could only crash: leave runs to others
+            log.warning("Docker engine unreachable (%s); not claiming runs until it answers",
+                        exc)
+            return
         before = datetime.now(UTC) + timedelta(seconds=self.settings.prefetch_seconds)
         try:
             runs = self.api.get_scheduled_flow_runs(

@@ -340,6 +340,9 @@ class FakeRuntime:
         self._call("host_id")
         return self.host
 
+    def ping(self) -> None:
+        self._call("ping")
+
     def host_view(self) -> None:
         return None  # the policy judges the job by its text
 

@@ -442,3 +442,13 @@ def test_an_engine_restart_under_a_running_container_is_retried(api, runtime) ->
     oom = judge(ExitReport(137, True, ""), running, cancelled=False, removed=False,
                 workload=Box(), engine_restarted=True)
     assert not oom.infrastructure
+
+
+def test_an_engine_that_does_not_answer_before_the_container_runs_is_retried(api, runtime
+                                                                              ) -> None:
+    runtime.fail["ensure_image"] = EngineUnavailable("connection refused")
+    run, worker = run_one(api, runtime)
+    state = api.state_of(run.id)
+    assert state.type == StateType.SCHEDULED and state.message.startswith(RETRIED)
+    assert "the Docker engine did not answer" in state.message
+    assert run.id not in worker.admission

@@ -414,3 +414,17 @@ def test_leaving_leaves_running_containers_for_the_next_worker(api, runtime, hol
     assert api.state_of(run.id).type == StateType.RUNNING
     assert runtime.of_run(run.id).workload.status == "running"
     assert [c for c in warm_containers(runtime) if c.run_id is None] == []  # closed
+
+
+def test_no_claims_while_the_engine_does_not_answer(api, runtime) -> None:
+    from dockerworker.runtime import EngineUnavailable
+
+    run = api.add_run()
+    worker = make_worker(api, runtime)
+    runtime.fail["ping"] = EngineUnavailable("connection refused")
+    worker.poll()
+    settle(worker)
+    assert api.history[run.id] == [StateType.SCHEDULED]  # left for later (or another worker)
+    worker.poll()  # the engine answers again
+    settle(worker)
+    assert api.state_of(run.id).type == StateType.COMPLETED
