@@ -447,9 +447,9 @@ class FaultProxy:
         if kind == DELAY:
             self._record(kind, ep)
             await asyncio.sleep(delay)
+        self._record(FORWARDED, ep)  # before the client can see the answer and ask
         writer.write(b"".join(answer))
         await writer.drain()
-        self._record(FORWARDED, ep)
         closing = "close" in (headers.get("connection", "")
                               + resp_headers.get("connection", "")).lower()
         return keep and not closing
