@@ -287,6 +287,13 @@ class PrefectAPI:
     def read_flow_run(self, flow_run_id: UUID) -> FlowRun:
         return FlowRun.model_validate(self.request("GET", f"/flow_runs/{flow_run_id}"))
 
+    def read_flow_run_states(self, flow_run_id: UUID,
+                             patience: float | None = None) -> list[State]:
+        """The run's states, oldest first (who claimed it is in a PENDING state's message)."""
+        rows = self.request("GET", f"/flow_run_states/?flow_run_id={flow_run_id}",
+                            patience=patience)
+        return [State.model_validate(row) for row in rows]
+
     def set_state(
         self,
         flow_run_id: UUID,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
@@ -34,7 +35,7 @@ from .api import (
 from .builds import Builder
 from .events import RUNNING_EVENT, EventListener
 from .logs import LogShipper
-from .recovery import LOOP_PATIENCE, Recovery
+from .recovery import LOOP_PATIENCE, Recovery, RoundIncomplete
 from .runs import Phase, RunSupervisor
 from .runtime import LocalEngine, Runtime, RuntimeTrouble, Workload
 from .server import ensure_pool, wait_for_server
@@ -78,6 +79,8 @@ class Worker:
         self._nudged = threading.Event()  # set by the event stream, or to stop: act now
         self.events: EventListener | None = None
         self.warm = WarmPool(runtime, settings.warm) if settings.warm else None
+        self.failures: Counter[str] = Counter()  # failed rounds, by name (see _step)
+        self._adoption_due = False
 
     # --- start-up -----------------------------------------------------------------------
     def wait_for_server(self) -> None:
@@ -101,7 +104,8 @@ class Worker:
         from before a restart."""
         self.pool = self.ensure_pool()
         self.recovery = Recovery(self.api, self.runtime, self.settings.pool, self.settings.name,
-                                 self.runtime.host_id())
+                                 self.runtime.host_id(), self.settings.heartbeat_interval,
+                                 busy=self._busy)
         if stale := self.builder.release_locks():
             log.info("removed %d build locks left from this worker's previous run", stale)
         self.adopt()
@@ -125,21 +129,11 @@ class Worker:
             self.settings.max_starting or "any",
             f", {self.settings.warm} warm" if self.settings.warm else "",
         )
-        due = {"heartbeat": 0.0, "poll": 0.0, "cancel": 0.0, "reconcile": 0.0}
-        rounds: dict[str, tuple[Callable[[], float], Callable[[], None]]] = {
-            "heartbeat": (lambda: self.settings.heartbeat_interval, self._heartbeat),
-            "poll": (lambda: self.settings.poll_interval, self.poll),
-            "cancel": (self._cancel_check_interval, self.check_cancellations),
-            "reconcile": (lambda: RECONCILE_SECONDS, self.reconcile),
-        }
+        due = dict.fromkeys(self._rounds(), 0.0)
         while not self.stop_event.is_set():
-            for name, (interval, action) in rounds.items():
+            for name, (interval, action) in self._rounds().items():
                 if time.monotonic() >= due[name]:
-                    try:
-                        action()
-                    except (RuntimeTrouble, requests.RequestException,
-                            docker.errors.DockerException) as exc:
-                        log.warning("%s: Docker engine trouble: %s", name, exc)
+                    self._step(name, action)
                     due[name] = time.monotonic() + interval()
             if self.settings.run_once:
                 self.wait_for_runs()
@@ -147,8 +141,38 @@ class Worker:
             self._nudged.wait(max(0.05, min(due.values()) - time.monotonic()))
             if self._nudged.is_set():
                 self._nudged.clear()
-                due["poll"] = due["cancel"] = 0.0
+                due["poll"] = due["cancellations"] = 0.0
         return 0
+
+    def _rounds(self) -> dict[str, tuple[Callable[[], float], Callable[[], None]]]:
+        """The loop's rounds, in order: (interval, action) each; each fails alone (`_step`)."""
+        every_beat = lambda: self.settings.heartbeat_interval
+        every_minute = lambda: RECONCILE_SECONDS
+        return {
+            "heartbeat": (every_beat, self._heartbeat),
+            "poll": (lambda: self.settings.poll_interval, self.poll),
+            "cancellations": (self._cancel_check_interval, self.check_cancellations),
+            "adoption": (every_beat, self._adopt_pending),
+            "orphans": (every_beat, self.adopt_orphans),
+            "reconciliation": (every_minute, self._reconcile_runs),
+            "removal": (every_minute, self._remove_finished),
+            "warm expiry": (every_minute, self._expire_warm),
+        }
+
+    def _step(self, name: str, action: Callable[[], object]) -> bool:
+        """One round: whatever it raises is logged and counted, and it is tried again at its
+        next turn; no round's failure skips another's or ends the loop."""
+        try:
+            action()
+            return True
+        except Exception as exc:  # the loop outlives every round
+            self.failures[name] += 1
+            expected = isinstance(exc, (PrefectAPIError, RuntimeTrouble, RoundIncomplete,
+                                        requests.RequestException,
+                                        docker.errors.DockerException))
+            log.warning("%s failed (%d times so far; tried again at its next turn): %s",
+                        name, self.failures[name], exc, exc_info=not expected)
+            return False
 
     def _cancel_check_interval(self) -> float:
         """Check often only when the event stream is not there to report Cancelling (and
@@ -175,6 +199,8 @@ class Worker:
         self._nudged.set()
 
     def _heartbeat(self) -> None:
+        """Tell the pool we are alive (other workers adopt our containers when we are not);
+        a pool deleted meanwhile is created again, as a step of its own."""
         try:
             self.api.heartbeat(
                 self.settings.pool,
@@ -185,9 +211,10 @@ class Worker:
             self.pool = self.api.read_work_pool(self.settings.pool, patience=LOOP_PATIENCE)
         except NotFound:
             log.warning("work pool %r is gone; creating it again", self.settings.pool)
-            self.pool = self.ensure_pool()
-        except PrefectAPIError as exc:
-            log.warning("heartbeat failed: %s", exc)
+            self._step("pool re-creation", self._recreate_pool)
+
+    def _recreate_pool(self) -> None:
+        self.pool = self.ensure_pool()
 
     def poll(self) -> None:
         """Ask for what is due (now + prefetch) and start a supervisor per run, within --limit."""
@@ -273,20 +300,53 @@ class Worker:
             if supervisor is not None and not supervisor.cancel_requested.is_set():
                 threading.Thread(target=supervisor.cancel, daemon=True).start()
 
-    # --- restarts: adoption and reconciliation (recovery.py) ------------------------------
+    # --- restarts and orphans: adoption and reconciliation (recovery.py) -----------------
     def adopt(self) -> None:
-        """Take back this worker's containers from before a restart, a supervisor each."""
+        """Take back this worker's containers from before a restart, a supervisor each; tried
+        again each heartbeat until one pass has gone through."""
+        self._adoption_due = True
+        self._step("adoption", self._adopt_pending)
+
+    def _adopt_pending(self) -> None:
+        if self._adoption_due:
+            assert self.recovery is not None
+            self.recovery.adopt(self.admission, self._adopt)
+            self._adoption_due = False
+
+    def adopt_orphans(self) -> None:
+        """Take over the containers of workers of this pool on this engine that are gone."""
         assert self.recovery is not None
-        self.recovery.adopt(self.admission, self._adopt)
+        try:
+            self.recovery.adopt_orphans(self.admission, self._adopt)
+        except RoundIncomplete:
+            self._adoption_due = True  # what was taken over is ours now: adoption finishes it
+            raise
 
     def _adopt(self, flow_run: FlowRun, workload: Workload) -> None:
         self._start(flow_run, lambda supervisor: supervisor.adopt(workload), booting=False)
 
+    def _busy(self) -> set[str]:
+        """The containers this worker holds now: its supervisors' and its warm ones."""
+        held = {s.container.id for s in self.active_runs() if s.container is not None}
+        return held | (self.warm.holds() if self.warm is not None else set())
+
     def reconcile(self) -> None:
-        """Vanished containers → CRASHED; finished ones that asked for it → removed."""
+        """The recovery rounds at once, each failing alone: vanished containers → CRASHED,
+        finished ones that asked for it → removed, expired warm ones → removed."""
+        for name, action in (("reconciliation", self._reconcile_runs),
+                             ("removal", self._remove_finished),
+                             ("warm expiry", self._expire_warm)):
+            self._step(name, action)
+
+    def _reconcile_runs(self) -> None:
         assert self.recovery is not None
-        ours = set(self.admission.supervisors())
-        self.recovery.reconcile(ours)
+        self.recovery.reconcile(set(self.admission.supervisors()))
+
+    def _remove_finished(self) -> None:
+        assert self.recovery is not None
+        self.recovery.remove_finished(set(self.admission.supervisors()))
+
+    def _expire_warm(self) -> None:
         if self.warm is not None:
             self.warm.expire()
 
