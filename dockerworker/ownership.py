@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 OWNER_PREFIX = "dockerworker-owner-"
 LABEL_OWNER_OF = "io.dockerworker.owner-of"
+# not io.prefect.work-pool-name: a record is no workload of the pool (tools that count the
+# pool's containers by that label never see one)
+LABEL_OWNER_POOL = "io.dockerworker.owner-pool"
 LABEL_HOLDER = "io.dockerworker.holder"
 LABEL_GENERATION = "io.dockerworker.generation"
 GONE_AFTER_BEATS = 3  # as Prefect's server: OFFLINE after 3 missed heartbeat intervals

@@ -47,6 +47,7 @@ from .ownership import (
     LABEL_GENERATION,
     LABEL_HOLDER,
     LABEL_OWNER_OF,
+    LABEL_OWNER_POOL,
     Owner,
     owner_record_name,
 )
@@ -333,7 +334,7 @@ class LocalEngine:
         """A never-started container named after the container and generation, from the
         container's own image (present as long as the container is): Docker creates a name
         once."""
-        labels = {LABEL_POOL: pool, LABEL_OWNER_OF: workload.id, LABEL_HOLDER: owner.name,
+        labels = {LABEL_OWNER_POOL: pool, LABEL_OWNER_OF: workload.id, LABEL_HOLDER: owner.name,
                   LABEL_GENERATION: str(owner.generation)}
         with _translated():
             image = self.client.containers.get(workload.id).attrs["Image"]
@@ -349,7 +350,7 @@ class LocalEngine:
     def _owner_records(self, pool: str) -> list[Container]:
         with _translated():
             return self.client.containers.list(all=True, sparse=True, filters={
-                "label": [f"{LABEL_POOL}={pool}", LABEL_OWNER_OF]})
+                "label": [f"{LABEL_OWNER_POOL}={pool}", LABEL_OWNER_OF]})
 
     def owners(self, pool: str) -> dict[str, Owner]:
         found: dict[str, Owner] = {}

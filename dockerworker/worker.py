@@ -79,7 +79,8 @@ class Worker:
         self._nudged = threading.Event()  # set by the event stream, or to stop: act now
         self.events: EventListener | None = None
         self.warm = WarmPool(runtime, settings.warm) if settings.warm else None
-        self.failures: Counter[str] = Counter()  # failed rounds, by name (see _step)
+        self.rounds: Counter[str] = Counter()  # rounds done, by name (see _step)
+        self.failures: Counter[str] = Counter()  # rounds failed, by name
         self._adoption_due = False
 
     # --- start-up -----------------------------------------------------------------------
@@ -164,6 +165,7 @@ class Worker:
         next turn; no round's failure skips another's or ends the loop."""
         try:
             action()
+            self.rounds[name] += 1
             return True
         except Exception as exc:  # the loop outlives every round
             self.failures[name] += 1
