@@ -155,6 +155,7 @@ class Worker:
             "cancellations": (self._cancel_check_interval, self.check_cancellations),
             "adoption": (every_beat, self._adopt_pending),
             "orphans": (every_beat, self.adopt_orphans),
+            "ownership": (every_beat, self._leave_taken_over),
             "reconciliation": (every_minute, self._reconcile_runs),
             "removal": (every_minute, self._remove_finished),
             "warm expiry": (every_minute, self._expire_warm),
@@ -323,6 +324,22 @@ class Worker:
         except RoundIncomplete:
             self._adoption_due = True  # what was taken over is ours now: adoption finishes it
             raise
+
+    def _leave_taken_over(self) -> None:
+        """Containers another worker took over while this one was away (frozen longer than
+        3 heartbeats): stop following them; their new owner judges them."""
+        supervisors = [s for s in self.active_runs() if s.container is not None]
+        if not supervisors:
+            return
+        records = self.runtime.owners(self.settings.pool)
+        for supervisor in supervisors:
+            assert supervisor.container is not None
+            owner = records.get(supervisor.container.id)
+            if owner is not None and owner.name != self.settings.name:
+                log.warning("%s: container %s was taken over by %s while this worker was "
+                            "away; leaving it to them", supervisor.label,
+                            supervisor.container.name, owner.name)
+                supervisor.stop_following()
 
     def _adopt(self, flow_run: FlowRun, workload: Workload) -> None:
         self._start(flow_run, lambda supervisor: supervisor.adopt(workload), booting=False)

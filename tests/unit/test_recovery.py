@@ -296,3 +296,19 @@ def test_removal_takes_exited_warm_leftovers_too(api, runtime) -> None:
     runtime.add("etl-renamed", of("w1", **{LABEL_WARM: "k"}, **AUTO_REMOVE), status="exited")
     worker.reconcile()
     assert runtime.containers == {}
+
+
+def test_a_worker_back_from_a_freeze_leaves_what_was_taken_over(api, runtime) -> None:
+    hold = threading.Event()
+    runtime.script_for = lambda spec: Script(hold=hold)
+    run = api.add_run()
+    worker = make_worker(api, runtime)
+    worker.poll()
+    wait_until(lambda: worker.active_runs() and worker.active_runs()[0].output is not None)
+    container = runtime.of_run(run.id)
+    runtime.take_over(container.workload, api.pool.name, Owner("w9", 1))
+    assert worker._step("ownership", worker._leave_taken_over)
+    settle(worker)
+    assert api.state_of(run.id).type == StateType.RUNNING  # no verdict: w9 gives it
+    assert container.workload.id in runtime.containers
+    hold.set()
