@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 CANCEL_CHECK_SECONDS = 2.0
 CANCEL_CHECK_WITH_EVENTS = 15.0  # the event stream reports Cancelling at once; this is a net
 RECONCILE_SECONDS = 60.0
+START_UP_RETRY = 5.0  # seconds between tries of start-up (pool, engine id, adoption)
 
 
 class Worker:
@@ -115,7 +116,9 @@ class Worker:
         self.wait_for_server()
         if self.stop_event.is_set():
             return 0
-        self.start_up()
+        while not self._step("start-up", self.start_up):  # a blip now is no reason to exit
+            if self.stop_event.wait(START_UP_RETRY):
+                return 0
         self.events = EventListener(
             self.settings.api_url, self.settings.pool, self.settings.stream_token(),
             self.settings.auth_headers(), self._on_event, self.stop_event,
@@ -236,6 +239,7 @@ class Worker:
                         self.settings.pool)
             return
         except PrefectAPIError as exc:
+            self.failures["poll"] += 1
             log.warning("poll failed: %s", exc)
             return
         self.last_poll = time.monotonic()
@@ -296,6 +300,7 @@ class Worker:
                 patience=LOOP_PATIENCE,
             )
         except PrefectAPIError as exc:
+            self.failures["cancellations"] += 1
             log.warning("checking for cancellations failed: %s", exc)
             return
         for flow_run in cancelling:

@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from dockerworker import ownership
+from dockerworker import worker as worker_module
 from dockerworker.api import NotFound, ServerUnreachable, StateType
 from dockerworker.containers import LABEL_FLOW_RUN_ID, LABEL_WORKER
 from dockerworker.ownership import CLAIM_PREFIX, Owner
@@ -312,3 +313,17 @@ def test_a_worker_back_from_a_freeze_leaves_what_was_taken_over(api, runtime) ->
     assert api.state_of(run.id).type == StateType.RUNNING  # no verdict: w9 gives it
     assert container.workload.id in runtime.containers
     hold.set()
+
+
+def test_a_blip_at_start_up_is_tried_again(api, runtime, monkeypatch) -> None:
+    monkeypatch.setattr(worker_module, "START_UP_RETRY", 0.01)
+    worker = make_worker(api, runtime, start=False, poll_interval=0.1)
+    worker.wait_for_server = lambda: None  # type: ignore[method-assign]
+    api.fail["read_work_pool"] = ServerUnreachable("503 just after the server answered")
+    thread = threading.Thread(target=worker._loop, daemon=True)
+    thread.start()
+    run = api.add_run()
+    wait_until(lambda: api.state_of(run.id).type == StateType.COMPLETED)
+    assert worker.failures["start-up"] == 1
+    worker.stop()
+    thread.join(5)
