@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
@@ -35,9 +34,10 @@ from .api import (
 from .builds import Builder
 from .events import RUNNING_EVENT, EventListener
 from .logs import LogShipper
-from .recovery import LOOP_PATIENCE, Recovery, RoundIncomplete
+from .recovery import LOOP_PATIENCE, Recovery
+from .rounds import RecoveryRounds
 from .runs import Phase, RunSupervisor
-from .runtime import LocalEngine, Runtime, RuntimeTrouble, Workload
+from .runtime import LocalEngine, Runtime
 from .server import ensure_pool, wait_for_server
 from .settings import WorkerSettings
 from .warm import WarmPool
@@ -49,7 +49,7 @@ RECONCILE_SECONDS = 60.0
 START_UP_RETRY = 5.0  # seconds between tries of start-up (pool, engine id, adoption)
 
 
-class Worker:
+class Worker(RecoveryRounds):
     """One worker of one pool: the loop, and the supervisors it admits."""
 
     def __init__(
@@ -62,6 +62,7 @@ class Worker:
         builder: Builder | None = None,
     ) -> None:
         """`docker_client` for the machine's engine; tests pass a `runtime` (and `builder`)."""
+        super().__init__()
         self.settings = settings
         self.api = api
         if runtime is None:
@@ -80,9 +81,6 @@ class Worker:
         self._nudged = threading.Event()  # set by the event stream, or to stop: act now
         self.events: EventListener | None = None
         self.warm = WarmPool(runtime, settings.warm) if settings.warm else None
-        self.rounds: Counter[str] = Counter()  # rounds done, by name (see _step)
-        self.failures: Counter[str] = Counter()  # rounds failed, by name
-        self._adoption_due = False
 
     # --- start-up -----------------------------------------------------------------------
     def wait_for_server(self) -> None:
@@ -163,22 +161,6 @@ class Worker:
             "removal": (every_minute, self._remove_finished),
             "warm expiry": (every_minute, self._expire_warm),
         }
-
-    def _step(self, name: str, action: Callable[[], object]) -> bool:
-        """One round: whatever it raises is logged and counted, and it is tried again at its
-        next turn; no round's failure skips another's or ends the loop."""
-        try:
-            action()
-            self.rounds[name] += 1
-            return True
-        except Exception as exc:  # the loop outlives every round
-            self.failures[name] += 1
-            expected = isinstance(exc, (PrefectAPIError, RuntimeTrouble, RoundIncomplete,
-                                        requests.RequestException,
-                                        docker.errors.DockerException))
-            log.warning("%s failed (%d times so far; tried again at its next turn): %s",
-                        name, self.failures[name], exc, exc_info=not expected)
-            return False
 
     def _cancel_check_interval(self) -> float:
         """Check often only when the event stream is not there to report Cancelling (and
@@ -307,72 +289,6 @@ class Worker:
             supervisor = supervisors.get(flow_run.id)
             if supervisor is not None and not supervisor.cancel_requested.is_set():
                 threading.Thread(target=supervisor.cancel, daemon=True).start()
-
-    # --- restarts and orphans: adoption and reconciliation (recovery.py) -----------------
-    def adopt(self) -> None:
-        """Take back this worker's containers from before a restart, a supervisor each; tried
-        again each heartbeat until one pass has gone through."""
-        self._adoption_due = True
-        self._step("adoption", self._adopt_pending)
-
-    def _adopt_pending(self) -> None:
-        if self._adoption_due:
-            assert self.recovery is not None
-            self.recovery.adopt(self.admission, self._adopt)
-            self._adoption_due = False
-
-    def adopt_orphans(self) -> None:
-        """Take over the containers of workers of this pool on this engine that are gone."""
-        assert self.recovery is not None
-        try:
-            self.recovery.adopt_orphans(self.admission, self._adopt)
-        except RoundIncomplete:
-            self._adoption_due = True  # what was taken over is ours now: adoption finishes it
-            raise
-
-    def _leave_taken_over(self) -> None:
-        """Containers another worker took over while this one was away (frozen longer than
-        3 heartbeats): stop following them; their new owner judges them."""
-        supervisors = [s for s in self.active_runs() if s.container is not None]
-        if not supervisors:
-            return
-        records = self.runtime.owners(self.settings.pool)
-        for supervisor in supervisors:
-            assert supervisor.container is not None
-            owner = records.get(supervisor.container.id)
-            if owner is not None and owner.name != self.settings.name:
-                log.warning("%s: container %s was taken over by %s while this worker was "
-                            "away; leaving it to them", supervisor.label,
-                            supervisor.container.name, owner.name)
-                supervisor.stop_following()
-
-    def _adopt(self, flow_run: FlowRun, workload: Workload) -> None:
-        self._start(flow_run, lambda supervisor: supervisor.adopt(workload), booting=False)
-
-    def _busy(self) -> set[str]:
-        """The containers this worker holds now: its supervisors' and its warm ones."""
-        held = {s.container.id for s in self.active_runs() if s.container is not None}
-        return held | (self.warm.holds() if self.warm is not None else set())
-
-    def reconcile(self) -> None:
-        """The recovery rounds at once, each failing alone: vanished containers → CRASHED,
-        finished ones that asked for it → removed, expired warm ones → removed."""
-        for name, action in (("reconciliation", self._reconcile_runs),
-                             ("removal", self._remove_finished),
-                             ("warm expiry", self._expire_warm)):
-            self._step(name, action)
-
-    def _reconcile_runs(self) -> None:
-        assert self.recovery is not None
-        self.recovery.reconcile(set(self.admission.supervisors()))
-
-    def _remove_finished(self) -> None:
-        assert self.recovery is not None
-        self.recovery.remove_finished(set(self.admission.supervisors()))
-
-    def _expire_warm(self) -> None:
-        if self.warm is not None:
-            self.warm.expire()
 
     # --- stopping -----------------------------------------------------------------------
     def wait_for_runs(self, phases: tuple[Phase, ...] | None = None) -> None:
