@@ -327,3 +327,22 @@ def test_a_blip_at_start_up_is_tried_again(api, runtime, monkeypatch) -> None:
     assert worker.failures["start-up"] == 1
     worker.stop()
     thread.join(5)
+
+
+def test_health_says_rounds_done_and_failed(api, runtime) -> None:
+    import json
+    import urllib.request
+
+    from dockerworker.health import serve_health
+
+    worker = make_worker(api, runtime)
+    worker._step("poll", worker.poll)
+    worker._step("removal", lambda: 1 / 0)
+    server = serve_health(worker, 0, host="127.0.0.1")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/health",
+                                    timeout=5) as answer:
+            body = json.loads(answer.read())
+    finally:
+        server.shutdown()
+    assert body["rounds"]["poll"] == 1 and body["failures"] == {"removal": 1}
