@@ -56,7 +56,7 @@ class RecoveryRounds:
                         name, self.failures[name], exc, exc_info=not expected)
             return False
 
-
+    # --- adoption, orphans, ownership ---------------------------------------------------
     def adopt(self) -> None:
         """Take back this worker's containers from before a restart, a supervisor each; tried
         again each heartbeat until one pass has gone through."""
