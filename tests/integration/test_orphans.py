@@ -116,3 +116,33 @@ def test_replicas_never_remove_a_container_its_owner_still_reads(
     assert not [m for m in messages if "vanished" in m], messages
     assert rig.read_flow_run(run_id)["state"]["type"] == "COMPLETED"
     assert owner.alive()
+
+
+def test_a_warm_container_whose_run_ended_while_its_worker_was_down_is_removed(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, docker_client
+) -> None:
+    name = f"{unique_pool}-warm"
+    worker = start_worker(unique_pool, "--warm", "1", name=name)
+    job = {"image": flow_image, "auto_remove": True}
+    deployment = rig.create_deployment(unique_pool, "flows.py:sleepy", job)
+    first = rig.create_flow_run(deployment, parameters={"seconds": 0})
+    assert rig.wait_for_final(first, timeout=90)["state"]["type"] == "COMPLETED"
+    waiting: list = []
+    wait_for(lambda: waiting.extend(docker_client.containers.list(sparse=True, filters={
+        "label": [f"io.prefect.work-pool-name={unique_pool}", "io.dockerworker.warm"],
+        "name": "dockerworker-warm-"})) or waiting, "a waiting warm container", 90)
+    run_id = rig.create_flow_run(deployment, parameters={"seconds": 8})
+    rig.wait_for_state(run_id, "RUNNING", timeout=60)
+    pid = rig.read_flow_run(run_id)["infrastructure_pid"]
+    assert pid.endswith(":" + waiting[0].id)  # the run took the warm container
+    worker.stop()  # graceful: the container runs on without its worker
+    assert rig.wait_for_final(run_id, timeout=60)["state"]["type"] == "COMPLETED"
+
+    def status() -> str:
+        found = docker_client.containers.list(all=True, sparse=True,
+                                              filters={"id": waiting[0].id})
+        return found[0].status if found else "gone"
+
+    wait_for(lambda: status() == "exited", "the warm container exited", 30)
+    start_worker(unique_pool, "--warm", "1", name=name)
+    wait_for(lambda: status() == "gone", "the exited warm container removed", 30)
