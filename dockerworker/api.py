@@ -287,6 +287,13 @@ class PrefectAPI:
     def read_flow_run(self, flow_run_id: UUID) -> FlowRun:
         return FlowRun.model_validate(self.request("GET", f"/flow_runs/{flow_run_id}"))
 
+    def read_flow_run_states(self, flow_run_id: UUID,
+                             patience: float | None = None) -> list[State]:
+        """The run's states, oldest first (who claimed it is in a PENDING state's message)."""
+        rows = self.request("GET", f"/flow_run_states/?flow_run_id={flow_run_id}",
+                            patience=patience)
+        return [State.model_validate(row) for row in rows]
+
     def set_state(
         self,
         flow_run_id: UUID,
@@ -300,11 +307,6 @@ class PrefectAPI:
             "POST", f"/flow_runs/{flow_run_id}/set_state", json={"state": state, "force": force}
         )
         return OrchestrationResult.model_validate(result)
-
-    def read_flow_run_states(self, flow_run_id: UUID) -> list[State]:
-        """The run's state history, oldest first."""
-        found = self.request("GET", f"/flow_run_states/?flow_run_id={flow_run_id}")
-        return [State.model_validate(state) for state in found or []]
 
     def set_infrastructure_pid(self, flow_run_id: UUID, infrastructure_pid: str) -> None:
         self.request(

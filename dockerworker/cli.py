@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -67,6 +68,27 @@ def connect_docker() -> docker.DockerClient:
             "-v /var/run/docker.sock:/var/run/docker.sock (or set DOCKER_HOST)."
         ) from None
     return client
+
+
+def compose_worker_name(client: docker.DockerClient, in_container: bool | None = None
+                        ) -> str | None:
+    """In a compose replica: `dockerworker-<project>-<service>-<n>` from the labels compose
+    puts on our own container (found by our hostname, its short id). Compose gives a
+    recreated replica the same number, so it keeps its name and takes its containers back at
+    once; None elsewhere (the default name, dockerworker-<hostname>, stays)."""
+    if in_container is None:
+        in_container = Path("/.dockerenv").exists()
+    if not in_container:
+        return None
+    try:
+        labels = client.containers.get(socket.gethostname()).labels or {}
+    except Exception:  # noqa: BLE001 - a name is a nicety, never a reason not to start
+        return None
+    parts = [labels.get(f"com.docker.compose.{key}")
+             for key in ("project", "service", "container-number")]
+    if not all(parts):
+        return None
+    return "dockerworker-" + "-".join(str(part) for part in parts)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -156,6 +178,8 @@ def start(policy_file: Path | None, **options: Any) -> None:
         raise click.UsageError(describe_validation_error(exc, "settings")) from None
     mask_logging(Masker(settings.secrets()))
     docker_client = connect_docker()
+    if "name" not in values and (stable := compose_worker_name(docker_client)):
+        settings = settings.model_copy(update={"name": stable})
     api = PrefectAPI(
         settings.api_url,
         api_key=settings.api_key.get_secret_value() if settings.api_key else None,

@@ -34,6 +34,8 @@ def serve_health(worker: Worker, port: int, host: str = "0.0.0.0") -> ThreadingH
                 "pool": worker.settings.pool,
                 "seconds_since_poll": None if age is None else round(age, 1),
                 "active_runs": len(worker.active_runs()),
+                "rounds": dict(worker.rounds),  # the loop's rounds done, by name
+                "failures": dict(worker.failures),  # and failed (each retried next turn)
             }).encode()
             self.send_response(200 if healthy else 503)
             self.send_header("Content-Type", "application/json")

@@ -1,38 +1,66 @@
-"""After a restart, and now and then: adoption and reconciliation.
+"""Adoption, orphans and reconciliation: no run is lost when a worker restarts or dies.
 
-Labels and infrastructure_pid are the worker's memory. A restarted worker (same name) takes
-back the containers it started; a run whose container vanished from this engine is CRASHED;
-a run claimed before a restart that never got a container goes back to the pool; exited
-containers of finished runs that asked for auto_remove are removed. A worker only ever touches
-containers of its own pool on its own engine.
+Labels, infrastructure_pid and the takeover records (ownership.py) are the workers' memory.
+A restarted worker takes back the containers it owns; a worker on the same engine takes over
+the containers of one that is gone (exactly one does: the takeover is atomic). A run whose
+container vanished from this engine is CRASHED; a claim without a container whose worker is
+gone goes back to the pool; exited containers that asked for auto_remove are removed by their
+owner. A worker only ever touches containers of its own pool on its own engine, and never a
+container another live worker owns.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
+from typing import TypeVar
 from uuid import UUID
 
-from .api import FlowRun, NotFound, PrefectAPI, PrefectAPIError, StateType
-from .containers import LABEL_FLOW_RUN_ID, LABEL_WORKER, WatchOptions
+from .api import FlowRun, NotFound, PrefectAPI, StateType
+from .containers import LABEL_FLOW_RUN_ID, WatchOptions
+from .ownership import Liveness, Owner, claimant, owner_of
 from .runs import claim_message
 from .runtime import Runtime, RuntimeTrouble, Workload, WorkloadGone, parse_infrastructure_pid
 from .warm import LABEL_WARM, is_waiting
 
 log = logging.getLogger(__name__)
 LOOP_PATIENCE = 2.0  # the loop's own calls retry briefly; the next round tries again anyway
+UNFINISHED = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
+T = TypeVar("T")
+Start = Callable[[FlowRun, Workload], object]
+
+
+class RoundIncomplete(Exception):
+    """Some items of a round failed (the others were done); the round is tried again."""
+
+
+def _each(what: str, items: Sequence[T], action: Callable[[T], object]) -> None:
+    """`action` for every item, one failure never skipping the others; RoundIncomplete after."""
+    failed: list[Exception] = []
+    for item in items:
+        try:
+            action(item)
+        except Exception as exc:  # one container or run never stops the round
+            log.warning("%s: %s", what, exc, exc_info=not isinstance(exc, RuntimeTrouble))
+            failed.append(exc)
+    if failed:
+        raise RoundIncomplete(f"{what}: {len(failed)} of {len(items)} failed ({failed[0]})")
 
 
 class Recovery:
-    """Adoption and reconciliation for one worker of one pool on one engine."""
+    """Adoption, orphans and reconciliation for one worker of one pool on one engine."""
 
     def __init__(self, api: PrefectAPI, runtime: Runtime, pool: str, worker_name: str,
-                 host_id: str) -> None:
+                 host_id: str, heartbeat_interval: float = 30.0,
+                 busy: Callable[[], set[str]] = set) -> None:
+        """`busy()`: ids of the containers this worker holds now (supervised, warm)."""
         self.api = api
         self.runtime = runtime
         self.pool = pool
         self.worker_name = worker_name
         self.host_id = host_id
+        self.busy = busy
+        self.liveness = Liveness(api, pool, heartbeat_interval, LOOP_PATIENCE)
 
     def _remove(self, workload: Workload) -> None:
         try:
@@ -40,41 +68,78 @@ class Recovery:
         except RuntimeTrouble as exc:
             log.warning("could not remove container %s: %s", workload.name, exc)
 
+    def _owned(self) -> tuple[list[tuple[Workload, Owner]], list[Workload]]:
+        """This pool's containers with their owners, and all of them."""
+        records = self.runtime.owners(self.pool)
+        workloads = self.runtime.list_workloads(self.pool)
+        return [(w, owner_of(w, records)) for w in workloads], workloads
+
     # --- adoption ---------------------------------------------------------------------
-    def adopt(self, ours: Collection[UUID],
-              start: Callable[[FlowRun, Workload], object]) -> None:
-        """Take back the containers this worker started before it restarted (same name);
-        remove its warm containers that were still waiting for a run. `start(run, workload)`
-        gives an adopted container its supervisor."""
-        handed_over: dict[str, FlowRun] | None = None
-        for workload in self.runtime.list_workloads(self.pool, **{LABEL_WORKER: self.worker_name}):
-            if LABEL_WARM in workload.labels and is_waiting(workload):
+    def adopt(self, ours: Collection[UUID], start: Start) -> None:
+        """Take back the containers this worker owns (from before a restart), and remove its
+        warm containers that were still waiting for a run."""
+        mine = [(w, o) for w, o in self._owned()[0] if o.name == self.worker_name]
+        _each("adoption", mine, lambda item: self._take_back(*item, ours, start))
+
+    def adopt_orphans(self, ours: Collection[UUID], start: Start) -> None:
+        """Take over the containers of workers that are gone (exactly one worker does)."""
+        theirs = [(w, o) for w, o in self._owned()[0] if o.name != self.worker_name]
+        gone = self.liveness.gone({o.name for _, o in theirs})
+        orphans = [(w, o) for w, o in theirs if o.name in gone]
+
+        def take(item: tuple[Workload, Owner]) -> None:
+            workload, owner = item
+            if not self._own(workload, owner):
+                return
+            log.info("worker %r is gone; took over its container %s", owner.name, workload.name)
+            self._take_back(workload, owner, ours, start, owned=True)
+
+        _each("orphans", orphans, take)
+
+    def _own(self, workload: Workload, owner: Owner) -> bool:
+        """The atomic step: this worker owns the container from the next generation on, or
+        another worker got there first (False). A restarted worker takes its own containers
+        the same way: a worker that found it gone meanwhile cannot adopt them too."""
+        if self.runtime.take_over(workload, self.pool,
+                                  Owner(self.worker_name, owner.generation + 1)):
+            return True
+        log.info("container %s: another worker took it over first", workload.name)
+        return False
+
+    def _take_back(self, workload: Workload, owner: Owner, ours: Collection[UUID],
+                   start: Start, owned: bool = False) -> None:
+        """One container this worker owns (`owned`: taken over just now): a supervisor if
+        its run is not over; removed if it is over (or never got a run) and asked for
+        auto_remove."""
+        if workload.id in self.busy():
+            return
+        if LABEL_WARM in workload.labels and is_waiting(workload):
+            self._remove(workload)
+            return
+        flow_run = self._run_of(workload)
+        if flow_run is not None and flow_run.id in ours:
+            return
+        over = flow_run is None or (flow_run.state is not None and flow_run.state.is_final)
+        if over:
+            if workload.status != "running" and _auto_remove(workload):
                 self._remove(workload)
-                continue
-            if LABEL_FLOW_RUN_ID in workload.labels:
-                flow_run = self._run_of(workload)
-            else:  # a warm container: its run names it as infrastructure
-                if handed_over is None:
-                    handed_over = self._runs_by_container()
-                flow_run = handed_over.get(workload.id)  # None: its run is over (or gone)
-            if flow_run is None or flow_run.id in ours:
-                continue
-            if flow_run.state is not None and flow_run.state.is_final and (
-                workload.status != "running"
-            ):
-                if WatchOptions.from_labels(workload.labels).auto_remove:
-                    self._remove(workload)
-                continue
-            try:
-                full = self.runtime.inspect(workload.id)  # env and config, for the supervisor
-            except WorkloadGone:
-                continue
-            log.info("adopting container %s of flow run %r (%s)", full.name,
-                     flow_run.name, full.status)
-            start(flow_run, full)
+            return
+        assert flow_run is not None
+        if not owned and not self._own(workload, owner):
+            return
+        try:
+            full = self.runtime.inspect(workload.id)  # env and config, for the supervisor
+        except WorkloadGone:
+            return
+        log.info("adopting container %s of flow run %r (%s)", full.name, flow_run.name,
+                 full.status)
+        start(flow_run, full)
 
     def _run_of(self, workload: Workload) -> FlowRun | None:
-        """The run a container's label names; a container of a deleted run is removed."""
+        """The run a container serves: by its label, or (a warm container) by the unfinished
+        run naming it as infrastructure. None: over, deleted, or never handed one."""
+        if LABEL_FLOW_RUN_ID not in workload.labels:
+            return self._runs_by_container().get(workload.id)
         try:
             return self.api.read_flow_run(UUID(workload.labels[LABEL_FLOW_RUN_ID]))
         except NotFound:
@@ -84,9 +149,9 @@ class Recovery:
 
     def _runs_by_container(self) -> dict[str, FlowRun]:
         """Unfinished runs of this pool on this engine, by their container's id."""
-        states = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
         found = {}
-        for flow_run in self.api.filter_flow_runs(self.pool, states):
+        for flow_run in self.api.filter_flow_runs(self.pool, UNFINISHED,
+                                                  patience=LOOP_PATIENCE):
             host, workload_id = parse_infrastructure_pid(flow_run.infrastructure_pid)
             if host == self.host_id:
                 found[workload_id] = flow_run
@@ -94,45 +159,106 @@ class Recovery:
 
     # --- reconciliation ---------------------------------------------------------------
     def reconcile(self, ours: Collection[UUID]) -> None:
-        """Runs of this pool whose container on this engine vanished → CRASHED; exited
-        containers of final runs that asked for auto_remove → removed."""
-        try:
-            runs = self.api.filter_flow_runs(
-                self.pool, [StateType.PENDING, StateType.RUNNING], patience=LOOP_PATIENCE,
-            )
-        except PrefectAPIError as exc:
-            log.warning("reconciliation failed: %s", exc)
-            return
-        for flow_run in runs:
-            if flow_run.id in ours:
-                continue
+        """Runs of this pool whose container on this engine vanished → CRASHED; claims
+        without a container whose worker is gone → SCHEDULED."""
+        runs = self.api.filter_flow_runs(
+            self.pool, [StateType.PENDING, StateType.RUNNING], patience=LOOP_PATIENCE,
+        )
+        records: dict[str, Owner] | None = None
+        gone: dict[str, bool] = {}  # who is gone, asked once per round and worker
+
+        def is_gone(name: str) -> bool:
+            if name not in gone:
+                gone[name] = name in self.liveness.gone({name})
+            return gone[name]
+
+        def check(flow_run: FlowRun) -> None:
+            nonlocal records
             if not flow_run.infrastructure_pid:
-                self._reschedule_if_abandoned(flow_run)
-                continue
+                self._reschedule_if_abandoned(flow_run, is_gone)
+                return
             host, workload_id = parse_infrastructure_pid(flow_run.infrastructure_pid)
             if host != self.host_id:
-                continue
+                return
             try:
                 self.runtime.inspect(workload_id)
+                return
             except WorkloadGone:
-                message = (f"container vanished: {workload_id[:12]} no longer exists on the "
-                           "Docker host (reported by dockerworker's reconciliation)")
-                log.warning("flow run %r (%s): %s", flow_run.name, flow_run.id, message)
-                self.api.set_state(flow_run.id, StateType.CRASHED, message)
-        self._remove_finished(ours)
+                pass
+            if records is None:
+                records = self.runtime.owners(self.pool)
+            if self._vanished_under_us(flow_run, records.get(workload_id), is_gone):
+                self._crash_vanished(flow_run, workload_id)
 
-    def _remove_finished(self, ours: Collection[UUID]) -> None:
-        """Exited containers of runs that are over and asked for auto_remove."""
-        for workload in self.runtime.list_workloads(
-            self.pool, **{"io.dockerworker.auto-remove": "true"}
-        ):
-            if workload.status not in ("exited", "dead"):
-                continue
-            if LABEL_FLOW_RUN_ID not in workload.labels:
-                continue  # a warm container: removed by its run, or by adoption
+        _each("reconciliation", [r for r in runs if r.id not in ours], check)
+
+    def _vanished_under_us(self, flow_run: FlowRun, record: Owner | None,
+                           is_gone: Callable[[str], bool]) -> bool:
+        """The container is gone; judge the run only if it is still unfinished and its owner
+        is this worker or gone (a live owner judges its own run: it may be removing the
+        container between its verdict and the report)."""
+        now = self.api.read_flow_run(flow_run.id)
+        if (now.state is not None and now.state.is_final) or (
+                now.infrastructure_pid != flow_run.infrastructure_pid):
+            return False
+        owner = record.name if record is not None else claimant(self.api, flow_run.id)
+        if owner is None or owner == self.worker_name:
+            return True
+        return is_gone(owner)
+
+    def _crash_vanished(self, flow_run: FlowRun, workload_id: str) -> None:
+        message = (f"container vanished: {workload_id[:12]} no longer exists on the "
+                   "Docker host (reported by dockerworker's reconciliation)")
+        log.warning("flow run %r (%s): %s", flow_run.name, flow_run.id, message)
+        self.api.set_state(flow_run.id, StateType.CRASHED, message)
+
+    def _reschedule_if_abandoned(self, flow_run: FlowRun,
+                                 is_gone: Callable[[str], bool]) -> None:
+        """A run claimed by this worker before it restarted, or by a worker that is gone,
+        without a container: give it back to the pool."""
+        state = flow_run.state
+        if state is None or state.type != StateType.PENDING:
+            return
+        message = state.message or ""
+        if not message.startswith(claim_message("")):
+            return
+        holder = message.removeprefix(claim_message(""))
+        if holder != self.worker_name and not is_gone(holder):
+            return
+        if self.runtime.list_workloads(self.pool, **{LABEL_FLOW_RUN_ID: str(flow_run.id)}):
+            return
+        why = "restarted" if holder == self.worker_name else "is gone"
+        log.warning("flow run %r (%s) was claimed by %s, which %s, and never got a "
+                    "container; rescheduling it", flow_run.name, flow_run.id, holder, why)
+        self.api.set_state(
+            flow_run.id, StateType.SCHEDULED,
+            f"rescheduled: dockerworker {holder} {why} before starting its container",
+            force=True,
+        )
+
+    # --- removal ----------------------------------------------------------------------
+    def remove_finished(self, ours: Collection[UUID]) -> None:
+        """Exited containers this worker owns whose runs are over and that asked for
+        auto_remove; takeover records of containers that are gone."""
+        owned, workloads = self._owned()
+        self.runtime.forget_owners(self.pool, {w.id for w in workloads})
+        busy = self.busy()
+        done = [w for w, o in owned if o.name == self.worker_name and w.id not in busy
+                and w.status in ("exited", "dead") and _auto_remove(w)
+                and not (LABEL_WARM in w.labels and is_waiting(w))]
+        handed_over: dict[str, FlowRun] | None = None
+
+        def remove_if_over(workload: Workload) -> None:
+            nonlocal handed_over
+            if LABEL_FLOW_RUN_ID not in workload.labels:  # a warm container that took a run
+                if handed_over is None:
+                    handed_over = self._runs_by_container()
+                if workload.id not in handed_over:
+                    self._remove(workload)
+                return
             run_id = UUID(workload.labels[LABEL_FLOW_RUN_ID])
             if run_id in ours:
-                continue
+                return
             try:
                 state = self.api.read_flow_run(run_id).state
             except NotFound:
@@ -140,20 +266,8 @@ class Recovery:
             if state is None or state.is_final:
                 self._remove(workload)
 
-    def _reschedule_if_abandoned(self, flow_run: FlowRun) -> None:
-        """A run this worker claimed before it restarted, without a container yet: give it
-        back to the pool (any container it got would have been adopted already)."""
-        state = flow_run.state
-        if state is None or state.type != StateType.PENDING:
-            return
-        if state.message != claim_message(self.worker_name):
-            return
-        if self.runtime.list_workloads(self.pool, **{LABEL_FLOW_RUN_ID: str(flow_run.id)}):
-            return
-        log.warning("flow run %r (%s) was claimed before a restart and never got a "
-                    "container; rescheduling it", flow_run.name, flow_run.id)
-        self.api.set_state(
-            flow_run.id, StateType.SCHEDULED,
-            f"rescheduled: dockerworker {self.worker_name} restarted before starting its "
-            "container", force=True,
-        )
+        _each("removal", done, remove_if_over)
+
+
+def _auto_remove(workload: Workload) -> bool:
+    return WatchOptions.from_labels(workload.labels).auto_remove

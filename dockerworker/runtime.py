@@ -43,6 +43,14 @@ from .hostview import HostView, Resolved
 from .images import ensure_image
 from .jobs import JobVariables
 from .logs import ResumePoint, RunOutput
+from .ownership import (
+    LABEL_GENERATION,
+    LABEL_HOLDER,
+    LABEL_OWNER_OF,
+    LABEL_OWNER_POOL,
+    Owner,
+    owner_record_name,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_CPU_SHARES = 1024  # Docker's default weight: what a warm container gets at hand-over
@@ -146,6 +154,16 @@ class Runtime(Protocol):
 
     def list_workloads(self, pool: str, **labels: str) -> list[Workload]:
         """This pool's containers (managed by dockerworker), with these labels too."""
+
+    def take_over(self, workload: Workload, pool: str, owner: Owner) -> bool:
+        """Record `owner` as the container's owner at `owner.generation`, atomically: False
+        when another worker recorded that generation first (ownership.py)."""
+
+    def owners(self, pool: str) -> dict[str, Owner]:
+        """The latest takeover of each of this pool's containers that has one, by id."""
+
+    def forget_owners(self, pool: str, keep: set[str]) -> int:
+        """Remove the takeover records of containers not in `keep` (they are gone)."""
 
 
 @contextlib.contextmanager
@@ -329,3 +347,45 @@ class LocalEngine:
             found = self.client.containers.list(all=True, sparse=True,
                                                 filters={"label": filters})
         return [_workload(container, full=False) for container in found]
+
+    # --- ownership records (ownership.py) ------------------------------------------------
+    def take_over(self, workload: Workload, pool: str, owner: Owner) -> bool:
+        """A never-started container named after the container and generation, from the
+        container's own image (present as long as the container is): Docker creates a name
+        once."""
+        labels = {LABEL_OWNER_POOL: pool, LABEL_OWNER_OF: workload.id, LABEL_HOLDER: owner.name,
+                  LABEL_GENERATION: str(owner.generation)}
+        with _translated():
+            image = self.client.containers.get(workload.id).attrs["Image"]
+            try:
+                self.client.containers.create(image, name=owner_record_name(
+                    workload.id, owner.generation), command=["true"], labels=labels)
+            except docker.errors.APIError as exc:
+                if exc.status_code == 409:
+                    return False
+                raise
+        return True
+
+    def _owner_records(self, pool: str) -> list[Container]:
+        with _translated():
+            return self.client.containers.list(all=True, sparse=True, filters={
+                "label": [f"{LABEL_OWNER_POOL}={pool}", LABEL_OWNER_OF]})
+
+    def owners(self, pool: str) -> dict[str, Owner]:
+        found: dict[str, Owner] = {}
+        for record in self._owner_records(pool):
+            labels = record.attrs.get("Labels") or {}
+            owner = Owner(labels.get(LABEL_HOLDER, ""), int(labels.get(LABEL_GENERATION, "0")))
+            workload_id = labels.get(LABEL_OWNER_OF, "")
+            if owner.generation > found.get(workload_id, Owner("", -1)).generation:
+                found[workload_id] = owner
+        return found
+
+    def forget_owners(self, pool: str, keep: set[str]) -> int:
+        removed = 0
+        for record in self._owner_records(pool):
+            if (record.attrs.get("Labels") or {}).get(LABEL_OWNER_OF) not in keep:
+                with _translated():
+                    remove_quietly(record)
+                removed += 1
+        return removed

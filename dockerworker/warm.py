@@ -176,6 +176,11 @@ class WarmPool:
         for item in expired:
             self._remove(item.container)
 
+    def holds(self) -> set[str]:
+        """Ids of the containers waiting here (recovery must not take them for leftovers)."""
+        with self._lock:
+            return {item.container.id for queue in self._idle.values() for item in queue}
+
     def close(self) -> None:
         """The worker is leaving: remove every container still waiting for a run."""
         with self._lock:

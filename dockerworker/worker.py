@@ -35,8 +35,9 @@ from .builds import Builder
 from .events import RUNNING_EVENT, EventListener
 from .logs import LogShipper
 from .recovery import LOOP_PATIENCE, Recovery
+from .rounds import RecoveryRounds
 from .runs import Phase, RunSupervisor
-from .runtime import LocalEngine, Runtime, RuntimeTrouble, Workload
+from .runtime import LocalEngine, Runtime, RuntimeTrouble
 from .server import ensure_pool, wait_for_server
 from .settings import WorkerSettings
 from .warm import WarmPool
@@ -45,9 +46,10 @@ log = logging.getLogger(__name__)
 CANCEL_CHECK_SECONDS = 2.0
 CANCEL_CHECK_WITH_EVENTS = 15.0  # the event stream reports Cancelling at once; this is a net
 RECONCILE_SECONDS = 60.0
+START_UP_RETRY = 5.0  # seconds between tries of start-up (pool, engine id, adoption)
 
 
-class Worker:
+class Worker(RecoveryRounds):
     """One worker of one pool: the loop, and the supervisors it admits."""
 
     def __init__(
@@ -60,6 +62,7 @@ class Worker:
         builder: Builder | None = None,
     ) -> None:
         """`docker_client` for the machine's engine; tests pass a `runtime` (and `builder`)."""
+        super().__init__()
         self.settings = settings
         self.api = api
         if runtime is None:
@@ -101,7 +104,8 @@ class Worker:
         from before a restart."""
         self.pool = self.ensure_pool()
         self.recovery = Recovery(self.api, self.runtime, self.settings.pool, self.settings.name,
-                                 self.runtime.host_id())
+                                 self.runtime.host_id(), self.settings.heartbeat_interval,
+                                 busy=self._busy)
         if stale := self.builder.release_locks():
             log.info("removed %d build locks left from this worker's previous run", stale)
         self.adopt()
@@ -110,7 +114,9 @@ class Worker:
         self.wait_for_server()
         if self.stop_event.is_set():
             return 0
-        self.start_up()
+        while not self._step("start-up", self.start_up):  # a blip now is no reason to exit
+            if self.stop_event.wait(START_UP_RETRY):
+                return 0
         self.events = EventListener(
             self.settings.api_url, self.settings.pool, self.settings.stream_token(),
             self.settings.auth_headers(), self._on_event, self.stop_event,
@@ -125,21 +131,11 @@ class Worker:
             self.settings.max_starting or "any",
             f", {self.settings.warm} warm" if self.settings.warm else "",
         )
-        due = {"heartbeat": 0.0, "poll": 0.0, "cancel": 0.0, "reconcile": 0.0}
-        rounds: dict[str, tuple[Callable[[], float], Callable[[], None]]] = {
-            "heartbeat": (lambda: self.settings.heartbeat_interval, self._heartbeat),
-            "poll": (lambda: self.settings.poll_interval, self.poll),
-            "cancel": (self._cancel_check_interval, self.check_cancellations),
-            "reconcile": (lambda: RECONCILE_SECONDS, self.reconcile),
-        }
+        due = dict.fromkeys(self._rounds(), 0.0)
         while not self.stop_event.is_set():
-            for name, (interval, action) in rounds.items():
+            for name, (interval, action) in self._rounds().items():
                 if time.monotonic() >= due[name]:
-                    try:
-                        action()
-                    except (RuntimeTrouble, requests.RequestException,
-                            docker.errors.DockerException) as exc:
-                        log.warning("%s: Docker engine trouble: %s", name, exc)
+                    self._step(name, action)
                     due[name] = time.monotonic() + interval()
             if self.settings.run_once:
                 self.wait_for_runs()
@@ -147,8 +143,24 @@ class Worker:
             self._nudged.wait(max(0.05, min(due.values()) - time.monotonic()))
             if self._nudged.is_set():
                 self._nudged.clear()
-                due["poll"] = due["cancel"] = 0.0
+                due["poll"] = due["cancellations"] = 0.0
         return 0
+
+    def _rounds(self) -> dict[str, tuple[Callable[[], float], Callable[[], None]]]:
+        """The loop's rounds, in order: (interval, action) each; each fails alone (`_step`)."""
+        every_beat = lambda: self.settings.heartbeat_interval
+        every_minute = lambda: RECONCILE_SECONDS
+        return {
+            "heartbeat": (every_beat, self._heartbeat),
+            "poll": (lambda: self.settings.poll_interval, self.poll),
+            "cancellations": (self._cancel_check_interval, self.check_cancellations),
+            "adoption": (every_beat, self._adopt_pending),
+            "orphans": (every_beat, self.adopt_orphans),
+            "ownership": (every_beat, self._leave_taken_over),
+            "reconciliation": (every_minute, self._reconcile_runs),
+            "removal": (every_minute, self._remove_finished),
+            "warm expiry": (every_minute, self._expire_warm),
+        }
 
     def _cancel_check_interval(self) -> float:
         """Check often only when the event stream is not there to report Cancelling (and
@@ -175,6 +187,8 @@ class Worker:
         self._nudged.set()
 
     def _heartbeat(self) -> None:
+        """Tell the pool we are alive (other workers adopt our containers when we are not);
+        a pool deleted meanwhile is created again, as a step of its own."""
         try:
             self.api.heartbeat(
                 self.settings.pool,
@@ -185,9 +199,10 @@ class Worker:
             self.pool = self.api.read_work_pool(self.settings.pool, patience=LOOP_PATIENCE)
         except NotFound:
             log.warning("work pool %r is gone; creating it again", self.settings.pool)
-            self.pool = self.ensure_pool()
-        except PrefectAPIError as exc:
-            log.warning("heartbeat failed: %s", exc)
+            self._step("pool re-creation", self._recreate_pool)
+
+    def _recreate_pool(self) -> None:
+        self.pool = self.ensure_pool()
 
     def poll(self) -> None:
         """Ask for what is due (now + prefetch) and start a supervisor per run, within --limit."""
@@ -212,6 +227,7 @@ class Worker:
                         self.settings.pool)
             return
         except PrefectAPIError as exc:
+            self.failures["poll"] += 1
             log.warning("poll failed: %s", exc)
             return
         self.last_poll = time.monotonic()
@@ -272,29 +288,13 @@ class Worker:
                 patience=LOOP_PATIENCE,
             )
         except PrefectAPIError as exc:
+            self.failures["cancellations"] += 1
             log.warning("checking for cancellations failed: %s", exc)
             return
         for flow_run in cancelling:
             supervisor = supervisors.get(flow_run.id)
             if supervisor is not None and not supervisor.cancel_requested.is_set():
                 threading.Thread(target=supervisor.cancel, daemon=True).start()
-
-    # --- restarts: adoption and reconciliation (recovery.py) ------------------------------
-    def adopt(self) -> None:
-        """Take back this worker's containers from before a restart, a supervisor each."""
-        assert self.recovery is not None
-        self.recovery.adopt(self.admission, self._adopt)
-
-    def _adopt(self, flow_run: FlowRun, workload: Workload) -> None:
-        self._start(flow_run, lambda supervisor: supervisor.adopt(workload), booting=False)
-
-    def reconcile(self) -> None:
-        """Vanished containers → CRASHED; finished ones that asked for it → removed."""
-        assert self.recovery is not None
-        ours = set(self.admission.supervisors())
-        self.recovery.reconcile(ours)
-        if self.warm is not None:
-            self.warm.expire()
 
     # --- stopping -----------------------------------------------------------------------
     def wait_for_runs(self, phases: tuple[Phase, ...] | None = None) -> None:

@@ -24,6 +24,8 @@ from testrig.prefect_rig import (
 )
 from testrig.workers import WorkerProcess, worker_env
 
+from dockerworker.ownership import LABEL_OWNER_POOL
+
 
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[PrefectServer]:
@@ -90,6 +92,9 @@ def unique_pool(
     name = f"t-{slug}-{secrets.token_hex(2)}"
     yield name
     remove_pool_containers(docker_client, name)
+    for record in docker_client.containers.list(  # takeover records (ownership.py)
+            all=True, sparse=True, filters={"label": f"{LABEL_OWNER_POOL}={name}"}):
+        record.remove(force=True)
     cleanup = PrefectRig(prefect_server.url)
     try:
         cleanup.delete_work_pool(name)

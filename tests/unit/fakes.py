@@ -37,6 +37,7 @@ from dockerworker.entry import LABEL_CONTROL
 from dockerworker.images import ImageUnavailable
 from dockerworker.jobs import JobVariables, default_base_job_template
 from dockerworker.logs import OutputLine, ResumePoint, RunOutput
+from dockerworker.ownership import Owner, owner_record_name
 from dockerworker.runtime import RuntimeTrouble, Workload, WorkloadGone
 from dockerworker.settings import WorkerSettings
 from dockerworker.warm import LABEL_WARM
@@ -63,7 +64,8 @@ class FakeAPI:
         self.flow = Flow(id=uuid.uuid4(), name="etl")
         self.logs: list[dict[str, Any]] = []
         self.history: dict[UUID, list[StateType]] = {}
-        self.states: dict[UUID, list[State]] = {}  # the full history, as the server keeps it
+        self.states: dict[UUID, list[State]] = {}  # with their messages, oldest first
+        self.workers: dict[str, dict[str, Any]] = {}  # the pool's workers, by name
         # Proposals of these types are applied, and then answered as their retry would be
         # (the first answer lost on the way back, the client's retry answered instead).
         self.lose_answers: set[StateType] = set()
@@ -122,13 +124,27 @@ class FakeAPI:
 
     def create_work_pool(self, name: str, type_: str,
                          base_job_template: dict[str, Any]) -> WorkPool:
+        self._maybe_fail("create_work_pool")
         self.pool = WorkPool(id=uuid.uuid4(), name=name, type=type_,
                              base_job_template=base_job_template)
         return self.pool
 
     def heartbeat(self, pool: str, worker_name: str, interval_seconds: float,
                   patience: float | None = None) -> None:
+        self._maybe_fail("heartbeat")
         self.heartbeats += 1
+        self.workers[worker_name] = {"name": worker_name, "status": "ONLINE",
+                                     "heartbeat_interval_seconds": int(interval_seconds)}
+
+    def read_workers(self, pool: str, patience: float | None = None) -> list[dict[str, Any]]:
+        self._maybe_fail("read_workers")
+        return [dict(w) for w in self.workers.values()]
+
+    def read_flow_run_states(self, flow_run_id: UUID,
+                             patience: float | None = None) -> list[State]:
+        self._maybe_fail("read_flow_run_states")
+        with self._lock:
+            return list(self.states.get(flow_run_id, []))
 
     def get_scheduled_flow_runs(self, pool: str, scheduled_before: datetime, limit: int | None,
                                 queues: list[str], patience: float | None = None
@@ -187,10 +203,6 @@ class FakeAPI:
                 self.states[flow_run_id].append(run.state)
             return OrchestrationResult(status=status, state=run.state,
                                        details={"reason": reason} if reason else {})
-
-    def read_flow_run_states(self, flow_run_id: UUID) -> list[State]:
-        with self._lock:
-            return list(self.states[flow_run_id])
 
     def set_infrastructure_pid(self, flow_run_id: UUID, infrastructure_pid: str) -> None:
         with self._lock:
@@ -255,6 +267,7 @@ class FakeRuntime:
         self.image_gate: threading.Event | None = None  # ensure_image waits for it
         self.fail: dict[str, Exception] = {}  # method name → raised at its next call
         self.calls: list[tuple[str, str]] = []
+        self.records: dict[str, tuple[str, Owner]] = {}  # takeover records: name → (id, owner)
         self._lock = threading.RLock()
 
     # --- test helpers -------------------------------------------------------------------
@@ -454,6 +467,34 @@ class FakeRuntime:
             found = [c.workload for c in self.containers.values()
                      if all(c.workload.labels.get(k) == v for k, v in wanted.items())]
         return [Workload(w.id, w.name, dict(w.labels), w.status) for w in found]
+
+    def take_over(self, workload: Workload, pool: str, owner: Owner) -> bool:
+        self._call("take_over")
+        name = owner_record_name(workload.id, owner.generation)
+        with self._lock:
+            if workload.id not in self.containers:
+                raise WorkloadGone(workload.name)
+            if name in self.records:
+                return False
+            self.records[name] = (workload.id, owner)
+        return True
+
+    def owners(self, pool: str) -> dict[str, Owner]:
+        self._call("owners")
+        found: dict[str, Owner] = {}
+        with self._lock:
+            for workload_id, owner in self.records.values():
+                if owner.generation > found.get(workload_id, Owner("", -1)).generation:
+                    found[workload_id] = owner
+        return found
+
+    def forget_owners(self, pool: str, keep: set[str]) -> int:
+        self._call("forget_owners")
+        with self._lock:
+            gone = [name for name, (wid, _) in self.records.items() if wid not in keep]
+            for name in gone:
+                del self.records[name]
+        return len(gone)
 
 
 class FakeBuilder:

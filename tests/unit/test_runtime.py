@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from dockerworker.containers import ContainerSpec
+from dockerworker.ownership import Owner
 from dockerworker.runtime import (
     EngineError,
     EngineUnavailable,
@@ -118,3 +119,37 @@ def test_infrastructure_pid_round_trip() -> None:
 def test_both_runtimes_meet_the_protocol() -> None:
     assert isinstance(LocalEngine(mock.Mock()), Runtime)
     assert isinstance(FakeRuntime(FakeAPI()), Runtime)
+
+
+def test_a_takeover_is_a_never_started_container_named_after_container_and_generation():
+    client = mock.Mock()
+    client.containers.get.return_value.attrs = {"Image": "sha256:abc"}
+    workload = Workload("c" * 64, "etl-1")
+    assert LocalEngine(client).take_over(workload, "pool-a", Owner("w1", 2))
+    client.containers.create.assert_called_once_with(
+        "sha256:abc", name=f"dockerworker-owner-{'c' * 32}-2", command=["true"], labels={
+            "io.dockerworker.owner-pool": "pool-a", "io.dockerworker.owner-of": "c" * 64,
+            "io.dockerworker.holder": "w1", "io.dockerworker.generation": "2"})
+    client.containers.get.return_value.start.assert_not_called()
+
+
+def test_a_takeover_another_worker_recorded_first_is_lost() -> None:
+    client = mock.Mock()
+    client.containers.get.return_value.attrs = {"Image": "sha256:abc"}
+    client.containers.create.side_effect = api_error(409, "name in use")
+    assert not LocalEngine(client).take_over(Workload("c" * 64, "x"), "p", Owner("w1", 1))
+
+
+def test_the_owner_is_the_latest_takeover_s_holder() -> None:
+    def record(owner_of: str, holder: str, generation: int) -> mock.Mock:
+        return mock.Mock(attrs={"Labels": {"io.dockerworker.owner-of": owner_of,
+                                           "io.dockerworker.holder": holder,
+                                           "io.dockerworker.generation": str(generation)}})
+
+    client = mock.Mock()
+    client.containers.list.return_value = [record("a", "w2", 2), record("a", "w1", 1),
+                                           record("b", "w3", 1)]
+    engine = LocalEngine(client)
+    assert engine.owners("p") == {"a": Owner("w2", 2), "b": Owner("w3", 1)}
+    assert engine.forget_owners("p", keep={"a"}) == 1
+    client.containers.list.return_value[2].remove.assert_called_once_with(force=True)

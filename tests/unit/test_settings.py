@@ -141,3 +141,18 @@ def test_the_readme_configuration_table_names_every_flag_and_env() -> None:
     for flag in flags().values():
         row = next(env for cell, env in rows.items() if cell.startswith(f"`{flag.name}`"))
         assert row == (f"`{flag.env}`" if flag.env else ""), flag.name
+
+
+def test_a_compose_replica_is_named_after_its_service_and_number(monkeypatch) -> None:
+    from unittest import mock
+
+    client = mock.Mock()
+    client.containers.get.return_value.labels = {
+        "com.docker.compose.project": "prefect", "com.docker.compose.service": "worker",
+        "com.docker.compose.container-number": "2"}
+    monkeypatch.setattr(cli.socket, "gethostname", lambda: "3f2a9c")
+    assert cli.compose_worker_name(client, in_container=True) == "dockerworker-prefect-worker-2"
+    client.containers.get.assert_called_once_with("3f2a9c")
+    assert cli.compose_worker_name(client, in_container=False) is None
+    client.containers.get.return_value.labels = {}  # a container, not compose's
+    assert cli.compose_worker_name(client, in_container=True) is None

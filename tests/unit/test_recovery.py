@@ -1,0 +1,348 @@
+"""Never lose a run (issue 14): a loop whose rounds fail alone; ownership on a shared engine;
+orphans adopted by exactly one worker; leftovers of warm containers removed."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from dockerworker import ownership
+from dockerworker import worker as worker_module
+from dockerworker.api import NotFound, ServerUnreachable, StateType
+from dockerworker.containers import LABEL_FLOW_RUN_ID, LABEL_WORKER
+from dockerworker.ownership import CLAIM_PREFIX, Owner
+from dockerworker.runs import claim_message
+from dockerworker.warm import LABEL_WARM
+
+from .fakes import FAKE_HOST, FakeAPI, FakeRuntime, Script, make_worker, settle, wait_until
+
+AUTO_REMOVE = {"io.dockerworker.auto-remove": "true"}
+
+
+@pytest.fixture
+def api() -> FakeAPI:
+    return FakeAPI()
+
+
+@pytest.fixture
+def runtime(api: FakeAPI) -> FakeRuntime:
+    return FakeRuntime(api)
+
+
+def of(worker: str, run_id=None, **labels: str) -> dict[str, str]:
+    found = {LABEL_WORKER: worker, **labels}
+    if run_id is not None:
+        found[LABEL_FLOW_RUN_ID] = str(run_id)
+    return found
+
+
+def online(api: FakeAPI, *names: str) -> None:
+    for name in names:
+        api.workers[name] = {"name": name, "status": "ONLINE", "heartbeat_interval_seconds": 30}
+
+
+def offline(api: FakeAPI, *names: str) -> None:
+    for name in names:
+        api.workers[name] = {"name": name, "status": "OFFLINE", "heartbeat_interval_seconds": 30}
+
+
+def test_the_claim_prefix_is_the_claim_message_s() -> None:
+    assert claim_message("w7") == CLAIM_PREFIX + "w7"
+
+
+# --- item 1: a loop that cannot die --------------------------------------------------------
+def test_a_prefect_error_in_reconciliation_fails_that_round_alone(api, runtime) -> None:
+    first = api.add_run(state=StateType.RUNNING, infrastructure_pid=f"{FAKE_HOST}:aaaa")
+    second = api.add_run(state=StateType.RUNNING, infrastructure_pid=f"{FAKE_HOST}:bbbb")
+    worker = make_worker(api, runtime)
+    api.fail["set_state"] = ServerUnreachable("503")
+    worker.reconcile()  # raises nothing
+    states = {api.state_of(first.id).type, api.state_of(second.id).type}
+    assert states == {StateType.RUNNING, StateType.CRASHED}  # the other run was judged
+    assert worker.failures["reconciliation"] == 1
+    worker.reconcile()  # the next turn finishes the job
+    assert api.state_of(first.id).type == api.state_of(second.id).type == StateType.CRASHED
+
+
+def test_a_read_error_in_removal_skips_nothing_else(api, runtime) -> None:
+    done = [api.add_run(state=StateType.COMPLETED) for _ in range(2)]
+    worker = make_worker(api, runtime)
+    for run in done:
+        runtime.add("x", of("w1", run.id, **AUTO_REMOVE), status="exited")
+    api.fail["read_flow_run"] = ServerUnreachable("503")
+    worker.reconcile()
+    assert len(runtime.containers) == 1 and worker.failures["removal"] == 1
+    worker.reconcile()
+    assert runtime.containers == {}
+
+
+def test_every_round_fails_alone_and_is_counted(api, runtime, monkeypatch) -> None:
+    run = api.add_run()
+    worker = make_worker(api, runtime)
+    api.fail["heartbeat"] = ServerUnreachable("heartbeat 503")
+    api.fail["read_workers"] = ServerUnreachable("workers 503")
+    runtime.fail["list_workloads"] = RuntimeError("engine said something odd")
+    monkeypatch.setattr(worker.recovery, "reconcile", lambda ours: 1 / 0)
+    for name, (_, action) in worker._rounds().items():
+        worker._step(name, action)
+    assert worker.failures["heartbeat"] == 1
+    assert sum(worker.failures.values()) >= 3
+    settle(worker)
+    assert api.state_of(run.id).type == StateType.COMPLETED  # the poll still ran
+
+
+def test_the_heartbeat_s_pool_re_creation_fails_alone(api, runtime, monkeypatch) -> None:
+    worker = make_worker(api, runtime)
+    api.fail["read_work_pool"] = NotFound("pool")
+
+    def refused() -> None:
+        raise ServerUnreachable("503 while creating the pool")
+
+    monkeypatch.setattr(worker, "ensure_pool", refused)
+    assert worker._step("heartbeat", worker._heartbeat)  # the heartbeat itself went through
+    assert worker.failures["pool re-creation"] == 1
+
+
+def test_the_loop_outlives_failing_rounds(api, runtime) -> None:
+    """The real loop: the server errs in reconciliation and in the heartbeat; it goes on."""
+    worker = make_worker(api, runtime, start=False, heartbeat_interval=1, poll_interval=0.1)
+    worker.wait_for_server = lambda: None  # type: ignore[method-assign]
+    api.fail["set_state"] = ServerUnreachable("503")
+    api.add_run(state=StateType.RUNNING, infrastructure_pid=f"{FAKE_HOST}:gone")
+    api.fail["heartbeat"] = ServerUnreachable("503")
+    thread = threading.Thread(target=worker._loop, daemon=True)
+    thread.start()
+    run = api.add_run()
+    wait_until(lambda: api.state_of(run.id).type == StateType.COMPLETED)
+    assert thread.is_alive()
+    worker.stop()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+# --- item 3: ownership on a shared engine ----------------------------------------------------
+def test_another_live_worker_s_exited_container_is_not_removed(api, runtime) -> None:
+    """The 'container vanished' on a COMPLETED run: w2 still reads its container's exit."""
+    online(api, "w2")
+    run = api.add_run(state=StateType.COMPLETED)
+    runtime.add("theirs", of("w2", run.id, **AUTO_REMOVE), status="exited")
+    worker = make_worker(api, runtime)
+    worker.reconcile()
+    worker.adopt_orphans()
+    assert [c.workload.name for c in runtime.containers.values()] == ["theirs"]
+    assert len(worker.admission) == 0
+
+
+def test_a_live_worker_s_vanished_container_is_left_to_it(api, runtime) -> None:
+    online(api, "w2")
+    run = api.add_run(state=StateType.SCHEDULED)
+    api.set_state(run.id, StateType.PENDING, claim_message("w2"))
+    api.set_state(run.id, StateType.RUNNING)
+    api.runs[run.id].infrastructure_pid = f"{FAKE_HOST}:feedbeef"
+    worker = make_worker(api, runtime)
+    worker.reconcile()
+    assert api.state_of(run.id).type == StateType.RUNNING
+    offline(api, "w2")
+    worker.reconcile()
+    state = api.state_of(run.id)
+    assert state.type == StateType.CRASHED and "container vanished" in state.message
+
+
+def test_a_claim_of_a_gone_worker_without_a_container_is_rescheduled(api, runtime) -> None:
+    online(api, "w2")
+    run = api.add_run(state=StateType.PENDING, message=claim_message("w2"))
+    worker = make_worker(api, runtime)
+    worker.reconcile()
+    assert api.state_of(run.id).type == StateType.PENDING
+    offline(api, "w2")
+    worker.reconcile()
+    state = api.state_of(run.id)
+    assert state.type == StateType.SCHEDULED and "w2 is gone" in state.message
+
+
+# --- item 4: orphans are adopted ---------------------------------------------------------------
+def orphan(api: FakeAPI, runtime: FakeRuntime, hold: threading.Event, **script):
+    run = api.add_run(state=StateType.RUNNING)
+    container = runtime.add("etl-orphan", of("w2", run.id), Script(
+        lines=[("stdout", "still working")], hold=hold, **script), run_id=run.id)
+    return run, container
+
+
+def test_an_orphan_is_adopted_followed_and_judged(api, runtime) -> None:
+    hold = threading.Event()
+    run, container = orphan(api, runtime, hold, exit_code=3, final_state=None)
+    online(api, "w2")
+    worker = make_worker(api, runtime)
+    worker.adopt_orphans()
+    assert len(worker.admission) == 0  # its worker is alive
+    offline(api, "w2")
+    worker.adopt_orphans()
+    assert run.id in worker.admission
+    assert runtime.owners(api.pool.name)[container.workload.id] == Owner("w1", 1)
+    hold.set()
+    settle(worker)
+    state = api.state_of(run.id)
+    assert state.type == StateType.CRASHED and "exited with code 3" in state.message
+    worker.shipper.flush(1)
+    assert "still working" in api.messages(run.id)
+
+
+def test_an_adopted_orphan_can_be_cancelled(api, runtime) -> None:
+    hold = threading.Event()
+    run, _ = orphan(api, runtime, hold)
+    offline(api, "w2")
+    worker = make_worker(api, runtime)
+    worker.adopt_orphans()
+    wait_until(lambda: worker.active_runs() and worker.active_runs()[0].output is not None)
+    api.set_state(run.id, StateType.CANCELLING, force=True)
+    worker.check_cancellations()
+    settle(worker)
+    hold.set()
+    assert api.state_of(run.id).type == StateType.CANCELLED
+
+
+def test_exactly_one_worker_adopts_an_orphan(api, runtime) -> None:
+    hold = threading.Event()
+    run, _ = orphan(api, runtime, hold)
+    offline(api, "w2")
+    workers = [make_worker(api, runtime, name=f"w{i}") for i in (1, 3, 4)]
+    threads = [threading.Thread(target=w.adopt_orphans) for w in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert sum(run.id in w.admission for w in workers) == 1
+    hold.set()
+
+
+def test_the_gone_worker_back_under_its_name_leaves_the_adopted_container(api, runtime):
+    hold = threading.Event()
+    run, _ = orphan(api, runtime, hold)
+    offline(api, "w2")
+    adopter = make_worker(api, runtime, name="w1")
+    adopter.adopt_orphans()
+    back = make_worker(api, runtime, name="w2")  # start-up adoption of its own containers
+    assert run.id in adopter.admission and len(back.admission) == 0
+    hold.set()
+
+
+def test_an_orphan_of_an_adopter_that_died_too_is_adopted_again(api, runtime) -> None:
+    hold = threading.Event()
+    run, container = orphan(api, runtime, hold)
+    runtime.take_over(container.workload, api.pool.name, Owner("w3", 1))
+    offline(api, "w2")
+    online(api, "w3")
+    worker = make_worker(api, runtime)
+    worker.adopt_orphans()
+    assert len(worker.admission) == 0  # w3 holds it and is alive
+    offline(api, "w3")
+    worker.adopt_orphans()
+    assert run.id in worker.admission
+    assert runtime.owners(api.pool.name)[container.workload.id] == Owner("w1", 2)
+    hold.set()
+
+
+def test_a_worker_absent_from_the_pool_is_gone_after_a_while(api, runtime,
+                                                             monkeypatch) -> None:
+    monkeypatch.setattr(ownership, "GONE_AFTER_BEATS", 0)
+    hold = threading.Event()
+    run, _ = orphan(api, runtime, hold)
+    worker = make_worker(api, runtime)
+    worker.adopt_orphans()  # first seen absent now
+    assert len(worker.admission) == 0
+    wait_until(lambda: (worker.adopt_orphans(), run.id in worker.admission)[1])
+    hold.set()
+
+
+def test_finished_orphans_are_removed_if_they_asked(api, runtime) -> None:
+    done = api.add_run(state=StateType.COMPLETED)
+    kept = api.add_run(state=StateType.COMPLETED)
+    runtime.add("gone-a", of("w2", done.id, **AUTO_REMOVE), status="exited")
+    runtime.add("keep-b", of("w2", kept.id), status="exited")
+    offline(api, "w2")
+    worker = make_worker(api, runtime)
+    worker.adopt_orphans()
+    assert [c.workload.name for c in runtime.containers.values()] == ["keep-b"]
+    worker.reconcile()  # its takeover record goes with the container
+    assert [wid for wid, _ in runtime.records.values()] == list(runtime.containers)
+
+
+def test_a_failed_orphan_start_is_finished_by_adoption(api, runtime, monkeypatch) -> None:
+    hold = threading.Event()
+    run, _ = orphan(api, runtime, hold)
+    offline(api, "w2")
+    worker = make_worker(api, runtime)
+    runtime.fail["inspect"] = RuntimeError("inspect exploded")
+    worker._step("orphans", worker.adopt_orphans)
+    assert worker.failures["orphans"] == 1 and len(worker.admission) == 0
+    worker._step("adoption", worker._adopt_pending)  # the container is ours now
+    assert run.id in worker.admission
+    hold.set()
+
+
+# --- the leftover warm container -----------------------------------------------------------------
+def test_an_exited_warm_container_whose_run_ended_meanwhile_is_removed(api, runtime) -> None:
+    container = runtime.add("etl-renamed", of("w1", **{LABEL_WARM: "k"}, **AUTO_REMOVE),
+                            status="exited")
+    kept = runtime.add("etl-kept", of("w1", **{LABEL_WARM: "k"}), status="exited")
+    api.add_run(state=StateType.COMPLETED,
+                infrastructure_pid=f"{FAKE_HOST}:{container.workload.id}")
+    make_worker(api, runtime)
+    assert list(runtime.containers) == [kept.workload.id]
+
+
+def test_removal_takes_exited_warm_leftovers_too(api, runtime) -> None:
+    worker = make_worker(api, runtime)
+    runtime.add("etl-renamed", of("w1", **{LABEL_WARM: "k"}, **AUTO_REMOVE), status="exited")
+    worker.reconcile()
+    assert runtime.containers == {}
+
+
+def test_a_worker_back_from_a_freeze_leaves_what_was_taken_over(api, runtime) -> None:
+    hold = threading.Event()
+    runtime.script_for = lambda spec: Script(hold=hold)
+    run = api.add_run()
+    worker = make_worker(api, runtime)
+    worker.poll()
+    wait_until(lambda: worker.active_runs() and worker.active_runs()[0].output is not None)
+    container = runtime.of_run(run.id)
+    runtime.take_over(container.workload, api.pool.name, Owner("w9", 1))
+    assert worker._step("ownership", worker._leave_taken_over)
+    settle(worker)
+    assert api.state_of(run.id).type == StateType.RUNNING  # no verdict: w9 gives it
+    assert container.workload.id in runtime.containers
+    hold.set()
+
+
+def test_a_blip_at_start_up_is_tried_again(api, runtime, monkeypatch) -> None:
+    monkeypatch.setattr(worker_module, "START_UP_RETRY", 0.01)
+    worker = make_worker(api, runtime, start=False, poll_interval=0.1)
+    worker.wait_for_server = lambda: None  # type: ignore[method-assign]
+    api.fail["read_work_pool"] = ServerUnreachable("503 just after the server answered")
+    thread = threading.Thread(target=worker._loop, daemon=True)
+    thread.start()
+    run = api.add_run()
+    wait_until(lambda: api.state_of(run.id).type == StateType.COMPLETED)
+    assert worker.failures["start-up"] == 1
+    worker.stop()
+    thread.join(5)
+
+
+def test_health_says_rounds_done_and_failed(api, runtime) -> None:
+    import json
+    import urllib.request
+
+    from dockerworker.health import serve_health
+
+    worker = make_worker(api, runtime)
+    worker._step("poll", worker.poll)
+    worker._step("removal", lambda: 1 / 0)
+    server = serve_health(worker, 0, host="127.0.0.1")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/health",
+                                    timeout=5) as answer:
+            body = json.loads(answer.read())
+    finally:
+        server.shutdown()
+    assert body["rounds"]["poll"] == 1 and body["failures"] == {"removal": 1}
