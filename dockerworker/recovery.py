@@ -19,6 +19,7 @@ from uuid import UUID
 from .api import FlowRun, NotFound, PrefectAPI, StateType
 from .containers import LABEL_FLOW_RUN_ID, WatchOptions
 from .ownership import Liveness, Owner, claimant, owner_of
+from .report import retry_note
 from .runs import claim_message
 from .runtime import Runtime, RuntimeTrouble, Workload, WorkloadGone, parse_infrastructure_pid
 from .warm import LABEL_WARM, is_waiting
@@ -52,14 +53,16 @@ class Recovery:
 
     def __init__(self, api: PrefectAPI, runtime: Runtime, pool: str, worker_name: str,
                  host_id: str, heartbeat_interval: float = 30.0,
-                 busy: Callable[[], set[str]] = set) -> None:
-        """`busy()`: ids of the containers this worker holds now (supervised, warm)."""
+                 busy: Callable[[], set[str]] = set, infra_retries: int = 1) -> None:
+        """`busy()`: ids of the containers this worker holds now (supervised, warm);
+        `infra_retries`: the policy's, for runs whose container vanished meanwhile."""
         self.api = api
         self.runtime = runtime
         self.pool = pool
         self.worker_name = worker_name
         self.host_id = host_id
         self.busy = busy
+        self.infra_retries = infra_retries
         self.liveness = Liveness(api, pool, heartbeat_interval, LOOP_PATIENCE)
 
     def _remove(self, workload: Workload) -> None:
@@ -207,10 +210,16 @@ class Recovery:
         return is_gone(owner)
 
     def _crash_vanished(self, flow_run: FlowRun, workload_id: str) -> None:
+        """An infrastructure failure like any other: rescheduled while retries are left."""
         message = (f"container vanished: {workload_id[:12]} no longer exists on the "
                    "Docker host (reported by dockerworker's reconciliation)")
         log.warning("flow run %r (%s): %s", flow_run.name, flow_run.id, message)
-        self.api.set_state(flow_run.id, StateType.CRASHED, message)
+        if (note := retry_note(self.api, flow_run.id, message, self.infra_retries)) is not None:
+            self.api.set_state(flow_run.id, StateType.SCHEDULED, note, force=True)
+            return
+        used = f"{self.infra_retries} of {self.infra_retries} used"
+        self.api.set_state(flow_run.id, StateType.CRASHED,
+                           f"{message}\n(no infrastructure retries left ({used}))")
 
     def _reschedule_if_abandoned(self, flow_run: FlowRun,
                                  is_gone: Callable[[str], bool]) -> None:

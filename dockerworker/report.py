@@ -8,6 +8,7 @@ restarts and replicas); everything written is masked.
 from __future__ import annotations
 
 import logging
+from uuid import UUID
 
 from .api import FlowRun, PrefectAPI, PrefectAPIError, StateType
 from .logs import LogShipper, log_entry
@@ -18,6 +19,17 @@ from .verdict import Outcome, Verdict
 log = logging.getLogger(__name__)
 MAX_STATE_MESSAGE = 2000
 RETRY_MESSAGE = "Rescheduled by dockerworker after an infrastructure failure"
+
+
+def retry_note(api: PrefectAPI, flow_run_id: UUID, message: str, allowed: int) -> str | None:
+    """The SCHEDULED state's message for the next infrastructure retry of the run, or None
+    when its `allowed` retries are used (counted from its state history)."""
+    used = sum(1 for state in api.read_flow_run_states(flow_run_id)
+               if state.type == StateType.SCHEDULED
+               and (state.message or "").startswith(RETRY_MESSAGE))
+    if used >= allowed:
+        return None
+    return f"{RETRY_MESSAGE} (retry {used + 1} of {allowed}): {message[:MAX_STATE_MESSAGE]}"
 
 
 class RunReporter:
@@ -63,14 +75,11 @@ class RunReporter:
     def _retry_or_crash(self, message: str, allowed: int) -> None:
         """An infrastructure failure: rescheduled while retries are left (the flow has not
         failed, its infrastructure has), CRASHED with the reason otherwise."""
-        used = sum(1 for state in self.api.read_flow_run_states(self.flow_run.id)
-                   if state.type == StateType.SCHEDULED
-                   and (state.message or "").startswith(RETRY_MESSAGE))
-        if used >= allowed:
-            self._crash(f"{message}\n(no infrastructure retries left ({used} of {allowed} used))")
+        if (note := retry_note(self.api, self.flow_run.id, message, allowed)) is None:
+            used = f"{allowed} of {allowed} used"
+            self._crash(f"{message}\n(no infrastructure retries left ({used}))")
             return
-        note = self.mask(f"{RETRY_MESSAGE} (retry {used + 1} of {allowed}): "
-                         f"{message[:MAX_STATE_MESSAGE]}")
+        note = self.mask(note)
         self.say(note, logging.WARNING)
         self.api.set_state(self.flow_run.id, StateType.SCHEDULED, note, force=True)
 

@@ -105,7 +105,8 @@ class Worker(RecoveryRounds):
         self.pool = self.ensure_pool()
         self.recovery = Recovery(self.api, self.runtime, self.settings.pool, self.settings.name,
                                  self.runtime.host_id(), self.settings.heartbeat_interval,
-                                 busy=self._busy)
+                                 busy=self._busy,
+                                 infra_retries=self.settings.policy.infra_retries)
         if stale := self.builder.release_locks():
             log.info("removed %d build locks left from this worker's previous run", stale)
         self.adopt()

@@ -12,6 +12,7 @@ from dockerworker import worker as worker_module
 from dockerworker.api import NotFound, ServerUnreachable, StateType
 from dockerworker.containers import LABEL_FLOW_RUN_ID, LABEL_WORKER
 from dockerworker.ownership import CLAIM_PREFIX, Owner
+from dockerworker.policy import Policy
 from dockerworker.runs import claim_message
 from dockerworker.warm import LABEL_WARM
 
@@ -28,6 +29,9 @@ def api() -> FakeAPI:
 @pytest.fixture
 def runtime(api: FakeAPI) -> FakeRuntime:
     return FakeRuntime(api)
+
+
+NO_RETRIES = Policy(infra_retries=0)  # vanished containers: CRASHED at once
 
 
 def of(worker: str, run_id=None, **labels: str) -> dict[str, str]:
@@ -55,7 +59,7 @@ def test_the_claim_prefix_is_the_claim_message_s() -> None:
 def test_a_prefect_error_in_reconciliation_fails_that_round_alone(api, runtime) -> None:
     first = api.add_run(state=StateType.RUNNING, infrastructure_pid=f"{FAKE_HOST}:aaaa")
     second = api.add_run(state=StateType.RUNNING, infrastructure_pid=f"{FAKE_HOST}:bbbb")
-    worker = make_worker(api, runtime)
+    worker = make_worker(api, runtime, policy=NO_RETRIES)
     api.fail["set_state"] = ServerUnreachable("503")
     worker.reconcile()  # raises nothing
     states = {api.state_of(first.id).type, api.state_of(second.id).type}
@@ -140,7 +144,7 @@ def test_a_live_worker_s_vanished_container_is_left_to_it(api, runtime) -> None:
     api.set_state(run.id, StateType.PENDING, claim_message("w2"))
     api.set_state(run.id, StateType.RUNNING)
     api.runs[run.id].infrastructure_pid = f"{FAKE_HOST}:feedbeef"
-    worker = make_worker(api, runtime)
+    worker = make_worker(api, runtime, policy=NO_RETRIES)
     worker.reconcile()
     assert api.state_of(run.id).type == StateType.RUNNING
     offline(api, "w2")

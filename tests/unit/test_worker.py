@@ -295,12 +295,20 @@ def test_containers_of_another_worker_are_not_adopted(api, runtime) -> None:
 
 
 # --- reconciliation ----------------------------------------------------------------------
-def test_a_run_whose_container_vanished_is_crashed(api, runtime) -> None:
+def test_a_run_whose_container_vanished_is_retried_then_crashed(api, runtime) -> None:
+    from dockerworker.policy import Policy
+
     run = api.add_run(state=StateType.RUNNING, infrastructure_pid=f"{FAKE_HOST}:feedbeef")
     worker = make_worker(api, runtime)
     worker.reconcile()
     state = api.state_of(run.id)
-    assert state.type == StateType.CRASHED and "container vanished: feedbeef" in state.message
+    assert state.type == StateType.SCHEDULED and "container vanished: feedbeef" in state.message
+    assert state.message.startswith("Rescheduled by dockerworker after an infrastructure "
+                                    "failure (retry 1 of 1)")
+    again = api.add_run(state=StateType.RUNNING, infrastructure_pid=f"{FAKE_HOST}:deadbeef")
+    make_worker(api, runtime, name="w2", policy=Policy(infra_retries=0)).reconcile()
+    state = api.state_of(again.id)
+    assert state.type == StateType.CRASHED and "no infrastructure retries left" in state.message
 
 
 def test_runs_on_another_engine_are_not_reconciled(api, runtime) -> None:
