@@ -111,10 +111,11 @@ class Worker:
         if self.stop_event.is_set():
             return 0
         self.start_up()
-        self.events = EventListener(
-            self.settings.api_url, self.settings.pool, self.settings.stream_token(),
-            self.settings.auth_headers(), self._on_event, self.stop_event,
-        ).start()
+        if self.api.server.event_stream:  # else polling carries the work (api.ServerInfo)
+            self.events = EventListener(
+                self.settings.api_url, self.settings.pool, self.settings.stream_token(),
+                self.settings.auth_headers(), self._on_event, self.stop_event,
+            ).start()
         log.info(
             "worker %s polling pool %r%s every %.1fs (limit %s, starting at once %s%s)",
             self.settings.name,
