@@ -250,7 +250,8 @@ class PrefectRig:
         self.http = httpx.Client(
             base_url=self.api_url, timeout=timeout, trust_env=False, auth=auth
         )
-        # A server with CSRF protection wants a token on every write (its own client id).
+        # A server with CSRF protection wants a token on every write (its own client id);
+        # without `csrf`, the first write it refuses turns this on.
         self.csrf_client = f"testrig-{uuid.uuid4()}" if csrf else None
         self._csrf_token: str | None = None
 
@@ -276,7 +277,9 @@ class PrefectRig:
         """One request; a 503 (SQLite busy under concurrent writers) is tried again."""
         for _ in range(10):
             response = self.http.request(method, path, json=json, headers=self._headers(method))
-            if response.status_code == 403 and "CSRF" in response.text:  # expired: once more
+            if response.status_code == 403 and "CSRF" in response.text:
+                # A server with CSRF protection (seen here first), or our token expired.
+                self.csrf_client = self.csrf_client or f"testrig-{uuid.uuid4()}"
                 response = self.http.request(method, path, json=json,
                                              headers=self._headers(method, refresh=True))
             if response.status_code != 503:
