@@ -266,6 +266,7 @@ class PrefectAPI:
         self._client = httpx.Client(
             base_url=self.api_url + "/", headers=headers, auth=auth, timeout=timeout
         )
+        self.basic_auth = auth is not None  # PREFECT_API_AUTH_STRING given (and no key)
         self.patience = patience
         self._csrf = _CsrfToken()
         self._server: ServerInfo | None = None
@@ -275,6 +276,11 @@ class PrefectAPI:
         self._client.close()
 
     # --- CSRF ---------------------------------------------------------------------------
+    @property
+    def csrf_protected(self) -> bool | None:
+        """Whether the server wants CSRF tokens; None until the first write asked."""
+        return self._csrf.enabled
+
     def _csrf_headers(self, method: str, stale: bool = False) -> dict[str, str]:
         """The token headers for a write (none when protection is off), fetching a token
         first when there is none, it is about to expire, or the server refused it."""

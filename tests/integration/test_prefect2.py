@@ -7,6 +7,8 @@ both majors and why: docs/compatibility.md.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from testrig.prefect_rig import (
     build_flow_image,
     start_prefect_server,
 )
+from testrig.workers import worker_env
 
 RUN_LABEL = "io.prefect.flow-run-id"
 
@@ -197,3 +200,27 @@ def test_replicas_run_each_run_once(
         all=True, filters={"label": f"{POOL_LABEL}={unique_pool}"}
     )
     assert Counter(c.labels[RUN_LABEL] for c in containers) == Counter({run: 1 for run in runs})
+
+
+def test_doctor_names_the_major_and_what_differs(
+    rig: PrefectRig, prefect_server: PrefectServer, unique_pool: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dockerworker.cli", "pool", "create", unique_pool],
+        env=worker_env(prefect_server.url), capture_output=True, text=True, timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    image = f"prefecthq/prefect:{PREFECT2_VERSION}-python3.11"
+    template = rig.read_work_pool(unique_pool)["base_job_template"]
+    assert template["variables"]["properties"]["image"]["default"] == image
+    result = subprocess.run(
+        [sys.executable, "-m", "dockerworker.cli", "doctor", "--pool", unique_pool],
+        env=worker_env(prefect_server.url, PREFECT_API_AUTH_STRING="admin:pass"),
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    for expected in (f"Prefect server {PREFECT2_VERSION} (Prefect 2)",
+                     "not on Prefect 2: cancellation stops the engine with SIGTERM",
+                     "no event stream", "a Prefect 2 server has no basic auth",
+                     f"runs without an image get {image}", "✓ credentials accepted"):
+        assert expected in result.stdout, (expected, result.stdout)
