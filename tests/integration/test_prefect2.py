@@ -224,3 +224,25 @@ def test_doctor_names_the_major_and_what_differs(
                      "no event stream", "a Prefect 2 server has no basic auth",
                      f"runs without an image get {image}", "✓ credentials accepted"):
         assert expected in result.stdout, (expected, result.stdout)
+
+
+def test_with_experimental_events_the_stream_is_used(
+    start_worker, unique_pool: str, flow_image: str, tmp_path
+) -> None:
+    env = {"PREFECT_EXPERIMENTAL_EVENTS": "true"}
+    with start_prefect_server(version=PREFECT2_VERSION, env=env, timeout=120,
+                              home=tmp_path / "events-home") as server:
+        rig = PrefectRig(server.url)
+        try:
+            worker = start_worker(unique_pool, "--poll-interval", "120", api_url=server.url)
+            worker.wait_for_output("subscribed to the server's flow-run events", timeout=30)
+            deployment = rig.create_deployment(unique_pool, "flows.py:hello",
+                                               {"image": flow_image})
+            time.sleep(3)  # past the first poll after start-up
+            created = time.monotonic()
+            run_id = rig.create_flow_run(deployment)
+            rig.wait_for_state(run_id, {"PENDING", "RUNNING", "COMPLETED"}, timeout=15)
+            assert time.monotonic() - created < 10  # the poll interval is 120 s
+            assert rig.wait_for_final(run_id)["state"]["type"] == "COMPLETED"
+        finally:
+            rig.close()
