@@ -233,8 +233,8 @@ def test_with_experimental_events_the_stream_is_used(
     with start_prefect_server(version=PREFECT2_VERSION, env=env, timeout=120,
                               home=tmp_path / "events-home") as server:
         rig = PrefectRig(server.url)
+        worker = start_worker(unique_pool, "--poll-interval", "120", api_url=server.url)
         try:
-            worker = start_worker(unique_pool, "--poll-interval", "120", api_url=server.url)
             worker.wait_for_output("subscribed to the server's flow-run events", timeout=30)
             deployment = rig.create_deployment(unique_pool, "flows.py:hello",
                                                {"image": flow_image})
@@ -245,4 +245,5 @@ def test_with_experimental_events_the_stream_is_used(
             assert time.monotonic() - created < 10  # the poll interval is 120 s
             assert rig.wait_for_final(run_id)["state"]["type"] == "COMPLETED"
         finally:
+            worker.stop()  # while its server is still there to take its last logs
             rig.close()
