@@ -91,7 +91,9 @@ def test_a_flow_completes_with_its_output_in_the_servers_logs(
     # No event stream on this server: the worker never tried one (no errors on its side or
     # the server's, whose log would show a failed websocket upgrade).
     assert "event stream" not in worker.output().replace("no event stream", "")
-    assert "events/out" not in prefect_server.output()
+    server_log = prefect_server.output()
+    assert "events/out" not in server_log
+    assert "Traceback" not in server_log and "ERROR" not in server_log, server_log
 
 
 def test_a_failing_flow_is_failed(
@@ -247,3 +249,26 @@ def test_with_experimental_events_the_stream_is_used(
         finally:
             worker.stop()  # while its server is still there to take its last logs
             rig.close()
+
+
+def test_a_warm_container_serves_a_run(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, docker_client
+) -> None:
+    # The entry script waits with Prefect 2's engine imported, then runs it for the run.
+    start_worker(unique_pool, "--warm", "1")
+    deployment = rig.create_deployment(unique_pool, "flows.py:hello", {"image": flow_image})
+    first = rig.wait_for_final(rig.create_flow_run(deployment), timeout=90)
+    assert first["state"]["type"] == "COMPLETED", first["state"]
+    deadline = time.monotonic() + 60
+    while not (waiting := [c for c in docker_client.containers.list(
+            sparse=True, filters={"label": [f"{POOL_LABEL}={unique_pool}",
+                                            "io.dockerworker.warm"]})
+            if c.attrs["Names"][0].lstrip("/").startswith("dockerworker-warm-")]):
+        assert time.monotonic() < deadline, "no warm container was started"
+        time.sleep(0.3)
+    run_id = rig.create_flow_run(deployment, parameters={"name": "warm"})
+    run = rig.wait_for_final(run_id, timeout=60)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert run["infrastructure_pid"].endswith(":" + waiting[0].id)
+    rig.wait_for_log(run_id, "took over the run")
+    rig.wait_for_log(run_id, "hello, warm")  # the run's own parameters reached the engine

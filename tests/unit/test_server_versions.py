@@ -22,7 +22,12 @@ from dockerworker.api import (
     ServerInfo,
 )
 from dockerworker.entry import ENTRY_SCRIPT
-from dockerworker.jobs import DEFAULT_IMAGE, default_base_job_template, resolve_job
+from dockerworker.jobs import (
+    DEFAULT_IMAGE,
+    default_base_job_template,
+    resolve_job,
+    with_default_image,
+)
 
 
 def test_a_2x_server_gets_a_prefect_2_image_of_its_own_version() -> None:
@@ -54,6 +59,20 @@ def test_the_pool_template_defaults_to_the_servers_image() -> None:
     assert template["variables"]["properties"]["image"]["default"] == image
     assert resolve_job(template, {}).image == image
     assert resolve_job(template, {"image": "mine:1"}).image == "mine:1"
+
+
+def test_a_pool_without_an_image_default_gets_the_servers_and_one_with_it_keeps_it() -> None:
+    cli_made = {"job_configuration": {"image": "{{ image }}", "env": "{{ env }}"},
+                "variables": {"properties": {"image": {"type": "string"},
+                                             "env": {"type": "object"}}}}
+    filled = with_default_image(cli_made, "prefecthq/prefect:2.20.27-python3.11")
+    assert filled["variables"]["properties"]["image"] == {
+        "type": "string", "default": "prefecthq/prefect:2.20.27-python3.11"}
+    assert "default" not in cli_made["variables"]["properties"]["image"]  # a copy
+    own = default_base_job_template("my/own:1")
+    assert with_default_image(own, "other:2")["variables"]["properties"]["image"][
+        "default"] == "my/own:1"
+    assert resolve_job(with_default_image({}, "x:1"), {}).image == "x:1"
 
 
 def _api(handler) -> tuple[PrefectAPI, list[httpx.Request]]:
