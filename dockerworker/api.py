@@ -281,14 +281,16 @@ class PrefectAPI:
         """Whether the server wants CSRF tokens; None until the first write asked."""
         return self._csrf.enabled
 
-    def _csrf_headers(self, method: str, stale: bool = False) -> dict[str, str]:
+    def _csrf_headers(self, method: str, refused: str | None = None) -> dict[str, str]:
         """The token headers for a write (none when protection is off), fetching a token
-        first when there is none, it is about to expire, or the server refused it."""
+        first when there is none or it is about to expire. `refused`: the token the server
+        just refused; a new one is fetched only if no other thread has done so meanwhile
+        (each fetch replaces the server's token for our client id)."""
         if method.upper() not in WRITE_METHODS or self._csrf.enabled is False:
             return {}
         csrf = self._csrf
         with csrf.lock:
-            if stale or not csrf.fresh():
+            if (refused is not None and csrf.token == refused) or not csrf.fresh():
                 self._fetch_csrf_token()
             if not csrf.enabled or csrf.token is None:
                 return {}
@@ -316,16 +318,17 @@ class PrefectAPI:
     def _send(self, method: str, path: str, json: Any) -> httpx.Response:
         """One HTTP exchange; a write refused by the CSRF protection is sent once more with
         a new token (the old one expired on the server, or was replaced)."""
-        response = self._client.request(
-            method, path.lstrip("/"), json=json, headers=self._csrf_headers(method)
-        )
+        headers = self._csrf_headers(method)
+        response = self._client.request(method, path.lstrip("/"), json=json, headers=headers)
         if _is_csrf_refusal(response) and method.upper() in WRITE_METHODS:
             log.info("the server refused the CSRF token (%s); fetching a new one",
                      _detail(response))
-            response = self._client.request(
-                method, path.lstrip("/"), json=json,
-                headers=self._csrf_headers(method, stale=True),
-            )
+            if self._csrf.enabled is False:  # protection was off when asked: ask again
+                self._csrf.enabled = None
+            headers = self._csrf_headers(
+                method, refused=headers.get("Prefect-Csrf-Token", ""))
+            response = self._client.request(method, path.lstrip("/"), json=json,
+                                             headers=headers)
             if _is_csrf_refusal(response):
                 raise CsrfRefused(
                     f"{method} {path}: the server's CSRF protection refused a fresh token "

@@ -67,11 +67,12 @@ def test_runs_complete_and_their_output_is_shipped(
     deployment = rig.create_deployment(unique_pool, "flows.py:prints_three",
                                        {"image": flow_image})
     started = time.monotonic()
-    for _ in range(2):
-        run_id = rig.create_flow_run(deployment)
-        assert rig.wait_for_final(run_id, timeout=120)["state"]["type"] == "COMPLETED"
-        rig.wait_for_log(run_id, "line three")  # POST /logs/ carried a token
-        while time.monotonic() - started < TOKEN_SECONDS - 25:  # the next run: a new token
+    for count in (1, 2):  # then two at once, after the first token's refresh point
+        run_ids = [rig.create_flow_run(deployment) for _ in range(count)]
+        for run_id in run_ids:
+            assert rig.wait_for_final(run_id, timeout=120)["state"]["type"] == "COMPLETED"
+            rig.wait_for_log(run_id, "line three")  # POST /logs/ carried a token
+        while time.monotonic() - started < TOKEN_SECONDS - 25:
             time.sleep(0.5)
     assert "rejected" not in worker.output(), worker.output()
 

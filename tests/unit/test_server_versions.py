@@ -114,6 +114,40 @@ def test_writes_carry_the_token_and_a_refused_one_is_refreshed() -> None:
     assert [r.url.path for r in seen].count("/api/csrf-token") == 2
 
 
+def test_threads_refused_together_fetch_one_new_token() -> None:
+    tokens = iter(["t1", "t2", "t3"])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return _token(next(tokens))
+
+    api, seen = _api(handler)
+    assert api._csrf_headers("POST")["Prefect-Csrf-Token"] == "t1"
+    # Two writes refused with t1: the first fetches t2, the second uses it (a second fetch
+    # would replace t2 on the server and refuse the first writer's retry).
+    assert api._csrf_headers("POST", refused="t1")["Prefect-Csrf-Token"] == "t2"
+    assert api._csrf_headers("POST", refused="t1")["Prefect-Csrf-Token"] == "t2"
+    assert len(seen) == 2
+
+
+def test_protection_turned_on_after_the_first_ask_is_noticed() -> None:
+    state = {"on": False}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/csrf-token":
+            if not state["on"]:
+                return httpx.Response(422, json={"detail": "CSRF protection is disabled."})
+            return _token("t")
+        if state["on"] and request.headers.get("Prefect-Csrf-Token") != "t":
+            return httpx.Response(403, json={"detail": "Missing CSRF token."})
+        return httpx.Response(200, json=[])
+
+    api, _ = _api(handler)
+    api.send_logs([{"message": "x"}])
+    state["on"] = True  # the server restarted with protection on
+    api.send_logs([{"message": "y"}])
+    assert api.csrf_protected
+
+
 def test_reads_carry_no_token_and_protection_off_is_asked_once() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/api/csrf-token":
