@@ -29,6 +29,8 @@ from dockerworker.jobs import (
     with_default_image,
 )
 
+from .fakes import FakeAPI, FakeRuntime, make_worker
+
 
 def test_a_2x_server_gets_a_prefect_2_image_of_its_own_version() -> None:
     info = ServerInfo("2.20.27", event_stream=False)
@@ -249,3 +251,12 @@ def test_cancel_on_a_prefect_2_engine_is_sigterm(prefect2_shaped: dict) -> None:
     finally:
         proc.kill()
         proc.communicate()
+
+
+def test_a_worker_on_a_server_without_events_does_not_subscribe() -> None:
+    api = FakeAPI()
+    runtime = FakeRuntime(api)
+    api.server = ServerInfo("2.20.27", event_stream=False)
+    worker = make_worker(api, runtime, start=False, run_once=True)
+    assert worker._loop() == 0
+    assert worker.events is None
