@@ -68,9 +68,10 @@ PREFECT_2_PYTHON = "3.11"  # the Python of a 2.x server's default image tag
 class ServerInfo:
     """What the worker must do differently for this server, decided from its version once.
 
-    `event_stream`: `/api/events/out` exists (3.x; 2.x only with PREFECT_EXPERIMENTAL_EVENTS
-    on; otherwise the upgrade fails and the server logs an error each time, so it is not
-    tried). `basic_auth`: the server can have PREFECT_SERVER_API_AUTH_STRING (3.x only).
+    `event_stream`: the server streams flow-run events at `/api/events/out` (3.x; 2.x only
+    with PREFECT_EXPERIMENTAL_EVENTS on, read from `/admin/settings`); without one the worker
+    does not try to subscribe, and polling carries the work. `basic_auth`: the server can
+    have PREFECT_SERVER_API_AUTH_STRING (3.x only).
     """
 
     version: str
@@ -91,13 +92,6 @@ class ServerInfo:
 
     @property
     def basic_auth(self) -> bool:
-        return self.major >= 3
-
-    @property
-    def control_channel(self) -> bool:
-        """Whether the server's engine can be asked to cancel over the control channel (3.x
-        engines; a 2.x engine is stopped with SIGTERM, its CRASHED proposal refused while
-        the run is CANCELLING)."""
         return self.major >= 3
 
     def limitations(self) -> list[str]:

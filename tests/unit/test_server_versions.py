@@ -36,7 +36,7 @@ def test_a_2x_server_gets_a_prefect_2_image_of_its_own_version() -> None:
     info = ServerInfo("2.20.27", event_stream=False)
     assert info.major == 2
     assert info.default_image == "prefecthq/prefect:2.20.27-python3.11"
-    assert not info.basic_auth and not info.control_channel
+    assert not info.basic_auth
     assert any("event stream" in line for line in info.limitations())
 
 
