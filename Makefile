@@ -37,7 +37,7 @@ images: docker
 	images/build-local.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info testrig/.venvs
 
 # Side-by-side benchmark against prefect-docker's worker; ~10 min (BENCH_ARGS=--quick: ~3 min).
 .PHONY: bench

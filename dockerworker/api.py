@@ -2,18 +2,31 @@
 
 The worker speaks the REST API itself (no `prefect` import): a small httpx client,
 pydantic models for what it reads, tenacity for backoff on transient failures.
+
+One worker serves Prefect 2.x and 3.x servers. The client asks the server its version once
+(`GET /admin/version`) and `PrefectAPI.server` (a `ServerInfo`) says what follows from it:
+the default image, whether there is an event stream, whether basic auth exists. The rest of
+the worker reads those properties; no other module compares versions. A deployment's job
+variables are read under either name (`job_variables`, or 2.x's `infra_overrides`).
+
+Servers with CSRF protection (`PREFECT_SERVER_CSRF_PROTECTION_ENABLED`, both majors) get a
+token (`GET /csrf-token?client=…`) sent with every write, fetched again when it expires or is
+refused; a refused token is never reported as rejected credentials.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Literal
 from uuid import UUID
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from tenacity import (
     Retrying,
     retry_if_exception,
@@ -21,6 +34,8 @@ from tenacity import (
     stop_after_delay,
     wait_exponential_jitter,
 )
+
+from .jobs import DEFAULT_IMAGE, with_default_image
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +54,60 @@ class AuthRejected(PrefectAPIError):
 
 class NotFound(PrefectAPIError):
     """404: the object does not exist (any more)."""
+
+
+class CsrfRefused(PrefectAPIError):
+    """403 from the server's CSRF protection even with a fresh token (not a credentials issue)."""
+
+
+PREFECT_3_DEFAULT_IMAGE = DEFAULT_IMAGE
+PREFECT_2_PYTHON = "3.11"  # the Python of a 2.x server's default image tag
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What the worker must do differently for this server, decided from its version once.
+
+    `event_stream`: the server streams flow-run events at `/api/events/out` (3.x; 2.x only
+    with PREFECT_EXPERIMENTAL_EVENTS on, read from `/admin/settings`); without one the worker
+    does not try to subscribe, and polling carries the work. `basic_auth`: the server can
+    have PREFECT_SERVER_API_AUTH_STRING (3.x only).
+    """
+
+    version: str
+    event_stream: bool = True
+
+    @property
+    def major(self) -> int:
+        head = self.version.lstrip("v").split(".", 1)[0]
+        return int(head) if head.isdigit() else 3
+
+    @property
+    def default_image(self) -> str:
+        """The image a run gets when neither pool nor deployment names one: a Prefect client
+        of the server's own major (a 3.x client cannot talk to a 2.x server)."""
+        if self.major == 2:
+            return f"prefecthq/prefect:{self.version}-python{PREFECT_2_PYTHON}"
+        return PREFECT_3_DEFAULT_IMAGE
+
+    @property
+    def basic_auth(self) -> bool:
+        return self.major >= 3
+
+    def limitations(self) -> list[str]:
+        """What the worker cannot do with this server (for `doctor` and the docs)."""
+        if self.major >= 3:
+            return []
+        found = [
+            ("cancellation stops the engine with SIGTERM (Prefect 2 engines have no control "
+            "channel); the run still ends CANCELLED and on_cancellation hooks run"),
+            ("no basic auth: PREFECT_SERVER_API_AUTH_STRING / PREFECT_API_AUTH_STRING are "
+            "Prefect 3 settings"),
+        ]
+        if not self.event_stream:
+            found.append("no event stream (PREFECT_EXPERIMENTAL_EVENTS is off): runs are picked "
+                         "up by polling (--poll-interval)")
+        return found
 
 
 class StateType(StrEnum):
@@ -88,7 +157,10 @@ class Deployment(_Model):
     id: UUID
     name: str
     flow_id: UUID
-    job_variables: dict[str, Any] | None = None
+    # 2.x servers send a deployment's job variables as `infra_overrides`.
+    job_variables: dict[str, Any] | None = Field(
+        default=None, validation_alias=AliasChoices("job_variables", "infra_overrides")
+    )
     updated: datetime | None = None
     paused: bool = False
     concurrency_limit: int | None = None
@@ -128,6 +200,34 @@ def _is_transient(exc: BaseException) -> bool:
     return False
 
 
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+CSRF_MARGIN = timedelta(seconds=30)  # fetch a new token this long before the old one expires
+
+
+def _is_csrf_refusal(response: httpx.Response) -> bool:
+    """The CSRF middleware's 403s: missing token/client, or one it does not (any more) know."""
+    if response.status_code != 403:
+        return False
+    detail = _detail(response)
+    return "CSRF" in detail or "client identifier" in detail
+
+
+class _CsrfToken:
+    """The worker's CSRF token for one client id; `None` token: protection is off."""
+
+    def __init__(self) -> None:
+        self.client = f"dockerworker-{uuid.uuid4()}"
+        self.enabled: bool | None = None  # None: not asked yet
+        self.token: str | None = None
+        self.expires: datetime | None = None
+        self.lock = threading.Lock()
+
+    def fresh(self) -> bool:
+        return self.token is not None and (
+            self.expires is None or datetime.now(UTC) < self.expires - CSRF_MARGIN
+        )
+
+
 def _detail(response: httpx.Response) -> str:
     try:
         body = response.json()
@@ -160,10 +260,103 @@ class PrefectAPI:
         self._client = httpx.Client(
             base_url=self.api_url + "/", headers=headers, auth=auth, timeout=timeout
         )
+        self.basic_auth = auth is not None  # PREFECT_API_AUTH_STRING given (and no key)
         self.patience = patience
+        self._csrf = _CsrfToken()
+        self._server: ServerInfo | None = None
+        self._server_lock = threading.Lock()
 
     def close(self) -> None:
         self._client.close()
+
+    # --- CSRF ---------------------------------------------------------------------------
+    @property
+    def csrf_protected(self) -> bool | None:
+        """Whether the server wants CSRF tokens; None until the first write asked."""
+        return self._csrf.enabled
+
+    def _csrf_headers(self, method: str, refused: str | None = None) -> dict[str, str]:
+        """The token headers for a write (none when protection is off), fetching a token
+        first when there is none or it is about to expire. `refused`: the token the server
+        just refused; a new one is fetched only if no other thread has done so meanwhile
+        (each fetch replaces the server's token for our client id)."""
+        if method.upper() not in WRITE_METHODS or self._csrf.enabled is False:
+            return {}
+        csrf = self._csrf
+        with csrf.lock:
+            if (refused is not None and csrf.token == refused) or not csrf.fresh():
+                self._fetch_csrf_token()
+            if not csrf.enabled or csrf.token is None:
+                return {}
+            return {"Prefect-Csrf-Token": csrf.token, "Prefect-Csrf-Client": csrf.client}
+
+    def _fetch_csrf_token(self) -> None:
+        """`GET /csrf-token?client=…`: 422 means the server has protection off (a server
+        without the route answers 404: off as well)."""
+        csrf = self._csrf
+        response = self._client.get("csrf-token", params={"client": csrf.client})
+        if response.status_code in (404, 422):
+            csrf.enabled, csrf.token = False, None
+            return
+        response.raise_for_status()
+        body = response.json()
+        csrf.enabled, csrf.token = True, str(body["token"])
+        try:
+            csrf.expires = datetime.fromisoformat(str(body["expiration"]))
+            if csrf.expires.tzinfo is None:
+                csrf.expires = csrf.expires.replace(tzinfo=UTC)
+        except (KeyError, ValueError):
+            csrf.expires = None
+        log.debug("CSRF token for client %s, valid until %s", csrf.client, csrf.expires)
+
+    def _send(self, method: str, path: str, json: Any) -> httpx.Response:
+        """One HTTP exchange; a write refused by the CSRF protection is sent once more with
+        a new token (the old one expired on the server, or was replaced)."""
+        headers = self._csrf_headers(method)
+        response = self._client.request(method, path.lstrip("/"), json=json, headers=headers)
+        if _is_csrf_refusal(response) and method.upper() in WRITE_METHODS:
+            log.info("the server refused the CSRF token (%s); fetching a new one",
+                     _detail(response))
+            if self._csrf.enabled is False:  # protection was off when asked: ask again
+                self._csrf.enabled = None
+            headers = self._csrf_headers(
+                method, refused=headers.get("Prefect-Csrf-Token", ""))
+            response = self._client.request(method, path.lstrip("/"), json=json,
+                                             headers=headers)
+            if _is_csrf_refusal(response):
+                raise CsrfRefused(
+                    f"{method} {path}: the server's CSRF protection refused a fresh token "
+                    f"(HTTP 403 from {self.api_url}): {_detail(response)}"
+                )
+        return response
+
+    # --- what this server is --------------------------------------------------------------
+    @property
+    def server(self) -> ServerInfo:
+        """The server's version and what follows from it; asked once, then remembered."""
+        with self._server_lock:
+            if self._server is None:
+                self._server = self._read_server_info()
+                log.info("Prefect server %s (Prefect %d API%s)", self._server.version,
+                         self._server.major,
+                         "" if self._server.event_stream else ", no event stream")
+            return self._server
+
+    def _read_server_info(self) -> ServerInfo:
+        try:
+            version = self.server_version()
+        except NotFound:  # a proxy that hides /admin: assume the current major
+            return ServerInfo("unknown")
+        info = ServerInfo(version)
+        if info.major >= 3:
+            return info
+        try:  # 2.x: events only when the server runs them (an experimental setting)
+            settings = self.request("GET", "/admin/settings")
+        except PrefectAPIError:
+            settings = {}
+        experimental = settings.get("PREFECT_EXPERIMENTAL_EVENTS") if isinstance(
+            settings, dict) else None
+        return ServerInfo(version, event_stream=experimental in (True, "true", "True", 1))
 
     def request(
         self, method: str, path: str, json: Any = None, patience: float | None = None
@@ -180,7 +373,7 @@ class PrefectAPI:
         try:
             for attempt in retrying:
                 with attempt:
-                    response = self._client.request(method, path.lstrip("/"), json=json)
+                    response = self._send(method, path, json)
                     response.raise_for_status()
         except httpx.TransportError as exc:
             raise ServerUnreachable(
@@ -214,9 +407,15 @@ class PrefectAPI:
 
     # --- work pools ---------------------------------------------------------------------
     def read_work_pool(self, name: str, patience: float | None = None) -> WorkPool:
-        return WorkPool.model_validate(
+        """The pool as the worker must read it on this server: a template whose image has no
+        default (or no template at all) gets the server's default image (`ServerInfo`)."""
+        pool = WorkPool.model_validate(
             self.request("GET", f"/work_pools/{name}", patience=patience)
         )
+        pool.base_job_template = with_default_image(
+            pool.base_job_template, self.server.default_image
+        )
+        return pool
 
     def create_work_pool(self, name: str, type_: str, base_job_template: dict[str, Any]) -> WorkPool:
         body = {"name": name, "type": type_, "base_job_template": base_job_template}

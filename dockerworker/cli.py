@@ -239,7 +239,10 @@ _API_URL = setting_option("api_url")
 def pool_create(name: str, image: str | None, api_url: str) -> None:
     """Create pool NAME (type docker) with dockerworker's base job template."""
     api, _ = _api_from_env(api_url, patience=5)
-    template = default_base_job_template()
+    try:  # the pool's default image is a Prefect client of the server's own major
+        template = default_base_job_template(api.server.default_image)
+    except PrefectAPIError as exc:
+        raise click.ClickException(f"could not reach the server: {exc}") from None
     if image:
         template["variables"]["properties"]["image"]["default"] = image
     try:

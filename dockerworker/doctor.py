@@ -76,10 +76,19 @@ class Doctor:
                          "start the Prefect server, or set PREFECT_API_URL (or --api-url) to "
                          "its address, ending in /api")
         try:
-            version = self.api.server_version()
+            server = self.api.server
         except PrefectAPIError:
-            version = "(version not readable)"
-        return Check(True, f"the API at {url} answers: Prefect server {version}")
+            return Check(True, f"the API at {url} answers: Prefect server (version not readable)")
+        details = [f"not on Prefect {server.major}: {line}" for line in server.limitations()]
+        if self.api.basic_auth and not server.basic_auth:
+            details.append("PREFECT_API_AUTH_STRING is set, but a Prefect 2 server has no basic "
+                           "auth: only a proxy in front of it can check it, and the flow "
+                           "containers' Prefect 2 client does not send it")
+        if server.major == 2:
+            details.append(f"runs without an image get {server.default_image} (the server's "
+                           "own version)")
+        return Check(True, f"the API at {url} answers: Prefect server {server.version} "
+                     f"(Prefect {server.major})", details=details)
 
     def credentials(self) -> Check:
         try:
@@ -90,7 +99,9 @@ class Doctor:
                          "to what the server expects")
         except PrefectAPIError as exc:
             return Check(False, f"could not check credentials: {exc}")
-        return Check(True, "credentials accepted")
+        csrf = "the server has CSRF protection on: the worker sends a token with each write"
+        details = [csrf] if self.api.csrf_protected else []
+        return Check(True, "credentials accepted", details=details)
 
     def work_pool(self) -> Check:
         try:
@@ -190,7 +201,7 @@ class Doctor:
         assert self.pool is not None
         variables = self.pool.base_job_template.get("variables", {})
         image = (variables.get("properties", {}).get("image", {}) or {}).get("default")
-        image = image or DEFAULT_IMAGE
+        image = image or DEFAULT_IMAGE  # read_work_pool fills in the server's own default
         try:
             client.images.get(image)
             return Check(True, f"default image {image} is present")

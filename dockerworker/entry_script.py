@@ -5,15 +5,20 @@ Python and Prefect: standard library and `prefect` imports only, never `dockerwo
 nothing newer than the oldest Python Prefect supports. Importing it runs nothing; `main()`
 runs when it is executed (`__name__ == "__main__"` under `python -c`).
 
-It plays the runner's side of Prefect's control channel (`PREFECT__CONTROL_PORT`/`TOKEN`,
-loopback inside the container), so a `cancel` line on stdin reaches the engine as a
-cancellation (Cancelling -> Cancelled, on_cancellation hooks) and not as a bare SIGTERM,
-which Prefect reports as Crashed. With a time-out argument it is a warm container: it imports
-Prefect, then waits on stdin for the run's identity (a JSON object of environment variables).
+It runs on Prefect 2 and 3 images alike. It plays the runner's side of Prefect's control
+channel (`PREFECT__CONTROL_PORT`/`TOKEN`, loopback inside the container), so a `cancel` line
+on stdin reaches the engine as a cancellation (Cancelling -> Cancelled, on_cancellation hooks)
+and not as a bare SIGTERM, which Prefect 3 reports as Crashed. Engines without a control
+channel (Prefect 2, older 3.x) get the SIGTERM; a 2.x engine then proposes Crashed, which the
+server refuses while the run is Cancelling, and runs the flow's on_cancellation hooks. With a
+time-out argument it is a warm container: it imports Prefect, then waits on stdin for the
+run's identity (a JSON object of environment variables).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 import runpy
@@ -122,8 +127,12 @@ def open_control_channel(engine: list[tuple[socket.socket, BinaryIO]]) -> bytes 
 def main() -> None:
     """Import Prefect, (warm: wait for the run), then run Prefect's engine in this process."""
     # Imported before a warm wait: that is the head start a warm container gives a run.
-    import prefect.engine
-    import prefect.flow_engine  # noqa: F401
+    # Prefect 3 runs flows in prefect.flow_engine; Prefect 2 has no such module (its engine
+    # is prefect.engine itself), so it is imported only where it exists.
+    import prefect.engine  # noqa: F401
+
+    if importlib.util.find_spec("prefect.flow_engine") is not None:
+        importlib.import_module("prefect.flow_engine")
 
     stdin = read_lines()
     if len(sys.argv) > 1:  # warm: wait for a run's identity, or time out unused

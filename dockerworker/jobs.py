@@ -231,14 +231,34 @@ class InvalidJobVariables(ValueError):
     """Job variables that do not validate; the message names each variable and its problem."""
 
 
-def default_base_job_template() -> dict[str, Any]:
-    """Our pool template: a `{{ name }}` slot per variable, the schema from `JobVariables`."""
+def default_base_job_template(image: str | None = None) -> dict[str, Any]:
+    """Our pool template: a `{{ name }}` slot per variable, the schema from `JobVariables`;
+    with `image`, that is the pool's default image (the server's major decides it: api.py)."""
     schema = JobVariables.model_json_schema()
     schema.pop("required", None)
-    return {
+    template = {
         "job_configuration": {name: "{{ " + name + " }}" for name in JobVariables.model_fields},
         "variables": schema,
     }
+    return with_default_image(template, image) if image else template
+
+
+def with_default_image(template: dict[str, Any], image: str) -> dict[str, Any]:
+    """`template` (ours when empty) whose `image` variable defaults to `image` unless it names
+    a default already: a pool made for the other major, or by `prefect work-pool create`
+    (whose image has no default in the schema), still runs a Prefect client that can talk to
+    this server."""
+    result = copy.deepcopy(template) if template else default_base_job_template()
+    properties = result.setdefault("variables", {}).setdefault("properties", {})
+    spec = properties.get("image")
+    if isinstance(spec, dict) and spec.get("default"):
+        return result
+    properties["image"] = {**(spec if isinstance(spec, dict) else {}), "default": image}
+    if "image" not in (result.get("job_configuration") or {}) and (
+        result.get("job_configuration") is not None
+    ):
+        result["job_configuration"]["image"] = "{{ image }}"
+    return result
 
 
 def _apply_values(template: Any, values: dict[str, Any]) -> Any:

@@ -46,7 +46,9 @@ def ensure_pool(api: PrefectAPI, name: str) -> WorkPool:
         pool = api.read_work_pool(name)
     except NotFound:
         try:
-            pool = api.create_work_pool(name, "docker", default_base_job_template())
+            pool = api.create_work_pool(
+                name, "docker", default_base_job_template(api.server.default_image)
+            )
             log.info("created work pool %r (type docker)", pool.name)
         except PrefectAPIError:  # another replica may have created it meanwhile
             pool = api.read_work_pool(name)

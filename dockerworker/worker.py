@@ -118,10 +118,11 @@ class Worker(RecoveryRounds):
         while not self._step("start-up", self.start_up):  # a blip now is no reason to exit
             if self.stop_event.wait(START_UP_RETRY):
                 return 0
-        self.events = EventListener(
-            self.settings.api_url, self.settings.pool, self.settings.stream_token(),
-            self.settings.auth_headers(), self._on_event, self.stop_event,
-        ).start()
+        if self.api.server.event_stream:  # else polling carries the work (api.ServerInfo)
+            self.events = EventListener(
+                self.settings.api_url, self.settings.pool, self.settings.stream_token(),
+                self.settings.auth_headers(), self._on_event, self.stop_event,
+            ).start()
         log.info(
             "worker %s polling pool %r%s every %.1fs (limit %s, starting at once %s%s)",
             self.settings.name,

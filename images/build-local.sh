@@ -3,14 +3,15 @@
 #   1. dockerworker/local-python:bookworm  (debootstrap, images/local-base/build.sh)
 #   2. dockerworker/postgres:15-local      (images/postgres-local, for the compose stack)
 #   3. dockerworker/prefect:3.9.1-local    (images/prefect/Dockerfile on top of 1)
+#   4. dockerworker/prefect:2.20.27-local  (the same Dockerfile: the Prefect 2 compatibility set)
 # Idempotent: each image is skipped when it already exists. Needs root (debootstrap) and access
 # to PyPI from the host network; the host CA bundle is handed to pip for TLS-inspecting proxies.
-# Env: PREFECT_VERSION (3.9.1), CA_BUNDLE (/etc/ssl/certs/ca-certificates.crt).
+# Env: PREFECT_VERSIONS ("3.9.1 2.20.27"; PREFECT_VERSION=X builds only X),
+#      CA_BUNDLE (/etc/ssl/certs/ca-certificates.crt).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 base=dockerworker/local-python:bookworm
-version=${PREFECT_VERSION:-3.9.1}
-image=dockerworker/prefect:${version}-local
+versions=${PREFECT_VERSION:-${PREFECT_VERSIONS:-3.9.1 2.20.27}}
 ca=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 
 "$here/local-base/build.sh" "$base"
@@ -24,24 +25,30 @@ else
   docker build --network host --build-arg "BASE_IMAGE=$base" -t "$postgres" "$here/postgres-local"
 fi
 
-if docker image inspect "$image" >/dev/null 2>&1; then
-  echo "build-local: $image already present"
-  exit 0
-fi
+build_prefect() {  # VERSION: dockerworker/prefect:VERSION-local, unless present
+  local version=$1 image=dockerworker/prefect:$1-local ctx start
+  if docker image inspect "$image" >/dev/null 2>&1; then
+    echo "build-local: $image already present"
+    return 0
+  fi
+  ctx=$(mktemp -d /tmp/prefect-image.XXXXXX)
+  cp "$here/prefect/Dockerfile" "$ctx/Dockerfile"
+  if [ -s "$ca" ]; then
+    cp "$ca" "$ctx/ca.crt"
+    echo "build-local: pip will trust $ca"
+  else
+    : > "$ctx/ca.crt"
+    echo "build-local: no CA bundle at $ca, pip uses its defaults"
+  fi
+  echo "build-local: building $image from $base (pip install prefect==$version, 1-2 minutes)"
+  start=$SECONDS
+  docker build --network host \
+    --build-arg "BASE_IMAGE=$base" --build-arg "PREFECT_VERSION=$version" \
+    -t "$image" "$ctx" || { rm -rf "$ctx"; return 1; }
+  rm -rf "$ctx"
+  echo "build-local: built $image in $((SECONDS - start)) s"
+}
 
-ctx=$(mktemp -d /tmp/prefect-image.XXXXXX)
-trap 'rm -rf "$ctx"' EXIT
-cp "$here/prefect/Dockerfile" "$ctx/Dockerfile"
-if [ -s "$ca" ]; then
-  cp "$ca" "$ctx/ca.crt"
-  echo "build-local: pip will trust $ca"
-else
-  : > "$ctx/ca.crt"
-  echo "build-local: no CA bundle at $ca, pip uses its defaults"
-fi
-echo "build-local: building $image from $base (pip install prefect==$version, about a minute)"
-start=$SECONDS
-docker build --network host \
-  --build-arg "BASE_IMAGE=$base" --build-arg "PREFECT_VERSION=$version" \
-  -t "$image" "$ctx"
-echo "build-local: built $image in $((SECONDS - start)) s"
+for version in $versions; do
+  build_prefect "$version"
+done

@@ -6,6 +6,7 @@ Everything here talks to loopback and the local Docker engine only.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import os
 import shutil
@@ -31,6 +32,13 @@ if not (REPO_DIR / "dockerworker").is_dir() or not TESTS_DIR.is_dir():
                       "(install it editable: pip install -e ./testrig, as `make setup` does)")
 PREFECT_IMAGE = "dockerworker/prefect:3.9.1-local"
 FLOWS_IMAGE = "dockerworker-test/flows:dev"
+# The Prefect 2 compatibility set: the last 2.x release, its server in a venv of its own (made
+# on first use, cached under testrig/.venvs/, gitignored) and a flow image built like the
+# 3.x one (images/build-local.sh builds both Prefect images).
+PREFECT2_VERSION = "2.20.27"
+PREFECT2_IMAGE = f"dockerworker/prefect:{PREFECT2_VERSION}-local"
+FLOWS2_IMAGE = f"dockerworker-test/flows:prefect-{PREFECT2_VERSION}"
+VENVS_DIR = REPO_DIR / "testrig" / ".venvs"
 FLOWS_DOCKERFILE = "images/flows.Dockerfile"
 POOL_LABEL = "io.prefect.work-pool-name"
 FINAL_STATE_TYPES = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
@@ -52,6 +60,33 @@ def prefect_executable() -> str:
     if not found:
         raise RuntimeError(f"no `prefect` next to {sys.executable} nor on PATH")
     return found
+
+
+def prefect_venv_executable(version: str) -> str:
+    """The `prefect` CLI of Prefect `version` in a venv of its own under testrig/.venvs/,
+    made on first use (pip install, about a minute; a lock keeps parallel sessions from
+    making it twice) and reused after: the dev venv holds Prefect 3 for the other tests."""
+    venv = VENVS_DIR / f"prefect-{version}"
+    executable = venv / "bin" / "prefect"
+    done = venv / ".complete"
+    if done.exists():
+        return str(executable)
+    VENVS_DIR.mkdir(parents=True, exist_ok=True)
+    with open(VENVS_DIR / f"prefect-{version}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(venv, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            installed = subprocess.run(
+                [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
+                 f"prefect=={version}"],
+                capture_output=True, text=True, timeout=900, check=False,
+            )
+            if installed.returncode != 0:
+                raise RuntimeError(f"pip install prefect=={version} into {venv} failed:\n"
+                                   f"{installed.stdout}{installed.stderr}")
+            done.write_text(version + "\n")
+    return str(executable)
 
 
 def server_env(home: Path) -> dict[str, str]:
@@ -80,6 +115,17 @@ class PrefectServer:
     log_path: Path
     _owns_home: bool = field(default=False, repr=False)
     auth: tuple[str, str] | None = None  # basic auth, for a server started with an auth string
+    version: str | None = None  # None: the Prefect of the running interpreter (3.x)
+    csrf: bool = False  # started with PREFECT_SERVER_CSRF_PROTECTION_ENABLED
+
+    @property
+    def major(self) -> int:
+        return int(self.version.split(".")[0]) if self.version else 3
+
+    @property
+    def executable(self) -> str:
+        """This server's `prefect` CLI (a Prefect 2 server needs a Prefect 2 client)."""
+        return prefect_venv_executable(self.version) if self.version else prefect_executable()
 
     def output(self) -> str:
         """Everything the server printed so far."""
@@ -137,8 +183,12 @@ def start_prefect_server(
     wait: bool = True,
     timeout: float = 60.0,
     env: dict[str, str] | None = None,
+    version: str | None = None,
 ) -> PrefectServer:
     """Start `prefect server start` on 127.0.0.1 (SQLite under `home`).
+
+    `version` (e.g. PREFECT2_VERSION): that Prefect's server, from its own venv (made on first
+    use); default: the Prefect installed beside the tests (3.x).
 
     With `wait`, returns once /api/health is true. Reusing a `home` keeps the database, so a
     server can be stopped and started again on the same port with the same data. The caller
@@ -149,8 +199,9 @@ def start_prefect_server(
     home_path = Path(tempfile.mkdtemp(prefix="prefect-home-")) if home is None else Path(home)
     home_path.mkdir(parents=True, exist_ok=True)
     log_path = home_path / f"server-{port}-{int(time.time() * 1000)}.log"
+    executable = prefect_venv_executable(version) if version else prefect_executable()
     cmd = [
-        prefect_executable(), "server", "start",
+        executable, "server", "start",
         "--host", "127.0.0.1", "--port", str(port),
         "--no-ui", "--analytics-off",
     ]  # fmt: skip
@@ -171,6 +222,8 @@ def start_prefect_server(
         log_path=log_path,
         _owns_home=owns_home,
         auth=_basic_auth((env or {}).get("PREFECT_SERVER_API_AUTH_STRING")),
+        version=version,
+        csrf=(env or {}).get("PREFECT_SERVER_CSRF_PROTECTION_ENABLED", "").lower() == "true",
     )
     if wait:
         try:
@@ -191,12 +244,30 @@ def _basic_auth(auth_string: str | None) -> tuple[str, str] | None:
 class PrefectRig:
     """Synchronous helper over the Prefect REST API, for test setup and assertions."""
 
-    def __init__(self, api_url: str, timeout: float = 30.0, auth: tuple[str, str] | None = None
-                 ) -> None:
+    def __init__(self, api_url: str, timeout: float = 30.0, auth: tuple[str, str] | None = None,
+                 csrf: bool = False) -> None:
         self.api_url = api_url.rstrip("/")
         self.http = httpx.Client(
             base_url=self.api_url, timeout=timeout, trust_env=False, auth=auth
         )
+        # A server with CSRF protection wants a token on every write (its own client id);
+        # without `csrf`, the first write it refuses turns this on.
+        self.csrf_client = f"testrig-{uuid.uuid4()}" if csrf else None
+        self._csrf_token: str | None = None
+
+    def csrf_token(self, client: str) -> str:
+        """A new CSRF token for `client` (it replaces the one the server held for it)."""
+        response = self.http.get("/csrf-token", params={"client": client})
+        if response.is_error:
+            raise AssertionError(f"GET /csrf-token -> {response.status_code}: {response.text}")
+        return str(response.json()["token"])
+
+    def _headers(self, method: str, refresh: bool = False) -> dict[str, str]:
+        if self.csrf_client is None or method not in ("POST", "PUT", "PATCH", "DELETE"):
+            return {}
+        if refresh or self._csrf_token is None:
+            self._csrf_token = self.csrf_token(self.csrf_client)
+        return {"Prefect-Csrf-Token": self._csrf_token, "Prefect-Csrf-Client": self.csrf_client}
 
     def close(self) -> None:
         """Close the HTTP client."""
@@ -205,7 +276,12 @@ class PrefectRig:
     def _request(self, method: str, path: str, json: Any = None) -> httpx.Response:
         """One request; a 503 (SQLite busy under concurrent writers) is tried again."""
         for _ in range(10):
-            response = self.http.request(method, path, json=json)
+            response = self.http.request(method, path, json=json, headers=self._headers(method))
+            if response.status_code == 403 and "CSRF" in response.text:
+                # A server with CSRF protection (seen here first), or our token expired.
+                self.csrf_client = self.csrf_client or f"testrig-{uuid.uuid4()}"
+                response = self.http.request(method, path, json=json,
+                                             headers=self._headers(method, refresh=True))
             if response.status_code != 503:
                 break
             time.sleep(0.5)
@@ -405,7 +481,8 @@ def log_messages(logs: list[dict[str, Any]]) -> list[str]:
 
 
 def build_flow_image(client: Any, tag: str = FLOWS_IMAGE, base: str = PREFECT_IMAGE) -> str:
-    """Build tests/images/flows.Dockerfile (context: tests/) with the Docker SDK; return tag."""
+    """Build tests/images/flows.Dockerfile (context: tests/) with the Docker SDK; return tag.
+    For Prefect 2: `build_flow_image(client, FLOWS2_IMAGE, PREFECT2_IMAGE)`."""
     client.images.build(
         path=str(TESTS_DIR),
         dockerfile=FLOWS_DOCKERFILE,

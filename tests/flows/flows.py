@@ -76,3 +76,13 @@ def suspends() -> str:
     suspend_flow_run(timeout=600)
     print("after the resumption")
     return "resumed"
+
+
+@flow(log_prints=True)
+def env_value(name: str = "GREETING") -> str:
+    """Print an environment variable the deployment sets (its job variables reached the run)."""
+    import os
+
+    value = os.environ.get(name, "<unset>")
+    print(f"{name}={value}")
+    return value

@@ -27,6 +27,7 @@ from dockerworker.api import (
     FlowRun,
     NotFound,
     OrchestrationResult,
+    ServerInfo,
     State,
     StateType,
     WorkPool,
@@ -55,6 +56,8 @@ _NO_PENDING_FROM = {StateType.PENDING, StateType.RUNNING, StateType.CANCELLING,
 
 class FakeAPI:
     """The Prefect REST calls the worker makes, against dicts; thread-safe."""
+
+    server = ServerInfo("3.9.1")  # what api.PrefectAPI learns from /admin/version
 
     def __init__(self, pool: str = POOL_NAME) -> None:
         self.pool = WorkPool(id=uuid.uuid4(), name=pool, type="docker",
