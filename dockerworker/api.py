@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -35,6 +36,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from . import metrics
 from .jobs import DEFAULT_IMAGE, with_default_image
 
 log = logging.getLogger(__name__)
@@ -151,6 +153,8 @@ class FlowRun(_Model):
     state: State | None = None
     job_variables: dict[str, Any] | None = None
     infrastructure_pid: str | None = None
+    created: datetime | None = None
+    expected_start_time: datetime | None = None
 
 
 class Deployment(_Model):
@@ -309,11 +313,24 @@ class PrefectAPI:
             csrf.expires = None
         log.debug("CSRF token for client %s, valid until %s", csrf.client, csrf.expires)
 
+    @staticmethod
+    def _counted(method: str, path: str, send: Callable[[], httpx.Response]) -> httpx.Response:
+        """One exchange, counted by endpoint and status class (metrics.py)."""
+        status = None
+        try:
+            response = send()
+            status = response.status_code
+            return response
+        finally:
+            metrics.API_REQUESTS.labels(metrics.endpoint(path), method.upper(),
+                                        metrics.status_class(status)).inc()
+
     def _send(self, method: str, path: str, json: Any) -> httpx.Response:
         """One HTTP exchange; a write refused by the CSRF protection is sent once more with
         a new token (the old one expired on the server, or was replaced)."""
         headers = self._csrf_headers(method)
-        response = self._client.request(method, path.lstrip("/"), json=json, headers=headers)
+        response = self._counted(method, path, lambda: self._client.request(
+            method, path.lstrip("/"), json=json, headers=headers))
         if _is_csrf_refusal(response) and method.upper() in WRITE_METHODS:
             log.info("the server refused the CSRF token (%s); fetching a new one",
                      _detail(response))

@@ -1,4 +1,5 @@
-"""`GET /health` for compose and orchestrator health checks: healthy while the loop polls."""
+"""`GET /health` for compose and orchestrator health checks (healthy while the loop polls),
+and `GET /metrics` for Prometheus (metrics.py), on one port."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import metrics
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -22,7 +27,11 @@ def serve_health(worker: Worker, port: int, host: str = "0.0.0.0") -> ThreadingH
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            if self.path.split("?")[0] != "/health":
+            path = self.path.split("?")[0]
+            if path == "/metrics":
+                self._send(200, CONTENT_TYPE_LATEST, generate_latest(metrics.REGISTRY))
+                return
+            if path != "/health":
                 self.send_error(404)
                 return
             last = worker.last_poll
@@ -37,8 +46,11 @@ def serve_health(worker: Worker, port: int, host: str = "0.0.0.0") -> ThreadingH
                 "rounds": dict(worker.rounds),  # the loop's rounds done, by name
                 "failures": dict(worker.failures),  # and failed (each retried next turn)
             }).encode()
-            self.send_response(200 if healthy else 503)
-            self.send_header("Content-Type", "application/json")
+            self._send(200 if healthy else 503, "application/json", body)
+
+        def _send(self, code: int, content_type: str, body: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from . import metrics
 from .api import Deployment, Flow, FlowRun, PrefectAPI, PrefectAPIError, WorkPool
 from .builds import Builder, BuildFailed, BuildPlan
 from .containers import ContainerSpec, build_spec
@@ -80,7 +82,7 @@ class Preparation:
         try:
             job = resolve_job(pool.base_job_template, values)
         except InvalidJobVariables as exc:
-            raise RunCrashed(early(str(exc))) from None
+            raise RunCrashed(early(str(exc)), reason="invalid") from None
         if job.infra_retries is None:  # the operator's default
             job = job.model_copy(update={"infra_retries": self.settings.policy.infra_retries})
         secrets = self.settings.secrets()
@@ -91,10 +93,16 @@ class Preparation:
     def ensure_image(self, job: JobVariables) -> JobVariables:
         """The job's image on the engine, by its pull policy."""
         trusted = self.settings.policy.trusts_credentials_for(job.image)
+        started = time.monotonic()
         try:
             how = self._unless_cancelled(lambda: self.runtime.ensure_image(job, trusted))
         except ImageUnavailable as exc:
-            raise RunCrashed(str(exc), infrastructure=exc.transient) from None
+            metrics.PULLS.labels("failed").inc()
+            raise RunCrashed(str(exc), infrastructure=exc.transient, reason="image") from None
+        pulled = how == "pulled"
+        metrics.PULLS.labels("pulled" if pulled else "present").inc()
+        if pulled:
+            metrics.PULL_SECONDS.observe(time.monotonic() - started)
         self.say(f"image {job.image} {how}")
         return job
 
@@ -111,8 +119,11 @@ class Preparation:
                                             self.settings.policy.build_limits(job))
             )
         except BuildFailed as exc:
-            raise RunCrashed(str(exc), infrastructure=exc.transient) from None
+            metrics.BUILDS.labels("failed").inc()
+            raise RunCrashed(str(exc), infrastructure=exc.transient, reason="build") from None
+        metrics.BUILDS.labels("built" if result.built else "cached").inc()
         if result.built:
+            metrics.BUILD_SECONDS.observe(result.seconds)
             self.say(f"built image {result.tag} in {result.seconds:.0f} s")
         else:
             self.say(f"image {result.tag} cached, no build")
@@ -137,7 +148,15 @@ class Preparation:
 
     def launch(self, spec: ContainerSpec) -> Workload:
         """A warm container handed the run, or a new one."""
-        return self._take_warm(spec) or self._start_cold(spec)
+        if (workload := self._take_warm(spec)) is not None:
+            metrics.RUNS_STARTED.labels("warm").inc()
+            metrics.WARM_HANDOVERS.inc()
+            return workload
+        if self.warm is not None:
+            metrics.WARM_MISSES.inc()
+        workload = self._start_cold(spec)
+        metrics.RUNS_STARTED.labels("cold").inc()
+        return workload
 
     def _start_cold(self, spec: ContainerSpec) -> Workload:
         try:
@@ -145,8 +164,8 @@ class Preparation:
         except (EngineError, EngineUnavailable) as exc:
             image = spec.create_kwargs.get("image")
             raise RunCrashed(f"could not start the flow run's container from {image!r}: "
-                             f"{exc}", infrastructure=isinstance(exc, EngineUnavailable)
-                             ) from None
+                             f"{exc}", infrastructure=isinstance(exc, EngineUnavailable),
+                             reason="start") from None
         self.say(f"container {workload.name} started")
         self._record_infrastructure(workload)
         return workload

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from uuid import UUID
 
+from . import metrics
 from .api import FlowRun, PrefectAPI, PrefectAPIError, StateType
 from .logs import LogShipper, log_entry
 from .policy import Masker
@@ -52,15 +53,20 @@ class RunReporter:
 
     def report(self, verdict: Verdict, infra_retries: int) -> None:
         """The verdict as the run's state: CRASHED (or rescheduled), CANCELLED, or left."""
+        state = verdict.state or "unknown"
         if verdict.outcome is Outcome.CRASHED and verdict.infrastructure:
-            self._retry_or_crash(verdict.message, infra_retries)
+            retried = self._retry_or_crash(verdict.message, infra_retries)
+            state = "rescheduled" if retried else "crashed"
         elif verdict.outcome is Outcome.CRASHED:
             self._crash(verdict.message, verdict.force)
+            state = "crashed"
         elif verdict.outcome is Outcome.CANCELLED:
             self.api.set_state(self.flow_run.id, StateType.CANCELLED, verdict.message,
                                force=verdict.force)
+            state = "cancelled"
         elif verdict.message:
             log.info("%s: %s", self.label, verdict.message)
+        metrics.RUNS_FINISHED.labels(state, verdict.reason).inc()
 
     def with_context(self, verdict: Verdict) -> Verdict:
         """A crash verdict with what the container printed last (read before it is removed)."""
@@ -70,18 +76,19 @@ class RunReporter:
         if context := self.runtime.crash_context(verdict.workload):
             message = f"{message}\n{context}"
         return Verdict(verdict.outcome, message, verdict.force,
-                       infrastructure=verdict.infrastructure)
+                       infrastructure=verdict.infrastructure, reason=verdict.reason)
 
-    def _retry_or_crash(self, message: str, allowed: int) -> None:
+    def _retry_or_crash(self, message: str, allowed: int) -> bool:
         """An infrastructure failure: rescheduled while retries are left (the flow has not
-        failed, its infrastructure has), CRASHED with the reason otherwise."""
+        failed, its infrastructure has), CRASHED with the reason otherwise. True: retried."""
         if (note := retry_note(self.api, self.flow_run.id, message, allowed)) is None:
             used = f"{allowed} of {allowed} used"
             self._crash(f"{message}\n(no infrastructure retries left ({used}))")
-            return
+            return False
         note = self.mask(note)
         self.say(note, logging.WARNING)
         self.api.set_state(self.flow_run.id, StateType.SCHEDULED, note, force=True)
+        return True
 
     def _crash(self, message: str, force: bool = False) -> None:
         """End the run CRASHED with a reason, unless it already reached a final state

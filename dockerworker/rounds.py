@@ -15,6 +15,7 @@ from collections.abc import Callable
 import docker.errors
 import requests
 
+from . import metrics
 from .admission import Admission
 from .api import FlowRun, PrefectAPIError
 from .recovery import Recovery, RoundIncomplete
@@ -49,6 +50,7 @@ class RecoveryRounds:
             return True
         except Exception as exc:  # the loop outlives every round
             self.failures[name] += 1
+            metrics.ROUND_FAILURES.labels(name).inc()
             expected = isinstance(exc, (PrefectAPIError, RuntimeTrouble, RoundIncomplete,
                                         requests.RequestException,
                                         docker.errors.DockerException))

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from enum import StrEnum
 
+from . import metrics
 from .api import (
     Deployment,
     FlowRun,
@@ -54,6 +57,12 @@ from .verdict import (
 from .warm import WarmPool
 
 log = logging.getLogger(__name__)
+
+
+def _due(flow_run: FlowRun) -> datetime | None:
+    """When the run could first have been picked up: created, or its scheduled time."""
+    times = [t for t in (flow_run.created, flow_run.expected_start_time) if t is not None]
+    return max(times) if times else None
 
 
 def claim_message(worker_name: str) -> str:
@@ -95,6 +104,8 @@ class RunSupervisor:
         self.label = f"flow run {flow_run.name!r} ({flow_run.id})"
         self.phase = Phase.CLAIMING
         self.claimed = False
+        self.claimed_at: float | None = None  # monotonic: for the metrics' histograms
+        self.started_at: float | None = None  # the container started (not for adopted runs)
         self.container: Workload | None = None
         self.options = WatchOptions()
         self.cancel_requested = threading.Event()
@@ -161,7 +172,7 @@ class RunSupervisor:
             return body()
         except RunCrashed as end:
             return self.reporter.with_context(Verdict(Outcome.CRASHED, end.message, end.force,
-                                              end.container, end.infrastructure))
+                                              end.container, end.infrastructure, end.reason))
         except RunCancelled as end:
             if end.message is not None:
                 return Verdict(Outcome.CANCELLED, end.message, force=True)
@@ -172,13 +183,14 @@ class RunSupervisor:
             if not self.claimed:
                 return None
             return Verdict(Outcome.CRASHED, f"the Docker engine did not answer: {exc}",
-                           infrastructure=True)
+                           infrastructure=True, reason="engine")
         except Exception as exc:
             log.exception("%s: unexpected worker error", self.label)
             if not self.claimed:  # an unclaimed run is left for the next poll, untouched
                 return None
             return Verdict(Outcome.CRASHED,
-                           f"dockerworker failed while running this flow run: {exc}")
+                           f"dockerworker failed while running this flow run: {exc}",
+                           reason="worker_error")
 
     # --- called from the worker's loop ---------------------------------------------------
     def cancel(self) -> None:
@@ -240,8 +252,13 @@ class RunSupervisor:
                 result.status,
                 f": {result.reason}" if result.reason else "",
             )
+            metrics.CLAIMS_LOST.inc()
             raise ClaimLost(result.status)
         self.claimed = True
+        self.claimed_at = time.monotonic()
+        metrics.RUNS_CLAIMED.inc()
+        if due := _due(self.flow_run):
+            metrics.PICKUP_SECONDS.observe(max(0.0, (datetime.now(UTC) - due).total_seconds()))
         self.say(f"claimed by worker {self.settings.name}")
 
     def _claimed_already(self) -> bool:
@@ -261,7 +278,8 @@ class RunSupervisor:
     def _check_policy(self, job: JobVariables) -> None:
         """The worker's policy may refuse the job, looking at the host as the engine will."""
         if refused := self.settings.policy.violations(job, self.runtime.host_view()):
-            raise RunCrashed("refused by the worker's policy: " + "; ".join(refused))
+            raise RunCrashed("refused by the worker's policy: " + "; ".join(refused),
+                             reason="refused")
 
     def _start(self, spec: ContainerSpec) -> Workload:
         """A warm container handed the run, or a new one; then it is the run's container."""
@@ -269,6 +287,9 @@ class RunSupervisor:
             raise RunCancelled
         workload = self.prepare.launch(spec)
         self.container = workload
+        self.started_at = time.monotonic()
+        if self.claimed_at is not None:
+            metrics.CLAIM_TO_START_SECONDS.observe(self.started_at - self.claimed_at)
         self.phase = Phase.RUNNING
         if self.cancel_requested.is_set():  # cancelled while the container was being created
             self.cancel_requested.clear()
@@ -278,6 +299,8 @@ class RunSupervisor:
     def _watch(self, workload: Workload, resume: ResumePoint | None) -> Verdict:
         """Follow the container to its end, then judge it (and remove it if it asked)."""
         report = self.follower.follow(workload, self.options, self.mask, resume)
+        if self.started_at is not None and report is not None:
+            metrics.CONTAINER_LIFETIME_SECONDS.observe(time.monotonic() - self.started_at)
         mem_limit = self.options.mem_limit
         if report is not None:
             self.say(f"container {workload.name} {report.describe(mem_limit)}; "

@@ -26,6 +26,7 @@ import docker.errors
 import requests
 from docker.models.containers import Container
 
+from . import metrics
 from .containers import (
     LABEL_MANAGED,
     LABEL_POOL,
@@ -109,6 +110,9 @@ class Runtime(Protocol):
     def ping(self) -> None:
         """Raises EngineUnavailable unless the engine answers (no claims while it is away)."""
 
+    def engine_version(self) -> str:
+        """The engine's version, for the build info metric and the logs."""
+
     def host_view(self) -> HostView | None:
         """The host as the engine sees it (bind sources, networks), for the policy; None:
         the policy judges the job by its text alone."""
@@ -172,14 +176,19 @@ def _translated() -> Iterator[None]:
     try:
         yield
     except docker.errors.NotFound as exc:
+        metrics.DOCKER_ERRORS.labels("gone").inc()
         raise WorkloadGone(str(exc)) from exc
     except docker.errors.APIError as exc:
         if exc.status_code is None or exc.status_code >= 500:
+            metrics.DOCKER_ERRORS.labels("unavailable").inc()
             raise EngineUnavailable(str(exc)) from exc
+        metrics.DOCKER_ERRORS.labels("refused").inc()
         raise EngineError(exc.explanation or str(exc)) from exc
     except (requests.ConnectionError, requests.Timeout, ConnectionError) as exc:
+        metrics.DOCKER_ERRORS.labels("unavailable").inc()
         raise EngineUnavailable(str(exc)) from exc
     except docker.errors.DockerException as exc:
+        metrics.DOCKER_ERRORS.labels("refused").inc()
         raise EngineError(str(exc)) from exc
 
 
@@ -232,6 +241,10 @@ class LocalEngine:
     def ping(self) -> None:
         with _translated():
             self.client.ping()
+
+    def engine_version(self) -> str:
+        with _translated():
+            return str(self.client.version().get("Version", "unknown"))
 
     def host_view(self) -> HostView:
         return _TranslatedHostView(self.client)

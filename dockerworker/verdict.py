@@ -36,6 +36,8 @@ class Verdict:
     force: bool = False  # replace the run's state even if final (a CRASHED we know better)
     workload: Workload | None = None  # its last output goes into a crash message
     infrastructure: bool = False  # the infrastructure failed, not the flow: worth a retry
+    reason: str = "flow"  # a bounded word for metrics: flow, oom, signal, exit_code, vanished…
+    state: str = ""  # LEAVE: the state the run is left in (completed, failed, paused…)
 
 
 class RunEnded(Exception):
@@ -46,12 +48,14 @@ class RunCrashed(RunEnded):
     """The run cannot go on: CRASHED with this message (and the container's last output)."""
 
     def __init__(self, message: str, container: Workload | None = None,
-                 force: bool = False, infrastructure: bool = False) -> None:
+                 force: bool = False, infrastructure: bool = False,
+                 reason: str = "error") -> None:
         super().__init__(message)
         self.message = message
         self.container = container
         self.force = force
         self.infrastructure = infrastructure
+        self.reason = reason  # invalid, refused, image, build, start, engine, error
 
 
 class RunCancelled(RunEnded):
@@ -83,8 +87,8 @@ def cancelled_verdict(state: State | None, workload: Workload | None, exit: Exit
         message = (f"Cancelled: container {workload.name} was stopped "
                    f"({exit.describe(mem_limit)}).")
     if state is not None and state.type == StateType.CANCELLED:
-        return Verdict(Outcome.LEAVE, message)
-    return Verdict(Outcome.CANCELLED, message, force=True)
+        return Verdict(Outcome.LEAVE, message, reason="cancelled", state="cancelled")
+    return Verdict(Outcome.CANCELLED, message, force=True, reason="cancelled")
 
 
 def vanished(workload: Workload) -> str:
@@ -111,19 +115,38 @@ def judge(
     final = state is not None and state.is_final
     if exit is None or (removed and not final):
         if final:
-            return Verdict(Outcome.LEAVE, f"flow run is {state.type.value}")  # type: ignore[union-attr]
-        return Verdict(Outcome.CRASHED, vanished(workload), infrastructure=True)
+            return _left(state)  # type: ignore[arg-type]
+        return Verdict(Outcome.CRASHED, vanished(workload), infrastructure=True,
+                       reason="vanished")
     reason = f"Flow run container {workload.name} {exit.describe(mem_limit)}"
     if state is None or not state.is_final:
         if state is not None and state.type == StateType.PAUSED:
-            return Verdict(Outcome.LEAVE, "flow run is PAUSED (suspended); left as it is")
+            return Verdict(Outcome.LEAVE, "flow run is PAUSED (suspended); left as it is",
+                           reason="suspended", state="paused")
         current = state.type.value if state else "without a state"
         by_engine = engine_restarted and not exit.oom_killed and exit.exit_code != 0
         lead = "The Docker engine restarted under the run: " if by_engine else ""
         return Verdict(Outcome.CRASHED, f"{lead}{reason} while the flow run was {current}.",
-                       workload=workload, infrastructure=by_engine)
+                       workload=workload, infrastructure=by_engine,
+                       reason="engine" if by_engine else exit_reason(exit))
     if state.type == StateType.CRASHED and "dockerworker" not in (state.message or ""):
         # Prefect's engine saw its flow process die, not why; Docker and the output know.
         lead = f"{reason}. " if exit.oom_killed else ""
-        return Verdict(Outcome.CRASHED, f"{lead}{state.message}", force=True, workload=workload)
-    return Verdict(Outcome.LEAVE, f"flow run is {state.type.value}")
+        return Verdict(Outcome.CRASHED, f"{lead}{state.message}", force=True, workload=workload,
+                       reason=exit_reason(exit))
+    return _left(state)
+
+
+def _left(state: State) -> Verdict:
+    """The run's final state, as Prefect's engine reported it, stands."""
+    return Verdict(Outcome.LEAVE, f"flow run is {state.type.value}", reason="flow",
+                   state=state.type.value.lower())
+
+
+def exit_reason(exit: ExitReport) -> str:
+    """How a container ended, in a word (a bounded metrics label)."""
+    if exit.oom_killed:
+        return "oom"
+    if exit.error:
+        return "engine"
+    return "signal" if exit.exit_code > 128 else "exit_code"

@@ -26,6 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from . import metrics
 from .containers import RUN_ENV, RUN_LABELS, ContainerSpec
 from .entry import LABEL_CONTROL, entry_command
 from .runtime import Runtime, RuntimeTrouble, Workload
@@ -145,6 +146,7 @@ class WarmPool:
                          name=f"warm-{key[:8]}", daemon=True).start()
 
     def _start(self, spec: ContainerSpec, key: str, count: int, evicted: list[_Idle]) -> None:
+        metrics.WARM_EVICTIONS.inc(len(evicted))
         for item in evicted:
             self._remove(item.container)
         for _ in range(count):
@@ -173,6 +175,7 @@ class WarmPool:
             for key, queue in self._idle.items():
                 expired += [item for item in queue if now - item.started > self.ttl - _TAKE_MARGIN]
                 self._idle[key] = [item for item in queue if item not in expired]
+        metrics.WARM_EVICTIONS.inc(len(expired))
         for item in expired:
             self._remove(item.container)
 

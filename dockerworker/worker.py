@@ -22,6 +22,7 @@ import docker
 import docker.errors
 import requests
 
+from . import __version__, metrics
 from .admission import Admission
 from .api import (
     FlowRun,
@@ -109,6 +110,7 @@ class Worker(RecoveryRounds):
                                  infra_retries=self.settings.policy.infra_retries)
         if stale := self.builder.release_locks():
             log.info("removed %d build locks left from this worker's previous run", stale)
+        _expose(self)
         self.adopt()
 
     def _loop(self) -> int:
@@ -242,6 +244,9 @@ class Worker(RecoveryRounds):
 
     def _seen_running(self, run_id: UUID) -> None:
         """The run reached RUNNING: it no longer counts as starting; take the next one."""
+        supervisor = self.admission.supervisors().get(run_id)
+        if supervisor is not None and supervisor.started_at is not None:
+            metrics.START_TO_RUNNING_SECONDS.observe(time.monotonic() - supervisor.started_at)
         if self.admission.running(run_id):
             self._nudged.set()
 
@@ -324,3 +329,18 @@ class Worker(RecoveryRounds):
         except (requests.RequestException, docker.errors.DockerException) as exc:
             log.warning("could not release build locks: %s", exc)
         self.shipper.stop(timeout=30)
+
+
+def _expose(worker: Worker) -> None:
+    """The worker's state as metrics, read at each scrape where it already lives."""
+    metrics.BUILD_INFO.info({"version": __version__,
+                             "prefect_server_version": worker.api.server.version,
+                             "docker_engine_version": worker.runtime.engine_version()})
+    metrics.watch(metrics.RUNS_IN_FLIGHT, lambda: len(worker.admission))
+    metrics.watch(metrics.RUNS_STARTING, lambda: len(worker.admission.booting()))
+    metrics.watch(metrics.WARM_WAITING,
+                  lambda: len(worker.warm.holds()) if worker.warm is not None else 0)
+    if worker.settings.limit is not None:
+        metrics.LIMIT.set(worker.settings.limit)
+    metrics.MAX_STARTING.set(worker.settings.max_starting)
+

@@ -359,6 +359,10 @@ class FakeRuntime:
     def ping(self) -> None:
         self._call("ping")
 
+    def engine_version(self) -> str:
+        self._call("engine_version")
+        return "fake-1.0"
+
     def host_view(self) -> None:
         return None  # the policy judges the job by its text
 
