@@ -141,14 +141,25 @@ class Worker:
                             docker.errors.DockerException) as exc:
                         log.warning("%s: Docker engine trouble: %s", name, exc)
                     due[name] = time.monotonic() + interval()
+            pause = min(due.values()) - time.monotonic()
             if self.settings.run_once:
-                self.wait_for_runs()
-                return 0
-            self._nudged.wait(max(0.05, min(due.values()) - time.monotonic()))
+                if self._once_done(rounds, due):
+                    return 0
+                pause = min(pause, 0.2)  # notice the last run's end at once
+            self._nudged.wait(max(0.05, pause))
             if self._nudged.is_set():
                 self._nudged.clear()
-                due["poll"] = due["cancel"] = 0.0
+                for name in ("poll", "cancel"):
+                    if name in due:
+                        due[name] = 0.0
         return 0
+
+    def _once_done(self, rounds: dict[str, object], due: dict[str, float]) -> bool:
+        """--run-once: one poll only; the other rounds (cancellations above all) go on until
+        the runs taken (and adopted) have ended."""
+        rounds.pop("poll", None)
+        due.pop("poll", None)
+        return not self.active_runs()
 
     def _cancel_check_interval(self) -> float:
         """Check often only when the event stream is not there to report Cancelling (and

@@ -97,6 +97,28 @@ def test_run_once_ignores_max_starting(api, runtime) -> None:
     assert len(runtime.containers) == 4
 
 
+def test_run_once_keeps_checking_cancellations_until_its_runs_end(
+    api, runtime, hold, monkeypatch
+) -> None:
+    monkeypatch.setattr("dockerworker.worker.CANCEL_CHECK_SECONDS", 0.05)
+    run = api.add_run()
+    worker = make_worker(api, runtime, start=False, run_once=True,
+                         api_url="http://127.0.0.1:9/api")  # no event stream there
+    worker.shipper.stop(1)  # run() starts its own
+    worker.shipper = type(worker.shipper)(api)  # type: ignore[arg-type]
+    exit_code: list[int] = []
+    loop = threading.Thread(target=lambda: exit_code.append(worker.run()), daemon=True)
+    loop.start()
+    wait_until(lambda: running(worker) == 1)
+    later = api.add_run("later")  # due after the one poll: not this worker's
+    worker._nudged.set()
+    api.set_state(run.id, StateType.CANCELLING, force=True)
+    wait_until(lambda: api.state_of(run.id).type == StateType.CANCELLED)
+    loop.join(5)
+    assert exit_code == [0]
+    assert runtime.of_run(later.id) is None  # one poll only
+
+
 def test_a_full_worker_still_counts_as_polling(api, runtime, hold) -> None:
     api.add_run()
     worker = make_worker(api, runtime, limit=1)
