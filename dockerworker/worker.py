@@ -114,6 +114,7 @@ class Worker:
         self.events = EventListener(
             self.settings.api_url, self.settings.pool, self.settings.stream_token(),
             self.settings.auth_headers(), self._on_event, self.stop_event,
+            on_connect=self._nudged.set,  # events missed while away: poll and check now
         ).start()
         log.info(
             "worker %s polling pool %r%s every %.1fs (limit %s, starting at once %s%s)",
@@ -163,7 +164,8 @@ class Worker:
 
     def _cancel_check_interval(self) -> float:
         """Check often only when the event stream is not there to report Cancelling (and
-        Running, for start slots) as it happens."""
+        Running, for start slots) as it happens; with it, the check is a net for events the
+        stream missed (while it reconnected)."""
         if self.events is not None and self.events.connected.is_set():
             return CANCEL_CHECK_WITH_EVENTS
         return CANCEL_CHECK_SECONDS
@@ -254,23 +256,28 @@ class Worker:
         return list(self.admission.supervisors().values())
 
     # --- cancellation -------------------------------------------------------------------
+    def check_started(self) -> None:
+        """Starting runs that are RUNNING now free their start slots. Checked even while the
+        event stream is connected: a Running event it missed must not hold a slot until
+        the boot patience runs out."""
+        booting = self.admission.booting()
+        if not booting or not self.admission.max_starting:
+            return
+        try:
+            for flow_run in self.api.filter_flow_runs(
+                self.settings.pool, [StateType.RUNNING], ids=booting, patience=LOOP_PATIENCE
+            ):
+                self._seen_running(flow_run.id)
+        except PrefectAPIError as exc:
+            log.warning("checking for started runs failed: %s", exc)
+
     def check_cancellations(self) -> None:
         """Runs of ours moved to CANCELLING (UI or API): stop them, in a thread each.
-        Without the event stream, also look for starting runs that are RUNNING now."""
+        Also look for starting runs that are RUNNING now (check_started)."""
         supervisors = self.admission.supervisors()
         if not supervisors:
             return
-        booting = self.admission.booting()
-        if booting and self.admission.max_starting and not (
-            self.events is not None and self.events.connected.is_set()
-        ):
-            try:
-                for flow_run in self.api.filter_flow_runs(
-                    self.settings.pool, [StateType.RUNNING], ids=booting, patience=LOOP_PATIENCE
-                ):
-                    self._seen_running(flow_run.id)
-            except PrefectAPIError as exc:
-                log.warning("checking for started runs failed: %s", exc)
+        self.check_started()
         try:
             cancelling = self.api.filter_flow_runs(
                 self.settings.pool, [StateType.CANCELLING], ids=list(supervisors),

@@ -4,6 +4,7 @@ warm hand-over, leaving."""
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
 import pytest
 
@@ -13,6 +14,7 @@ from dockerworker.events import RUNNING_EVENT
 from dockerworker.runs import Phase, claim_message
 from dockerworker.runtime import EngineError
 from dockerworker.warm import LABEL_WARM, WARM_NAME_PREFIX
+from dockerworker.worker import CANCEL_CHECK_WITH_EVENTS
 
 from .fakes import FAKE_HOST, FakeAPI, FakeRuntime, Script, make_worker, settle, wait_until
 
@@ -85,6 +87,22 @@ def test_without_the_event_stream_the_cancel_check_sees_runs_running(api, runtim
     assert worker.free_slots() == 0
     worker.check_cancellations()  # the run is RUNNING on the server
     assert worker.free_slots() == 1
+
+
+def test_a_running_event_missed_by_the_connected_stream_frees_the_slot_anyway(
+    api, runtime, hold
+) -> None:
+    api.add_run()
+    worker = make_worker(api, runtime, max_starting=1)
+    worker.events = SimpleNamespace(connected=threading.Event())  # type: ignore[assignment]
+    worker.events.connected.set()  # connected, but the Running event was lost on the way
+    worker.poll()
+    wait_until(lambda: running(worker) == 1)
+    assert worker.free_slots() == 0
+    assert worker._cancel_check_interval() == CANCEL_CHECK_WITH_EVENTS  # a longer interval
+    worker.check_cancellations()
+    assert worker.free_slots() == 1
+    assert worker._nudged.is_set()  # take the next run at once
 
 
 def test_run_once_ignores_max_starting(api, runtime) -> None:
