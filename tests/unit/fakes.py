@@ -193,11 +193,14 @@ class FakeAPI:
         with self._lock:
             self.logs.extend(logs)
 
-    def read_logs_newest_first(self, flow_run_id: UUID, limit: int,
-                               offset: int = 0) -> list[dict[str, Any]]:
-        """What resume_point() reads: a page of the run's logs, newest first."""
+    def read_logs_newest_first(self, flow_run_id: UUID, limit: int, offset: int = 0,
+                               names: list[str] | None = None) -> list[dict[str, Any]]:
+        """What resume_point() reads: a page of the run's logs, newest first (the server
+        sends at most 200 a page)."""
+        limit = min(limit, 200)
         with self._lock:
-            rows = [e for e in self.logs if e["flow_run_id"] == str(flow_run_id)]
+            rows = [e for e in self.logs if e["flow_run_id"] == str(flow_run_id)
+                    and (names is None or e["name"] in names)]
         rows.sort(key=lambda e: e["timestamp"], reverse=True)
         return rows[offset:offset + limit]
 
