@@ -334,13 +334,14 @@ class PrefectAPI:
             self.request("POST", "/logs/", json=logs, patience=patience)
 
     def read_logs_newest_first(
-        self, flow_run_id: UUID, limit: int, offset: int = 0, names: list[str] | None = None
+        self, flow_run_id: UUID, limit: int, offset: int = 0, text: str | None = None
     ) -> list[dict[str, Any]]:
         """One page (at most 200, the server's bound) of a run's logs, newest first, as the
-        server sends them; only the loggers in `names`, if given."""
+        server sends them; with `text`, only those whose message or logger name match it
+        (Prefect's text search: terms, `-term` to exclude; servers before 3.4 answer 422)."""
         logs: dict[str, Any] = {"flow_run_id": {"any_": [str(flow_run_id)]}}
-        if names is not None:
-            logs["name"] = {"any_": names}
+        if text is not None:
+            logs["text"] = {"query": text}
         body = {
             "logs": logs,
             "sort": "TIMESTAMP_DESC",

@@ -52,7 +52,7 @@ STDERR_LOGGER = "dockerworker.container.stderr"
 NOTICE_LOGGER = "dockerworker"
 MAX_LINE_CHARS = 64 * 1024
 ENTRY_OVERHEAD = 512  # what one buffered entry costs in memory beyond its text, roughly
-BACKPRESSURE_SECONDS = 60.0  # how long a run waits for room, while nothing moves, before dropping
+BACKPRESSURE_SECONDS = 60.0  # a run's wait for room while the shipper is stuck, then drops
 # Answers that say "not now" rather than "not this": the batch is retried as it is.
 _AWAY_STATUSES = frozenset({401, 403, 408, 429, 502, 503, 504})
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -522,27 +522,49 @@ class ResumePoint:
 
 
 PAGE = 200  # the most rows the server sends for one read
+# Prefect's text search over message and logger name, one query per stream.
+_STREAM_QUERIES = ((STDOUT_LOGGER, "stdout", f"{STDOUT_LOGGER} -{STDERR_LOGGER}"),
+                   (STDERR_LOGGER, "stderr", STDERR_LOGGER))
 
 
 def resume_point(api: PrefectAPI, flow_run_id: UUID, depth: int = 20) -> ResumePoint:
-    """Read the cursor off the server: each stream's newest logs, read by logger name (the
-    server filters), so the answer does not depend on how many lines the run shipped nor on
-    what other loggers wrote since."""
+    """Read the cursor off the server: each stream's newest shipped lines, however many lines
+    the run shipped and whatever other loggers wrote since. The server's text search narrows
+    the read to each stream; a server without it (422) has every log of the run read, newest
+    first, until both tails are found."""
+    try:
+        found: dict[str, list[dict[str, Any]]] = {}
+        for name, _, query in _STREAM_QUERIES:
+            found.update(_newest_rows(api, flow_run_id, depth, {name}, query))
+    except PrefectAPIError as exc:
+        if exc.status != 422:
+            raise
+        found = _newest_rows(api, flow_run_id, depth, {STDOUT_LOGGER, STDERR_LOGGER}, None)
     tails: dict[str, list[str]] = {}
     newest: dict[str, datetime] = {}
-    for name, stream in ((STDOUT_LOGGER, "stdout"), (STDERR_LOGGER, "stderr")):
-        rows: list[dict[str, Any]] = []
-        while len(rows) < depth:
-            want = min(PAGE, depth - len(rows))
-            page = api.read_logs_newest_first(flow_run_id, limit=want, offset=len(rows),
-                                              names=[name])
-            rows.extend(page)
-            if len(page) < want:
-                break  # the stream has no more
-        if rows:
+    for name, stream, _ in _STREAM_QUERIES:
+        if rows := found.get(name):
             tails[stream] = [row["message"] for row in reversed(rows)]
             newest[stream] = datetime.fromisoformat(rows[0]["timestamp"])
     return ResumePoint(tails, newest)
+
+
+def _newest_rows(api: PrefectAPI, flow_run_id: UUID, depth: int, names: set[str],
+                 text: str | None) -> dict[str, list[dict[str, Any]]]:
+    """Up to `depth` newest rows of each logger in `names`, paging until all are found or
+    the run's logs (matching `text`) are exhausted."""
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    offset = 0
+    while any(len(kept) < depth for kept in rows.values()):
+        page = api.read_logs_newest_first(flow_run_id, limit=PAGE, offset=offset, text=text)
+        offset += len(page)
+        for row in page:
+            kept = rows.get(row["name"])
+            if kept is not None and len(kept) < depth:
+                kept.append(row)
+        if len(page) < PAGE:
+            break
+    return rows
 
 
 def first_unshipped(texts: list[str], tail: list[str]) -> int | None:

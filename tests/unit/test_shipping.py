@@ -230,6 +230,18 @@ def test_the_resume_point_is_exact_however_many_lines_were_shipped() -> None:
     assert point.newest["stdout"] == now + timedelta(seconds=1, milliseconds=1499)
 
 
+def test_a_server_without_text_search_has_every_log_read_until_both_tails_are_found() -> None:
+    api = FakeAPI()
+    now = datetime.now(UTC)
+    api.send_logs(_rows(RUN, STDERR_LOGGER, ["e0", "e1"], now))
+    api.send_logs(_rows(RUN, STDOUT_LOGGER, [f"o{i}" for i in range(1100)],
+                        now + timedelta(seconds=1)))
+    api.fail["read_logs_newest_first"] = PrefectAPIError("HTTP 422: extra_forbidden", 422)
+    point = resume_point(api, RUN, depth=5)  # type: ignore[arg-type]
+    assert point.tails == {"stdout": [f"o{i}" for i in range(1095, 1100)],
+                           "stderr": ["e0", "e1"]}
+
+
 class StubContainer:
     """`container.logs()` over fixed lines, as Docker answers it (timestamps=True)."""
 
