@@ -338,7 +338,7 @@ class PrefectAPI:
     ) -> list[dict[str, Any]]:
         """One page (at most 200, the server's bound) of a run's logs, newest first, as the
         server sends them; with `text`, only those whose message or logger name match it
-        (Prefect's text search: terms, `-term` to exclude; servers before 3.4 answer 422)."""
+        (Prefect's text search: terms, `-term` to exclude; older servers answer 422)."""
         logs: dict[str, Any] = {"flow_run_id": {"any_": [str(flow_run_id)]}}
         if text is not None:
             logs["text"] = {"query": text}
