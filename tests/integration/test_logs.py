@@ -27,6 +27,18 @@ def container_lines(rig: PrefectRig, run_id: str, stream: str = "") -> list[str]
     return [log["message"] for log in rig.read_logs(run_id) if log["name"] == name]
 
 
+def wait_until_shipped(rig: PrefectRig, run_id: str, timeout: float = 60.0) -> list[str]:
+    """The run's log messages once the worker's closing line for its container is among them:
+    the shipper sends in order, so every output line queued before it has arrived."""
+    deadline = time.monotonic() + timeout
+    while True:
+        messages = [log["message"] for log in rig.read_logs(run_id)]
+        if any("queued for the server" in m for m in messages):
+            return messages
+        assert time.monotonic() < deadline, f"the run's output was not all shipped: {messages}"
+        time.sleep(0.5)
+
+
 def test_log_prints_lines_appear_exactly_once(
     rig: PrefectRig, start_worker, unique_pool: str, flow_image: str
 ) -> None:
@@ -34,8 +46,7 @@ def test_log_prints_lines_appear_exactly_once(
     deployment = rig.create_deployment(unique_pool, "flows.py:prints_three", {"image": flow_image})
     run_id = rig.create_flow_run(deployment)
     assert rig.wait_for_final(run_id)["state"]["type"] == "COMPLETED"
-    time.sleep(2)  # the shipper batches for a moment after the run ends
-    messages = [log["message"] for log in rig.read_logs(run_id)]
+    messages = wait_until_shipped(rig, run_id)
     for text in ("line one", "line two", "line three"):
         assert sum(text in m for m in messages) == 1, (text, messages)
 
@@ -56,9 +67,8 @@ def test_import_error_reaches_logs_and_the_crash_message(
         time.sleep(0.5)
         run = rig.read_flow_run(run_id)
     assert run["state"]["type"] in ("CRASHED", "FAILED")
-    time.sleep(2)
     traceback_lines = [
-        m for m in (log["message"] for log in rig.read_logs(run_id))
+        m for m in wait_until_shipped(rig, run_id)
         if "ModuleNotFoundError" in m and "nonexistent_pkg_xyz" in m
     ]
     assert traceback_lines
@@ -77,7 +87,7 @@ def test_non_prefect_command_both_streams_and_the_crash(
     assert run["state"]["type"] == "CRASHED"
     assert "exited with code 2" in run["state"]["message"]
     assert "oops" in run["state"]["message"]
-    time.sleep(2)
+    wait_until_shipped(rig, run_id)
     logs = rig.read_logs(run_id)
     assert [(l["message"], l["level"]) for l in logs if l["name"] == CONTAINER] == [("hi", 20)]
     assert [(l["message"], l["level"]) for l in logs if l["name"] == CONTAINER + ".stderr"] == [
@@ -125,8 +135,7 @@ def test_lines_over_the_cap_are_left_out_with_a_notice(
     )
     run_id = rig.create_flow_run(deployment)
     rig.wait_for_final(run_id)
-    time.sleep(2)
-    messages = [log["message"] for log in rig.read_logs(run_id)]
+    messages = wait_until_shipped(rig, run_id)
     assert [m for m in messages if m.startswith("line ")] == [f"line {i:04}" for i in range(100)]
     assert any("truncated at max_log_bytes=1000: 900 more lines" in m for m in messages)
 
@@ -154,7 +163,7 @@ def test_server_down_for_ten_seconds_loses_no_line(
         server = start_prefect_server(port=port, home=home)
         rig = PrefectRig(server.url)
         rig.wait_for_final(run_id, timeout=120)
-        time.sleep(3)
+        wait_until_shipped(rig, run_id)
         assert container_lines(rig, run_id) == [f"tick {i}" for i in range(1, 61)]
         rig.close()
         worker.stop()  # while the server can still take its last log lines
