@@ -162,14 +162,17 @@ class LogShipper:
     def submit(self, entry: dict[str, Any], wait: float = 0.0,
                abort: threading.Event | None = None) -> bool:
         """Queue one entry. When the buffer is full, wait up to `wait` seconds for room (the
-        container's output waits in Docker meanwhile; `abort` ends the wait), then drop it and
-        count it for a notice."""
+        container's output waits in Docker meanwhile), then drop it and count it for a notice.
+        `abort` (the follower stopped: a later one resumes after the last line shipped) ends
+        the wait without counting the entry."""
         size = len(entry["message"]) + ENTRY_OVERHEAD
         deadline = time.monotonic() + wait
         with self._cond:
             while self._pending.bytes + size > self.max_buffer_bytes:
+                if abort is not None and abort.is_set():
+                    return False
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._stopping or (abort is not None and abort.is_set()):
+                if remaining <= 0 or self._stopping:
                     run = UUID(entry["flow_run_id"])
                     self._dropped[run] = self._dropped.get(run, 0) + 1
                     self.stats.dropped += 1

@@ -285,3 +285,18 @@ def test_resuming_after_a_cleaned_line_finds_it() -> None:
     assert shipper.flush(5)
     shipper.stop(1)
     assert api.messages(RUN) == shipped + [f"l{i}" for i in range(5, 10)]
+
+
+def test_a_stopped_follower_stops_waiting_and_leaves_the_line_for_the_next_one() -> None:
+    api = FakeAPI()
+    shipper = LogShipper(api, max_buffer_bytes=600, interval=0.01)  # type: ignore[arg-type]
+    output = RunOutput(shipper, RUN, max_bytes=10**6)  # a minute's budget
+    now = datetime.now(UTC)
+    output.add(OutputLine("stdout", now, "fits"))
+    waiting = threading.Thread(
+        target=output.add, args=(OutputLine("stdout", now + timedelta(milliseconds=1), "w"),))
+    waiting.start()
+    output.stop()  # the worker is leaving
+    waiting.join(2)
+    assert not waiting.is_alive()
+    assert shipper.stats.dropped == 0  # not "dropped": the next follower ships it
