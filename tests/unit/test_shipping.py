@@ -10,7 +10,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from dockerworker.api import PrefectAPIError, ServerUnreachable
+from dockerworker.api import PrefectAPIError, ServerUnreachable, StateType
 from dockerworker.logs import (
     STDERR_LOGGER,
     STDOUT_LOGGER,
@@ -22,7 +22,7 @@ from dockerworker.logs import (
     resume_point,
 )
 
-from .fakes import FakeAPI, wait_until
+from .fakes import FakeAPI, FakeRuntime, Script, make_worker, settle, wait_until
 
 RUN = uuid.uuid4()
 
@@ -300,3 +300,27 @@ def test_a_stopped_follower_stops_waiting_and_leaves_the_line_for_the_next_one()
     waiting.join(2)
     assert not waiting.is_alive()
     assert shipper.stats.dropped == 0  # not "dropped": the next follower ships it
+
+
+def test_a_run_printing_a_nul_holds_up_neither_its_verdict_nor_another_run_s_output() -> None:
+    api = RefusingAPI()
+    runtime = FakeRuntime(api)
+    poisoned, other = api.add_run("poisoned"), api.add_run("other")
+    printed = {str(poisoned.id): ["p1", "p\x002", "p3"],
+               str(other.id): [f"o{i}" for i in range(50)]}
+    runtime.script_for = lambda spec: Script(lines=[
+        ("stdout", text)
+        for text in printed[spec.create_kwargs["environment"]["PREFECT__FLOW_RUN_ID"]]
+    ])
+    worker = make_worker(api, runtime)
+    worker.poll()
+    settle(worker)  # both verdicts given, both slots free
+    assert worker.shipper.flush(5)
+
+    def shipped(run_id: uuid.UUID) -> list[str]:
+        return [e["message"] for e in api.logs
+                if e["flow_run_id"] == str(run_id) and e["name"] == STDOUT_LOGGER]
+
+    assert shipped(other.id) == printed[str(other.id)]
+    assert shipped(poisoned.id) == ["p1", "p\ufffd2", "p3"]
+    assert api.state_of(poisoned.id).type == api.state_of(other.id).type == StateType.COMPLETED
