@@ -24,7 +24,8 @@ sets `PREFECT_LOGGING_TO_API_ENABLED=false` gets every line shipped.
 Resuming after a worker restart: the server holds the cursor. Container lines are shipped with
 their Docker timestamps, made strictly increasing per run so the server's order is the
 container's order; the newest `dockerworker.container` and `dockerworker.container.stderr`
-logs of a run (read per logger, so however many lines were shipped) say how far shipping got.
+logs of a run (each stream read on its own, so however many lines were shipped) say how far
+shipping got.
 """
 
 from __future__ import annotations
@@ -281,18 +282,18 @@ class LogShipper:
         return []
 
     def _salvage(self, entry: dict[str, Any], why: _Refused) -> None:
-        """One line the server refused: send it cleaned, or drop it with a notice. The notice
-        doubles as a probe: when the server refuses that too, the fault is the server's, and
-        the line waits (_Away) instead of being dropped."""
+        """One line the server refused: send it cleaned (or, clean already, once more: the
+        error may have passed), or drop it with a notice. The notice doubles as a probe: when
+        the server refuses that too, the fault is the server's, and the line waits (_Away)
+        instead of being dropped."""
         message = entry["message"]
         cleaned = clean_text(message)
-        if cleaned != message:
-            try:
-                self._post([{**entry, "message": cleaned}])
-                self.stats.cleaned += 1
-                return
-            except _Refused as exc:
-                why = exc
+        try:
+            self._post([{**entry, "message": cleaned}])
+            self.stats.cleaned += cleaned != message
+            return
+        except _Refused as exc:
+            why = exc
         run = UUID(entry["flow_run_id"])
         said = (f"dockerworker: the server refused an output line of this run "
                 f"({len(message)} characters, printed at {entry['timestamp']}), so it was "

@@ -145,6 +145,22 @@ def test_a_line_refused_even_cleaned_is_dropped_with_a_notice() -> None:
     assert shipper.stats.refused == 1
 
 
+def test_a_passing_server_error_costs_no_line() -> None:
+    api = RefusingAPI()
+    blips = iter([True] * 4)  # l3 fails in 8, 4, 2 lines, and alone: then the error is gone
+    original = api.send_logs
+
+    def blip(logs: list[dict[str, Any]], patience: float | None = None) -> None:
+        if any(e["message"] == "l3" for e in logs) and next(blips, False):
+            raise ServerUnreachable("HTTP 500: deadlock detected", 500)
+        original(logs)
+
+    api.send_logs = blip  # type: ignore[method-assign]
+    shipper = _ship(api, [log_entry(RUN, f"l{i}") for i in range(8)])
+    assert api.messages(RUN) == [f"l{i}" for i in range(8)]
+    assert shipper.stats.refused == 0
+
+
 def test_a_lone_surrogate_that_cannot_be_encoded_is_cleaned() -> None:
     api = RefusingAPI(poison="never")
     shipper = _ship(api, [log_entry(RUN, "x\udcff"), log_entry(RUN, "y")])
