@@ -110,7 +110,8 @@ class EventListener:
 
     def _listen(self) -> None:
         with connect(self.url, subprotocols=["prefect"], additional_headers=self.headers,
-                     open_timeout=10, close_timeout=self.close_timeout, ping_interval=self.ping_interval,
+                     open_timeout=10, close_timeout=self.close_timeout,
+                     ping_interval=self.ping_interval,
                      ping_timeout=self.ping_timeout) as socket:
             self._subscribe(socket)
             self.connections += 1
