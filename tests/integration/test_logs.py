@@ -272,7 +272,8 @@ def test_a_poison_line_is_cleaned_and_other_runs_output_keeps_flowing(
     docker_client,
 ) -> None:
     """Issue 14: a NUL the server refuses neither stalls the shipper nor costs other lines."""
-    start_worker(unique_pool, api_url=refusing_proxy.url)
+    # The runs are not Prefect flows: they never report RUNNING, so no start slots bound them.
+    worker = start_worker(unique_pool, "--max-starting", "0", api_url=refusing_proxy.url)
     poison = rig.create_deployment(unique_pool, "flows.py:hello", {
         "image": flow_image,
         "command": "sh -c 'echo a before; printf \"a nul\\000here\\n\"; echo a after; sleep 120'",
@@ -290,6 +291,8 @@ def test_a_poison_line_is_cleaned_and_other_runs_output_keeps_flowing(
     assert container_lines(rig, poisoned) == ["a before", "a nul\ufffdhere", "a after"]
     running = docker_client.containers.list(filters={"label": f"{POOL_LABEL}={unique_pool}"})
     assert len(running) == 1  # the poisoned run is still going: nothing waited for its end
+    worker.stop()
+    assert "1 lines cleaned and 0 refused by the server" in worker.output()
 
 
 def test_resuming_after_more_than_a_thousand_shipped_lines(
