@@ -22,6 +22,21 @@ from websockets.exceptions import WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
 log = logging.getLogger(__name__)
+
+
+class _HandledKeepaliveFailure(logging.Filter):
+    """websockets logs a keepalive timeout on a half-open connection as an ERROR with a
+    traceback; the listener handles it (reconnects, says so at INFO): keep it at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage() == "keepalive ping failed":
+            record.levelno, record.levelname, record.exc_info = logging.DEBUG, "DEBUG", None
+            return log.isEnabledFor(logging.DEBUG)
+        return True
+
+
+_socket_log = logging.getLogger(f"{__name__}.websocket")
+_socket_log.addFilter(_HandledKeepaliveFailure())
 RUNNING_EVENT = "prefect.flow-run.Running"
 PING_INTERVAL = 20.0  # keepalive: a ping every so often...
 PING_TIMEOUT = 20.0  # ...answered within this, or the connection counts as lost
@@ -111,8 +126,8 @@ class EventListener:
     def _listen(self) -> None:
         with connect(self.url, subprotocols=["prefect"], additional_headers=self.headers,
                      open_timeout=10, close_timeout=self.close_timeout,
-                     ping_interval=self.ping_interval,
-                     ping_timeout=self.ping_timeout) as socket:
+                     ping_interval=self.ping_interval, ping_timeout=self.ping_timeout,
+                     logger=_socket_log) as socket:
             self._subscribe(socket)
             self.connections += 1
             self.connected.set()

@@ -4,6 +4,7 @@ half-open connection (a proxy that swallows every byte) stops counting as connec
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import socket
 import threading
@@ -96,7 +97,7 @@ def stream() -> Iterator[tuple[StreamServer, SwallowingProxy]]:
     server.server.shutdown()
 
 
-def test_events_arrive_and_a_half_open_stream_counts_as_disconnected(stream) -> None:
+def test_events_arrive_and_a_half_open_stream_counts_as_disconnected(stream, caplog) -> None:
     server, proxy = stream
     seen: list[tuple[str, str]] = []
     connects: list[int] = []
@@ -119,6 +120,7 @@ def test_events_arrive_and_a_half_open_stream_counts_as_disconnected(stream) -> 
         wait_until(lambda: (RUNNING_EVENT, "prefect.flow-run.r2") in seen)
     finally:
         stop.set()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # handled, not alarming
 
 
 def test_without_keepalive_a_half_open_stream_would_stay_connected(stream) -> None:
