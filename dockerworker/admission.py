@@ -3,8 +3,9 @@
 `--limit` bounds the runs in flight (adopted runs count); a slot is freed the moment its
 supervisor ends. `--max-starting` bounds the runs still starting (claimed, not yet seen
 RUNNING): a container booting Prefect is CPU-heavy, and a burst booted all at once reaches
-RUNNING later for every run. A run stops counting as starting when the event stream (or the
-worker's check) sees it RUNNING, or after BOOT_PATIENCE, RUNNING or not.
+RUNNING later for every run. A run stops counting as starting when the event stream or the
+worker's check (which runs with the stream too, less often: events can be missed) sees it
+RUNNING, or after BOOT_PATIENCE, RUNNING or not.
 
 One object owns these numbers behind its own lock; the worker loop and the event thread call
 it, nothing else writes its state (arq's semaphore with a done-callback, made explicit).

@@ -43,7 +43,12 @@ log = logging.getLogger(__name__)
 
 
 class PrefectAPIError(Exception):
-    """A request the server answered with an error, or could not be made at all."""
+    """A request the server answered with an error, or could not be made at all. `status` is
+    the HTTP status of the answer (None: no answer)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class ServerUnreachable(PrefectAPIError):
@@ -402,15 +407,16 @@ class PrefectAPI:
             if code in (401, 403):
                 raise AuthRejected(
                     f"the server rejected the API key / credentials (HTTP {code} from "
-                    f"{self.api_url}): {detail}; check PREFECT_API_KEY or PREFECT_API_AUTH_STRING"
+                    f"{self.api_url}): {detail}; check PREFECT_API_KEY or PREFECT_API_AUTH_STRING",
+                    code,
                 ) from exc
             if code == 404:
-                raise NotFound(f"{method} {path}: not found ({detail})") from exc
+                raise NotFound(f"{method} {path}: not found ({detail})", code) from exc
             if code == 429 or code >= 500:
                 raise ServerUnreachable(
-                    f"the Prefect server at {self.api_url} answered HTTP {code}: {detail}"
+                    f"the Prefect server at {self.api_url} answered HTTP {code}: {detail}", code
                 ) from exc
-            raise PrefectAPIError(f"{method} {path}: HTTP {code}: {detail}") from exc
+            raise PrefectAPIError(f"{method} {path}: HTTP {code}: {detail}", code) from exc
         if response.status_code == 204 or not response.content:
             return None
         return response.json()
@@ -551,11 +557,16 @@ class PrefectAPI:
             self.request("POST", "/logs/", json=logs, patience=patience)
 
     def read_logs_newest_first(
-        self, flow_run_id: UUID, limit: int, offset: int = 0
+        self, flow_run_id: UUID, limit: int, offset: int = 0, text: str | None = None
     ) -> list[dict[str, Any]]:
-        """One page of a run's logs, newest first, as the server sends them."""
+        """One page (at most 200, the server's bound) of a run's logs, newest first, as the
+        server sends them; with `text`, only those whose message or logger name match it
+        (Prefect's text search: terms, `-term` to exclude; older servers answer 422)."""
+        logs: dict[str, Any] = {"flow_run_id": {"any_": [str(flow_run_id)]}}
+        if text is not None:
+            logs["text"] = {"query": text}
         body = {
-            "logs": {"flow_run_id": {"any_": [str(flow_run_id)]}},
+            "logs": logs,
             "sort": "TIMESTAMP_DESC",
             "limit": limit,
             "offset": offset,

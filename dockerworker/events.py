@@ -5,24 +5,41 @@ of its pool. On Scheduled or Cancelling it polls (or checks cancellations) at on
 the next interval; Running tells it one of its runs has started (a start slot is free).
 Polling stays the source of truth: the stream only makes it prompt. When the stream is down
 (an old server, a proxy without websockets) the worker simply keeps polling, reconnecting in
-the background with backoff.
+the background with backoff. Keepalive pings tell a live stream from a half-open one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
 from websockets.exceptions import WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
 log = logging.getLogger(__name__)
+
+
+class _HandledKeepaliveFailure(logging.Filter):
+    """websockets logs a keepalive timeout on a half-open connection as an ERROR with a
+    traceback; the listener handles it (reconnects, says so at INFO): keep it at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage() == "keepalive ping failed":
+            record.levelno, record.levelname, record.exc_info = logging.DEBUG, "DEBUG", None
+            return log.isEnabledFor(logging.DEBUG)
+        return True
+
+
+_socket_log = logging.getLogger(f"{__name__}.websocket")
+_socket_log.addFilter(_HandledKeepaliveFailure())
 RUNNING_EVENT = "prefect.flow-run.Running"
+PING_INTERVAL = 20.0  # keepalive: a ping every so often...
+PING_TIMEOUT = 20.0  # ...answered within this, or the connection counts as lost
 WATCHED_EVENTS = ["prefect.flow-run.Scheduled", "prefect.flow-run.Cancelling", RUNNING_EVENT]
 
 
@@ -42,7 +59,14 @@ def concerns_pool(event: dict[str, Any], pool: str) -> bool:
 
 
 class EventListener:
-    """A daemon thread calling `on_event(name, resource id)` for each watched event of `pool`."""
+    """A daemon thread calling `on_event(name, resource id)` for each watched event of `pool`.
+
+    `connected` is set only while the subscription is live: keepalive pings every
+    `ping_interval` seconds must be answered within `ping_timeout`, so a half-open connection
+    (the server or a proxy gone without a FIN) counts as disconnected, and the worker falls
+    back to checking by itself. `on_connect` runs after each (re)subscription: events sent
+    while the stream was away are lost, so the worker catches up at once.
+    """
 
     def __init__(
         self,
@@ -52,14 +76,26 @@ class EventListener:
         headers: dict[str, str],
         on_event: Callable[[str, str], None],
         stop: threading.Event,
+        *,
+        on_connect: Callable[[], None] | None = None,
+        ping_interval: float = PING_INTERVAL,
+        ping_timeout: float = PING_TIMEOUT,
+        max_backoff: float = 30.0,
+        close_timeout: float = 2.0,
     ) -> None:
         self.url = events_url(api_url)
         self.pool = pool
         self.token = token
         self.headers = headers
         self.on_event = on_event
+        self.on_connect = on_connect
         self.stop = stop
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.max_backoff = max_backoff
+        self.close_timeout = close_timeout
         self.connected = threading.Event()
+        self.connections = 0  # successful subscriptions, for tests and logs
         self._thread = threading.Thread(target=self._run, name="events", daemon=True)
 
     def start(self) -> EventListener:
@@ -67,31 +103,37 @@ class EventListener:
         return self
 
     def _run(self) -> None:
-        def explain(state: Any) -> None:
-            self.connected.clear()
-            if state.attempt_number in (1, 10) or state.attempt_number % 100 == 0:
-                log.info("event stream %s unavailable (%s); polling meanwhile",
-                         self.url, state.outcome.exception())
-
-        for attempt in Retrying(
-            retry=retry_if_exception_type((OSError, WebSocketException, ValueError)),
-            wait=wait_exponential_jitter(multiplier=1, max=30),
-            before_sleep=explain,
-        ):
-            with attempt:
-                if self.stop.is_set():
-                    return
+        failures = 0
+        while not self.stop.is_set():
+            subscribed_before = self.connections
+            try:
                 self._listen()
                 if self.stop.is_set():
                     return
                 raise ConnectionError("the server closed the event stream")
+            except (OSError, WebSocketException, ValueError) as exc:
+                if self.connections > subscribed_before:
+                    failures = 0  # it worked for a while: reconnect quickly
+                failures += 1
+                if failures in (1, 10) or failures % 100 == 0:
+                    log.info("event stream %s unavailable (%s); polling meanwhile",
+                             self.url, exc)
+            finally:
+                self.connected.clear()
+            delay = min(self.max_backoff, 0.5 * 2 ** min(failures - 1, 10))
+            self.stop.wait(delay * random.uniform(0.5, 1.0))
 
     def _listen(self) -> None:
         with connect(self.url, subprotocols=["prefect"], additional_headers=self.headers,
-                     open_timeout=10, close_timeout=2) as socket:
+                     open_timeout=10, close_timeout=self.close_timeout,
+                     ping_interval=self.ping_interval, ping_timeout=self.ping_timeout,
+                     logger=_socket_log) as socket:
             self._subscribe(socket)
+            self.connections += 1
             self.connected.set()
             log.info("subscribed to the server's flow-run events for pool %r", self.pool)
+            if self.on_connect is not None:
+                self.on_connect()
             while not self.stop.is_set():
                 try:
                     raw = socket.recv(timeout=1)

@@ -5,9 +5,13 @@ Two pieces:
   Prefect's engine already shipped itself, applies the per-run cap (`max_log_bytes`), echoes
   to the worker's console (`stream_output`) and hands log entries to the shipper.
 - `LogShipper`, one per worker, sends entries in batches (by count, size and a short interval)
-  to `POST /logs/`, retrying with backoff while the server is away. Its buffer is bounded: when
-  it is full, followers stop reading (the output waits in Docker's log) for up to a minute;
-  what still does not fit is dropped, counted and reported in a notice. A run never blocks.
+  to `POST /logs/`, retrying with backoff while the server is away. A batch the server answers
+  with an error is split in halves until the lines it refuses are found; each is cleaned (NUL,
+  lone surrogates) and sent again, or dropped with a notice in its run's logs, so one poison
+  line never holds up the output of every run. Its buffer is bounded: when it is full,
+  followers stop reading (the output waits in Docker's log), each run for at most a minute
+  while the shipper makes no progress; what still does not fit is dropped, counted and
+  reported in a notice. A run never blocks.
 
 What the engine already shipped: inside the container, Prefect's engine sends the records of
 its flow-run and task-run loggers to the API and also prints them to stderr as
@@ -19,12 +23,15 @@ sets `PREFECT_LOGGING_TO_API_ENABLED=false` gets every line shipped.
 
 Resuming after a worker restart: the server holds the cursor. Container lines are shipped with
 their Docker timestamps, made strictly increasing per run so the server's order is the
-container's order; the newest `dockerworker.container*` log of a run says how far shipping got.
+container's order; the newest `dockerworker.container` and `dockerworker.container.stderr`
+logs of a run (each stream read on its own, so however many lines were shipped) say how far
+shipping got.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import re
 import threading
 import time
@@ -36,9 +43,8 @@ from typing import Any
 from uuid import UUID
 
 from docker.models.containers import Container
-from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
 
-from .api import PrefectAPI, PrefectAPIError, ServerUnreachable
+from .api import PrefectAPI, PrefectAPIError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +53,10 @@ STDERR_LOGGER = "dockerworker.container.stderr"
 NOTICE_LOGGER = "dockerworker"
 MAX_LINE_CHARS = 64 * 1024
 ENTRY_OVERHEAD = 512  # what one buffered entry costs in memory beyond its text, roughly
-BACKPRESSURE_SECONDS = 60.0  # how long a follower waits for room before dropping lines
+BACKPRESSURE_SECONDS = 60.0  # a run's wait for room while the shipper is stuck, then drops
+# Answers that say "not now" rather than "not this": the batch is retried as it is.
+_AWAY_STATUSES = frozenset({401, 403, 408, 429, 502, 503, 504})
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 _ENGINE_RECORD = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \| [A-Z]+ *\| (?:Flow run|Task run) '")
 _ANY_RECORD = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \| [A-Z]+ *\| ")
@@ -93,8 +102,25 @@ class EngineEchoFilter:
 class ShipperStats:
     requests: int = 0
     entries: int = 0
-    dropped: int = 0
-    failures: int = 0
+    dropped: int = 0  # for want of room in the buffer
+    failures: int = 0  # attempts while the server was away
+    cleaned: int = 0  # lines the server refused until NUL and the like were replaced
+    refused: int = 0  # lines the server refused even cleaned: dropped with a notice
+
+
+class _Away(Exception):
+    """No answer, or an answer that says "not now": try the same lines again later."""
+
+
+class _Refused(Exception):
+    """The server answered these lines with an error (or they cannot be encoded)."""
+
+
+def clean_text(text: str) -> str:
+    """What a database may refuse, replaced by U+FFFD: NUL (PostgreSQL's text type has no
+    place for it) and lone surrogates (not encodable as UTF-8; invalid UTF-8 from a container
+    is replaced when it is decoded)."""
+    return _SURROGATE.sub("\ufffd", text.replace("\x00", "\ufffd"))
 
 
 @dataclass
@@ -113,16 +139,19 @@ class LogShipper:
         batch_entries: int = 1000,
         batch_bytes: int = 1024 * 1024,
         interval: float = 0.5,
+        max_backoff: float = 5.0,
     ) -> None:
         self.api = api
         self.max_buffer_bytes = max_buffer_bytes
         self.batch_entries = batch_entries
         self.batch_bytes = batch_bytes
         self.interval = interval
+        self.max_backoff = max_backoff
         self.stats = ShipperStats()
         self._pending = _Pending()
         self._dropped: dict[UUID, int] = {}
         self._in_flight = 0
+        self.progress = 0  # batches taken from the buffer so far: room was made
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="log-shipper", daemon=True)
@@ -131,13 +160,18 @@ class LogShipper:
         self._thread.start()
         return self
 
-    def submit(self, entry: dict[str, Any], wait: float = 0.0) -> bool:
+    def submit(self, entry: dict[str, Any], wait: float = 0.0,
+               abort: threading.Event | None = None) -> bool:
         """Queue one entry. When the buffer is full, wait up to `wait` seconds for room (the
-        container's output waits in Docker meanwhile), then drop it and count it for a notice."""
+        container's output waits in Docker meanwhile), then drop it and count it for a notice.
+        `abort` (the follower stopped: a later one resumes after the last line shipped) ends
+        the wait without counting the entry."""
         size = len(entry["message"]) + ENTRY_OVERHEAD
         deadline = time.monotonic() + wait
         with self._cond:
             while self._pending.bytes + size > self.max_buffer_bytes:
+                if abort is not None and abort.is_set():
+                    return False
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._stopping:
                     run = UUID(entry["flow_run_id"])
@@ -171,9 +205,12 @@ class LogShipper:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join(timeout=5)
+        stats = self.stats
         log.info(
-            "log shipper: %d entries sent in %d requests, %d dropped, %d failed attempts",
-            self.stats.entries, self.stats.requests, self.stats.dropped, self.stats.failures,
+            "log shipper: %d entries sent in %d requests, %d dropped, %d failed attempts, "
+            "%d lines cleaned and %d refused by the server",
+            stats.entries, stats.requests, stats.dropped, stats.failures, stats.cleaned,
+            stats.refused,
         )
 
     # --- the thread ---------------------------------------------------------------------
@@ -193,6 +230,7 @@ class LogShipper:
             size += entry_size
             batch.append(entry)
         self._in_flight = len(batch)
+        self.progress += 1
         return batch
 
     def _run(self) -> None:
@@ -212,29 +250,78 @@ class LogShipper:
                 self._cond.notify_all()
 
     def _send(self, batch: list[dict[str, Any]]) -> None:
-        """Send one batch, retrying while the server is unreachable; a 4xx drops the batch."""
+        """Send one batch: while the server is away, the same lines again with backoff; lines
+        it refuses are found by halving and cleaned or dropped (`_attempt`), in order."""
+        todo = [batch]  # the last is next
+        failures = 0
+        while todo:
+            segment = todo.pop()
+            try:
+                todo.extend(self._attempt(segment))
+            except _Away as exc:
+                failures += 1
+                self.stats.failures += 1
+                if failures in (1, 10) or failures % 50 == 0:
+                    log.warning("shipping %d log lines failed (%s); retrying", len(segment), exc)
+                todo.append(segment)
+                pause = min(self.max_backoff, 0.5 * 2 ** min(failures - 1, 10))
+                time.sleep(pause * random.uniform(0.5, 1.0))
+                continue
+            failures = 0
 
-        def note_failure(state: Any) -> None:
-            self.stats.failures += 1
-            if state.attempt_number in (1, 10) or state.attempt_number % 50 == 0:
-                log.warning("shipping %d log lines failed (%s); retrying",
-                            len(batch), state.outcome.exception())
-
-        retrying = Retrying(
-            retry=retry_if_exception_type(ServerUnreachable),
-            wait=wait_exponential_jitter(multiplier=0.5, max=5),
-            before_sleep=note_failure,
-            reraise=True,
-        )
+    def _attempt(self, segment: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        """Ship `segment`; returns what is left to ship instead: its halves when the server
+        refused it (the first half last, so it goes first). Raises _Away."""
         try:
-            for attempt in retrying:
-                with attempt:
-                    self.stats.requests += 1
-                    self.api.send_logs(batch, patience=0)
-        except PrefectAPIError as exc:
-            log.error("the server refused %d log lines, dropping them: %s", len(batch), exc)
+            self._post(segment)
+        except _Refused as exc:
+            if len(segment) > 1:
+                middle = len(segment) // 2
+                return [segment[middle:], segment[:middle]]
+            self._salvage(segment[0], exc)
+        return []
+
+    def _salvage(self, entry: dict[str, Any], why: _Refused) -> None:
+        """One line the server refused: send it cleaned (or, clean already, once more: the
+        error may have passed), or drop it with a notice. The notice doubles as a probe: when
+        the server refuses that too, the fault is the server's, and the line waits (_Away)
+        instead of being dropped."""
+        message = entry["message"]
+        cleaned = clean_text(message)
+        try:
+            self._post([{**entry, "message": cleaned}])
+            self.stats.cleaned += cleaned != message
             return
-        self.stats.entries += len(batch)
+        except _Refused as exc:
+            why = exc
+        run = UUID(entry["flow_run_id"])
+        said = (f"dockerworker: the server refused an output line of this run "
+                f"({len(message)} characters, printed at {entry['timestamp']}), so it was "
+                "dropped")
+        for notice in (f"{said}: {clean_text(str(why))[:300]}", said):  # the reason may echo it
+            try:
+                self._post([_notice(run, notice)])
+                break
+            except _Refused as exc:
+                refused = exc
+        else:
+            raise _Away(f"the server refuses even a plain notice: {refused}")
+        self.stats.refused += 1
+        log.warning("the server refused an output line of flow run %s, dropped it: %s",
+                    entry["flow_run_id"], why)
+
+    def _post(self, entries: list[dict[str, Any]]) -> None:
+        """One request; its failure sorted into _Away (try again) or _Refused (the content)."""
+        self.stats.requests += 1
+        try:
+            self.api.send_logs(entries, patience=0)
+        except PrefectAPIError as exc:
+            if exc.status is None or exc.status in _AWAY_STATUSES:
+                raise _Away(str(exc)) from exc
+            raise _Refused(str(exc)) from exc
+        except (UnicodeError, ValueError, TypeError) as exc:  # not even encodable as JSON
+            raise _Refused(f"{exc.__class__.__name__}: {exc}") from exc
+        self.stats.entries += len(entries)
 
 
 def log_entry(
@@ -265,8 +352,14 @@ class RunOutput:
         echo: Any = None,
         skip_engine_records: bool = True,
         mask: Callable[[str], str] = str,
+        backpressure: float = BACKPRESSURE_SECONDS,
     ) -> None:
+        """`backpressure`: how long this run's followers wait in all for room in the
+        shipper's buffer while it makes no progress, before lines are dropped (counted)."""
         self.shipper = shipper
+        self.backpressure = backpressure
+        self._stalled = 0.0  # seconds waited in vain since the shipper last made room
+        self._progress = shipper.progress
         self.mask = mask
         self.flow_run_id = flow_run_id
         self.max_bytes = max_bytes
@@ -340,13 +433,20 @@ class RunOutput:
         )
         lines = [parse_docker_line(r, stream) for r in raw.split(b"\n") if r.strip()]
         shippable = [line for line in lines if not self._shipped_by_engine(line, engine_filter)]
-        start = first_unshipped([_clip(line.text) for line in shippable], tail)
-        if start is None:  # the tail is not in the window: go by time
-            start = next((i for i, line in enumerate(shippable) if line.timestamp > newest),
-                         len(shippable))
-        for line in shippable[start:]:
+        # A line is shipped stamped with its own time or just after its predecessor, never
+        # earlier: lines after `newest` were not shipped; the tail ends among the others.
+        by_time = next((i for i, line in enumerate(shippable) if line.timestamp > newest),
+                       len(shippable))
+        start = first_unshipped([clean_text(self._outgoing(line.text))
+                                 for line in shippable[:by_time]],
+                                [clean_text(text) for text in tail])
+        for line in shippable[by_time if start is None else start:]:
             self.add(line)
         return until
+
+    def _outgoing(self, text: str) -> str:
+        """A line's text as it is shipped."""
+        return self.mask(_clip(text))
 
     def _shipped_by_engine(self, line: OutputLine, engine_filter: EngineEchoFilter) -> bool:
         return (
@@ -360,7 +460,7 @@ class RunOutput:
             self.echo(self.mask(line.text))
         if engine_filter is not None and self._shipped_by_engine(line, engine_filter):
             return
-        text = self.mask(_clip(line.text))
+        text = self._outgoing(line.text)
         size = len(text.encode("utf-8", errors="replace")) + 1
         with self._lock:
             if self.bytes + size > self.max_bytes:
@@ -374,16 +474,26 @@ class RunOutput:
             if self._last is not None and stamp <= self._last:
                 stamp = self._last + _ONE_MICROSECOND
             self._last = stamp
-        self.shipper.submit(
-            {
-                "name": STDOUT_LOGGER if line.stream == "stdout" else STDERR_LOGGER,
-                "level": logging.INFO if line.stream == "stdout" else logging.WARNING,
-                "message": text,
-                "timestamp": stamp.isoformat(),
-                "flow_run_id": str(self.flow_run_id),
-            },
-            wait=BACKPRESSURE_SECONDS,
-        )
+        self._submit({
+            "name": STDOUT_LOGGER if line.stream == "stdout" else STDERR_LOGGER,
+            "level": logging.INFO if line.stream == "stdout" else logging.WARNING,
+            "message": text,
+            "timestamp": stamp.isoformat(),
+            "flow_run_id": str(self.flow_run_id),
+        })
+
+    def _submit(self, entry: dict[str, Any]) -> None:
+        """Hand a line to the shipper, waiting for room only while this run's budget lasts:
+        a stuck shipper costs the run `backpressure` seconds in all, not that much per line.
+        Once the shipper makes room again, the budget is whole again."""
+        with self._lock:
+            if self.shipper.progress != self._progress:
+                self._progress, self._stalled = self.shipper.progress, 0.0
+            budget = max(0.0, self.backpressure - self._stalled)
+        began = time.monotonic()
+        kept = self.shipper.submit(entry, wait=budget, abort=self._stopped)
+        with self._lock:
+            self._stalled = 0.0 if kept else self._stalled + time.monotonic() - began
 
     def close(self) -> str:
         """After the container ended: the truncation notice, if any; returns a summary."""
@@ -415,24 +525,50 @@ class ResumePoint:
     newest: dict[str, datetime]
 
 
-def resume_point(api: PrefectAPI, flow_run_id: UUID, depth: int = 20,
-                 pages: int = 5) -> ResumePoint:
-    """Read the cursor off the server: the run's newest `dockerworker.container*` logs."""
-    streams = {STDOUT_LOGGER: "stdout", STDERR_LOGGER: "stderr"}
+PAGE = 200  # the most rows the server sends for one read
+# Prefect's text search over message and logger name, one query per stream.
+_STREAM_QUERIES = ((STDOUT_LOGGER, "stdout", f"{STDOUT_LOGGER} -{STDERR_LOGGER}"),
+                   (STDERR_LOGGER, "stderr", STDERR_LOGGER))
+
+
+def resume_point(api: PrefectAPI, flow_run_id: UUID, depth: int = 20) -> ResumePoint:
+    """Read the cursor off the server: each stream's newest shipped lines, however many lines
+    the run shipped and whatever other loggers wrote since. The server's text search narrows
+    the read to each stream; a server without it (422) has every log of the run read, newest
+    first, until both tails are found."""
+    try:
+        found: dict[str, list[dict[str, Any]]] = {}
+        for name, _, query in _STREAM_QUERIES:
+            found.update(_newest_rows(api, flow_run_id, depth, {name}, query))
+    except PrefectAPIError as exc:
+        if exc.status != 422:
+            raise
+        found = _newest_rows(api, flow_run_id, depth, {STDOUT_LOGGER, STDERR_LOGGER}, None)
     tails: dict[str, list[str]] = {}
     newest: dict[str, datetime] = {}
-    for page in range(pages):
-        rows = api.read_logs_newest_first(flow_run_id, limit=200, offset=page * 200)
-        for row in rows:
-            stream = streams.get(row["name"])
-            if stream is None or len(tails.get(stream, [])) >= depth:
-                continue
-            tails.setdefault(stream, []).insert(0, row["message"])
-            newest.setdefault(stream, datetime.fromisoformat(row["timestamp"]))
-        both_full = len(tails) == 2 and all(len(t) >= depth for t in tails.values())
-        if len(rows) < 200 or both_full:
-            break
+    for name, stream, _ in _STREAM_QUERIES:
+        if rows := found.get(name):
+            tails[stream] = [row["message"] for row in reversed(rows)]
+            newest[stream] = datetime.fromisoformat(rows[0]["timestamp"])
     return ResumePoint(tails, newest)
+
+
+def _newest_rows(api: PrefectAPI, flow_run_id: UUID, depth: int, names: set[str],
+                 text: str | None) -> dict[str, list[dict[str, Any]]]:
+    """Up to `depth` newest rows of each logger in `names`, paging until all are found or
+    the run's logs (matching `text`) are exhausted."""
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    offset = 0
+    while any(len(kept) < depth for kept in rows.values()):
+        page = api.read_logs_newest_first(flow_run_id, limit=PAGE, offset=offset, text=text)
+        offset += len(page)
+        for row in page:
+            kept = rows.get(row["name"])
+            if kept is not None and len(kept) < depth:
+                kept.append(row)
+        if len(page) < PAGE:
+            break
+    return rows
 
 
 def first_unshipped(texts: list[str], tail: list[str]) -> int | None:

@@ -87,7 +87,8 @@ class WorkerSettings(BaseModel):
                     "least one each, the most recently used first); each still serves one run.")
     run_once: Annotated[bool, Flag("--run-once")] = Field(
         default=False,
-        description="Process the runs that are due now, wait for them, then exit.")
+        description="Process the runs that are due now, wait for them (cancelling those "
+                    "cancelled meanwhile), then exit.")
     drain: Annotated[bool, Flag("--drain", env="DOCKERWORKER_DRAIN")] = Field(
         default=False,
         description="On SIGTERM/SIGINT, wait for this worker's runs to finish before exiting "

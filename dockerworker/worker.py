@@ -81,6 +81,7 @@ class Worker(RecoveryRounds):
         self.recovery: Recovery | None = None
         self._nudged = threading.Event()  # set by the event stream, or to stop: act now
         self.events: EventListener | None = None
+        self._polled_once = False  # --run-once: its one poll is done
         self.warm = WarmPool(runtime, settings.warm) if settings.warm else None
 
     # --- start-up -----------------------------------------------------------------------
@@ -124,6 +125,7 @@ class Worker(RecoveryRounds):
             self.events = EventListener(
                 self.settings.api_url, self.settings.pool, self.settings.stream_token(),
                 self.settings.auth_headers(), self._on_event, self.stop_event,
+                on_connect=self._nudged.set,  # events missed while away: poll and check now
             ).start()
         log.info(
             "worker %s polling pool %r%s every %.1fs (limit %s, starting at once %s%s)",
@@ -141,20 +143,24 @@ class Worker(RecoveryRounds):
                 if time.monotonic() >= due[name]:
                     self._step(name, action)
                     due[name] = time.monotonic() + interval()
+            pause = min(due[name] for name in self._rounds()) - time.monotonic()
             if self.settings.run_once:
-                self.wait_for_runs()
-                return 0
-            self._nudged.wait(max(0.05, min(due.values()) - time.monotonic()))
+                self._polled_once = True
+                if not self.active_runs():  # the runs taken (and adopted) have ended
+                    return 0
+                pause = min(pause, 0.2)  # notice the last run's end at once
+            self._nudged.wait(max(0.05, pause))
             if self._nudged.is_set():
                 self._nudged.clear()
                 due["poll"] = due["cancellations"] = 0.0
         return 0
 
     def _rounds(self) -> dict[str, tuple[Callable[[], float], Callable[[], None]]]:
-        """The loop's rounds, in order: (interval, action) each; each fails alone (`_step`)."""
+        """The loop's rounds, in order: (interval, action) each; each fails alone (`_step`).
+        --run-once polls once; the other rounds (cancellations above all) go on."""
         every_beat = lambda: self.settings.heartbeat_interval
         every_minute = lambda: RECONCILE_SECONDS
-        return {
+        rounds = {
             "heartbeat": (every_beat, self._heartbeat),
             "poll": (lambda: self.settings.poll_interval, self.poll),
             "cancellations": (self._cancel_check_interval, self.check_cancellations),
@@ -165,10 +171,14 @@ class Worker(RecoveryRounds):
             "removal": (every_minute, self._remove_finished),
             "warm expiry": (every_minute, self._expire_warm),
         }
+        if self.settings.run_once and self._polled_once:
+            del rounds["poll"]
+        return rounds
 
     def _cancel_check_interval(self) -> float:
         """Check often only when the event stream is not there to report Cancelling (and
-        Running, for start slots) as it happens."""
+        Running, for start slots) as it happens; with it, the check is a net for events the
+        stream missed (while it reconnected)."""
         if self.events is not None and self.events.connected.is_set():
             return CANCEL_CHECK_WITH_EVENTS
         return CANCEL_CHECK_SECONDS
@@ -272,23 +282,28 @@ class Worker(RecoveryRounds):
         return list(self.admission.supervisors().values())
 
     # --- cancellation -------------------------------------------------------------------
+    def check_started(self) -> None:
+        """Starting runs that are RUNNING now free their start slots. Checked even while the
+        event stream is connected: a Running event it missed must not hold a slot until
+        the boot patience runs out."""
+        booting = self.admission.booting()
+        if not booting or not self.admission.max_starting:
+            return
+        try:
+            for flow_run in self.api.filter_flow_runs(
+                self.settings.pool, [StateType.RUNNING], ids=booting, patience=LOOP_PATIENCE
+            ):
+                self._seen_running(flow_run.id)
+        except PrefectAPIError as exc:
+            log.warning("checking for started runs failed: %s", exc)
+
     def check_cancellations(self) -> None:
         """Runs of ours moved to CANCELLING (UI or API): stop them, in a thread each.
-        Without the event stream, also look for starting runs that are RUNNING now."""
+        Also look for starting runs that are RUNNING now (check_started)."""
         supervisors = self.admission.supervisors()
         if not supervisors:
             return
-        booting = self.admission.booting()
-        if booting and self.admission.max_starting and not (
-            self.events is not None and self.events.connected.is_set()
-        ):
-            try:
-                for flow_run in self.api.filter_flow_runs(
-                    self.settings.pool, [StateType.RUNNING], ids=booting, patience=LOOP_PATIENCE
-                ):
-                    self._seen_running(flow_run.id)
-            except PrefectAPIError as exc:
-                log.warning("checking for started runs failed: %s", exc)
+        self.check_started()
         try:
             cancelling = self.api.filter_flow_runs(
                 self.settings.pool, [StateType.CANCELLING], ids=list(supervisors),

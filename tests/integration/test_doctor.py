@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 from testrig.prefect_rig import PrefectRig, free_port
 from testrig.workers import worker_env
@@ -28,10 +29,19 @@ def pool_with_image(rig: PrefectRig, pool: str, image: str) -> None:
     rig.create_work_pool(pool, base_job_template=template)
 
 
+def wait_for_online_worker(rig: PrefectRig, pool: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(w["status"] == "ONLINE"
+                  for w in rig._call("POST", f"/work_pools/{pool}/workers/filter", {})):
+        assert time.monotonic() < deadline, "no worker came online"
+        time.sleep(0.3)
+
+
 def test_healthy_setup(rig: PrefectRig, prefect_server, start_worker, unique_pool: str,
                        flow_image: str) -> None:
     pool_with_image(rig, unique_pool, flow_image)
     start_worker(unique_pool)
+    wait_for_online_worker(rig, unique_pool)  # its first heartbeat follows "polling pool"
     result = doctor(prefect_server.url, unique_pool)
     assert result.returncode == 0, result.stdout + result.stderr
     for expected in ("✓ the API at", "Prefect server 3.", "✓ credentials accepted",

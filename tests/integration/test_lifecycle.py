@@ -227,12 +227,26 @@ def test_a_worker_at_its_limit_stays_healthy(
     assert health.status_code == 200, health.text
 
 
+def wait_for_health(port: int, timeout: float = 30.0) -> httpx.Response:
+    """The first healthy answer of /health (the last answer when the deadline passes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+        except httpx.TransportError:  # the endpoint is not listening yet
+            health = None
+        if health is not None and (health.status_code == 200 or time.monotonic() > deadline):
+            return health
+        assert time.monotonic() < deadline, "the health endpoint never answered"
+        time.sleep(0.2)
+
+
 def test_health_endpoint_and_drain(
     rig: PrefectRig, start_worker, unique_pool: str, flow_image: str
 ) -> None:
     port = free_port()
     worker = start_worker(unique_pool, "--health-port", str(port), "--drain")
-    health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    health = wait_for_health(port)  # "starting" (503) until the first poll
     assert health.status_code == 200 and health.json()["status"] == "ok"
     deployment = rig.create_deployment(unique_pool, "flows.py:sleepy", {"image": flow_image})
     run_id = rig.create_flow_run(deployment, parameters={"seconds": 5})

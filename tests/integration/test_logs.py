@@ -5,20 +5,38 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from uuid import UUID
 
+import httpx
+import pytest
 from testrig.prefect_rig import POOL_LABEL, PrefectRig, free_port, start_prefect_server
 
 from dockerworker.api import PrefectAPI
 from dockerworker.logs import LogShipper, RunOutput, resume_point
 
 CONTAINER = "dockerworker.container"
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-encoding",
+               "content-length", "upgrade", "host"}
 
 
 def container_lines(rig: PrefectRig, run_id: str, stream: str = "") -> list[str]:
     name = CONTAINER + (f".{stream}" if stream else "")
     return [log["message"] for log in rig.read_logs(run_id) if log["name"] == name]
+
+
+def wait_until_shipped(rig: PrefectRig, run_id: str, timeout: float = 60.0) -> list[str]:
+    """The run's log messages once the worker's closing line for its container is among them:
+    the shipper sends in order, so every output line queued before it has arrived."""
+    deadline = time.monotonic() + timeout
+    while True:
+        messages = [log["message"] for log in rig.read_logs(run_id)]
+        if any("queued for the server" in m for m in messages):
+            return messages
+        assert time.monotonic() < deadline, f"the run's output was not all shipped: {messages}"
+        time.sleep(0.5)
 
 
 def test_log_prints_lines_appear_exactly_once(
@@ -28,8 +46,7 @@ def test_log_prints_lines_appear_exactly_once(
     deployment = rig.create_deployment(unique_pool, "flows.py:prints_three", {"image": flow_image})
     run_id = rig.create_flow_run(deployment)
     assert rig.wait_for_final(run_id)["state"]["type"] == "COMPLETED"
-    time.sleep(2)  # the shipper batches for a moment after the run ends
-    messages = [log["message"] for log in rig.read_logs(run_id)]
+    messages = wait_until_shipped(rig, run_id)
     for text in ("line one", "line two", "line three"):
         assert sum(text in m for m in messages) == 1, (text, messages)
 
@@ -50,9 +67,8 @@ def test_import_error_reaches_logs_and_the_crash_message(
         time.sleep(0.5)
         run = rig.read_flow_run(run_id)
     assert run["state"]["type"] in ("CRASHED", "FAILED")
-    time.sleep(2)
     traceback_lines = [
-        m for m in (log["message"] for log in rig.read_logs(run_id))
+        m for m in wait_until_shipped(rig, run_id)
         if "ModuleNotFoundError" in m and "nonexistent_pkg_xyz" in m
     ]
     assert traceback_lines
@@ -71,7 +87,7 @@ def test_non_prefect_command_both_streams_and_the_crash(
     assert run["state"]["type"] == "CRASHED"
     assert "exited with code 2" in run["state"]["message"]
     assert "oops" in run["state"]["message"]
-    time.sleep(2)
+    wait_until_shipped(rig, run_id)
     logs = rig.read_logs(run_id)
     assert [(l["message"], l["level"]) for l in logs if l["name"] == CONTAINER] == [("hi", 20)]
     assert [(l["message"], l["level"]) for l in logs if l["name"] == CONTAINER + ".stderr"] == [
@@ -119,8 +135,7 @@ def test_lines_over_the_cap_are_left_out_with_a_notice(
     )
     run_id = rig.create_flow_run(deployment)
     rig.wait_for_final(run_id)
-    time.sleep(2)
-    messages = [log["message"] for log in rig.read_logs(run_id)]
+    messages = wait_until_shipped(rig, run_id)
     assert [m for m in messages if m.startswith("line ")] == [f"line {i:04}" for i in range(100)]
     assert any("truncated at max_log_bytes=1000: 900 more lines" in m for m in messages)
 
@@ -148,7 +163,7 @@ def test_server_down_for_ten_seconds_loses_no_line(
         server = start_prefect_server(port=port, home=home)
         rig = PrefectRig(server.url)
         rig.wait_for_final(run_id, timeout=120)
-        time.sleep(3)
+        wait_until_shipped(rig, run_id)
         assert container_lines(rig, run_id) == [f"tick {i}" for i in range(1, 61)]
         rig.close()
         worker.stop()  # while the server can still take its last log lines
@@ -185,6 +200,132 @@ def test_shipping_resumes_where_it_stopped(
     second.stop()
     assert container_lines(rig, str(run_id)) == [f"tick {i}" for i in range(1, 61)]
     assert container_lines(rig, str(run_id), "stderr") == [f"err {i}" for i in range(1, 61)]
+
+
+class PostgresLikeProxy:
+    """A loopback reverse proxy in front of the server that answers 500 to a `POST /logs/`
+    whose body holds a NUL (`\\u0000` in JSON), as a server on PostgreSQL does (SQLite takes
+    it). Websocket upgrades are refused: the worker polls instead of using the event stream."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = httpx.Client(base_url=upstream.removesuffix("/api"), timeout=30)
+        self.refused = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _relay(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command == "POST" and self.path.endswith("/logs/") and b"\\u0000" in body:
+                    proxy.refused += 1
+                    self._answer(500, b'{"detail": "invalid byte sequence for encoding UTF8"}',
+                                 {"content-type": "application/json"})
+                    return
+                if self.headers.get("Upgrade"):
+                    self._answer(501, b"no websockets here", {})
+                    return
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in _HOP_BY_HOP}
+                answer = proxy.upstream.request(self.command, self.path, content=body,
+                                                headers=headers)
+                self._answer(answer.status_code, answer.content,
+                             {k: v for k, v in answer.headers.items()
+                              if k.lower() not in _HOP_BY_HOP})
+
+            def _answer(self, status: int, content: bytes, headers: dict[str, str]) -> None:
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _relay
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.upstream.close()
+
+
+@pytest.fixture
+def refusing_proxy(prefect_server) -> Iterator[PostgresLikeProxy]:
+    proxy = PostgresLikeProxy(prefect_server.url)
+    yield proxy
+    proxy.close()
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not in {timeout:.0f} s: {what}"
+        time.sleep(0.5)
+
+
+def test_a_poison_line_is_cleaned_and_other_runs_output_keeps_flowing(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, refusing_proxy,
+    docker_client,
+) -> None:
+    """Issue 14: a NUL the server refuses neither stalls the shipper nor costs other lines."""
+    # The runs are not Prefect flows: they never report RUNNING, so no start slots bound them.
+    worker = start_worker(unique_pool, "--max-starting", "0", api_url=refusing_proxy.url)
+    poison = rig.create_deployment(unique_pool, "flows.py:hello", {
+        "image": flow_image,
+        "command": "sh -c 'echo a before; printf \"a nul\\000here\\n\"; echo a after; sleep 120'",
+    })
+    chatty = rig.create_deployment(unique_pool, "flows.py:hello", {
+        "image": flow_image, "stream_output": False,
+        "command": "sh -c 'for i in $(seq 1 3000); do echo b $i; done'",
+    })
+    poisoned = rig.create_flow_run(poison)
+    wait_for(lambda: refusing_proxy.refused, 60, "the poison batch reached the proxy")
+    second = rig.create_flow_run(chatty)
+    expected = [f"b {i}" for i in range(1, 3001)]
+    wait_for(lambda: container_lines(rig, second) == expected, 90, "the second run's output")
+    wait_for(lambda: len(container_lines(rig, poisoned)) == 3, 30, "the poisoned run's output")
+    assert container_lines(rig, poisoned) == ["a before", "a nul\ufffdhere", "a after"]
+    running = docker_client.containers.list(filters={"label": f"{POOL_LABEL}={unique_pool}"})
+    assert len(running) == 1  # the poisoned run is still going: nothing waited for its end
+    worker.stop()
+    assert "1 lines cleaned and 0 refused by the server" in worker.output()
+
+
+def test_resuming_after_more_than_a_thousand_shipped_lines(
+    rig: PrefectRig, prefect_server, unique_pool: str, flow_image: str, docker_client
+) -> None:
+    """The cursor is exact however many lines were shipped: stderr's last line is older than
+    the newest thousand, and neither stream is shipped twice."""
+    rig.create_work_pool(unique_pool)
+    run_id = UUID(rig.create_orphan_flow_run(unique_pool))
+    script = ("for i in 1 2 3; do echo err $i >&2; done; "
+              "for i in $(seq 1 3000); do echo tick $i; "
+              "if [ $((i % 100)) = 0 ]; then sleep 0.1; fi; done")
+    container = docker_client.containers.run(
+        flow_image, ["sh", "-c", script], detach=True, labels={POOL_LABEL: unique_pool}
+    )
+    api = PrefectAPI(prefect_server.url)
+    first = LogShipper(api).start()
+    before = RunOutput(first, run_id, max_bytes=10**6)
+    follower = threading.Thread(target=before.follow, args=(container,))
+    follower.start()
+    wait_for(lambda: before.lines >= 1300, 60, "1,300 lines followed")
+    before.stop()
+    follower.join(30)
+    first.stop()
+    shipped = len(container_lines(rig, str(run_id)))
+    assert 1200 <= shipped < 3000, shipped
+
+    second = LogShipper(api).start()
+    after = RunOutput(second, run_id, max_bytes=10**6)
+    after.follow(container, resume=resume_point(api, run_id))
+    second.stop()
+    assert container_lines(rig, str(run_id)) == [f"tick {i}" for i in range(1, 3001)]
+    assert container_lines(rig, str(run_id), "stderr") == ["err 1", "err 2", "err 3"]
 
 
 def _peak_rss_kb(pid: int) -> int:

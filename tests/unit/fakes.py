@@ -225,13 +225,27 @@ class FakeAPI:
         with self._lock:
             self.logs.extend(logs)
 
-    def read_logs_newest_first(self, flow_run_id: UUID, limit: int,
-                               offset: int = 0) -> list[dict[str, Any]]:
-        """What resume_point() reads: a page of the run's logs, newest first."""
+    def read_logs_newest_first(self, flow_run_id: UUID, limit: int, offset: int = 0,
+                               text: str | None = None) -> list[dict[str, Any]]:
+        """What resume_point() reads: a page of the run's logs, newest first (the server
+        sends at most 200 a page), matching Prefect's text search if given."""
+        self._maybe_fail("read_logs_newest_first")
+        limit = min(limit, 200)
         with self._lock:
-            rows = [e for e in self.logs if e["flow_run_id"] == str(flow_run_id)]
+            rows = [e for e in self.logs if e["flow_run_id"] == str(flow_run_id)
+                    and (text is None or _text_matches(text, e))]
         rows.sort(key=lambda e: e["timestamp"], reverse=True)
         return rows[offset:offset + limit]
+
+
+def _text_matches(query: str, entry: dict[str, Any]) -> bool:
+    """Prefect's log text search: any plain term, none of the `-term`s, in message + name."""
+    searchable = f"{entry['message']} {entry['name']}".lower()
+    terms = query.lower().split()
+    include = [t for t in terms if not t.startswith("-")]
+    exclude = [t[1:] for t in terms if t.startswith("-")]
+    return (not include or any(t in searchable for t in include)) and not any(
+        t in searchable for t in exclude)
 
 
 @dataclass

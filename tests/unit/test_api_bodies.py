@@ -54,6 +54,12 @@ def api_answering(answer: Any) -> tuple[PrefectAPI, Recorder]:
          "logs": {"flow_run_id": {"any_": [str(RUN)]}},
          "sort": "TIMESTAMP_DESC", "limit": 200, "offset": 400,
      })),
+    (lambda api: api.read_logs_newest_first(RUN, limit=20, text="dockerworker.container"),
+     [], ("POST", "/api/logs/filter", {
+         "logs": {"flow_run_id": {"any_": [str(RUN)]},
+                  "text": {"query": "dockerworker.container"}},
+         "sort": "TIMESTAMP_DESC", "limit": 20, "offset": 0,
+     })),
     (lambda api: api.read_deployment_by_name("flow/dep"), DEPLOYMENT,
      ("GET", "/api/deployments/name/flow/dep", None)),
     (lambda api: api.read_deployment(str(RUN)), DEPLOYMENT,

@@ -24,8 +24,9 @@ def line(text: str, ms: float = 0, stream: str = "stderr") -> OutputLine:
 class ListShipper:
     def __init__(self) -> None:
         self.entries: list[dict[str, Any]] = []
+        self.progress = 0
 
-    def submit(self, entry: dict[str, Any], wait: float = 0) -> bool:
+    def submit(self, entry: dict[str, Any], wait: float = 0, abort: Any = None) -> bool:
         self.entries.append(entry)
         return True
 

@@ -4,6 +4,7 @@ warm hand-over, leaving."""
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
 import pytest
 
@@ -13,6 +14,7 @@ from dockerworker.events import RUNNING_EVENT
 from dockerworker.runs import Phase, claim_message
 from dockerworker.runtime import EngineError
 from dockerworker.warm import LABEL_WARM, WARM_NAME_PREFIX
+from dockerworker.worker import CANCEL_CHECK_WITH_EVENTS
 
 from .fakes import FAKE_HOST, FakeAPI, FakeRuntime, Script, make_worker, settle, wait_until
 
@@ -87,6 +89,22 @@ def test_without_the_event_stream_the_cancel_check_sees_runs_running(api, runtim
     assert worker.free_slots() == 1
 
 
+def test_a_running_event_missed_by_the_connected_stream_frees_the_slot_anyway(
+    api, runtime, hold
+) -> None:
+    api.add_run()
+    worker = make_worker(api, runtime, max_starting=1)
+    worker.events = SimpleNamespace(connected=threading.Event())  # type: ignore[assignment]
+    worker.events.connected.set()  # connected, but the Running event was lost on the way
+    worker.poll()
+    wait_until(lambda: running(worker) == 1)
+    assert worker.free_slots() == 0
+    assert worker._cancel_check_interval() == CANCEL_CHECK_WITH_EVENTS  # a longer interval
+    worker.check_cancellations()
+    assert worker.free_slots() == 1
+    assert worker._nudged.is_set()  # take the next run at once
+
+
 def test_run_once_ignores_max_starting(api, runtime) -> None:
     for i in range(4):
         api.add_run(f"r{i}")
@@ -95,6 +113,28 @@ def test_run_once_ignores_max_starting(api, runtime) -> None:
     worker.poll()
     settle(worker)
     assert len(runtime.containers) == 4
+
+
+def test_run_once_keeps_checking_cancellations_until_its_runs_end(
+    api, runtime, hold, monkeypatch
+) -> None:
+    monkeypatch.setattr("dockerworker.worker.CANCEL_CHECK_SECONDS", 0.05)
+    run = api.add_run()
+    worker = make_worker(api, runtime, start=False, run_once=True,
+                         api_url="http://127.0.0.1:9/api")  # no event stream there
+    worker.shipper.stop(1)  # run() starts its own
+    worker.shipper = type(worker.shipper)(api)  # type: ignore[arg-type]
+    exit_code: list[int] = []
+    loop = threading.Thread(target=lambda: exit_code.append(worker.run()), daemon=True)
+    loop.start()
+    wait_until(lambda: running(worker) == 1)
+    later = api.add_run("later")  # due after the one poll: not this worker's
+    worker._nudged.set()
+    api.set_state(run.id, StateType.CANCELLING, force=True)
+    wait_until(lambda: api.state_of(run.id).type == StateType.CANCELLED)
+    loop.join(5)
+    assert exit_code == [0]
+    assert runtime.of_run(later.id) is None  # one poll only
 
 
 def test_a_full_worker_still_counts_as_polling(api, runtime, hold) -> None:
