@@ -21,6 +21,8 @@ from typing import Any
 from websockets.exceptions import WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
+from . import metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -95,6 +97,7 @@ class EventListener:
         self.max_backoff = max_backoff
         self.close_timeout = close_timeout
         self.connected = threading.Event()
+        metrics.watch(metrics.EVENT_STREAM_CONNECTED, lambda: float(self.connected.is_set()))
         self.connections = 0  # successful subscriptions, for tests and logs
         self._thread = threading.Thread(target=self._run, name="events", daemon=True)
 
@@ -131,6 +134,7 @@ class EventListener:
             self._subscribe(socket)
             self.connections += 1
             self.connected.set()
+            metrics.EVENT_STREAM_RECONNECTS.inc()
             log.info("subscribed to the server's flow-run events for pool %r", self.pool)
             if self.on_connect is not None:
                 self.on_connect()

@@ -44,6 +44,7 @@ from uuid import UUID
 
 from docker.models.containers import Container
 
+from . import metrics
 from .api import PrefectAPI, PrefectAPIError
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ class LogShipper:
         self.max_backoff = max_backoff
         self.stats = ShipperStats()
         self._pending = _Pending()
+        metrics.watch(metrics.SHIPPER_QUEUE, lambda: len(self._pending.entries))
         self._dropped: dict[UUID, int] = {}
         self._in_flight = 0
         self.progress = 0  # batches taken from the buffer so far: room was made
@@ -177,6 +179,7 @@ class LogShipper:
                     run = UUID(entry["flow_run_id"])
                     self._dropped[run] = self._dropped.get(run, 0) + 1
                     self.stats.dropped += 1
+                    metrics.LOG_LINES_DROPPED.inc()
                     return False
                 self._cond.notify_all()
                 self._cond.wait(min(remaining, 0.5))
@@ -307,6 +310,7 @@ class LogShipper:
         else:
             raise _Away(f"the server refuses even a plain notice: {refused}")
         self.stats.refused += 1
+        metrics.LOG_LINES_DROPPED.inc()
         log.warning("the server refused an output line of flow run %s, dropped it: %s",
                     entry["flow_run_id"], why)
 
@@ -316,12 +320,17 @@ class LogShipper:
         try:
             self.api.send_logs(entries, patience=0)
         except PrefectAPIError as exc:
+            metrics.LOG_POST_FAILURES.inc()
             if exc.status is None or exc.status in _AWAY_STATUSES:
                 raise _Away(str(exc)) from exc
             raise _Refused(str(exc)) from exc
         except (UnicodeError, ValueError, TypeError) as exc:  # not even encodable as JSON
+            metrics.LOG_POST_FAILURES.inc()
             raise _Refused(f"{exc.__class__.__name__}: {exc}") from exc
         self.stats.entries += len(entries)
+        metrics.LOG_BATCHES.inc()
+        metrics.LOG_LINES_SHIPPED.inc(len(entries))
+        metrics.LOG_BYTES_SHIPPED.inc(sum(len(str(e.get("message", ""))) for e in entries))
 
 
 def log_entry(

@@ -330,7 +330,7 @@ class RunSupervisor:
         verdict = cancelled_verdict(state, workload, report, self.options.mem_limit)
         self.say(verdict.message)
         if verdict.outcome is Outcome.LEAVE:  # Prefect's engine reported it; said already
-            return Verdict(Outcome.LEAVE)
+            return Verdict(Outcome.LEAVE, reason=verdict.reason, state=verdict.state)
         return verdict
 
     def _remove(self, workload: Workload) -> None:
