@@ -90,7 +90,8 @@ DOCKER_ERRORS = _counter("docker_errors", "Docker engine errors, by kind (unavai
                          "refused, gone).", ("kind",))
 EVENT_STREAM_CONNECTED = _gauge("event_stream_connected",
                                 "1 while the server's event stream is connected.")
-EVENT_STREAM_RECONNECTS = _counter("event_stream_reconnects", "Event stream (re)connections.")
+EVENT_STREAM_RECONNECTS = _counter("event_stream_connections", "Event stream subscriptions "
+                                   "(reconnects after the first).")
 ROUND_FAILURES = _counter("loop_round_failures", "Loop rounds that failed (each tried again at "
                           "its next turn), by round.", ("round",))
 

@@ -95,7 +95,8 @@ class WorkerSettings(BaseModel):
                     "(default: leave their containers running for the next worker to adopt).")
     health_port: Annotated[int | None, Flag("--health-port", env="DOCKERWORKER_HEALTH_PORT")] = (
         Field(default=None, ge=0, le=65535,
-              description="Serve GET /health on this port (200 while the loop polls)."))
+              description="Serve GET /health (200 while the loop polls) and GET /metrics "
+                          "(Prometheus) on this port."))
     api_url: Annotated[str, Flag("--api-url", env=API_URL_ENV)] = Field(
         default=DEFAULT_API_URL, description="Prefect API URL.")
     api_key: Annotated[SecretStr | None, FromEnv("PREFECT_API_KEY")] = None
