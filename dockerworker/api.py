@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import logging
 import threading
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 from uuid import UUID
@@ -37,6 +36,7 @@ from tenacity import (
 )
 
 from . import metrics
+from .csrf import WRITE_METHODS, CsrfTokens
 from .jobs import DEFAULT_IMAGE, with_default_image
 
 log = logging.getLogger(__name__)
@@ -209,8 +209,6 @@ def _is_transient(exc: BaseException) -> bool:
     return False
 
 
-WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-CSRF_MARGIN = timedelta(seconds=30)  # fetch a new token this long before the old one expires
 
 
 def _is_csrf_refusal(response: httpx.Response) -> bool:
@@ -221,22 +219,6 @@ def _is_csrf_refusal(response: httpx.Response) -> bool:
     return "CSRF" in detail or "client identifier" in detail
 
 
-class _CsrfToken:
-    """The worker's CSRF token for one client id; `None` token: protection is off."""
-
-    def __init__(self) -> None:
-        self.client = f"dockerworker-{uuid.uuid4()}"
-        self.enabled: bool | None = None  # None: not asked yet
-        self.token: str | None = None
-        self.expires: datetime | None = None
-        self.lock = threading.Lock()
-
-    def fresh(self) -> bool:
-        return self.token is not None and (
-            self.expires is None or datetime.now(UTC) < self.expires - CSRF_MARGIN
-        )
-
-
 def _detail(response: httpx.Response) -> str:
     try:
         body = response.json()
@@ -245,6 +227,35 @@ def _detail(response: httpx.Response) -> str:
     if isinstance(body, dict) and "detail" in body:
         return str(body["detail"])[:300]
     return str(body)[:300]
+
+
+def _as_error(response: httpx.Response, method: str, path: str, api_url: str
+              ) -> PrefectAPIError:
+    """An error answer as our exception: credentials, not found, the server away, or other."""
+    code = response.status_code
+    detail = _detail(response)
+    if code in (401, 403):
+        return AuthRejected(
+            f"the server rejected the API key / credentials (HTTP {code} from {api_url}): "
+            f"{detail}; check PREFECT_API_KEY or PREFECT_API_AUTH_STRING", code)
+    if code == 404:
+        return NotFound(f"{method} {path}: not found ({detail})", code)
+    if code == 429 or code >= 500:
+        return ServerUnreachable(f"the Prefect server at {api_url} answered HTTP {code}: "
+                                 f"{detail}", code)
+    return PrefectAPIError(f"{method} {path}: HTTP {code}: {detail}", code)
+
+
+def _counted(method: str, path: str, send: Callable[[], httpx.Response]) -> httpx.Response:
+    """One exchange, counted by endpoint and status class (metrics.py)."""
+    status = None
+    try:
+        response = send()
+        status = response.status_code
+        return response
+    finally:
+        metrics.API_REQUESTS.labels(metrics.endpoint(path), method.upper(),
+                                    metrics.status_class(status)).inc()
 
 
 class PrefectAPI:
@@ -271,70 +282,26 @@ class PrefectAPI:
         )
         self.basic_auth = auth is not None  # PREFECT_API_AUTH_STRING given (and no key)
         self.patience = patience
-        self._csrf = _CsrfToken()
+        self._csrf = CsrfTokens(lambda: self._client)
         self._server: ServerInfo | None = None
         self._server_lock = threading.Lock()
 
     def close(self) -> None:
         self._client.close()
 
-    # --- CSRF ---------------------------------------------------------------------------
     @property
     def csrf_protected(self) -> bool | None:
         """Whether the server wants CSRF tokens; None until the first write asked."""
         return self._csrf.enabled
 
     def _csrf_headers(self, method: str, refused: str | None = None) -> dict[str, str]:
-        """The token headers for a write (none when protection is off), fetching a token
-        first when there is none or it is about to expire. `refused`: the token the server
-        just refused; a new one is fetched only if no other thread has done so meanwhile
-        (each fetch replaces the server's token for our client id)."""
-        if method.upper() not in WRITE_METHODS or self._csrf.enabled is False:
-            return {}
-        csrf = self._csrf
-        with csrf.lock:
-            if (refused is not None and csrf.token == refused) or not csrf.fresh():
-                self._fetch_csrf_token()
-            if not csrf.enabled or csrf.token is None:
-                return {}
-            return {"Prefect-Csrf-Token": csrf.token, "Prefect-Csrf-Client": csrf.client}
-
-    def _fetch_csrf_token(self) -> None:
-        """`GET /csrf-token?client=…`: 422 means the server has protection off (a server
-        without the route answers 404: off as well)."""
-        csrf = self._csrf
-        response = self._client.get("csrf-token", params={"client": csrf.client})
-        if response.status_code in (404, 422):
-            csrf.enabled, csrf.token = False, None
-            return
-        response.raise_for_status()
-        body = response.json()
-        csrf.enabled, csrf.token = True, str(body["token"])
-        try:
-            csrf.expires = datetime.fromisoformat(str(body["expiration"]))
-            if csrf.expires.tzinfo is None:
-                csrf.expires = csrf.expires.replace(tzinfo=UTC)
-        except (KeyError, ValueError):
-            csrf.expires = None
-        log.debug("CSRF token for client %s, valid until %s", csrf.client, csrf.expires)
-
-    @staticmethod
-    def _counted(method: str, path: str, send: Callable[[], httpx.Response]) -> httpx.Response:
-        """One exchange, counted by endpoint and status class (metrics.py)."""
-        status = None
-        try:
-            response = send()
-            status = response.status_code
-            return response
-        finally:
-            metrics.API_REQUESTS.labels(metrics.endpoint(path), method.upper(),
-                                        metrics.status_class(status)).inc()
+        return self._csrf.headers(method, refused)
 
     def _send(self, method: str, path: str, json: Any) -> httpx.Response:
         """One HTTP exchange; a write refused by the CSRF protection is sent once more with
         a new token (the old one expired on the server, or was replaced)."""
         headers = self._csrf_headers(method)
-        response = self._counted(method, path, lambda: self._client.request(
+        response = _counted(method, path, lambda: self._client.request(
             method, path.lstrip("/"), json=json, headers=headers))
         if _is_csrf_refusal(response) and method.upper() in WRITE_METHODS:
             log.info("the server refused the CSRF token (%s); fetching a new one",
@@ -358,27 +325,11 @@ class PrefectAPI:
         """The server's version and what follows from it; asked once, then remembered."""
         with self._server_lock:
             if self._server is None:
-                self._server = self._read_server_info()
+                self._server = read_server_info(self)
                 log.info("Prefect server %s (Prefect %d API%s)", self._server.version,
                          self._server.major,
                          "" if self._server.event_stream else ", no event stream")
             return self._server
-
-    def _read_server_info(self) -> ServerInfo:
-        try:
-            version = self.server_version()
-        except NotFound:  # a proxy that hides /admin: assume the current major
-            return ServerInfo("unknown")
-        info = ServerInfo(version)
-        if info.major >= 3:
-            return info
-        try:  # 2.x: events only when the server runs them (an experimental setting)
-            settings = self.request("GET", "/admin/settings")
-        except PrefectAPIError:
-            settings = {}
-        experimental = settings.get("PREFECT_EXPERIMENTAL_EVENTS") if isinstance(
-            settings, dict) else None
-        return ServerInfo(version, event_stream=experimental in (True, "true", "True", 1))
 
     def request(
         self, method: str, path: str, json: Any = None, patience: float | None = None
@@ -402,21 +353,7 @@ class PrefectAPI:
                 f"cannot reach the Prefect server at {self.api_url}: {exc.__class__.__name__}: {exc}"
             ) from exc
         except httpx.HTTPStatusError as exc:
-            code = exc.response.status_code
-            detail = _detail(exc.response)
-            if code in (401, 403):
-                raise AuthRejected(
-                    f"the server rejected the API key / credentials (HTTP {code} from "
-                    f"{self.api_url}): {detail}; check PREFECT_API_KEY or PREFECT_API_AUTH_STRING",
-                    code,
-                ) from exc
-            if code == 404:
-                raise NotFound(f"{method} {path}: not found ({detail})", code) from exc
-            if code == 429 or code >= 500:
-                raise ServerUnreachable(
-                    f"the Prefect server at {self.api_url} answered HTTP {code}: {detail}", code
-                ) from exc
-            raise PrefectAPIError(f"{method} {path}: HTTP {code}: {detail}", code) from exc
+            raise _as_error(exc.response, method, path, self.api_url) from exc
         if response.status_code == 204 or not response.content:
             return None
         return response.json()
@@ -572,3 +509,21 @@ class PrefectAPI:
             "offset": offset,
         }
         return self.request("POST", "/logs/filter", json=body)
+
+
+def read_server_info(api: PrefectAPI) -> ServerInfo:
+    """What the server is: its version, and on 2.x whether it runs the event stream."""
+    try:
+        version = api.server_version()
+    except NotFound:  # a proxy that hides /admin: assume the current major
+        return ServerInfo("unknown")
+    info = ServerInfo(version)
+    if info.major >= 3:
+        return info
+    try:  # 2.x: events only when the server runs them (an experimental setting)
+        settings = api.request("GET", "/admin/settings")
+    except PrefectAPIError:
+        settings = {}
+    experimental = settings.get("PREFECT_EXPERIMENTAL_EVENTS") if isinstance(
+        settings, dict) else None
+    return ServerInfo(version, event_stream=experimental in (True, "true", "True", 1))

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
+from uuid import UUID
 
 from . import metrics
 from .api import (
@@ -63,6 +64,21 @@ def _due(flow_run: FlowRun) -> datetime | None:
     """When the run could first have been picked up: created, or its scheduled time."""
     times = [t for t in (flow_run.created, flow_run.expected_start_time) if t is not None]
     return max(times) if times else None
+
+
+def claim(api: PrefectAPI, flow_run_id: UUID, worker_name: str) -> str | None:
+    """Propose PENDING for `worker_name`; None when the run is ours, else the server's answer.
+    A refusal whose PENDING state is this worker's own claim is ours too: the answer to an
+    earlier attempt was lost after the server applied it (a retried request)."""
+    result = api.set_state(flow_run_id, StateType.PENDING, claim_message(worker_name))
+    if result.status == "ACCEPT" and (result.state is None
+                                      or result.state.type == StateType.PENDING):
+        return None
+    state = api.read_flow_run(flow_run_id).state
+    if (state is not None and state.type == StateType.PENDING
+            and state.message == claim_message(worker_name)):
+        return None
+    return result.status + (f": {result.reason}" if result.reason else "")
 
 
 def claim_message(worker_name: str) -> str:
@@ -241,32 +257,17 @@ class RunSupervisor:
 
     def _claim(self) -> None:
         """Propose PENDING: the server accepts exactly one proposer, so no run starts twice."""
-        result = self.api.set_state(self.flow_run.id, StateType.PENDING,
-                                    claim_message(self.settings.name))
-        if result.status != "ACCEPT" and self._claimed_already():
-            result = result.model_copy(update={"status": "ACCEPT", "state": None})
-        if result.status != "ACCEPT" or (result.state and result.state.type != StateType.PENDING):
-            log.info(
-                "%s: not claimed (server said %s%s)",
-                self.label,
-                result.status,
-                f": {result.reason}" if result.reason else "",
-            )
+        refusal = claim(self.api, self.flow_run.id, self.settings.name)
+        if refusal is not None:
+            log.info("%s: not claimed (server said %s)", self.label, refusal)
             metrics.CLAIMS_LOST.inc()
-            raise ClaimLost(result.status)
+            raise ClaimLost(refusal)
         self.claimed = True
         self.claimed_at = time.monotonic()
         metrics.RUNS_CLAIMED.inc()
         if due := _due(self.flow_run):
             metrics.PICKUP_SECONDS.observe(max(0.0, (datetime.now(UTC) - due).total_seconds()))
         self.say(f"claimed by worker {self.settings.name}")
-
-    def _claimed_already(self) -> bool:
-        """A refused claim whose PENDING state is this worker's own: the answer to an
-        earlier attempt was lost after the server applied it (a retried request)."""
-        state = self.api.read_flow_run(self.flow_run.id).state
-        return (state is not None and state.type == StateType.PENDING
-                and state.message == claim_message(self.settings.name))
 
     def _resolve_job(self, deployment: Deployment | None) -> JobVariables:
         """The job (the pool's template as it is now ⊕ values); from here on its secrets are

@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from uuid import UUID
 
 import docker
 import docker.errors
@@ -29,11 +28,11 @@ from .api import (
     NotFound,
     PrefectAPI,
     PrefectAPIError,
-    StateType,
     WorkPool,
 )
 from .builds import Builder
-from .events import RUNNING_EVENT, EventListener
+from .checks import StateChecks
+from .events import EventListener
 from .logs import LogShipper
 from .recovery import LOOP_PATIENCE, Recovery
 from .rounds import RecoveryRounds
@@ -44,13 +43,11 @@ from .settings import WorkerSettings
 from .warm import WarmPool
 
 log = logging.getLogger(__name__)
-CANCEL_CHECK_SECONDS = 2.0
-CANCEL_CHECK_WITH_EVENTS = 15.0  # the event stream reports Cancelling at once; this is a net
 RECONCILE_SECONDS = 60.0
 START_UP_RETRY = 5.0  # seconds between tries of start-up (pool, engine id, adoption)
 
 
-class Worker(RecoveryRounds):
+class Worker(RecoveryRounds, StateChecks):
     """One worker of one pool: the loop, and the supervisors it admits."""
 
     def __init__(
@@ -175,26 +172,6 @@ class Worker(RecoveryRounds):
             del rounds["poll"]
         return rounds
 
-    def _cancel_check_interval(self) -> float:
-        """Check often only when the event stream is not there to report Cancelling (and
-        Running, for start slots) as it happens; with it, the check is a net for events the
-        stream missed (while it reconnected)."""
-        if self.events is not None and self.events.connected.is_set():
-            return CANCEL_CHECK_WITH_EVENTS
-        return CANCEL_CHECK_SECONDS
-
-    def _on_event(self, name: str, resource_id: str) -> None:
-        """A flow run of this pool was scheduled or is cancelling: poll and check now.
-        One of ours is running: it frees a start slot."""
-        log.debug("event %s of %s", name, resource_id)
-        if name == RUNNING_EVENT:
-            try:
-                self._seen_running(UUID(resource_id.removeprefix("prefect.flow-run.")))
-            except ValueError:
-                pass
-            return
-        self._nudged.set()
-
     def stop(self) -> None:
         """Stop claiming (from a signal handler): the loop ends at once."""
         self.stop_event.set()
@@ -252,14 +229,6 @@ class Worker(RecoveryRounds):
         """How many more runs to take now: within --limit and --max-starting (None: any)."""
         return self.admission.free()
 
-    def _seen_running(self, run_id: UUID) -> None:
-        """The run reached RUNNING: it no longer counts as starting; take the next one."""
-        supervisor = self.admission.supervisors().get(run_id)
-        if supervisor is not None and supervisor.started_at is not None:
-            metrics.START_TO_RUNNING_SECONDS.observe(time.monotonic() - supervisor.started_at)
-        if self.admission.running(run_id):
-            self._nudged.set()
-
     def _start(self, flow_run: FlowRun, body: Callable[[RunSupervisor], None],
                booting: bool = True) -> bool:
         """A supervisor for the run in its own thread, if admission has a slot for it."""
@@ -282,42 +251,6 @@ class Worker(RecoveryRounds):
         return list(self.admission.supervisors().values())
 
     # --- cancellation -------------------------------------------------------------------
-    def check_started(self) -> None:
-        """Starting runs that are RUNNING now free their start slots. Checked even while the
-        event stream is connected: a Running event it missed must not hold a slot until
-        the boot patience runs out."""
-        booting = self.admission.booting()
-        if not booting or not self.admission.max_starting:
-            return
-        try:
-            for flow_run in self.api.filter_flow_runs(
-                self.settings.pool, [StateType.RUNNING], ids=booting, patience=LOOP_PATIENCE
-            ):
-                self._seen_running(flow_run.id)
-        except PrefectAPIError as exc:
-            log.warning("checking for started runs failed: %s", exc)
-
-    def check_cancellations(self) -> None:
-        """Runs of ours moved to CANCELLING (UI or API): stop them, in a thread each.
-        Also look for starting runs that are RUNNING now (check_started)."""
-        supervisors = self.admission.supervisors()
-        if not supervisors:
-            return
-        self.check_started()
-        try:
-            cancelling = self.api.filter_flow_runs(
-                self.settings.pool, [StateType.CANCELLING], ids=list(supervisors),
-                patience=LOOP_PATIENCE,
-            )
-        except PrefectAPIError as exc:
-            self.failures["cancellations"] += 1
-            log.warning("checking for cancellations failed: %s", exc)
-            return
-        for flow_run in cancelling:
-            supervisor = supervisors.get(flow_run.id)
-            if supervisor is not None and not supervisor.cancel_requested.is_set():
-                threading.Thread(target=supervisor.cancel, daemon=True).start()
-
     # --- stopping -----------------------------------------------------------------------
     def wait_for_runs(self, phases: tuple[Phase, ...] | None = None) -> None:
         """Block until no supervisor is in `phases` (default: until all have finished)."""

@@ -9,12 +9,12 @@ from types import SimpleNamespace
 import pytest
 
 from dockerworker.api import StateType
+from dockerworker.checks import CANCEL_CHECK_WITH_EVENTS
 from dockerworker.containers import LABEL_FLOW_RUN_ID, LABEL_WORKER
 from dockerworker.events import RUNNING_EVENT
 from dockerworker.runs import Phase, claim_message
 from dockerworker.runtime import EngineError
 from dockerworker.warm import LABEL_WARM, WARM_NAME_PREFIX
-from dockerworker.worker import CANCEL_CHECK_WITH_EVENTS
 
 from .fakes import FAKE_HOST, FakeAPI, FakeRuntime, Script, make_worker, settle, wait_until
 
@@ -118,7 +118,7 @@ def test_run_once_ignores_max_starting(api, runtime) -> None:
 def test_run_once_keeps_checking_cancellations_until_its_runs_end(
     api, runtime, hold, monkeypatch
 ) -> None:
-    monkeypatch.setattr("dockerworker.worker.CANCEL_CHECK_SECONDS", 0.05)
+    monkeypatch.setattr("dockerworker.checks.CANCEL_CHECK_SECONDS", 0.05)
     run = api.add_run()
     worker = make_worker(api, runtime, start=False, run_once=True,
                          api_url="http://127.0.0.1:9/api")  # no event stream there

@@ -1,0 +1,102 @@
+"""What the server says of this worker's runs: Running frees a start slot, CANCELLING
+stops a run.
+
+`StateChecks` is the part of `Worker` (worker.py) that hears the event stream's Running and
+Cancelling events and, as a net for events it missed (while it reconnected, or without a
+stream at all), asks the server at an interval: often without the stream, every 15 s with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from uuid import UUID
+
+from . import metrics
+from .admission import Admission
+from .api import PrefectAPI, PrefectAPIError, StateType
+from .events import RUNNING_EVENT, EventListener
+from .recovery import LOOP_PATIENCE
+from .runs import RunSupervisor
+from .settings import WorkerSettings
+
+log = logging.getLogger("dockerworker.worker")
+CANCEL_CHECK_SECONDS = 2.0
+CANCEL_CHECK_WITH_EVENTS = 15.0  # the event stream reports Cancelling at once; this is a net
+
+
+class StateChecks:
+    """Running and Cancelling, from events and checks (a part of `Worker`)."""
+
+    settings: WorkerSettings
+    api: PrefectAPI
+    admission: Admission[RunSupervisor]
+    events: EventListener | None
+    failures: Counter[str]
+    _nudged: threading.Event
+
+    def _cancel_check_interval(self) -> float:
+        """Check often only when the event stream is not there to report Cancelling (and
+        Running, for start slots) as it happens; with it, the check is a net for events the
+        stream missed (while it reconnected)."""
+        if self.events is not None and self.events.connected.is_set():
+            return CANCEL_CHECK_WITH_EVENTS
+        return CANCEL_CHECK_SECONDS
+
+    def _on_event(self, name: str, resource_id: str) -> None:
+        """A flow run of this pool was scheduled or is cancelling: poll and check now.
+        One of ours is running: it frees a start slot."""
+        log.debug("event %s of %s", name, resource_id)
+        if name == RUNNING_EVENT:
+            try:
+                self._seen_running(UUID(resource_id.removeprefix("prefect.flow-run.")))
+            except ValueError:
+                pass
+            return
+        self._nudged.set()
+
+    def _seen_running(self, run_id: UUID) -> None:
+        """The run reached RUNNING: it no longer counts as starting; take the next one."""
+        supervisor = self.admission.supervisors().get(run_id)
+        if supervisor is not None and supervisor.started_at is not None:
+            metrics.START_TO_RUNNING_SECONDS.observe(time.monotonic() - supervisor.started_at)
+        if self.admission.running(run_id):
+            self._nudged.set()
+
+    def check_started(self) -> None:
+        """Starting runs that are RUNNING now free their start slots. Checked even while the
+        event stream is connected: a Running event it missed must not hold a slot until
+        the boot patience runs out."""
+        booting = self.admission.booting()
+        if not booting or not self.admission.max_starting:
+            return
+        try:
+            for flow_run in self.api.filter_flow_runs(
+                self.settings.pool, [StateType.RUNNING], ids=booting, patience=LOOP_PATIENCE
+            ):
+                self._seen_running(flow_run.id)
+        except PrefectAPIError as exc:
+            log.warning("checking for started runs failed: %s", exc)
+
+    def check_cancellations(self) -> None:
+        """Runs of ours moved to CANCELLING (UI or API): stop them, in a thread each.
+        Also look for starting runs that are RUNNING now (check_started)."""
+        supervisors = self.admission.supervisors()
+        if not supervisors:
+            return
+        self.check_started()
+        try:
+            cancelling = self.api.filter_flow_runs(
+                self.settings.pool, [StateType.CANCELLING], ids=list(supervisors),
+                patience=LOOP_PATIENCE,
+            )
+        except PrefectAPIError as exc:
+            self.failures["cancellations"] += 1
+            log.warning("checking for cancellations failed: %s", exc)
+            return
+        for flow_run in cancelling:
+            supervisor = supervisors.get(flow_run.id)
+            if supervisor is not None and not supervisor.cancel_requested.is_set():
+                threading.Thread(target=supervisor.cancel, daemon=True).start()
