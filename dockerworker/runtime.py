@@ -179,7 +179,9 @@ def _translated() -> Iterator[None]:
         metrics.DOCKER_ERRORS.labels("gone").inc()
         raise WorkloadGone(str(exc)) from exc
     except docker.errors.APIError as exc:
-        if exc.status_code is None or exc.status_code >= 500:
+        # The engine answered: a 500 is its refusal (a runtime error, a missing driver), not
+        # its absence; only no answer or a gateway's "not now" means it is away.
+        if exc.status_code is None or exc.status_code in (502, 503, 504):
             metrics.DOCKER_ERRORS.labels("unavailable").inc()
             raise EngineUnavailable(str(exc)) from exc
         metrics.DOCKER_ERRORS.labels("refused").inc()

@@ -452,3 +452,13 @@ def test_an_engine_that_does_not_answer_before_the_container_runs_is_retried(api
     assert state.type == StateType.SCHEDULED and state.message.startswith(RETRIED)
     assert "the Docker engine did not answer" in state.message
     assert run.id not in worker.admission
+
+
+def test_a_start_the_engine_refuses_is_not_retried(api, runtime) -> None:
+    """The engine answered (privileges it cannot give, a missing GPU driver): retrying would
+    only make a second container that fails the same way."""
+    runtime.fail["start"] = EngineError("unable to apply caps: operation not permitted")
+    run, _ = run_one(api, runtime)
+    state = api.state_of(run.id)
+    assert state.type == StateType.CRASHED and "unable to apply caps" in state.message
+    assert StateType.SCHEDULED not in api.history[run.id][1:]

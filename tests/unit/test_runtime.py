@@ -34,14 +34,15 @@ def api_error(status: int | None, explanation: str = "why") -> docker.errors.API
 
 @pytest.mark.parametrize("raised, expected", [
     (docker.errors.NotFound("no such container"), WorkloadGone),
-    (api_error(500, "OCI runtime create failed"), EngineUnavailable),
+    (api_error(500, "OCI runtime create failed"), EngineError),
+    (api_error(503, "daemon restarting"), EngineUnavailable),
     (api_error(None), EngineUnavailable),
     (api_error(409, "name in use"), EngineError),
     (api_error(400, "bad option"), EngineError),
     (requests.ConnectionError("socket gone"), EngineUnavailable),
     (ConnectionRefusedError("refused"), EngineUnavailable),
     (docker.errors.DockerException("odd"), EngineError),
-], ids=["404", "500", "no answer", "409", "400", "requests", "socket", "other"])
+], ids=["404", "500", "503", "no answer", "409", "400", "requests", "socket", "other"])
 def test_docker_errors_become_the_runtime_s(raised, expected) -> None:
     with pytest.raises(expected), _translated():
         raise raised
@@ -106,7 +107,7 @@ def test_a_start_refused_by_the_engine_carries_its_reason() -> None:
     client.containers.create.return_value.start.side_effect = api_error(
         500, "unable to apply caps: operation not permitted")
     spec = ContainerSpec(name="etl-1", create_kwargs={"image": "i"})
-    with pytest.raises(EngineUnavailable, match="unable to apply caps"):
+    with pytest.raises(EngineError, match="unable to apply caps"):  # answered: no retry
         LocalEngine(client).start(spec)
 
 
