@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from . import __version__
+from . import __version__, logformat
 from .api import PrefectAPI, PrefectAPIError
 from .builds import list_builds, prune_builds
 from .doctor import Doctor
@@ -44,16 +44,6 @@ from .settings import (
 from .worker import Worker
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("httpx", "httpcore", "urllib3", "docker"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def connect_docker() -> docker.DockerClient:
@@ -163,7 +153,7 @@ def start(policy_file: Path | None, **options: Any) -> None:
     is the one DOCKER_HOST names, or the local socket. PIP_INDEX_URL and PIP_EXTRA_INDEX_URL
     are passed on to dependency image builds.
     """
-    _configure_logging(options["log_level"])
+    logformat.configure(options["log_level"], options["log_format"])
     # Unset flags without a default (None) leave the model's own (computed) default.
     values: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
     values["work_queues"] = list(options["work_queues"])

@@ -8,7 +8,6 @@ the server's cursor (logs.py): no line lost, none doubled.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -17,21 +16,15 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from .api import FlowRun, PrefectAPI
 from .containers import ExitReport, WatchOptions
+from .logformat import echo
 from .logs import LogShipper, ResumePoint, RunOutput, resume_point
 from .runtime import EngineUnavailable, Runtime, Workload, WorkloadGone
 from .verdict import Detached
 
 log = logging.getLogger(__name__)
-_console_lock = threading.Lock()
 DOCKER_PATIENCE = 600.0  # how long a run waits for a restarting Docker engine
 T = TypeVar("T")
 
-
-def echo(prefix: str, line: str) -> None:
-    """A container's line on the worker's console, prefixed with its flow run's name."""
-    with _console_lock:
-        sys.stdout.write(f"{prefix} | {line}\n")
-        sys.stdout.flush()
 
 
 class Follower:
@@ -52,12 +45,12 @@ class Follower:
                resume: ResumePoint | None) -> ExitReport | None:
         """Follow to the end; how it ended (None: the container vanished). Raises `Detached`
         when the worker is leaving (whoever adopts the container judges it)."""
-        name = self.flow_run.name
+        name, run_id = self.flow_run.name, str(self.flow_run.id)
         self.output = RunOutput(
             self.shipper,
             self.flow_run.id,
             max_bytes=options.max_log_bytes,
-            echo=(lambda text: echo(name, text)) if options.stream_output else None,
+            echo=(lambda text: echo(name, text, run_id)) if options.stream_output else None,
             skip_engine_records=options.skip_engine_records,
             mask=mask,
         )

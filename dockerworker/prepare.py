@@ -18,9 +18,9 @@ from . import metrics
 from .api import Deployment, Flow, FlowRun, PrefectAPI, PrefectAPIError, WorkPool
 from .builds import Builder, BuildFailed, BuildPlan
 from .containers import ContainerSpec, build_spec
-from .follow import echo
 from .images import ImageUnavailable
 from .jobs import InvalidJobVariables, JobVariables, merge_job_variables, resolve_job
+from .logformat import echo
 from .logs import LogShipper, log_entry
 from .policy import Masker
 from .runtime import (
@@ -199,7 +199,7 @@ class Preparation:
     def _build_line(self, line: str) -> None:
         line = self.mask(line)
         if not self.cancelled.is_set():
-            echo(f"{self.flow_run.name} [build]", line)
+            echo(f"{self.flow_run.name} [build]", line, str(self.flow_run.id))
             self.shipper.submit(log_entry(self.flow_run.id, line, name="dockerworker.build"))
 
     def _unless_cancelled(self, work: Callable[[], T]) -> T:

@@ -124,6 +124,10 @@ class WorkerSettings(BaseModel):
                           "Default: the safe built-in policy.")
     log_level: Annotated[LogLevel, Flag("--log-level", env="DOCKERWORKER_LOG_LEVEL")] = Field(
         default="INFO", description="How much the worker's console says.")
+    log_format: Annotated[Literal["console", "json"],
+                          Flag("--log-format", env="DOCKERWORKER_LOG_FORMAT")] = Field(
+        default="console", description="console: lines for people; json: one JSON object a "
+        "line (time, level, logger, message, flow_run_id/flow_run_name) for log aggregators.")
 
     def build_options(self) -> BuildOptions:
         return BuildOptions(

@@ -64,3 +64,32 @@ def test_counters_and_histograms_follow_runs_of_each_kind(
     assert any(name == "dockerworker_build_info" for name, _ in samples)
     labels = {dict(label_set).get("endpoint", "") for _, label_set in samples}
     assert not any(run_id in label for label in labels for run_id in runs.values())
+
+
+def test_json_logs_every_line_parses_run_lines_carry_the_run_no_secret(
+    rig: PrefectRig, prefect_server, unique_pool: str, flow_image: str, tmp_path
+) -> None:
+    import json
+
+    from testrig.workers import WorkerProcess, worker_env
+
+    key = "pnu_json_logs_secret_0123456789"
+    env = worker_env(prefect_server.url, PREFECT_API_KEY=key)
+    worker = WorkerProcess(["--pool", unique_pool, "--name", f"{unique_pool}-j",
+                            "--poll-interval", "1", "--log-format", "json",
+                            "--log-level", "DEBUG"], env, tmp_path / "worker.log")
+    try:
+        worker.wait_for_output('"message": "worker ')
+        deployment = rig.create_deployment(unique_pool, "flows.py:hello", {"image": flow_image})
+        run_id = rig.create_flow_run(deployment)
+        assert rig.wait_for_final(run_id, timeout=120)["state"]["type"] == "COMPLETED"
+        worker.wait_for_output("exited with code 0")
+    finally:
+        worker.stop()
+    lines = [line for line in worker.output().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    about_the_run = [r for r in records if run_id in r["message"] or r.get("flow_run_id")]
+    assert about_the_run and all(r.get("flow_run_id") == run_id for r in about_the_run)
+    assert any(r["logger"] == "dockerworker.output" for r in about_the_run)  # its output
+    assert key not in worker.output()

@@ -49,6 +49,7 @@ def test_the_flags_and_env_names_users_know() -> None:
         "build_ca_bundle": (["--build-ca-bundle"], "DOCKERWORKER_BUILD_CA_BUNDLE"),
         "build_timeout": (["--build-timeout"], "DOCKERWORKER_BUILD_TIMEOUT"),
         "log_level": (["--log-level"], "DOCKERWORKER_LOG_LEVEL"),
+        "log_format": (["--log-format"], "DOCKERWORKER_LOG_FORMAT"),
         "policy_file": (["--policy"], "DOCKERWORKER_POLICY_FILE"),
     }
 
@@ -85,7 +86,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[WorkerSettings]:
     monkeypatch.setattr(cli, "Worker", FakeWorker)
     monkeypatch.setattr(cli, "connect_docker", lambda: None)
     monkeypatch.setattr(cli.signal, "signal", lambda *args: None)
-    monkeypatch.setattr(cli, "_configure_logging", lambda level: None)
+    monkeypatch.setattr(cli.logformat, "configure", lambda level, log_format: None)
     for key in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING"):
         monkeypatch.delenv(key, raising=False)
     return seen
