@@ -1,4 +1,5 @@
-"""Unit tests: workers made on the fakes are stopped after each test (their shipper threads)."""
+"""Unit tests: the fakes as fixtures; workers made on them are stopped after each test (their
+shipper threads)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .fakes import STARTED
+from .fakes import STARTED, FakeAPI, FakeRuntime
 
 
 @pytest.fixture(autouse=True)
@@ -18,3 +19,15 @@ def _stop_fake_workers() -> Iterator[None]:
         if worker.warm is not None:
             worker.warm.close()
         worker.shipper.stop(timeout=1)
+
+
+@pytest.fixture
+def api() -> FakeAPI:
+    """An in-memory Prefect API with the claim rule."""
+    return FakeAPI()
+
+
+@pytest.fixture
+def runtime(api: FakeAPI) -> FakeRuntime:
+    """An in-memory container engine whose containers report to `api`."""
+    return FakeRuntime(api)

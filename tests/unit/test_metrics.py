@@ -14,19 +14,9 @@ from dockerworker.api import StateType
 from dockerworker.health import serve_health
 from dockerworker.metrics import endpoint, sample
 
-from .fakes import FakeAPI, FakeRuntime, Script, make_worker, settle, wait_until
+from .fakes import Script, make_worker, settle, wait_until
 
 FINISHED = "dockerworker_runs_finished_total"
-
-
-@pytest.fixture
-def api() -> FakeAPI:
-    return FakeAPI()
-
-
-@pytest.fixture
-def runtime(api: FakeAPI) -> FakeRuntime:
-    return FakeRuntime(api)
 
 
 def finished(state: str, reason: str) -> float:

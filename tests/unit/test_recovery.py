@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import threading
 
-import pytest
-
 from dockerworker import ownership
 from dockerworker import worker as worker_module
 from dockerworker.api import NotFound, ServerUnreachable, StateType
@@ -19,16 +17,6 @@ from dockerworker.warm import LABEL_WARM
 from .fakes import FAKE_HOST, FakeAPI, FakeRuntime, Script, make_worker, settle, wait_until
 
 AUTO_REMOVE = {"io.dockerworker.auto-remove": "true"}
-
-
-@pytest.fixture
-def api() -> FakeAPI:
-    return FakeAPI()
-
-
-@pytest.fixture
-def runtime(api: FakeAPI) -> FakeRuntime:
-    return FakeRuntime(api)
 
 
 NO_RETRIES = Policy(infra_retries=0)  # vanished containers: CRASHED at once

@@ -14,16 +14,6 @@ from dockerworker.runtime import EngineError, EngineUnavailable, WorkloadGone
 from .fakes import FakeAPI, FakeRuntime, Script, make_worker, settle, wait_until
 
 
-@pytest.fixture
-def api() -> FakeAPI:
-    return FakeAPI()
-
-
-@pytest.fixture
-def runtime(api: FakeAPI) -> FakeRuntime:
-    return FakeRuntime(api)
-
-
 def run_one(api: FakeAPI, runtime: FakeRuntime, script: Script | None = None, **run_kw):
     """A scheduled run, polled by a fresh worker and seen to its end."""
     if script is not None:

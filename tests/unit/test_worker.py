@@ -20,16 +20,6 @@ from .fakes import FAKE_HOST, FakeAPI, FakeRuntime, Script, make_worker, settle,
 
 
 @pytest.fixture
-def api() -> FakeAPI:
-    return FakeAPI()
-
-
-@pytest.fixture
-def runtime(api: FakeAPI) -> FakeRuntime:
-    return FakeRuntime(api)
-
-
-@pytest.fixture
 def hold(runtime: FakeRuntime):
     """Containers run until the test lets them end."""
     gate = threading.Event()
