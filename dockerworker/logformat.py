@@ -37,6 +37,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+def run_label(name: str, flow_run_id: object) -> str:
+    """How every line about a run names it; `_RUN` reads it back for the JSON format."""
+    return f"flow run {name!r} ({flow_run_id})"
+
+
 def run_fields(message: str) -> dict[str, str]:
     if match := _RUN.search(message):
         return {"flow_run_id": match["id"], "flow_run_name": match["name"]}

@@ -20,7 +20,7 @@ from .builds import Builder, BuildFailed, BuildPlan
 from .containers import ContainerSpec, build_spec
 from .images import ImageUnavailable
 from .jobs import InvalidJobVariables, JobVariables, merge_job_variables, resolve_job
-from .logformat import echo
+from .logformat import echo, run_label
 from .logs import LogShipper, log_entry
 from .policy import Masker
 from .runtime import (
@@ -65,7 +65,7 @@ class Preparation:
         self.say = say
         self.mask = mask
         self.cancelled = cancelled
-        self.label = f"flow run {flow_run.name!r} ({flow_run.id})"
+        self.label = run_label(flow_run.name, flow_run.id)
 
     def resolve_job(self, pool_name: str, deployment: Deployment | None
                     ) -> tuple[WorkPool, JobVariables, Masker]:

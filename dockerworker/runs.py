@@ -33,6 +33,7 @@ from .builds import Builder
 from .containers import ContainerSpec, WatchOptions
 from .follow import Follower
 from .jobs import JobVariables
+from .logformat import run_label
 from .logs import LogShipper, ResumePoint, RunOutput, resume_point
 from .policy import Masker
 from .prepare import Preparation, build_name
@@ -117,7 +118,7 @@ class RunSupervisor:
         self.builder = builder
         self.on_done = on_done
         self.warm = warm
-        self.label = f"flow run {flow_run.name!r} ({flow_run.id})"
+        self.label = run_label(flow_run.name, flow_run.id)
         self.phase = Phase.CLAIMING
         self.claimed = False
         self.claimed_at: float | None = None  # monotonic: for the metrics' histograms
