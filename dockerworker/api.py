@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
+from urllib.parse import quote
 from uuid import UUID
 
 import httpx
@@ -173,6 +174,7 @@ class Deployment(_Model):
     updated: datetime | None = None
     paused: bool = False
     concurrency_limit: int | None = None
+    pull_steps: list[Any] | None = None  # run by Prefect's engine in the container (flowcode.py)
 
 
 class Flow(_Model):
@@ -484,6 +486,14 @@ class PrefectAPI:
         return Deployment.model_validate(
             self.request("GET", f"/deployments/name/{flow_and_deployment}")
         )
+
+    def read_block_data(self, block_type: str, name: str) -> dict[str, Any]:
+        """A block document's data, secrets included: what the worker must mask when a run's
+        pull steps reference the block."""
+        path = (f"/block_types/slug/{quote(block_type, safe='')}/block_documents/name/"
+                f"{quote(name, safe='')}?include_secrets=true")
+        body = self.request("GET", path)
+        return body.get("data") or {}
 
     def read_flow(self, flow_id: UUID) -> Flow:
         return Flow.model_validate(self.request("GET", f"/flows/{flow_id}"))

@@ -199,11 +199,15 @@ def start(policy_file: Path | None, **options: Any) -> None:
 @main.command()
 @setting_option("pool", help="Work pool to check.")
 @setting_option("api_url")
-def doctor(pool: str, api_url: str) -> None:
+@click.option("--reach", "reach", multiple=True, metavar="URL",
+              help="Also try, from a throwaway container of the pool's default image and "
+                   "network, to resolve and connect to URL (a git repository, "
+                   "git@host:org/repo.git, or an object store's endpoint). Repeatable.")
+def doctor(pool: str, api_url: str, reach: tuple[str, ...]) -> None:
     """Check the server, credentials, pool, workers, waiting runs and Docker; say how to fix
     what is wrong. Exit code 1 if anything is."""
     api, secrets = _api_from_env(api_url, patience=0)
-    healthy = Doctor(api, pool, Masker(secrets)).run(click.echo)
+    healthy = Doctor(api, pool, Masker(secrets), reach).run(click.echo)
     sys.exit(0 if healthy else 1)
 
 

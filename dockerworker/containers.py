@@ -23,6 +23,7 @@ from docker.models.containers import Container
 from . import __version__
 from .api import Deployment, Flow, FlowRun, WorkPool
 from .entry import LABEL_CONTROL, entry_command
+from .flowcode import NEEDS_ENV, needs_env
 from .jobs import JobVariables
 
 LABEL_FLOW_RUN_ID = "io.prefect.flow-run-id"
@@ -33,7 +34,7 @@ _OPTION_PREFIX = "io.dockerworker."
 _LOCAL_HOSTS = ("127.0.0.1", "localhost")
 # The run's identity in a container's env and labels (what a warm container gets at hand-over).
 RUN_ENV = frozenset({"PREFECT__FLOW_RUN_ID", "PREFECT__FLOW_ID", "PREFECT__FLOW_NAME",
-                     "PREFECT__DEPLOYMENT_ID", "PREFECT__DEPLOYMENT_NAME"})
+                     "PREFECT__DEPLOYMENT_ID", "PREFECT__DEPLOYMENT_NAME", NEEDS_ENV})
 RUN_LABELS = frozenset({"io.prefect.flow-run-id", "io.prefect.flow-run-name", "io.prefect.flow-id",
                         "io.prefect.flow-name", "io.prefect.deployment-id",
                         "io.prefect.deployment-name"})
@@ -208,6 +209,7 @@ def _run_env(job: JobVariables, flow_run: FlowRun, deployment: Deployment | None
     if deployment:
         env["PREFECT__DEPLOYMENT_ID"] = str(deployment.id)
         env["PREFECT__DEPLOYMENT_NAME"] = deployment.name
+        env.update(needs_env(deployment.pull_steps, job.image))
     env.update(job.env)
     return {k: v for k, v in env.items() if v is not None}
 
@@ -331,22 +333,10 @@ def read_exit(container: Container) -> ExitReport:
     )
 
 
-_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit): ")
-
-
-def crash_context(container: Container, tail: int = 10, scan: int = 300,
-                  max_chars: int = 1500) -> str:
-    """For a crash message: the exception lines among the last `scan` lines of output (where
-    a traceback names its cause) and the last `tail` lines, bounded."""
+def last_output(container: Container, lines: int = 300) -> list[str]:
+    """Its last `lines` lines of output (stdout and stderr), for a crash message."""
     try:
-        raw = container.logs(stdout=True, stderr=True, tail=scan)
+        raw = container.logs(stdout=True, stderr=True, tail=lines)
     except docker.errors.APIError:
-        return ""
-    lines = raw.decode("utf-8", errors="replace").rstrip().splitlines()
-    errors = list(dict.fromkeys(line for line in lines if _EXCEPTION_LINE.match(line)))[-5:]
-    parts = []
-    if errors:
-        parts.append("Errors in the output:\n" + "\n".join(errors))
-    if lines:
-        parts.append("Last output:\n" + "\n".join(lines[-tail:]))
-    return "\n".join(parts)[-max_chars:]
+        return []
+    return raw.decode("utf-8", errors="replace").rstrip().splitlines()

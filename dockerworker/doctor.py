@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,8 +14,10 @@ from urllib.parse import urlparse
 import docker
 import docker.errors
 
+from . import flowcode
 from .api import AuthRejected, NotFound, PrefectAPI, PrefectAPIError, WorkPool
-from .jobs import DEFAULT_IMAGE
+from .containers import network_mode_for
+from .jobs import DEFAULT_IMAGE, InvalidJobVariables, resolve_job
 from .policy import Masker
 from .settings import docker_host_description
 
@@ -38,10 +42,12 @@ class Check:
 class Doctor:
     """Runs the checks in order; later ones are skipped when what they need is missing."""
 
-    def __init__(self, api: PrefectAPI, pool: str, mask: Masker) -> None:
+    def __init__(self, api: PrefectAPI, pool: str, mask: Masker,
+                 reach: tuple[str, ...] = ()) -> None:
         self.api = api
         self.pool_name = pool
         self.mask = mask
+        self.reach_urls = reach  # opt-in: addresses a flow container must reach
         self.checks: list[Check] = []
         self.pool: WorkPool | None = None
         self.online: list[dict[str, Any]] = []  # filled by the workers check
@@ -195,13 +201,13 @@ class Doctor:
         checks = [Check(True, f"Docker engine {version.get('Version')} at {where}")]
         if self.pool is not None:  # the default image is the pool's
             checks.append(self._default_image(client))
+            checks += [reach_from_container(client, self.pool, self.api.api_url, url)
+                       for url in self.reach_urls]
         return [*checks, self._disk(client)]
 
     def _default_image(self, client: docker.DockerClient) -> Check:
         assert self.pool is not None
-        variables = self.pool.base_job_template.get("variables", {})
-        image = (variables.get("properties", {}).get("image", {}) or {}).get("default")
-        image = image or DEFAULT_IMAGE  # read_work_pool fills in the server's own default
+        image = default_image(self.pool)
         try:
             client.images.get(image)
             return Check(True, f"default image {image} is present")
@@ -226,6 +232,91 @@ class Doctor:
         if free < MIN_FREE_BYTES:
             return Check(False, title, "dockerworker images prune; docker system prune")
         return Check(True, title)
+
+
+def default_image(pool: WorkPool) -> str:
+    variables = pool.base_job_template.get("variables", {})
+    image = (variables.get("properties", {}).get("image", {}) or {}).get("default")
+    return image or DEFAULT_IMAGE  # read_work_pool fills in the server's own default
+
+
+# Run by the pool's image in a throwaway container: resolve, connect, and which of the tools
+# pull steps use are there. Standard library only; prints one JSON object.
+_REACH_SCRIPT = """
+import json, shutil, socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+out = {"tools": [t for t in ("git", "ssh") if shutil.which(t)]}
+try:
+    out["addresses"] = sorted({a[4][0] for a in socket.getaddrinfo(host, port,
+                                                                   type=socket.SOCK_STREAM)})
+    started = time.monotonic()
+    socket.create_connection((host, port), timeout=5).close()
+    out["ms"] = round((time.monotonic() - started) * 1000)
+except OSError as exc:
+    out["error"] = f"{type(exc).__name__}: {exc}"
+print(json.dumps(out))
+"""
+_DEFAULT_PORTS = {"https": 443, "http": 80, "ssh": 22, "git": 9418, "git+ssh": 22}
+_SCP_LIKE = re.compile(r"^(?:[\w.-]+@)?(?P<host>[\w.-]+):(?!//)")
+
+
+def reach_target(url: str) -> tuple[str, int, bool]:
+    """(host, port, is git) of a repository or endpoint URL, `git@host:org/repo.git` too;
+    ValueError when it names no host and port."""
+    if match := _SCP_LIKE.match(url):
+        return match["host"], 22, True
+    parsed = urlparse(url)
+    try:
+        port = parsed.port or _DEFAULT_PORTS.get(parsed.scheme)
+    except ValueError:
+        port = None
+    if not parsed.hostname or port is None or parsed.scheme not in _DEFAULT_PORTS:
+        raise ValueError("give an http(s), ssh or git URL, or user@host:path "
+                         "(for an object store, its endpoint URL)")
+    is_git = parsed.scheme in ("ssh", "git", "git+ssh") or parsed.path.endswith(".git")
+    return parsed.hostname, port, is_git
+
+
+def reach_from_container(client: docker.DockerClient, pool: WorkPool, api_url: str,
+                         url: str) -> Check:
+    """Whether a flow container of the pool (its default image and network) resolves and
+    reaches `url`: the "works on my machine" case of a pull step."""
+    shown = _without_userinfo(url)
+    try:
+        host, port, is_git = reach_target(url)
+    except ValueError as exc:
+        return Check(False, f"cannot try to reach {shown}: {exc}")
+    image = default_image(pool)
+    try:
+        job = resolve_job(pool.base_job_template, {})
+    except InvalidJobVariables as exc:
+        return Check(False, f"cannot try to reach {shown}: the pool's template is invalid: "
+                     f"{exc}")
+    network_mode = network_mode_for(job, api_url)
+    network = network_mode or (job.networks[0] if job.networks else "default")
+    where = f"from a container of {image} (network {network})"
+    try:
+        raw = client.containers.run(
+            image, ["python", "-c", _REACH_SCRIPT, host, str(port)], remove=True,
+            network_mode=network_mode, network=job.networks[0] if job.networks else None,
+            labels={"io.dockerworker.doctor": "reach"}, stdout=True, stderr=True)
+        result = json.loads(raw.decode().strip().splitlines()[-1])
+    except (docker.errors.DockerException, ValueError, IndexError) as exc:
+        return Check(False, f"could not try {shown} {where}: {exc}",
+                     "the image must exist here and have python on its PATH")
+    details = [f"the image has {', '.join(result['tools']) or 'neither git nor ssh'}"]
+    if "ms" in result:
+        ok = not is_git or "git" in result["tools"]
+        title = (f"{host}:{port} reached {where}: resolves to {', '.join(result['addresses'])}, "
+                 f"connected in {result['ms']} ms")
+        return Check(ok, title, "use an image with git for git_clone steps "
+                     f"(see {flowcode.DOCS})", details)
+    cause = result.get("error", "unknown error")
+    stage = "resolve" if "addresses" not in result else "connect to"
+    return Check(False, f"could not {stage} {host}:{port} {where}: {cause}",
+                 "check the URL, the pool's network_mode/networks and the host's DNS and "
+                 "firewall; a host on the Docker host's loopback needs network_mode host",
+                 details)
 
 
 def _without_userinfo(url: str) -> str:

@@ -24,6 +24,7 @@ import os
 import runpy
 import secrets
 import select
+import shutil
 import signal
 import socket
 import sys
@@ -124,6 +125,42 @@ def open_control_channel(engine: list[tuple[socket.socket, BinaryIO]]) -> bytes 
     return intent
 
 
+def missing_needs(needs: list[dict[str, str]]) -> list[str]:
+    """Of what the run's pull steps need (DOCKERWORKER_PULL_NEEDS, see flowcode.py), the
+    messages of what this image lacks."""
+    def absent(need: dict[str, str]) -> bool:
+        if need.get("command"):
+            return shutil.which(need["command"]) is None
+        return bool(need.get("module")) and importlib.util.find_spec(need["module"]) is None
+
+    return [need["message"] for need in needs if absent(need)]
+
+
+def precise_git_errors() -> None:
+    """Prefect 3 replaces git's own error with a generic hint ("verify the repository URL",
+    for a missing branch too). Without the hint its error carries git's last lines, with
+    credentials stripped, which tell a missing branch from a missing repository."""
+    try:
+        from prefect.runner import storage
+    except ImportError:
+        return
+    if hasattr(storage, "_get_git_clone_error_hint"):
+        storage._get_git_clone_error_hint = lambda exc: None
+
+
+def check_pull_needs() -> None:
+    """Before the engine: exit with one clear line per thing the pull steps need and the
+    image lacks, where Prefect would fail later with a traceback."""
+    needs = json.loads(os.environ.get("DOCKERWORKER_PULL_NEEDS") or "[]")
+    missing = missing_needs(needs)
+    for message in missing:
+        print(message, file=sys.stderr, flush=True)
+    if missing:
+        sys.exit(1)
+    if any(need.get("command") == "git" for need in needs):
+        precise_git_errors()
+
+
 def main() -> None:
     """Import Prefect, (warm: wait for the run), then run Prefect's engine in this process."""
     # Imported before a warm wait: that is the head start a warm container gives a run.
@@ -141,6 +178,7 @@ def main() -> None:
             sys.exit(0)
         os.environ.update(identity)
         del sys.argv[1:]
+    check_pull_needs()
     engine: list[tuple[socket.socket, BinaryIO]] = []  # the engine's connection, once made
     intent = open_control_channel(engine)
     threading.Thread(target=cancel_on_request, args=(stdin, engine, intent), daemon=True).start()

@@ -311,6 +311,11 @@ _SECRET_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|API_?KEY|AUTH|CREDENTI
                           re.IGNORECASE)
 
 
+def secret_name(name: str) -> bool:
+    """A name (env variable, parameter, block field) whose value is a credential."""
+    return bool(_SECRET_NAME.search(name))
+
+
 class Masker:
     """Replaces secret values (credentials, env values whose names look secret) with `***`,
     also as they look JSON-escaped, URL-encoded or in a Basic authorization header."""
@@ -326,7 +331,7 @@ class Masker:
 
     @classmethod
     def for_env(cls, env: dict[str, str | None], extra: set[str] | None = None) -> Masker:
-        values = {v for k, v in env.items() if v and _SECRET_NAME.search(k)}
+        values = {v for k, v in env.items() if v and secret_name(k)}
         for value in list(values):
             if ":" in value:  # user:password strings: the password alone too
                 values.add(value.split(":", 1)[1])

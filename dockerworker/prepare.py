@@ -18,6 +18,7 @@ from . import metrics
 from .api import Deployment, Flow, FlowRun, PrefectAPI, PrefectAPIError, WorkPool
 from .builds import Builder, BuildFailed, BuildPlan
 from .containers import ContainerSpec, build_spec
+from .flowcode import run_secrets
 from .images import ImageUnavailable
 from .jobs import InvalidJobVariables, JobVariables, merge_job_variables, resolve_job
 from .logformat import echo, run_label
@@ -85,7 +86,7 @@ class Preparation:
             raise RunCrashed(early(str(exc)), reason="invalid") from None
         if job.infra_retries is None:  # the operator's default
             job = job.model_copy(update={"infra_retries": self.settings.policy.infra_retries})
-        secrets = self.settings.secrets()
+        secrets = self.settings.secrets() | run_secrets(self.api, deployment, job.env)
         if job.registry_credentials:
             secrets.add(job.registry_credentials.password)
         return pool, job, Masker.for_env({**job.env, **self.settings.auth_env()}, secrets)

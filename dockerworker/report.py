@@ -8,10 +8,12 @@ restarts and replicas); everything written is masked.
 from __future__ import annotations
 
 import logging
+import re
 from uuid import UUID
 
 from . import metrics
 from .api import FlowRun, PrefectAPI, PrefectAPIError, StateType
+from .flowcode import explain
 from .logs import LogShipper, log_entry
 from .policy import Masker
 from .runtime import Runtime
@@ -19,7 +21,20 @@ from .verdict import Outcome, Verdict
 
 log = logging.getLogger(__name__)
 MAX_STATE_MESSAGE = 2000
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit): ")
 RETRY_MESSAGE = "Rescheduled by dockerworker after an infrastructure failure"
+
+
+def crash_context(lines: list[str], tail: int = 10, max_chars: int = 1500) -> str:
+    """For a crash message: the exception lines in the output (where a traceback names its
+    cause) and the last `tail` lines, bounded."""
+    errors = list(dict.fromkeys(line for line in lines if _EXCEPTION_LINE.match(line)))[-5:]
+    parts = []
+    if errors:
+        parts.append("Errors in the output:\n" + "\n".join(errors))
+    if lines:
+        parts.append("Last output:\n" + "\n".join(lines[-tail:]))
+    return "\n".join(parts)[-max_chars:]
 
 
 def retry_note(api: PrefectAPI, flow_run_id: UUID, message: str, allowed: int) -> str | None:
@@ -72,8 +87,11 @@ class RunReporter:
         """A crash verdict with what the container printed last (read before it is removed)."""
         if verdict.outcome is not Outcome.CRASHED or verdict.workload is None:
             return verdict
+        lines = self.runtime.last_output(verdict.workload)
         message = verdict.message
-        if context := self.runtime.crash_context(verdict.workload):
+        if cause := explain(lines):  # a failed pull step: the one line that says why, first
+            message = f"{cause[:1].upper()}{cause[1:]}\n{message}"
+        if context := crash_context(lines):
             message = f"{message}\n{context}"
         return Verdict(verdict.outcome, message, verdict.force,
                        infrastructure=verdict.infrastructure, reason=verdict.reason)

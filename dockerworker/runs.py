@@ -12,6 +12,7 @@ engine is behind the runtime seam (runtime.py): nothing here knows Docker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -26,11 +27,13 @@ from .api import (
     FlowRun,
     NotFound,
     PrefectAPI,
+    PrefectAPIError,
     StateType,
     WorkPool,
 )
 from .builds import Builder
 from .containers import ContainerSpec, WatchOptions
+from .flowcode import run_secrets
 from .follow import Follower
 from .jobs import JobVariables
 from .logformat import run_label
@@ -164,11 +167,21 @@ class RunSupervisor:
         self.mask = Masker.for_env(workload.env, self.settings.secrets())
 
         def body() -> Verdict:
+            self.mask = self._adopted_mask(workload.env)
             if workload.status == "created":  # the worker died between create and start
                 self.runtime.resume(workload)
             return self._watch(workload, resume_point(self.api, self.flow_run.id))
 
         self._guard(body)
+
+    def _adopted_mask(self, env: dict[str, str]) -> Masker:
+        """The masker of an adopted run: its env's secrets and its pull steps' credentials,
+        as when it started."""
+        deployment = None
+        if self.flow_run.deployment_id:
+            with contextlib.suppress(PrefectAPIError):
+                deployment = self.api.read_deployment(self.flow_run.deployment_id)
+        return Masker.for_env(env, self.settings.secrets() | run_secrets(self.api, deployment, env))
 
     # --- the one handler -----------------------------------------------------------------
     def _guard(self, body: Callable[[], Verdict]) -> None:

@@ -33,9 +33,9 @@ from .containers import (
     RUN_ENV,
     ContainerSpec,
     ExitReport,
-    crash_context,
     create_and_start,
     docker_host_id,
+    last_output,
     read_exit,
     remove_quietly,
 )
@@ -147,8 +147,8 @@ class Runtime(Protocol):
     def removed_meanwhile(self, workload: Workload) -> bool:
         """True when it was removed just after it ended (`docker rm -f` kills, then removes)."""
 
-    def crash_context(self, workload: Workload) -> str:
-        """Its last output and the exception lines in it, for a crash message."""
+    def last_output(self, workload: Workload) -> list[str]:
+        """Its last lines of output, for a crash message ([] when they cannot be read)."""
 
     def is_running(self, workload: Workload) -> bool:
         """Still running (a warm container can be handed a run)."""
@@ -333,11 +333,11 @@ class LocalEngine:
             return True
         return False
 
-    def crash_context(self, workload: Workload) -> str:
+    def last_output(self, workload: Workload) -> list[str]:
         try:
-            return crash_context(self._container(workload))
+            return last_output(self._container(workload))
         except (RuntimeTrouble, docker.errors.DockerException):
-            return ""
+            return []
 
     def is_running(self, workload: Workload) -> bool:
         try:

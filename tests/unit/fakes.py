@@ -64,6 +64,7 @@ class FakeAPI:
                              base_job_template=default_base_job_template())
         self.runs: dict[UUID, FlowRun] = {}
         self.deployments: dict[UUID, Deployment] = {}
+        self.blocks: dict[tuple[str, str], dict[str, Any]] = {}  # (type slug, name) -> data
         self.flow = Flow(id=uuid.uuid4(), name="etl")
         self.logs: list[dict[str, Any]] = []
         self.history: dict[UUID, list[StateType]] = {}
@@ -94,9 +95,10 @@ class FakeAPI:
         return run
 
     def add_deployment(self, name: str = "nightly",
-                       job_variables: dict[str, Any] | None = None) -> Deployment:
+                       job_variables: dict[str, Any] | None = None,
+                       pull_steps: list[Any] | None = None) -> Deployment:
         deployment = Deployment(id=uuid.uuid4(), name=name, flow_id=self.flow.id,
-                                job_variables=job_variables)
+                                job_variables=job_variables, pull_steps=pull_steps)
         self.deployments[deployment.id] = deployment
         return deployment
 
@@ -210,6 +212,11 @@ class FakeAPI:
     def set_infrastructure_pid(self, flow_run_id: UUID, infrastructure_pid: str) -> None:
         with self._lock:
             self.runs[flow_run_id].infrastructure_pid = infrastructure_pid
+
+    def read_block_data(self, block_type: str, name: str) -> dict[str, Any]:
+        if (block_type, name) not in self.blocks:
+            raise NotFound(f"no block {block_type}/{name}")
+        return self.blocks[(block_type, name)]
 
     def read_deployment(self, deployment_id: UUID) -> Deployment:
         self._maybe_fail("read_deployment")
@@ -460,12 +467,10 @@ class FakeRuntime:
         with self._lock:
             return workload.id not in self.containers
 
-    def crash_context(self, workload: Workload) -> str:
+    def last_output(self, workload: Workload) -> list[str]:
         with self._lock:
             container = self.containers.get(workload.id)
-        if container is None or not container.script.lines:
-            return ""
-        return "Last output:\n" + "\n".join(text for _, text in container.script.lines[-10:])
+        return [] if container is None else [text for _, text in container.script.lines]
 
     def is_running(self, workload: Workload) -> bool:
         with self._lock:

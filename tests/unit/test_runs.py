@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
 
 from dockerworker.api import PrefectAPIError, StateType
 from dockerworker.containers import LABEL_FLOW_RUN_ID
+from dockerworker.flowcode import NEEDS_ENV
 from dockerworker.runs import Phase
 from dockerworker.runtime import EngineError, EngineUnavailable, WorkloadGone
 
@@ -452,3 +454,50 @@ def test_a_start_the_engine_refuses_is_not_retried(api, runtime) -> None:
     state = api.state_of(run.id)
     assert state.type == StateType.CRASHED and "unable to apply caps" in state.message
     assert StateType.SCHEDULED not in api.history[run.id][1:]
+
+
+# --- pull steps (flowcode.py) ----------------------------------------------------------
+GIT_STEP = "prefect.deployments.steps.git_clone"
+
+
+def test_a_failed_pull_leads_the_crash_message_and_its_token_is_masked(api, runtime) -> None:
+    """The token comes from a Secret block the worker never had to hold: it reads the block,
+    so the output the container printed (with the token in it) is masked everywhere."""
+    api.blocks[("secret", "git-token")] = {"value": "glpat-from-the-block"}
+    deployment = api.add_deployment(pull_steps=[{GIT_STEP: {
+        "repository": "https://git.example.com/org/private.git",
+        "access_token": "{{ prefect.blocks.secret.git-token }}"}}])
+    runtime.script_for = lambda spec: Script(lines=[
+        ("stderr", "cloning https://glpat-from-the-block@git.example.com/org/private.git"),
+        ("stderr", ("RuntimeError: Failed to clone repository 'https://git.example.com/org/"
+                   "private.git' with exit code 128. git stderr: fatal: Authentication failed")),
+        ("stderr", ("prefect.deployments.steps.core.StepExecutionError: Encountered error while "
+                   "running prefect.deployments.steps.git_clone"))],
+        exit_code=1, final_state=None)
+    run, worker = run_one(api, runtime, deployment=deployment)
+    message = api.state_of(run.id).message
+    assert message.startswith("The flow's code could not be pulled (git_clone): the git server "
+                              "refused the credentials"), message
+    assert "exited with code 1" in message
+    assert worker.shipper.flush(5)
+    shipped = "\n".join(api.messages(run.id))
+    assert "cloning https://***@git.example.com" in shipped
+    assert "glpat-from-the-block" not in message + shipped
+
+
+def test_the_container_is_told_what_the_pull_steps_need(api, runtime) -> None:
+    deployment = api.add_deployment(pull_steps=[{GIT_STEP: {"repository": "git@h:o/r.git"}}])
+    run, _ = run_one(api, runtime, deployment=deployment)
+    container = runtime.of_run(run.id)
+    assert container is not None
+    checks = json.loads(container.workload.env[NEEDS_ENV])
+    assert [c["command"] for c in checks] == ["git", "ssh"]
+    plain, _ = run_one(api, runtime, deployment=api.add_deployment())
+    assert NEEDS_ENV not in runtime.of_run(plain.id).workload.env
+
+
+def test_a_block_that_cannot_be_read_does_not_stop_the_run(api, runtime) -> None:
+    deployment = api.add_deployment(pull_steps=[{GIT_STEP: {
+        "repository": "https://h/r.git", "access_token": "{{ prefect.blocks.secret.gone }}"}}])
+    run, _ = run_one(api, runtime, deployment=deployment)
+    assert api.state_of(run.id).type == StateType.COMPLETED
