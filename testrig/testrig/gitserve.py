@@ -121,6 +121,8 @@ class HttpRequestRecord:
     path: str
     status: int
     authorized_as: str | None = None
+    content_encoding: str | None = None  # "gzip" when git compressed the request body
+    chunked: bool = False  # git sends bodies larger than http.postBuffer chunked
 
 
 def _read_chunked(rfile: object) -> bytes:
@@ -267,7 +269,10 @@ class GitHttpServer:
         split = urlsplit(handler.path)
         path = unquote(split.path)
         name = self._repo_of(path)
-        record = HttpRequestRecord(handler.command, handler.path, 0)
+        record = HttpRequestRecord(
+            handler.command, handler.path, 0,
+            content_encoding=handler.headers.get("Content-Encoding"),
+            chunked="chunked" in handler.headers.get("Transfer-Encoding", "").lower())
         self.requests.append(record)
         try:
             if name is None:
