@@ -5,9 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test unit demo lint setup docker images clean
+.PHONY: test unit demo lint setup docker images test-tools clean
 
-test: setup
+test: setup test-tools
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
@@ -35,6 +35,10 @@ docker:
 
 images: docker
 	images/build-local.sh
+
+# Host tools of the git/S3 rigs (git, sshd, ssh-keygen, openssl): apt-get only when missing.
+test-tools:
+	scripts/ensure-test-tools.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info testrig/.venvs

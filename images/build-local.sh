@@ -4,6 +4,8 @@
 #   2. dockerworker/postgres:15-local      (images/postgres-local, for the compose stack)
 #   3. dockerworker/prefect:3.9.1-local    (images/prefect/Dockerfile on top of 1)
 #   4. dockerworker/prefect:2.20.27-local  (the same Dockerfile: the Prefect 2 compatibility set)
+#   5. dockerworker/prefect-git:3.9.1-local (images/prefect-git on top of 3: git, ssh, s3fs for
+#      the pull-step tests; the plain image 3 stays without git on purpose)
 # Idempotent: each image is skipped when it already exists. Needs root (debootstrap) and access
 # to PyPI from the host network; the host CA bundle is handed to pip for TLS-inspecting proxies.
 # Env: PREFECT_VERSIONS ("3.9.1 2.20.27"; PREFECT_VERSION=X builds only X),
@@ -52,3 +54,19 @@ build_prefect() {  # VERSION: dockerworker/prefect:VERSION-local, unless present
 for version in $versions; do
   build_prefect "$version"
 done
+
+# The pull-step test image: git + openssh-client + s3fs on the 3.x runtime (only when it is built).
+git_image=dockerworker/prefect-git:3.9.1-local
+if docker image inspect "$git_image" >/dev/null 2>&1; then
+  echo "build-local: $git_image already present"
+elif docker image inspect dockerworker/prefect:3.9.1-local >/dev/null 2>&1; then
+  ctx=$(mktemp -d /tmp/prefect-git-image.XXXXXX)
+  cp "$here/prefect-git/Dockerfile" "$ctx/Dockerfile"
+  if [ -s "$ca" ]; then cp "$ca" "$ctx/ca.crt"; else : > "$ctx/ca.crt"; fi
+  echo "build-local: building $git_image (apt git/openssh-client, pip install s3fs)"
+  start=$SECONDS
+  docker build --network host --build-arg BASE_IMAGE=dockerworker/prefect:3.9.1-local \
+    -t "$git_image" "$ctx" || { rm -rf "$ctx"; exit 1; }
+  rm -rf "$ctx"
+  echo "build-local: built $git_image in $((SECONDS - start)) s"
+fi
