@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import runpy
 import secrets
@@ -136,16 +137,32 @@ def missing_needs(needs: list[dict[str, str]]) -> list[str]:
     return [need["message"] for need in needs if absent(need)]
 
 
-def precise_git_errors() -> None:
-    """Prefect 3 replaces git's own error with a generic hint ("verify the repository URL",
-    for a missing branch too). Without the hint its error carries git's last lines, with
-    credentials stripped, which tell a missing branch from a missing repository."""
-    try:
-        from prefect.runner import storage
-    except ImportError:
-        return
-    if hasattr(storage, "_get_git_clone_error_hint"):
-        storage._get_git_clone_error_hint = lambda exc: None
+class GitErrors(logging.Handler):
+    """Prefect 3 keeps git's own words of a failed clone ("Remote branch x not found", "Host
+    key verification failed") at DEBUG and tells the run a generic hint, the same for a
+    missing branch as for a missing repository. Installed on `prefect.runner.storage`, this
+    prints that one DEBUG record (credentials already stripped by Prefect) to stderr, where
+    the worker reads it, and passes every other record on as propagation would have."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.printed: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.getLogger("prefect").getEffectiveLevel():
+            logging.getLogger("prefect.runner").handle(record)
+        elif str(record.msg).startswith("git clone failed"):
+            text = record.getMessage()
+            if text not in self.printed:  # Prefect retries a clone; once is enough
+                self.printed.add(text)
+                print(text, file=sys.stderr, flush=True)
+
+    @classmethod
+    def install(cls) -> None:
+        storage = logging.getLogger("prefect.runner.storage")
+        storage.addHandler(cls())
+        storage.setLevel(logging.DEBUG)
+        storage.propagate = False
 
 
 def check_pull_needs() -> None:
@@ -158,7 +175,7 @@ def check_pull_needs() -> None:
     if missing:
         sys.exit(1)
     if any(need.get("command") == "git" for need in needs):
-        precise_git_errors()
+        GitErrors.install()
 
 
 def main() -> None:

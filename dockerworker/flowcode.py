@@ -203,7 +203,7 @@ _GIT_CAUSES = (
            r"resolution", "the git host could not be resolved from the flow container",
            _CHECK_NETWORK),
     _cause(r"Failed to connect to|Connection refused|Connection timed out|No route to host|"
-           r"ssh: connect to host|Could not read from remote repository|Check your network",
+           r"ssh: connect to host|Check your network",
            "the git server could not be reached from the flow container", _CHECK_NETWORK),
     _cause(r"Repository not found|does not appear to be a git repository|returned error: 404|"
            r"not found|Verify the repository URL",

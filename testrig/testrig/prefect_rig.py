@@ -344,6 +344,15 @@ class PrefectRig:
         }
         return str(self._call("POST", "/deployments/", body)["id"])
 
+    def create_secret_block(self, name: str, value: str) -> str:
+        """A Secret block document (`{{ prefect.blocks.secret.NAME }}`); return its id."""
+        block_type = self._call("GET", "/block_types/slug/secret")
+        (schema, *_) = self._call("POST", "/block_schemas/filter", {
+            "block_schemas": {"block_type_id": {"any_": [block_type["id"]]}}})
+        return str(self._call("POST", "/block_documents/", {
+            "name": name, "block_type_id": block_type["id"], "block_schema_id": schema["id"],
+            "data": {"value": value}})["id"])
+
     def delete_deployment(self, deployment_id: str) -> None:
         """Delete a deployment; a missing one is fine."""
         response = self._request("DELETE", f"/deployments/{deployment_id}")
