@@ -495,6 +495,10 @@ class PrefectAPI:
         body = self.request("GET", path)
         return body.get("data") or {}
 
+    def read_variable(self, name: str) -> Any:
+        """A Prefect variable's value (`{{ prefect.variables.NAME }}` in job variables)."""
+        return self.request("GET", f"/variables/name/{quote(name, safe='')}")["value"]
+
     def read_flow(self, flow_id: UUID) -> Flow:
         return Flow.model_validate(self.request("GET", f"/flows/{flow_id}"))
 

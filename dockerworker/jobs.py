@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 from docker.utils import parse_bytes
@@ -318,8 +319,10 @@ def _expand_dotted(values: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def resolve_job(base_job_template: dict[str, Any], values: dict[str, Any]) -> JobVariables:
-    """Render the pool template with defaults ⊕ values and validate the result."""
+def resolve_job(base_job_template: dict[str, Any], values: dict[str, Any],
+                resolve: Callable[[Any], Any] | None = None) -> JobVariables:
+    """Render the pool template with defaults ⊕ values, `resolve` what it references on the
+    server (references.py), and validate the result."""
     template = base_job_template or default_base_job_template()
     config = copy.deepcopy(template.get("job_configuration") or {})
     properties = (template.get("variables") or {}).get("properties") or {}
@@ -336,6 +339,8 @@ def resolve_job(base_job_template: dict[str, Any], values: dict[str, Any]) -> Jo
     if isinstance(config.get("env"), dict) and isinstance(values.get("env"), dict):
         config["env"] = config["env"] | values["env"]
     rendered = _apply_values(config, variables)
+    if resolve is not None:
+        rendered = resolve(rendered)
     try:
         return JobVariables.model_validate(rendered)
     except ValidationError as exc:

@@ -24,6 +24,7 @@ from .jobs import InvalidJobVariables, JobVariables, merge_job_variables, resolv
 from .logformat import echo, run_label
 from .logs import LogShipper, log_entry
 from .policy import Masker
+from .references import References, UnresolvedReference
 from .runtime import (
     EngineError,
     EngineUnavailable,
@@ -80,13 +81,15 @@ class Preparation:
         early = Masker.for_env(
             {str(k): v for k, v in raw_env.items() if isinstance(v, str)}, self.settings.secrets()
         )
+        references = References(self.api)
         try:
-            job = resolve_job(pool.base_job_template, values)
-        except InvalidJobVariables as exc:
+            job = resolve_job(pool.base_job_template, values, references.resolve)
+        except (InvalidJobVariables, UnresolvedReference) as exc:
             raise RunCrashed(early(str(exc)), reason="invalid") from None
         if job.infra_retries is None:  # the operator's default
             job = job.model_copy(update={"infra_retries": self.settings.policy.infra_retries})
-        secrets = self.settings.secrets() | run_secrets(self.api, deployment, job.env)
+        secrets = (self.settings.secrets() | references.secrets
+                   | run_secrets(self.api, deployment, job.env))
         if job.registry_credentials:
             secrets.add(job.registry_credentials.password)
         return pool, job, Masker.for_env({**job.env, **self.settings.auth_env()}, secrets)

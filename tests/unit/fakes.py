@@ -65,6 +65,7 @@ class FakeAPI:
         self.runs: dict[UUID, FlowRun] = {}
         self.deployments: dict[UUID, Deployment] = {}
         self.blocks: dict[tuple[str, str], dict[str, Any]] = {}  # (type slug, name) -> data
+        self.variables: dict[str, Any] = {}
         self.flow = Flow(id=uuid.uuid4(), name="etl")
         self.logs: list[dict[str, Any]] = []
         self.history: dict[UUID, list[StateType]] = {}
@@ -217,6 +218,11 @@ class FakeAPI:
         if (block_type, name) not in self.blocks:
             raise NotFound(f"no block {block_type}/{name}")
         return self.blocks[(block_type, name)]
+
+    def read_variable(self, name: str) -> Any:
+        if name not in self.variables:
+            raise NotFound(f"no variable {name}")
+        return self.variables[name]
 
     def read_deployment(self, deployment_id: UUID) -> Deployment:
         self._maybe_fail("read_deployment")
