@@ -338,3 +338,24 @@ def test_health_says_rounds_done_and_failed(api, runtime) -> None:
     finally:
         server.shutdown()
     assert body["rounds"]["poll"] == 1 and body["failures"] == {"removal": 1}
+
+
+def test_an_adopted_run_masks_the_credentials_its_pull_steps_name(api, runtime) -> None:
+    """After a restart the masker is rebuilt from the run's deployment, its blocks too: the
+    container's output keeps the token hidden."""
+    api.blocks[("secret", "git-token")] = {"value": "tok-adopted-123"}
+    deployment = api.add_deployment(pull_steps=[{"prefect.deployments.steps.git_clone": {
+        "repository": "https://h/r.git", "access_token": "{{ prefect.blocks.secret.git-token }}"}}])
+    run = api.add_run(state=StateType.RUNNING, deployment=deployment)
+    hold = threading.Event()
+    runtime.add("etl-orphan", of("w2", run.id), Script(
+        lines=[("stdout", "token tok-adopted-123 in the output")], hold=hold, exit_code=2,
+        final_state=None), run_id=run.id)
+    offline(api, "w2")
+    worker = make_worker(api, runtime)
+    worker.adopt_orphans()
+    hold.set()
+    settle(worker)
+    worker.shipper.flush(1)
+    shipped = "\n".join(api.messages(run.id)) + api.state_of(run.id).message
+    assert "token *** in the output" in shipped and "tok-adopted-123" not in shipped
