@@ -6,6 +6,7 @@
 #   4. dockerworker/prefect:2.20.27-local  (the same Dockerfile: the Prefect 2 compatibility set)
 #   5. dockerworker/prefect-git:3.9.1-local (images/prefect-git on top of 3: git, ssh, s3fs for
 #      the pull-step tests; the plain image 3 stays without git on purpose)
+#   6. dockerworker/prometheus:2.42-local  (images/prometheus-local: compose's monitoring profile)
 # Idempotent: each image is skipped when it already exists. Needs root (debootstrap) and access
 # to PyPI from the host network; the host CA bundle is handed to pip for TLS-inspecting proxies.
 # Env: PREFECT_VERSIONS ("3.9.1 2.20.27"; PREFECT_VERSION=X builds only X),
@@ -25,6 +26,16 @@ if docker image inspect "$postgres" >/dev/null 2>&1; then
 else
   echo "build-local: building $postgres from $base"
   docker build --network host --build-arg "BASE_IMAGE=$base" -t "$postgres" "$here/postgres-local"
+fi
+
+# Prometheus (and promtool) for the compose stack's monitoring profile, from Debian's package.
+prometheus=dockerworker/prometheus:2.42-local
+if docker image inspect "$prometheus" >/dev/null 2>&1; then
+  echo "build-local: $prometheus already present"
+else
+  echo "build-local: building $prometheus from $base"
+  docker build --network host --build-arg "BASE_IMAGE=$base" -t "$prometheus" \
+    "$here/prometheus-local"
 fi
 
 build_prefect() {  # VERSION: dockerworker/prefect:VERSION-local, unless present

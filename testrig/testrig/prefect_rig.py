@@ -542,6 +542,7 @@ def build_worker_image(client: Any, tag: str = WORKER_IMAGE) -> str:
 
 COMPOSE_FILE = REPO_DIR / "compose" / "docker-compose.yml"
 LOCAL_POSTGRES = "dockerworker/postgres:15-local"
+LOCAL_PROMETHEUS = "dockerworker/prometheus:2.42-local"  # images/prometheus-local
 
 
 def compose_command() -> list[str]:
@@ -564,17 +565,26 @@ class ComposeStack:
     port: int
     pool: str
     env: dict[str, str]
+    prometheus_port: int | None = None  # set: profile `monitoring` too
 
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api"
 
     @property
+    def prometheus_url(self) -> str:
+        if self.prometheus_port is None:
+            raise RuntimeError("this stack runs without the monitoring profile")
+        return f"http://127.0.0.1:{self.prometheus_port}"
+
+    @property
     def network(self) -> str:
         return self.project
 
     def command(self, *args: str) -> list[str]:
-        return [*compose_command(), "-p", self.project, "-f", str(COMPOSE_FILE), *args]
+        profiles = ["--profile", "monitoring"] if self.prometheus_port is not None else []
+        return [*compose_command(), *profiles, "-p", self.project, "-f", str(COMPOSE_FILE),
+                *args]
 
     def up(self) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.command("up", "-d", "--no-build"), env=self.env,
@@ -609,8 +619,12 @@ class ComposeStack:
             rig.close()
 
 
-def compose_stack(client: Any, pool: str, project: str, port: int) -> ComposeStack:
-    """The stack's settings with local images (built here: no registry), not yet up."""
+def compose_stack(client: Any, pool: str, project: str, port: int,
+                  prometheus_port: int | None = None,
+                  prometheus_config: Path | None = None) -> ComposeStack:
+    """The stack's settings with local images (built here: no registry), not yet up. With
+    `prometheus_port`, profile `monitoring` too: Prometheus published on that loopback port,
+    its config from `prometheus_config` (default: compose/prometheus/)."""
     client.images.get(LOCAL_POSTGRES)  # images/build-local.sh builds it
     client.images.get(PREFECT_IMAGE)
     env = {
@@ -624,4 +638,10 @@ def compose_stack(client: Any, pool: str, project: str, port: int) -> ComposeSta
         "DOCKERWORKER_POLL_INTERVAL": "1",
         "DOCKER_GID": str(os.stat("/var/run/docker.sock").st_gid),
     }
-    return ComposeStack(project, port, pool, env)
+    if prometheus_port is not None:
+        client.images.get(LOCAL_PROMETHEUS)
+        env["PROMETHEUS_IMAGE"] = LOCAL_PROMETHEUS
+        env["PROMETHEUS_PORT"] = str(prometheus_port)
+        if prometheus_config is not None:
+            env["PROMETHEUS_CONFIG_DIR"] = str(prometheus_config)
+    return ComposeStack(project, port, pool, env, prometheus_port)
