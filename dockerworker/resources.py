@@ -187,17 +187,19 @@ class UsageWatch:
                         continue
                     for entry in due:
                         entry.busy = True
+                # the next reading is due an interval after this one was asked for: a reading
+                # waits up to a second for the collector's tick, which is not added to it
+                asked = now
                 if len(due) > 1 and pool is None:
                     pool = ThreadPoolExecutor(self.batch, thread_name_prefix="usage-read")
                 readings = (list(pool.map(self._read, due)) if len(due) > 1 and pool
                             else [self._read(due[0])])
                 with self._cond:
-                    now = self.clock()
                     for entry, usage in zip(due, readings, strict=True):
                         entry.busy = False
                         if usage is not None and self._watched.get(entry.workload.id) is entry:
                             entry.seen.add(usage)
-                        entry.due = now + self._interval(now - entry.since)
+                        entry.due = asked + self._interval(asked - entry.since)
                     self._cond.notify_all()
         finally:
             if pool is not None:
