@@ -12,6 +12,7 @@ import signal
 import sys
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlparse
 
@@ -25,6 +26,7 @@ from .api import Deployment, Flow, FlowRun, WorkPool
 from .entry import LABEL_CONTROL, entry_command
 from .flowcode import NEEDS_ENV, needs_env
 from .jobs import JobVariables
+from .resources import engine_time
 
 LABEL_FLOW_RUN_ID = "io.prefect.flow-run-id"
 LABEL_POOL = "io.prefect.work-pool-name"
@@ -306,6 +308,11 @@ class ExitReport:
     exit_code: int
     oom_killed: bool
     error: str
+    # for the run's resource report (resources.py): the engine's clock, its image, its limit
+    started: datetime | None = None
+    finished: datetime | None = None
+    image: str = ""
+    memory_limit: int = 0  # bytes; 0: none
 
     def describe(self, mem_limit: str | None) -> str:
         """A short human reason: out of memory, a signal, or the plain exit code."""
@@ -330,6 +337,10 @@ def read_exit(container: Container) -> ExitReport:
         exit_code=int(state.get("ExitCode", -1)),
         oom_killed=bool(state.get("OOMKilled")),
         error=str(state.get("Error") or ""),
+        started=engine_time(state.get("StartedAt")),
+        finished=engine_time(state.get("FinishedAt")),
+        image=str(container.attrs.get("Config", {}).get("Image") or ""),
+        memory_limit=int(container.attrs.get("HostConfig", {}).get("Memory") or 0),
     )
 
 

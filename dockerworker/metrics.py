@@ -59,6 +59,10 @@ START_TO_RUNNING_SECONDS = _histogram(
 CONTAINER_LIFETIME_SECONDS = _histogram(
     "container_lifetime_seconds", "From a run's container started to its end.",
     _LIFETIME_BUCKETS)
+PEAK_MEMORY_RATIO = _histogram(
+    "run_peak_memory_ratio", "Runs' peak memory over their mem_limit, for runs with a limit "
+    "whose peak was read (the resource report, resources.py).",
+    (0.1, 0.25, 0.5, 0.75, 0.9, 1.0))
 
 # --- warm starts, images ------------------------------------------------------------------------
 WARM_WAITING = _gauge("warm_containers_waiting", "Warm containers waiting for a run.")

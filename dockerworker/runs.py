@@ -41,6 +41,7 @@ from .logs import LogShipper, ResumePoint, RunOutput, resume_point
 from .policy import Masker
 from .prepare import Preparation, build_name
 from .report import RunReporter
+from .resources import UsageWatch, resource_line
 from .runtime import (
     EngineUnavailable,
     Runtime,
@@ -59,7 +60,7 @@ from .verdict import (
     cancelled_verdict,
     judge,
 )
-from .warm import WarmPool
+from .warm import LABEL_WARM, WarmPool
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class RunSupervisor:
         builder: Builder,
         on_done: Callable[[FlowRun], None] = lambda run: None,
         warm: WarmPool | None = None,
+        usage: UsageWatch | None = None,
     ) -> None:
         self.api = api
         self.runtime = runtime
@@ -121,6 +123,7 @@ class RunSupervisor:
         self.builder = builder
         self.on_done = on_done
         self.warm = warm
+        self.usage = usage or UsageWatch(runtime)  # the worker's one, shared by its runs
         self.label = run_label(flow_run.name, flow_run.id)
         self.phase = Phase.CLAIMING
         self.claimed = False
@@ -313,13 +316,18 @@ class RunSupervisor:
 
     def _watch(self, workload: Workload, resume: ResumePoint | None) -> Verdict:
         """Follow the container to its end, then judge it (and remove it if it asked)."""
-        report = self.follower.follow(workload, self.options, self.mask, resume)
+        self.usage.watch(workload)
+        try:
+            report = self.follower.follow(workload, self.options, self.mask, resume)
+        finally:
+            seen = self.usage.release(workload)
         if self.started_at is not None and report is not None:
             metrics.CONTAINER_LIFETIME_SECONDS.observe(time.monotonic() - self.started_at)
         mem_limit = self.options.mem_limit
         if report is not None:
             self.say(f"container {workload.name} {report.describe(mem_limit)}; "
                      f"{self.follower.summary()}")
+            self.say(resource_line(report, seen, warm=LABEL_WARM in workload.labels))
         if self.cancel_requested.is_set():
             raise RunCancelled
         state = self.api.read_flow_run(self.flow_run.id).state

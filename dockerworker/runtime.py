@@ -52,6 +52,7 @@ from .ownership import (
     Owner,
     owner_record_name,
 )
+from .resources import Usage, parse_stats
 
 log = logging.getLogger(__name__)
 DEFAULT_CPU_SHARES = 1024  # Docker's default weight: what a warm container gets at hand-over
@@ -137,6 +138,10 @@ class Runtime(Protocol):
 
     def read_exit(self, workload: Workload) -> ExitReport:
         """How it ended: exit code, out of memory, the engine's error."""
+
+    def usage(self, workload: Workload) -> Usage | None:
+        """One reading of its cgroup accounting (peak memory, CPU), without waiting for a
+        second sample; None when it is not running (resources.py)."""
 
     def stop(self, workload: Workload, grace: int, note: Callable[[str], None]) -> None:
         """Cancel: ask Prefect's engine inside (or SIGTERM), SIGKILL after `grace` seconds."""
@@ -295,6 +300,15 @@ class LocalEngine:
     def read_exit(self, workload: Workload) -> ExitReport:
         with _translated():
             return read_exit(self._container(workload))
+
+    def usage(self, workload: Workload) -> Usage | None:
+        """The stats API, one-shot (API 1.41): the collector's next tick at the latest."""
+        with _translated():
+            try:
+                stats = self.client.api.stats(workload.id, stream=False, one_shot=True)
+            except docker.errors.InvalidVersion:  # an older engine: two samples, 1-2 s
+                stats = self.client.api.stats(workload.id, stream=False)
+        return parse_stats(stats) if isinstance(stats, dict) else None
 
     def stop(self, workload: Workload, grace: int, note: Callable[[str], None]) -> None:
         """Prefect's engine behind our entry script is asked to cancel (it reports Cancelled

@@ -35,6 +35,7 @@ from .checks import StateChecks
 from .events import EventListener
 from .logs import LogShipper
 from .recovery import LOOP_PATIENCE, Recovery
+from .resources import UsageWatch
 from .rounds import RecoveryRounds
 from .runs import Phase, RunSupervisor
 from .runtime import LocalEngine, Runtime, RuntimeTrouble
@@ -80,6 +81,7 @@ class Worker(RecoveryRounds, StateChecks):
         self.events: EventListener | None = None
         self._polled_once = False  # --run-once: its one poll is done
         self.warm = WarmPool(runtime, settings.warm) if settings.warm else None
+        self.usage = UsageWatch(runtime)  # the runs' resource readings (resources.py)
 
     # --- start-up -----------------------------------------------------------------------
     def wait_for_server(self) -> None:
@@ -236,7 +238,7 @@ class Worker(RecoveryRounds, StateChecks):
         pool = self.pool
         supervisor = self.admission.admit(flow_run.id, lambda: RunSupervisor(
             self.api, self.runtime, self.settings, pool, flow_run, self.shipper,
-            self.builder, on_done=self._done, warm=self.warm,
+            self.builder, on_done=self._done, warm=self.warm, usage=self.usage,
         ), booting=booting)
         if supervisor is None:
             return False

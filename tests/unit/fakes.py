@@ -39,6 +39,7 @@ from dockerworker.images import ImageUnavailable
 from dockerworker.jobs import JobVariables, default_base_job_template
 from dockerworker.logs import OutputLine, ResumePoint, RunOutput
 from dockerworker.ownership import Owner, owner_record_name
+from dockerworker.resources import Usage
 from dockerworker.runtime import RuntimeTrouble, Workload, WorkloadGone
 from dockerworker.settings import WorkerSettings
 from dockerworker.warm import LABEL_WARM
@@ -273,6 +274,9 @@ class Script:
     reports_running: bool = True
     cancellable: bool = True  # the engine answers a cancel request (reports CANCELLED)
     hold: threading.Event | None = None  # runs until set (or stopped)
+    usage: list[Usage] = field(default_factory=list)  # readings while running, in turn
+    image: str = "fake/flow:1"
+    memory_limit: int = 0
 
 
 @dataclass
@@ -283,6 +287,7 @@ class FakeContainer:
     exit: ExitReport | None = None
     ended: threading.Event = field(default_factory=threading.Event)
     removed: bool = False
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
 class FakeRuntime:
@@ -298,6 +303,7 @@ class FakeRuntime:
         self.fail: dict[str, Exception] = {}  # method name → raised at its next call
         self.calls: list[tuple[str, str]] = []
         self.records: dict[str, tuple[str, Owner]] = {}  # takeover records: name → (id, owner)
+        self.usage_reads = 0  # usage(): called from the sampler thread, not in `calls`
         self._lock = threading.RLock()
 
     # --- test helpers -------------------------------------------------------------------
@@ -340,7 +346,9 @@ class FakeRuntime:
             if isinstance(report, StateType) and container.run_id is not None:
                 self.api.set_state(container.run_id, report)
             code = script.exit_code if exit_code is None else exit_code
-            container.exit = ExitReport(code, script.oom, script.error)
+            container.exit = ExitReport(code, script.oom, script.error,
+                                        started=container.started, finished=datetime.now(UTC),
+                                        image=script.image, memory_limit=script.memory_limit)
             container.workload.status = "exited"
             container.ended.set()
 
@@ -451,6 +459,20 @@ class FakeRuntime:
         container = self._call("read_exit", workload)
         assert container is not None and container.exit is not None
         return container.exit
+
+    def usage(self, workload: Workload) -> Usage | None:
+        """The script's readings in turn (the last one again), None once it has ended."""
+        self.usage_reads += 1
+        if (exc := self.fail.pop("usage", None)) is not None:
+            raise exc
+        with self._lock:
+            container = self.containers.get(workload.id)
+            if container is None:
+                raise WorkloadGone(workload.name)
+            readings = container.script.usage
+            if container.ended.is_set() or not readings:
+                return None
+            return readings.pop(0) if len(readings) > 1 else readings[0]
 
     def stop(self, workload: Workload, grace: int, note: Callable[[str], None]) -> None:
         container = self._call("stop", workload)
