@@ -102,7 +102,7 @@ def test_git_over_https_token_from_a_block_or_env_and_each_failure_named(
 ) -> None:
     """A private repository behind a token, its CA mounted from a prefix the policy allows
     (as with a company's own git server): a branch with the token from a Secret block, a
-    commit with it from the job's env; then a wrong token, a missing branch, a missing
+    commit with it from the job's env, a public repository; then a wrong token, a missing branch, a missing
     repository and a closed port, each named in the state message; the token nowhere."""
     token = f"tok-{secrets.token_hex(12)}"
     block = f"git-token-{secrets.token_hex(3)}"
@@ -111,6 +111,7 @@ def test_git_over_https_token_from_a_block_or_env_and_each_failure_named(
     with GitHttpServer(tls=True) as git:
         shas = git.add_repo("flows.git", {"flow.py": flow_source("main")}, token=token,
                             extra_branches={"dev": {"flow.py": flow_source("dev")}})
+        git.add_repo("public.git", {"flow.py": flow_source("public")})
         assert git.ca_file is not None
         ca_dir.mkdir()
         shutil.copy(git.ca_file, ca_dir / "ca.pem")
@@ -129,6 +130,7 @@ def test_git_over_https_token_from_a_block_or_env_and_each_failure_named(
         block_ref = f"{{{{ prefect.blocks.secret.{block} }}}}"
         from_block = run({"branch": "dev", "access_token": block_ref}, block=block)
         from_env = run({"commit_sha": shas["main"], "access_token": "{{ $GIT_TOKEN }}"})
+        public = run({}, repository=git.url("public.git"))
         wrong = run({"access_token": "not-the-token"})
         no_branch = run({"branch": "no-such-branch", "access_token": token})
         no_repo = run({"access_token": token}, repository=git.url("missing.git"))
@@ -136,6 +138,7 @@ def test_git_over_https_token_from_a_block_or_env_and_each_failure_named(
 
         assert final(rig, from_block)[0] == "COMPLETED"
         assert final(rig, from_env)[0] == "COMPLETED"
+        assert final(rig, public)[0] == "COMPLETED"
         causes = {
             wrong: "the git server refused the credentials",
             no_branch: "the branch or commit no-such-branch does not exist",
@@ -153,7 +156,8 @@ def test_git_over_https_token_from_a_block_or_env_and_each_failure_named(
     rig.wait_for_log(from_block, "the secret is ***")
     assert "code from dev" in messages(rig, from_block)
     assert "code from main" in messages(rig, from_env)
-    run_ids = [from_block, from_env, *causes]
+    assert "code from public" in messages(rig, public)
+    run_ids = [from_block, from_env, public, *causes]
     everything = all_logs(rig, run_ids) + json.dumps([rig.read_flow_run(r) for r in run_ids])
     assert token not in everything
     # nor in what Docker holds of the kept container, beyond the job's own env (GIT_TOKEN)
