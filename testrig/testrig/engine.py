@@ -184,7 +184,8 @@ class Engine:
             "dockerd", "--config-file", str(self.root / "daemon.json"),
             "--host", self.host, "--exec-root", str(self.root / "exec"),
             "--pidfile", str(self.pidfile), "--bridge", self.bridge, "--iptables=false",
-            "--containerd-namespace", "dwr14", "--containerd-plugins-namespace", "dwr14-plugins",
+            "--containerd-namespace", self.root.name,
+            "--containerd-plugins-namespace", f"{self.root.name}-plugins",
         ]  # fmt: skip
         if self.address_pool:
             cmd += ["--default-address-pool", self.address_pool]
@@ -344,18 +345,24 @@ class Engine:
     # --- contents ----------------------------------------------------------------------
 
     def load_images(self, source: docker.DockerClient, *names: str) -> list[str]:
-        """Copy images from `source` (the machine's engine) unless this engine has them;
-        return the names copied."""
-        copied = []
+        """Copy images from `source` (the machine's engine) unless this engine has them, all
+        in one `docker save` (images on one base share its layers: sent once); return the
+        names copied."""
+        missing = []
         for name in names:
-            with contextlib.suppress(docker.errors.ImageNotFound):
+            try:
                 self.client.images.get(name)
-                continue
-            image = source.images.get(name)
-            self.client.images.load(image.save(named=True))
-            self.client.images.get(name)  # raises if the load did not name it
-            copied.append(name)
-        return copied
+            except docker.errors.ImageNotFound:
+                source.images.get(name)  # raises, naming it, if the machine lacks it too
+                missing.append(name)
+        if missing:
+            api = source.api
+            response = api._get(api._url("/images/get"), params={"names": missing}, stream=True)
+            api._raise_for_status(response)
+            self.client.images.load(response.iter_content(chunk_size=2 << 20))
+            for name in missing:
+                self.client.images.get(name)  # raises if the load did not name it
+        return missing
 
     def swarm_init(self) -> Any:
         """Make this engine (never the machine's) a single-node Swarm manager."""

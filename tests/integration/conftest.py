@@ -22,6 +22,7 @@ from testrig.prefect_rig import (
     remove_pool_containers,
     start_prefect_server,
 )
+from testrig.swarm import SwarmEngine
 from testrig.workers import WorkerProcess, worker_env
 
 from dockerworker.ownership import LABEL_OWNER_POOL
@@ -172,6 +173,23 @@ def own_engine(docker_client: docker.DockerClient) -> Iterator[Engine]:
     except RuntimeError as exc:
         engine.stop(check_host=False)
         pytest.fail(f"could not start a second dockerd: {exc}", pytrace=False)
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="session")
+def swarm_engine(docker_client: docker.DockerClient) -> Iterator[SwarmEngine]:
+    """A single-node Swarm on a second dockerd of the session's own (never the machine's
+    engine), made once: images loaded into it stay for the session's later tests. Afterwards
+    it leaves the Swarm, stops, its bridges and data dir are deleted and the machine's engine
+    is checked to still run a container."""
+    engine = SwarmEngine()
+    try:
+        engine.start()
+    except RuntimeError as exc:
+        pytest.fail(f"could not start a Swarm engine of the tests' own: {exc}", pytrace=False)
     try:
         yield engine
     finally:
