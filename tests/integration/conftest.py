@@ -22,6 +22,7 @@ from testrig.prefect_rig import (
     remove_pool_containers,
     start_prefect_server,
 )
+from testrig.registry import LocalRegistry
 from testrig.swarm import SwarmEngine
 from testrig.workers import WorkerProcess, worker_env
 
@@ -194,3 +195,18 @@ def swarm_engine(docker_client: docker.DockerClient) -> Iterator[SwarmEngine]:
         yield engine
     finally:
         engine.stop()
+
+
+@pytest.fixture(scope="session")
+def local_registry() -> Iterator[LocalRegistry]:
+    """A container registry (Debian's docker-registry) on a loopback port, for the push path:
+    no other registry is reachable here. Its storage is deleted afterwards."""
+    registry = LocalRegistry()
+    try:
+        registry.start()
+    except RuntimeError as exc:
+        pytest.fail(f"could not start the local registry: {exc}", pytrace=False)
+    try:
+        yield registry
+    finally:
+        registry.stop()
