@@ -219,9 +219,11 @@ class SwarmStack:
         return done
 
     def deploy(self) -> str:
-        """`docker stack deploy` (detached: the test waits for what it needs); its output."""
-        done = self._docker("stack", "deploy", "--detach=true", "-c", str(STACK_FILE),
-                            self.name)
+        """`docker stack deploy` (detached: the test waits for what it needs); its output.
+        Older CLIs have no --detach and never wait."""
+        detach = (["--detach=true"] if "--detach" in self._docker(
+            "stack", "deploy", "--help").stdout else [])
+        done = self._docker("stack", "deploy", *detach, "-c", str(STACK_FILE), self.name)
         return done.stdout + done.stderr
 
     def remove(self) -> None:
