@@ -13,7 +13,8 @@ this machine at a time:
   it was a SwarmEngine's; any other `docker_gwbridge` is someone else's and start() fails.
 
 The engine runs with `--iptables=false` (ENVIRONMENT.md), so Swarm's routing mesh (ingress)
-cannot work: publish ports with `mode: host`. Overlay networks work on the one node.
+cannot work: publish ports with `mode: host`. This kernel has no IPVS either, so services'
+virtual IPs answer nothing: use `endpoint_mode: dnsrr`. Overlay networks work on the one node.
 
 Clean-up is ENVIRONMENT.md's order: `swarm leave --force`, stop dockerd, delete
 `docker_gwbridge` and the engine's bridge, then check the machine's engine still runs a
@@ -151,20 +152,17 @@ class SwarmEngine(Engine):
     # --- using it ----------------------------------------------------------------------
 
     def docker(self, *args: str, timeout: float = 300,
-               check: bool = True) -> subprocess.CompletedProcess[str]:
-        """The `docker` CLI against this engine (tests may shell out; the product never does)."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
-        done = subprocess.run(["docker", "-H", self.host, *args], env=env, capture_output=True,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """The `docker` CLI against this engine, with `env` added to ours (less DOCKER_*);
+        raises on failure. Tests may shell out; the product never does."""
+        full = {**{k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")},
+                **(env or {})}
+        done = subprocess.run(["docker", "-H", self.host, *args], env=full, capture_output=True,
                               text=True, timeout=timeout, check=False)
-        if check and done.returncode != 0:
+        if done.returncode != 0:
             raise RuntimeError(f"docker {' '.join(args)} failed ({done.returncode}):\n"
                                f"{done.stdout}{done.stderr}")
         return done
-
-    def service_tasks(self, service: str) -> list[dict[str, Any]]:
-        """The service's tasks (the SDK's dicts), newest first."""
-        tasks = self.client.services.get(service).tasks()
-        return sorted(tasks, key=lambda t: t["CreatedAt"], reverse=True)
 
     def wait_for(self, what: str, check: Callable[[], Any], timeout: float,
                  describe: Callable[[], str] = lambda: "") -> Any:
@@ -209,14 +207,7 @@ class SwarmStack:
         return f"{self.name}_{short}"
 
     def _docker(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")},
-               **self.env}
-        done = subprocess.run(["docker", "-H", self.engine.host, *args], env=env,
-                              capture_output=True, text=True, timeout=timeout, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"docker {' '.join(args)} failed ({done.returncode}):\n"
-                               f"{done.stdout}{done.stderr}")
-        return done
+        return self.engine.docker(*args, timeout=timeout, env=self.env)
 
     def deploy(self) -> str:
         """`docker stack deploy` (detached: the test waits for what it needs); its output.
