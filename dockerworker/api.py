@@ -337,8 +337,13 @@ class PrefectAPI:
     def _send(self, method: str, path: str, json: Any) -> httpx.Response:
         """One HTTP exchange; a write refused by the CSRF protection is sent once more with
         a new token (the old one expired on the server, or was replaced)."""
-        headers = self._csrf_headers(method)
         used = self._credentials
+        try:
+            headers = self._csrf_headers(method)
+        except httpx.HTTPStatusError as exc:  # the token's GET refused the credentials
+            if exc.response.status_code not in (401, 403) or not self._rotated(used):
+                raise
+            headers = self._csrf_headers(method)
         response = _counted(method, path, lambda: self._client.request(
             method, path.lstrip("/"), json=json, headers=headers))
         if (response.status_code in (401, 403) and not _is_csrf_refusal(response)
