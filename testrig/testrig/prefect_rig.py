@@ -31,7 +31,9 @@ if not (REPO_DIR / "dockerworker").is_dir() or not TESTS_DIR.is_dir():
     raise ImportError(f"testrig works from dockerworker's repository; {REPO_DIR} is not it "
                       "(install it editable: pip install -e ./testrig, as `make setup` does)")
 PREFECT_IMAGE = "dockerworker/prefect:3.9.1-local"
-FLOWS_IMAGE = "dockerworker-test/flows:dev"
+# Tags of the images the tests build from this tree; a worktree sharing the engine with
+# another checkout's tests gives its own (DOCKERWORKER_TEST_*_IMAGE) so neither retags the other's.
+FLOWS_IMAGE = os.environ.get("DOCKERWORKER_TEST_FLOWS_IMAGE") or "dockerworker-test/flows:dev"
 # The Prefect 2 compatibility set: the last 2.x release, its server in a venv of its own (made
 # on first use, cached under testrig/.venvs/, gitignored) and a flow image built like the
 # 3.x one (images/build-local.sh builds both Prefect images).
@@ -516,7 +518,7 @@ def remove_pool_containers(client: Any, pool: str) -> list[str]:
     return removed
 
 
-WORKER_IMAGE = "dockerworker/worker:test"
+WORKER_IMAGE = os.environ.get("DOCKERWORKER_TEST_WORKER_IMAGE") or "dockerworker/worker:test"
 LOCAL_BASE = "dockerworker/local-python:bookworm"
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 
