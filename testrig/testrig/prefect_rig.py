@@ -543,7 +543,7 @@ def build_worker_image(client: Any, tag: str = WORKER_IMAGE) -> str:
 
 
 COMPOSE_FILE = REPO_DIR / "compose" / "docker-compose.yml"
-LOCAL_POSTGRES = "dockerworker/postgres:15-local"
+LOCAL_POSTGRES = "dockerworker/postgres:15-local-2"
 LOCAL_PROMETHEUS = "dockerworker/prometheus:2.42-local"  # images/prometheus-local
 
 
@@ -568,6 +568,7 @@ class ComposeStack:
     pool: str
     env: dict[str, str]
     prometheus_port: int | None = None  # set: profile `monitoring` too
+    auth: tuple[str, str] | None = None  # the server's basic auth (the stack's secret)
 
     @property
     def api_url(self) -> str:
@@ -600,10 +601,12 @@ class ComposeStack:
     def down(self) -> None:
         subprocess.run(self.command("down", "-v", "--remove-orphans", "-t", "5"), env=self.env,
                        capture_output=True, timeout=300, check=False)
+        if self.env.get("SECRETS_DIR"):
+            shutil.rmtree(self.env["SECRETS_DIR"], ignore_errors=True)
 
     def wait_for_workers(self, count: int, timeout: float = 240) -> list[dict[str, Any]]:
         """Until `count` workers are ONLINE in the pool; returns them."""
-        rig = PrefectRig(self.api_url)
+        rig = PrefectRig(self.api_url, auth=self.auth)
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -629,7 +632,14 @@ def compose_stack(client: Any, pool: str, project: str, port: int,
     its config from `prometheus_config` (default: compose/prometheus/)."""
     client.images.get(LOCAL_POSTGRES)  # images/build-local.sh builds it
     client.images.get(PREFECT_IMAGE)
+    secrets_dir = Path(tempfile.mkdtemp(prefix="dw-compose-secrets-"))  # as the docs say
+    auth = ("admin", uuid.uuid4().hex)
+    (secrets_dir / "prefect_auth_string").write_text(":".join(auth) + "\n")
+    (secrets_dir / "postgres_password").write_text(uuid.uuid4().hex + "\n")
+    for path in secrets_dir.iterdir():
+        path.chmod(0o444)
     env = {
+        "SECRETS_DIR": str(secrets_dir),
         **os.environ,
         "POSTGRES_IMAGE": LOCAL_POSTGRES,
         "PREFECT_IMAGE": PREFECT_IMAGE,
@@ -646,4 +656,4 @@ def compose_stack(client: Any, pool: str, project: str, port: int,
         env["PROMETHEUS_PORT"] = str(prometheus_port)
         if prometheus_config is not None:
             env["PROMETHEUS_CONFIG_DIR"] = str(prometheus_config)
-    return ComposeStack(project, port, pool, env, prometheus_port)
+    return ComposeStack(project, port, pool, env, prometheus_port, auth)
