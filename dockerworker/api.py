@@ -239,7 +239,7 @@ def _as_error(response: httpx.Response, method: str, path: str, api_url: str
     if code in (401, 403):
         return AuthRejected(
             f"the server rejected the API key / credentials (HTTP {code} from {api_url}): "
-            f"{detail}; check PREFECT_API_KEY or PREFECT_API_AUTH_STRING", code)
+            f"{detail}; check PREFECT_API_KEY or PREFECT_API_AUTH_STRING (or their _FILE)", code)
     if code == 404:
         return NotFound(f"{method} {path}: not found ({detail})", code)
     if code == 429 or code >= 500:
@@ -270,19 +270,22 @@ class PrefectAPI:
         auth_string: str | None = None,
         timeout: float = 30.0,
         patience: float = 120.0,
+        reread_credentials: Callable[[], tuple[str | None, str | None]] | None = None,
+        on_rotated: Callable[[str | None, str | None], None] | None = None,
     ) -> None:
+        """`reread_credentials` (settings.credentials_reader): on a 401/403 the credentials
+        are read again, and when they changed (a rotated secret file) the request is sent
+        once more with them; `on_rotated` then hears of the new ones."""
         self.api_url = api_url.rstrip("/")
-        headers = {"User-Agent": "dockerworker"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        auth = None
-        if auth_string and not api_key:
-            user, _, password = auth_string.partition(":")
-            auth = httpx.BasicAuth(user, password)
         self._client = httpx.Client(
-            base_url=self.api_url + "/", headers=headers, auth=auth, timeout=timeout
+            base_url=self.api_url + "/", headers={"User-Agent": "dockerworker"},
+            timeout=timeout,
         )
-        self.basic_auth = auth is not None  # PREFECT_API_AUTH_STRING given (and no key)
+        self._credentials = (api_key, auth_string)
+        self._credentials_lock = threading.Lock()
+        self._reread = reread_credentials
+        self._on_rotated = on_rotated
+        self._use_credentials(api_key, auth_string)
         self.patience = patience
         self._csrf = CsrfTokens(lambda: self._client)
         self._server: ServerInfo | None = None
@@ -290,6 +293,38 @@ class PrefectAPI:
 
     def close(self) -> None:
         self._client.close()
+
+    def _use_credentials(self, api_key: str | None, auth_string: str | None) -> None:
+        self._client.headers.pop("Authorization", None)
+        self._client.auth = None  # type: ignore[assignment]
+        if api_key:
+            self._client.headers["Authorization"] = f"Bearer {api_key}"
+        elif auth_string:
+            user, _, password = auth_string.partition(":")
+            self._client.auth = httpx.BasicAuth(user, password)
+        self.basic_auth = bool(auth_string and not api_key)  # PREFECT_API_AUTH_STRING alone
+
+    def _rotated(self, used: tuple[str | None, str | None]) -> bool:
+        """After a 401/403 with credentials `used`: are there newer ones to try? Another
+        thread may have read them already; else the files are read again."""
+        with self._credentials_lock:
+            if self._credentials != used:
+                return True
+            if self._reread is None:
+                return False
+            try:
+                fresh = self._reread()
+            except ValueError as exc:  # SecretSourceError: a file half rotated, unreadable
+                log.warning("could not read the credentials again: %s", exc)
+                return False
+            if fresh == used:
+                return False
+            self._credentials = fresh
+            self._use_credentials(*fresh)
+        log.info("the credentials' files changed (a rotated secret): using the new ones")
+        if self._on_rotated is not None:
+            self._on_rotated(*fresh)
+        return True
 
     @property
     def csrf_protected(self) -> bool | None:
@@ -302,9 +337,19 @@ class PrefectAPI:
     def _send(self, method: str, path: str, json: Any) -> httpx.Response:
         """One HTTP exchange; a write refused by the CSRF protection is sent once more with
         a new token (the old one expired on the server, or was replaced)."""
-        headers = self._csrf_headers(method)
+        used = self._credentials
+        try:
+            headers = self._csrf_headers(method)
+        except httpx.HTTPStatusError as exc:  # the token's GET refused the credentials
+            if exc.response.status_code not in (401, 403) or not self._rotated(used):
+                raise
+            headers = self._csrf_headers(method)
         response = _counted(method, path, lambda: self._client.request(
             method, path.lstrip("/"), json=json, headers=headers))
+        if (response.status_code in (401, 403) and not _is_csrf_refusal(response)
+                and self._rotated(used)):
+            response = _counted(method, path, lambda: self._client.request(
+                method, path.lstrip("/"), json=json, headers=headers))
         if _is_csrf_refusal(response) and method.upper() in WRITE_METHODS:
             log.info("the server refused the CSRF token (%s); fetching a new one",
                      _detail(response))

@@ -30,6 +30,7 @@ KERNEL = "kernel"  # knobs that reach the host kernel's decisions (oom_score_adj
 CREATE_KEY = "create_key"  # a container_create_kwargs key: the safe list decides
 BUILD_STEP = "build_step"  # dockerfile_lines: instructions run by the build
 BUILD_FETCH = "build_fetch"  # ADD <url>: fetched by the Docker daemon itself
+SECRET = "secret"  # a file of the worker's secrets directory, given to the flow
 
 WEAKENING_SECURITY_OPTS = ("no-new-privileges:false", "no-new-privileges=false",
                            "seccomp=unconfined", "seccomp:unconfined", "apparmor=unconfined",
@@ -73,6 +74,7 @@ def requests_of(job: JobVariables) -> list[Request]:
         found.append(Request(GPU, "gpus", job.gpus))
     found += _create_kwarg_requests(job.container_create_kwargs or {})
     found += _build_requests(job)
+    found += [Request(SECRET, f"secrets[{index}]", name) for index, name in enumerate(job.secrets)]
     return found
 
 

@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 import click
 import docker
 import docker.errors
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
@@ -36,7 +36,9 @@ from .jobs import (
 from .policy import Masker, Policy, PolicyError, mask_logging
 from .settings import (
     Flag,
+    SecretSourceError,
     WorkerSettings,
+    credentials_reader,
     docker_host_description,
     env_only_values,
     flags,
@@ -149,15 +151,21 @@ def start(policy_file: Path | None, **options: Any) -> None:
     """Poll a work pool and run each flow run in its own sibling container.
 
     Credentials come from the environment: PREFECT_API_KEY (bearer token) or
-    PREFECT_API_AUTH_STRING (user:password for a server with basic auth). The Docker engine
-    is the one DOCKER_HOST names, or the local socket. PIP_INDEX_URL and PIP_EXTRA_INDEX_URL
-    are passed on to dependency image builds.
+    PREFECT_API_AUTH_STRING (user:password for a server with basic auth), or from the files
+    PREFECT_API_KEY_FILE / PREFECT_API_AUTH_STRING_FILE name (Docker secrets; read again
+    when the server refuses them, so a rotated file is picked up). The Docker engine is the
+    one DOCKER_HOST names, or the local socket. PIP_INDEX_URL and PIP_EXTRA_INDEX_URL (or
+    their _FILE) are passed on to dependency image builds.
     """
     logformat.configure(options["log_level"], options["log_format"])
     # Unset flags without a default (None) leave the model's own (computed) default.
     values: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
     values["work_queues"] = list(options["work_queues"])
-    values.update(env_only_values())
+    try:
+        values.update(env_only_values())
+        reread = credentials_reader()
+    except SecretSourceError as exc:
+        raise click.UsageError(str(exc)) from None
     try:
         values["policy"] = Policy.load(policy_file)
     except PolicyError as exc:
@@ -166,14 +174,25 @@ def start(policy_file: Path | None, **options: Any) -> None:
         settings = WorkerSettings.model_validate(values)
     except ValidationError as exc:
         raise click.UsageError(describe_validation_error(exc, "settings")) from None
-    mask_logging(Masker(settings.secrets()))
+    masked = settings.secrets()
+    mask_logging(Masker(masked))
     docker_client = connect_docker()
     if "name" not in values and (stable := compose_worker_name(docker_client)):
         settings = settings.model_copy(update={"name": stable})
+
+    def rotated(api_key: str | None, auth_string: str | None) -> None:
+        """New credentials from the files: flows started from now on get them too; old
+        and new stay masked."""
+        settings.api_key = SecretStr(api_key) if api_key else None
+        settings.auth_string = SecretStr(auth_string) if auth_string else None
+        masked.update(settings.secrets())
+        mask_logging(Masker(masked))
+
     api = PrefectAPI(
         settings.api_url,
         api_key=settings.api_key.get_secret_value() if settings.api_key else None,
         auth_string=settings.auth_string.get_secret_value() if settings.auth_string else None,
+        reread_credentials=reread, on_rotated=rotated,
     )
     worker = Worker(settings, api, docker_client)
     if settings.health_port is not None:
@@ -212,7 +231,10 @@ def doctor(pool: str, api_url: str, reach: tuple[str, ...]) -> None:
 
 
 def _api_from_env(api_url: str, patience: float = 120.0) -> tuple[PrefectAPI, set[str]]:
-    env = env_only_values()
+    try:
+        env = env_only_values()
+    except SecretSourceError as exc:
+        raise click.UsageError(str(exc)) from None
     key, auth = env["api_key"], env["auth_string"]
     secrets = {s for s in (key, auth, (auth or "").partition(":")[2]) if s}
     return PrefectAPI(api_url, api_key=key, auth_string=auth, patience=patience), secrets

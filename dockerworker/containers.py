@@ -23,7 +23,7 @@ from docker.models.containers import Container
 
 from . import __version__
 from .api import Deployment, Flow, FlowRun, WorkPool
-from .entry import LABEL_CONTROL, entry_command
+from .entry import LABEL_CONTROL, SECRETS_DIR, SECRETS_ENV, entry_command
 from .flowcode import NEEDS_ENV, needs_env
 from .jobs import JobVariables
 from .resources import engine_time
@@ -105,6 +105,14 @@ class ContainerSpec:
     create_kwargs: dict[str, Any]
     extra_networks: list[str] = field(default_factory=list)
     auto_remove: bool = False
+    # The run's secrets by name: written to the container's stdin once it runs (entry
+    # script), never part of what `containers.create` gets, never shown.
+    secret_files: dict[str, bytes] = field(default_factory=dict, repr=False)
+
+
+# The tmpfs the entry script writes a run's secrets into: in memory, not executable, and
+# writable by the image's user whoever that is (the script then makes it read-only).
+SECRETS_TMPFS = "rw,noexec,nosuid,nodev,size=4m,mode=1777"
 
 
 def container_name(base: str, flow_run_id: uuid.UUID) -> str:
@@ -185,6 +193,9 @@ def build_spec(
     }
     if job.gpus is not None:
         create_kwargs["device_requests"] = [gpu_request(job.gpus)]
+    if job.secrets:  # their names only; the values reach the running container's stdin
+        environment[SECRETS_ENV] = ",".join(job.secrets)
+        create_kwargs["tmpfs"] = {**_tmpfs_dict(extra.get("tmpfs")), SECRETS_DIR: SECRETS_TMPFS}
     create_kwargs = {k: v for k, v in create_kwargs.items() if v is not None}
     name = container_name(job.name or flow_run.name, flow_run.id)
     return ContainerSpec(
@@ -257,6 +268,15 @@ def _extra_kwargs(job: JobVariables, extra_hosts: dict[str, str] | None) -> dict
         elif isinstance(user_hosts, list):
             extra_hosts.update(dict(h.split(":", 1) for h in user_hosts if ":" in h))
     return extra
+
+
+def _tmpfs_dict(tmpfs: Any) -> dict[str, str]:
+    """The job's own `tmpfs` kwarg (a dict, or a list of `path[:options]`) as a dict."""
+    if isinstance(tmpfs, dict):
+        return {str(k): str(v or "") for k, v in tmpfs.items()}
+    if isinstance(tmpfs, list):
+        return dict((str(item).split(":", 1) + [""])[:2] for item in tmpfs)  # type: ignore[misc]
+    return {}
 
 
 def gpu_request(gpus: str | int | list[str]) -> docker.types.DeviceRequest:

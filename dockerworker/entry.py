@@ -15,6 +15,8 @@ cancellation is then the plain SIGTERM.
 
 from __future__ import annotations
 
+import base64
+import json
 from importlib import resources
 
 from docker.models.containers import Container
@@ -23,6 +25,8 @@ from . import entry_script
 
 LABEL_CONTROL = "io.dockerworker.control"  # "stdin": the container reads `cancel` there
 CANCEL_LINE = entry_script.CANCEL_LINE  # what the worker writes there to cancel
+SECRETS_ENV = entry_script.SECRETS_ENV  # names the secrets the script waits for
+SECRETS_DIR = entry_script.SECRETS_DIR  # where it writes them (a tmpfs)
 
 ENTRY_SCRIPT_MODULE = "entry_script.py"
 
@@ -43,6 +47,12 @@ def entry_command(wait_seconds: float | None = None) -> list[str]:
     if wait_seconds is not None:
         command.append(str(int(wait_seconds)))
     return command
+
+
+def write_secrets(container: Container, files: dict[str, bytes]) -> None:
+    """The run's secrets to the entry script waiting for them (`receive_secrets`)."""
+    values = {name: base64.b64encode(value).decode() for name, value in files.items()}
+    write_line(container, json.dumps(values))
 
 
 def write_line(container: Container, line: str) -> None:

@@ -12,11 +12,13 @@ and not as a bare SIGTERM, which Prefect 3 reports as Crashed. Engines without a
 channel (Prefect 2, older 3.x) get the SIGTERM; a 2.x engine then proposes Crashed, which the
 server refuses while the run is Cancelling, and runs the flow's on_cancellation hooks. With a
 time-out argument it is a warm container: it imports Prefect, then waits on stdin for the
-run's identity (a JSON object of environment variables).
+run's identity (a JSON object of environment variables). A run given secrets gets one more
+line, their values, which it writes into the tmpfs at /run/secrets (`receive_secrets`).
 """
 
 from __future__ import annotations
 
+import base64
 import importlib
 import importlib.util
 import json
@@ -35,30 +37,79 @@ from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 CANCEL_LINE = "cancel"
+SECRETS_ENV = "DOCKERWORKER_SECRETS"  # the names of the run's secrets, comma-separated
+SECRETS_DIR = "/run/secrets"  # a tmpfs of the container (containers.py)
+SECRETS_WAIT = 120.0  # seconds the script waits for them before giving up
 
 
-def read_lines(fd: int = 0) -> Iterator[str]:
+class Lines:
     """Stripped lines from the raw descriptor: a reader blocked there never stalls the exit
     (a buffered `sys.stdin` reader did keep a failed engine from exiting)."""
-    pending = b""
-    while True:
-        while b"\n" not in pending:
-            chunk = os.read(fd, 4096)
+
+    def __init__(self, fd: int = 0) -> None:
+        self.fd = fd
+        self.pending = b""
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        while b"\n" not in self.pending:
+            chunk = os.read(self.fd, 65536)
             if not chunk:
-                return
-            pending += chunk
-        line, pending = pending.split(b"\n", 1)
-        yield line.decode().strip()
+                raise StopIteration
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return line.decode().strip()
+
+    def within(self, timeout: float) -> str:
+        """The next line if it begins within `timeout` seconds; "" if not or at the end.
+        A line already read along with an earlier one counts at once."""
+        if b"\n" not in self.pending:
+            ready, _, _ = select.select([self.fd], [], [], timeout)
+            if not ready:
+                return ""
+        return next(self, "")
 
 
-def wait_for_identity(lines: Iterator[str], fd: int, timeout: float) -> dict[str, str] | None:
+def read_lines(fd: int = 0) -> Lines:
+    return Lines(fd)
+
+
+def wait_for_identity(lines: Lines, fd: int, timeout: float) -> dict[str, str] | None:
     """A warm container's wait: the run's environment from the first line on `fd`, or None
     when nothing came within `timeout` seconds (or stdin closed)."""
-    ready, _, _ = select.select([fd], [], [], timeout)
-    line = next(lines, "") if ready else ""
+    line = lines.within(timeout)
     if not line:
         return None
     return json.loads(line)
+
+
+def receive_secrets(lines: Lines, directory: str = SECRETS_DIR,
+                    timeout: float = SECRETS_WAIT) -> None:
+    """The run's secrets (SECRETS_ENV names them): one line on stdin, a JSON object of name
+    to base64 value, written as files readable by this user only into `directory`, a tmpfs:
+    never on a disk, in the environment or in `docker inspect`. Exits when they do not come."""
+    names = [name for name in os.environ.pop(SECRETS_ENV, "").split(",") if name]
+    if not names:
+        return
+    line = lines.within(timeout)
+    try:
+        values = json.loads(line) if line and line != CANCEL_LINE else {}
+    except ValueError:
+        values = {}
+    missing = [name for name in names if name not in values]
+    if missing:
+        sys.exit(f"dockerworker: the secrets {', '.join(missing)} never arrived")
+    for name in names:
+        path = os.path.join(directory, name)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o400)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(base64.b64decode(values[name]))
+    try:
+        os.chmod(directory, 0o555)  # read-only from here on (as root; else the tmpfs's 1777)
+    except OSError:
+        pass
 
 
 def serve(
@@ -195,6 +246,7 @@ def main() -> None:
             sys.exit(0)
         os.environ.update(identity)
         del sys.argv[1:]
+    receive_secrets(stdin)
     check_pull_needs()
     engine: list[tuple[socket.socket, BinaryIO]] = []  # the engine's connection, once made
     intent = open_control_channel(engine)

@@ -24,6 +24,7 @@ from pydantic import (
 
 DEFAULT_IMAGE = "prefecthq/prefect:3-python3.12"
 
+SECRET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _SIZE = re.compile(r"^\d+(\.\d+)?\s*[bkmg]?b?$", re.IGNORECASE)
 _PLACEHOLDER = re.compile(r"({{\s*([\w\.\-\[\]$]+)\s*}})")
 
@@ -156,6 +157,14 @@ class JobVariables(BaseModel):
         "for a transient reason) is rescheduled; never for the flow's own errors. Default: the "
         "worker's policy (1).",
     )
+    secrets: list[str] = Field(
+        default_factory=list,
+        description="dockerworker: names of files in the worker's secrets directory "
+        "(--secrets-dir) given to the flow, each as /run/secrets/NAME in a tmpfs of its "
+        "container (never in its env, labels or image); the worker's policy must allow each "
+        "(allowed_secrets). Needs the default command.",
+        examples=[["db_password"]],
+    )
     container_create_kwargs: dict[str, Any] | None = Field(
         default=None,
         title="Container Configuration",
@@ -174,6 +183,16 @@ class JobVariables(BaseModel):
         if isinstance(value, dict):
             return {k: None if v is None else str(v) for k, v in value.items()}
         return value
+
+    @field_validator("secrets")
+    @classmethod
+    def _secret_names(cls, value: list[str]) -> list[str]:
+        """A name is a file name in the secrets directory, never a path out of it."""
+        for name in value:
+            if not SECRET_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a secret name (letters, digits, '.', '_' "
+                                 "and '-', at most 128, not starting with '.')")
+        return list(dict.fromkeys(value))
 
     @field_validator("gpus")
     @classmethod

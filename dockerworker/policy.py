@@ -34,6 +34,7 @@ from .capabilities import (
     NETWORK,
     PRIVILEGE,
     PULL,
+    SECRET,
     Mount,
     requests_of,
 )
@@ -98,6 +99,11 @@ class Policy(BaseModel):
         default_factory=list,
         description="Registries (glob) for which a job's registry_credentials are used; "
         "otherwise the worker's own Docker config is.",
+    )
+    allowed_secrets: list[str] = Field(
+        default_factory=list,
+        description="Glob patterns of the secrets (files of the worker's --secrets-dir) "
+        "deployments may give their flows (job variable `secrets`); default none.",
     )
     allow_docker_socket: bool = False
     allow_gpus: bool = False
@@ -241,6 +247,12 @@ class Policy(BaseModel):
         return (f"ADD {url} is fetched by the Docker daemon itself on the host's network "
                 "(never allowed; download in a RUN step on the build network instead)")
 
+    def _secret(self, name: str, host: HostView | None) -> str | None:
+        if any(fnmatch.fnmatchcase(name, p) for p in self.allowed_secrets):
+            return None
+        return (f"secret {name!r} is not allowed "
+                f"(allowed_secrets: {self.allowed_secrets or 'none'})")
+
     def build_limits(self, job: JobVariables) -> BuildLimits:
         """A build step may do no more than the flow's container: its memory, CPU and pids."""
         return BuildLimits(
@@ -294,6 +306,7 @@ _RULES: dict[str, Callable[[Policy, Any, HostView | None], str | None]] = {
     CREATE_KEY: Policy._create_key,
     BUILD_STEP: Policy._build_step,
     BUILD_FETCH: Policy._build_fetch,
+    SECRET: Policy._secret,
 }
 
 
@@ -328,6 +341,12 @@ class Masker:
             if ":" in secret:
                 variants.add(base64.b64encode(secret.encode()).decode())
         self.secrets = sorted(variants, key=len, reverse=True)
+
+    def with_secrets(self, secrets: set[str]) -> Masker:
+        """This masker and `secrets` too (a run's secret files, read after its job)."""
+        masker = Masker(secrets)
+        masker.secrets = sorted(set(self.secrets) | set(masker.secrets), key=len, reverse=True)
+        return masker
 
     @classmethod
     def for_env(cls, env: dict[str, str | None], extra: set[str] | None = None) -> Masker:

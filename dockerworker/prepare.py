@@ -39,6 +39,7 @@ from .warm import WarmPool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+MAX_SECRET_BYTES = 500 * 1024  # as Swarm's limit for a secret
 
 
 class Preparation:
@@ -94,6 +95,31 @@ class Preparation:
             secrets.add(job.registry_credentials.password)
         return pool, job, Masker.for_env({**job.env, **self.settings.auth_env()}, secrets)
 
+    def read_secrets(self, job: JobVariables) -> dict[str, bytes]:
+        """The job's secrets (the policy allowed them) from the worker's secrets directory,
+        read now: a rotated file counts from the next run. Refused before any container
+        when one cannot be read, or the job runs its own command (only the entry script
+        receives them)."""
+        if not job.secrets:
+            return {}
+        if job.command is not None:
+            raise RunCrashed("secrets: a job with its own `command` cannot receive secrets "
+                             "(dockerworker's entry script writes them to /run/secrets)",
+                             reason="invalid")
+        found: dict[str, bytes] = {}
+        for name in job.secrets:
+            path = self.settings.secrets_dir / name
+            try:
+                if path.stat().st_size > MAX_SECRET_BYTES:
+                    raise RunCrashed(f"secrets: {path} is larger than {MAX_SECRET_BYTES} "
+                                     "bytes", reason="invalid")
+                found[name] = path.read_bytes()
+            except OSError as exc:
+                raise RunCrashed(f"secrets: cannot read {name!r} from the worker's secrets "
+                                 f"directory ({path}: {exc.strerror or exc})",
+                                 reason="invalid") from None
+        return found
+
     def ensure_image(self, job: JobVariables) -> JobVariables:
         """The job's image on the engine, by its pull policy."""
         trusted = self.settings.policy.trusts_credentials_for(job.image)
@@ -135,8 +161,10 @@ class Preparation:
         return job.model_copy(update={"image": result.tag, "env": env})
 
     def container_spec(self, job: JobVariables, deployment: Deployment | None, flow: Flow,
-                       pool: WorkPool) -> ContainerSpec:
-        """The container for the run, hardened by the worker's policy."""
+                       pool: WorkPool, secrets: dict[str, bytes] | None = None
+                       ) -> ContainerSpec:
+        """The container for the run, hardened by the worker's policy; `secrets` are
+        written to it once it runs."""
         spec = build_spec(
             job,
             flow_run=self.flow_run,
@@ -148,6 +176,7 @@ class Preparation:
             auth_env=self.settings.auth_env(),
         )
         spec.create_kwargs = self.settings.policy.harden(spec.create_kwargs)
+        spec.secret_files = secrets or {}
         return spec
 
     def launch(self, spec: ContainerSpec) -> Workload:
@@ -227,6 +256,17 @@ class Preparation:
         if "error" in result:
             raise result["error"]  # type: ignore[misc]
         return result["value"]  # type: ignore[return-value]
+
+
+def secret_texts(files: dict[str, bytes]) -> set[str]:
+    """What to mask of a run's secret files: each value as text, and each longer line of it
+    (a key printed line by line)."""
+    found = set()
+    for value in files.values():
+        text = value.decode("utf-8", errors="replace").strip()
+        found.add(text)
+        found.update(line.strip() for line in text.splitlines() if len(line.strip()) >= 8)
+    return found - {""}
 
 
 def build_name(flow: Flow, deployment: Deployment | None) -> str:

@@ -33,13 +33,14 @@ from .api import (
 )
 from .builds import Builder
 from .containers import ContainerSpec, WatchOptions
+from .entry import SECRETS_ENV
 from .flowcode import run_secrets
 from .follow import Follower
 from .jobs import JobVariables
 from .logformat import run_label
 from .logs import LogShipper, ResumePoint, RunOutput, resume_point
 from .policy import Masker
-from .prepare import Preparation, build_name
+from .prepare import Preparation, build_name, secret_texts
 from .report import RunReporter
 from .resources import UsageWatch, resource_line
 from .runtime import (
@@ -184,7 +185,12 @@ class RunSupervisor:
         if self.flow_run.deployment_id:
             with contextlib.suppress(PrefectAPIError):
                 deployment = self.api.read_deployment(self.flow_run.deployment_id)
-        return Masker.for_env(env, self.settings.secrets() | run_secrets(self.api, deployment, env))
+        files = {}
+        for name in filter(None, env.get(SECRETS_ENV, "").split(",")):  # its secret files
+            with contextlib.suppress(OSError):
+                files[name] = (self.settings.secrets_dir / name).read_bytes()
+        return Masker.for_env(env, self.settings.secrets() | run_secrets(self.api, deployment, env)
+                              | secret_texts(files))
 
     # --- the one handler -----------------------------------------------------------------
     def _guard(self, body: Callable[[], Verdict]) -> None:
@@ -252,10 +258,12 @@ class RunSupervisor:
         self.phase = Phase.PREPARING
         job = self._resolve_job(deployment)
         self._check_policy(job)
+        secrets = self.prepare.read_secrets(job)  # allowed: read, and masked from here on
+        self.mask = self.mask.with_secrets(secret_texts(secrets))
         job = self.prepare.ensure_image(job)
         flow = self.api.read_flow(self.flow_run.flow_id)
         job = self.prepare.build_dependencies(job, build_name(flow, deployment))
-        spec = self.prepare.container_spec(job, deployment, flow, self.pool)
+        spec = self.prepare.container_spec(job, deployment, flow, self.pool, secrets)
         workload = self._start(spec)
         return self._watch(workload, None)
 

@@ -39,7 +39,7 @@ from .containers import (
     read_exit,
     remove_quietly,
 )
-from .entry import CANCEL_LINE, LABEL_CONTROL, write_line
+from .entry import CANCEL_LINE, LABEL_CONTROL, write_line, write_secrets
 from .hostview import HostView, Resolved
 from .images import ensure_image
 from .jobs import JobVariables
@@ -263,6 +263,12 @@ class LocalEngine:
     def start(self, spec: ContainerSpec) -> Workload:
         with _translated():
             container = create_and_start(self.client, spec)
+            if spec.secret_files:
+                try:
+                    write_secrets(container, spec.secret_files)
+                except Exception:  # a container waiting for secrets that never come
+                    remove_quietly(container)
+                    raise
         workload = _workload(container)  # attrs as created: no second inspect per run
         workload.status = "running"
         return workload
@@ -281,6 +287,8 @@ class LocalEngine:
             container.update(cpu_shares=spec.create_kwargs.get("cpu_shares") or DEFAULT_CPU_SHARES)
             env = {k: v for k, v in spec.create_kwargs["environment"].items() if k in RUN_ENV}
             write_line(container, json.dumps(env))
+            if spec.secret_files:
+                write_secrets(container, spec.secret_files)
             container.reload()
         workload.name = container.name
 

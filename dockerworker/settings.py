@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -38,9 +39,21 @@ class Flag:
 
 @dataclass(frozen=True)
 class FromEnv:
-    """A setting only the environment gives (credentials, pip's index): never a flag."""
+    """A setting only the environment gives (credentials, pip's index): never a flag. With
+    `file`, `<name>_FILE` may name a file holding the value instead (Docker's convention for
+    secrets, as the postgres image's POSTGRES_PASSWORD_FILE): the value then never is in the
+    worker's environment, hence not in `docker inspect` of its container."""
 
     name: str
+    file: bool = False
+
+
+class SecretSourceError(ValueError):
+    """A secret given both ways, or by a file that cannot be read; the message names the
+    variable and the file, never the value."""
+
+
+SECRETS_DIR = Path("/run/secrets")  # where compose and Swarm mount a container's secrets
 
 
 def default_worker_name() -> str:
@@ -99,8 +112,8 @@ class WorkerSettings(BaseModel):
                           "(Prometheus) on this port."))
     api_url: Annotated[str, Flag("--api-url", env=API_URL_ENV)] = Field(
         default=DEFAULT_API_URL, description="Prefect API URL.")
-    api_key: Annotated[SecretStr | None, FromEnv("PREFECT_API_KEY")] = None
-    auth_string: Annotated[SecretStr | None, FromEnv("PREFECT_API_AUTH_STRING")] = None
+    api_key: Annotated[SecretStr | None, FromEnv("PREFECT_API_KEY", file=True)] = None
+    auth_string: Annotated[SecretStr | None, FromEnv("PREFECT_API_AUTH_STRING", file=True)] = None
     build_network_mode: Annotated[
         str | None, Flag("--build-network", env="DOCKERWORKER_BUILD_NETWORK")
     ] = Field(default=None,
@@ -110,8 +123,8 @@ class WorkerSettings(BaseModel):
         Flag("--build-ca-bundle", env="DOCKERWORKER_BUILD_CA_BUNDLE", existing_file=True),
     ] = Field(default=None,
               description="CA bundle pip trusts inside builds (TLS-inspecting proxies).")
-    pip_index_url: Annotated[str | None, FromEnv("PIP_INDEX_URL")] = None
-    pip_extra_index_url: Annotated[str | None, FromEnv("PIP_EXTRA_INDEX_URL")] = None
+    pip_index_url: Annotated[str | None, FromEnv("PIP_INDEX_URL", file=True)] = None
+    pip_extra_index_url: Annotated[str | None, FromEnv("PIP_EXTRA_INDEX_URL", file=True)] = None
     build_timeout: Annotated[
         float, Flag("--build-timeout", env="DOCKERWORKER_BUILD_TIMEOUT")
     ] = Field(default=BuildOptions.timeout, ge=1,  # the builder's default, stated once there
@@ -122,6 +135,11 @@ class WorkerSettings(BaseModel):
     ] = Field(default_factory=Policy,  # the CLI reads the file: Policy.load
               description="Policy file (TOML): what deployments may ask of Docker. "
                           "Default: the safe built-in policy.")
+    secrets_dir: Annotated[Path, Flag("--secrets-dir", env="DOCKERWORKER_SECRETS_DIR")] = Field(
+        default=SECRETS_DIR,
+        description="Directory of the files a job may give its flow (job variable `secrets`, "
+                    "allowed by the policy's allowed_secrets), each at /run/secrets/NAME in a "
+                    "tmpfs of the flow container.")
     log_level: Annotated[LogLevel, Flag("--log-level", env="DOCKERWORKER_LOG_LEVEL")] = Field(
         default="INFO", description="How much the worker's console says.")
     log_format: Annotated[Literal["console", "json"],
@@ -188,14 +206,58 @@ def flags() -> dict[str, Flag]:
     }
 
 
-def env_only_values() -> dict[str, str | None]:
-    """The settings only the environment gives, read from it now (unset or empty: None)."""
+def _from_env() -> dict[str, FromEnv]:
     return {
-        name: os.environ.get(meta.name) or None
+        name: meta
         for name, field in WorkerSettings.model_fields.items()
         for meta in field.metadata
         if isinstance(meta, FromEnv)
     }
+
+
+def env_only_values(environ: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """The settings only the environment gives, read from it (or their `_FILE`s) now; unset
+    or empty: None. Raises SecretSourceError."""
+    environ = os.environ if environ is None else environ
+    return {name: env_or_file(meta.name, environ) if meta.file else environ.get(meta.name) or None
+            for name, meta in _from_env().items()}
+
+
+def env_or_file(name: str, environ: Mapping[str, str]) -> str | None:
+    """`name`'s value, or the content of the file `name_FILE` names (surrounding whitespace
+    dropped: `echo secret > file` leaves a newline). Both set is an error, not a choice: the
+    operator would not know which one the worker uses."""
+    value, path = environ.get(name) or None, environ.get(f"{name}_FILE") or None
+    if value and path:
+        raise SecretSourceError(f"both {name} and {name}_FILE are set: set only one")
+    return read_secret_file(Path(path), f"{name}_FILE") if path else value
+
+
+def read_secret_file(path: Path, what: str) -> str:
+    """A secret file's text, stripped; SecretSourceError when unreadable or empty."""
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc.__class__.__name__
+        raise SecretSourceError(f"{what}={path}: cannot read it ({reason})") from None
+    if not value:
+        raise SecretSourceError(f"{what}={path} is empty")
+    return value
+
+
+def credentials_reader(environ: Mapping[str, str] | None = None
+                       ) -> Callable[[], tuple[str | None, str | None]] | None:
+    """When the API key or auth string comes from a file: a function that reads both again
+    (API key, auth string), for a secret rotated while the worker runs; else None."""
+    environ = dict(os.environ if environ is None else environ)
+    if not any(environ.get(f"{_from_env()[n].name}_FILE") for n in ("api_key", "auth_string")):
+        return None
+
+    def read() -> tuple[str | None, str | None]:
+        values = env_only_values(environ)
+        return values["api_key"], values["auth_string"]
+
+    return read
 
 
 def docker_host_description() -> str:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the images that tests and the local demo need, on a machine with no container registry:
 #   1. dockerworker/local-python:bookworm  (debootstrap, images/local-base/build.sh)
-#   2. dockerworker/postgres:15-local      (images/postgres-local, for the compose stack)
+#   2. dockerworker/postgres:15-local-2     (images/postgres-local, for the compose stack)
 #   3. dockerworker/prefect:3.9.1-local    (images/prefect/Dockerfile on top of 1)
 #   4. dockerworker/prefect:2.20.27-local  (the same Dockerfile: the Prefect 2 compatibility set)
 #   5. dockerworker/prefect-git:3.9.1-local (images/prefect-git on top of 3: git, ssh, s3fs for
@@ -20,7 +20,7 @@ ca=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 "$here/local-base/build.sh" "$base"
 
 # PostgreSQL for the compose stack, from Debian's packages (apt reaches Debian from the host net).
-postgres=dockerworker/postgres:15-local
+postgres=dockerworker/postgres:15-local-2  # -2: POSTGRES_PASSWORD_FILE
 if docker image inspect "$postgres" >/dev/null 2>&1; then
   echo "build-local: $postgres already present"
 else

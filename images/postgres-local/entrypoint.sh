@@ -2,6 +2,9 @@
 # First start: create the cluster, the user and the database the POSTGRES_* variables name.
 set -eu
 user=${POSTGRES_USER:-postgres}
+if [ -n "${POSTGRES_PASSWORD_FILE:-}" ]; then  # as the official image: a Docker secret
+  POSTGRES_PASSWORD=$(cat "$POSTGRES_PASSWORD_FILE")
+fi
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
   printf '%s' "${POSTGRES_PASSWORD:?POSTGRES_PASSWORD is required}" > /tmp/pwfile
   initdb --username="$user" --pwfile=/tmp/pwfile --auth-local=trust --auth-host=scram-sha-256 -D "$PGDATA" >/dev/null

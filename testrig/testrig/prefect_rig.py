@@ -31,7 +31,9 @@ if not (REPO_DIR / "dockerworker").is_dir() or not TESTS_DIR.is_dir():
     raise ImportError(f"testrig works from dockerworker's repository; {REPO_DIR} is not it "
                       "(install it editable: pip install -e ./testrig, as `make setup` does)")
 PREFECT_IMAGE = "dockerworker/prefect:3.9.1-local"
-FLOWS_IMAGE = "dockerworker-test/flows:dev"
+# Tags of the images the tests build from this tree; a worktree sharing the engine with
+# another checkout's tests gives its own (DOCKERWORKER_TEST_*_IMAGE) so neither retags the other's.
+FLOWS_IMAGE = os.environ.get("DOCKERWORKER_TEST_FLOWS_IMAGE") or "dockerworker-test/flows:dev"
 # The Prefect 2 compatibility set: the last 2.x release, its server in a venv of its own (made
 # on first use, cached under testrig/.venvs/, gitignored) and a flow image built like the
 # 3.x one (images/build-local.sh builds both Prefect images).
@@ -516,7 +518,7 @@ def remove_pool_containers(client: Any, pool: str) -> list[str]:
     return removed
 
 
-WORKER_IMAGE = "dockerworker/worker:test"
+WORKER_IMAGE = os.environ.get("DOCKERWORKER_TEST_WORKER_IMAGE") or "dockerworker/worker:test"
 LOCAL_BASE = "dockerworker/local-python:bookworm"
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 
@@ -541,7 +543,7 @@ def build_worker_image(client: Any, tag: str = WORKER_IMAGE) -> str:
 
 
 COMPOSE_FILE = REPO_DIR / "compose" / "docker-compose.yml"
-LOCAL_POSTGRES = "dockerworker/postgres:15-local"
+LOCAL_POSTGRES = "dockerworker/postgres:15-local-2"
 LOCAL_PROMETHEUS = "dockerworker/prometheus:2.42-local"  # images/prometheus-local
 
 
@@ -566,6 +568,7 @@ class ComposeStack:
     pool: str
     env: dict[str, str]
     prometheus_port: int | None = None  # set: profile `monitoring` too
+    auth: tuple[str, str] | None = None  # the server's basic auth (the stack's secret)
 
     @property
     def api_url(self) -> str:
@@ -598,10 +601,12 @@ class ComposeStack:
     def down(self) -> None:
         subprocess.run(self.command("down", "-v", "--remove-orphans", "-t", "5"), env=self.env,
                        capture_output=True, timeout=300, check=False)
+        if self.env.get("SECRETS_DIR"):
+            shutil.rmtree(self.env["SECRETS_DIR"], ignore_errors=True)
 
     def wait_for_workers(self, count: int, timeout: float = 240) -> list[dict[str, Any]]:
         """Until `count` workers are ONLINE in the pool; returns them."""
-        rig = PrefectRig(self.api_url)
+        rig = PrefectRig(self.api_url, auth=self.auth)
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -627,7 +632,14 @@ def compose_stack(client: Any, pool: str, project: str, port: int,
     its config from `prometheus_config` (default: compose/prometheus/)."""
     client.images.get(LOCAL_POSTGRES)  # images/build-local.sh builds it
     client.images.get(PREFECT_IMAGE)
+    secrets_dir = Path(tempfile.mkdtemp(prefix="dw-compose-secrets-"))  # as the docs say
+    auth = ("admin", uuid.uuid4().hex)
+    (secrets_dir / "prefect_auth_string").write_text(":".join(auth) + "\n")
+    (secrets_dir / "postgres_password").write_text(uuid.uuid4().hex + "\n")
+    for path in secrets_dir.iterdir():
+        path.chmod(0o444)
     env = {
+        "SECRETS_DIR": str(secrets_dir),
         **os.environ,
         "POSTGRES_IMAGE": LOCAL_POSTGRES,
         "PREFECT_IMAGE": PREFECT_IMAGE,
@@ -644,4 +656,4 @@ def compose_stack(client: Any, pool: str, project: str, port: int,
         env["PROMETHEUS_PORT"] = str(prometheus_port)
         if prometheus_config is not None:
             env["PROMETHEUS_CONFIG_DIR"] = str(prometheus_config)
-    return ComposeStack(project, port, pool, env, prometheus_port)
+    return ComposeStack(project, port, pool, env, prometheus_port, auth)

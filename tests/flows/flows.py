@@ -86,3 +86,14 @@ def env_value(name: str = "GREETING") -> str:
     value = os.environ.get(name, "<unset>")
     print(f"{name}={value}")
     return value
+
+
+@flow
+def secret_length(name: str = "db_password") -> int:
+    """Read a secret the worker gave the run (/run/secrets/NAME) and print its length; the
+    value too, which the worker must mask in the run's logs."""
+    with open(f"/run/secrets/{name}") as file:
+        value = file.read()
+    print(f"secret {name} has {len(value)} characters")
+    print(f"secret value: {value}")
+    return len(value)

@@ -4,11 +4,14 @@ most of these tests' time."""
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import docker
+import httpx
 import pytest
 from testrig.prefect_rig import (
     ComposeStack,
@@ -44,7 +47,7 @@ def stack(
 @pytest.fixture
 def rig(stack: ComposeStack) -> Iterator[PrefectRig]:
     """REST helper bound to the stack's own Prefect server."""
-    helper = PrefectRig(stack.api_url)
+    helper = PrefectRig(stack.api_url, auth=stack.auth)
     try:
         yield helper
     finally:
@@ -71,6 +74,32 @@ def test_compose_stack_runs_flows_over_three_replicas(
                         for c in pool_containers(docker_client, stack.pool))
     assert len(by_worker) > 1, by_worker
     assert sum(by_worker.values()) == before + 9
+
+
+def test_the_stack_keeps_its_secrets_out_of_inspect_env_and_output(
+    stack: ComposeStack, docker_client
+) -> None:
+    """The server needs the auth string; the workers read it from their secret file: the
+    value is in no service's `docker inspect`, no worker's process environment or output.
+    Unauthenticated requests are refused."""
+    stack.wait_for_workers(3)
+    assert stack.auth is not None
+    password = stack.auth[1]
+    postgres_password = (Path(stack.env["SECRETS_DIR"]) / "postgres_password").read_text().strip()
+    assert httpx.post(f"{stack.api_url}/work_pools/filter", json={}, trust_env=False,
+                      timeout=10).status_code == 401
+    services = docker_client.containers.list(
+        filters={"label": f"com.docker.compose.project={stack.project}"})
+    assert {c.labels["com.docker.compose.service"] for c in services} >= {
+        "postgres", "server", "worker"}
+    for container in services:
+        inspected = json.dumps(container.attrs)
+        assert password not in inspected and postgres_password not in inspected, container.name
+        if container.labels["com.docker.compose.service"] == "worker":
+            environ = container.exec_run(["cat", "/proc/1/environ"]).output.decode()
+            assert "PREFECT_API_AUTH_STRING_FILE=/run/secrets/prefect_auth_string" in environ
+            assert password not in environ
+            assert password not in container.logs().decode(errors="replace")
 
 
 def test_prometheus_scrapes_every_replica_and_counts_their_runs(
