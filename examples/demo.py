@@ -16,6 +16,7 @@ import docker
 from testrig.prefect_rig import PrefectRig, compose_stack
 
 HERE = Path(__file__).resolve().parent
+SECRETS = HERE.parent / "compose" / "secrets"  # the stack's secret files (compose/.env.example)
 
 IMAGE = "dockerworker-demo/flows:dev"
 POOL = "demo"
@@ -27,7 +28,8 @@ def main() -> int:
     print(f"Building {IMAGE} (the example flow on the Prefect runtime image) ...", flush=True)
     client.images.build(path=str(HERE), tag=IMAGE, rm=True, pull=False)
     print("Building the worker image and bringing up the compose stack ...", flush=True)
-    stack = compose_stack(client, POOL, PROJECT, int(os.environ.get("PREFECT_PORT", "4200")))
+    stack = compose_stack(client, POOL, PROJECT, int(os.environ.get("PREFECT_PORT", "4200")),
+                          secrets_dir=SECRETS)
     up = stack.up()
     if up.returncode != 0:
         print(up.stdout + up.stderr + stack.logs(), file=sys.stderr)
@@ -35,7 +37,7 @@ def main() -> int:
     workers = stack.wait_for_workers(3)
     print(f"Prefect server at {stack.api_url}; workers online: "
           f"{', '.join(w['name'] for w in workers)}", flush=True)
-    rig = PrefectRig(stack.api_url)
+    rig = PrefectRig(stack.api_url, auth=stack.auth)  # the server wants its auth string
     # The pool's defaults: the demo image, the stack's network (to reach the server), and
     # containers removed once their verdict is in.
     template = rig.read_work_pool(POOL)["base_job_template"]
@@ -59,9 +61,12 @@ def main() -> int:
     for entry in rig.read_logs(run_id):
         print(f"  {entry['timestamp'][11:23]} {entry['name']}: {entry['message']}")
     rig.close()
-    print(f"\nThe stack keeps running (API {stack.api_url}). Try: "
-          f"PREFECT_API_URL={stack.api_url} .venv/bin/dockerworker doctor --pool {POOL}")
-    print(f"Stop it with: PREFECT_NETWORK={stack.network} {' '.join(stack.command('down', '-v'))}")
+    auth_file = SECRETS / "prefect_auth_string"
+    print(f"\nThe stack keeps running (API {stack.api_url}, basic auth from {auth_file}). Try: "
+          f"PREFECT_API_URL={stack.api_url} PREFECT_API_AUTH_STRING_FILE={auth_file} "
+          f".venv/bin/dockerworker doctor --pool {POOL}")
+    print(f"Stop it with: SECRETS_DIR={SECRETS} PREFECT_NETWORK={stack.network} "
+          f"{' '.join(stack.command('down', '-v'))}")
     return 0 if state["type"] == "COMPLETED" else 1
 
 

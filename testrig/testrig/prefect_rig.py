@@ -569,6 +569,7 @@ class ComposeStack:
     env: dict[str, str]
     prometheus_port: int | None = None  # set: profile `monitoring` too
     auth: tuple[str, str] | None = None  # the server's basic auth (the stack's secret)
+    temporary_secrets: bool = True  # down() removes SECRETS_DIR (a test's own)
 
     @property
     def api_url(self) -> str:
@@ -601,7 +602,7 @@ class ComposeStack:
     def down(self) -> None:
         subprocess.run(self.command("down", "-v", "--remove-orphans", "-t", "5"), env=self.env,
                        capture_output=True, timeout=300, check=False)
-        if self.env.get("SECRETS_DIR"):
+        if self.temporary_secrets and self.env.get("SECRETS_DIR"):
             shutil.rmtree(self.env["SECRETS_DIR"], ignore_errors=True)
 
     def wait_for_workers(self, count: int, timeout: float = 240) -> list[dict[str, Any]]:
@@ -624,20 +625,33 @@ class ComposeStack:
             rig.close()
 
 
+def stack_secrets(secrets_dir: Path) -> tuple[str, str]:
+    """The stack's secret files in `secrets_dir`, as the docs say to make them: made when
+    absent, kept when present (a stack that stays up keeps its password); the auth pair."""
+    secrets_dir.mkdir(parents=True, exist_ok=True)
+    for name, value in (("prefect_auth_string", f"admin:{uuid.uuid4().hex}"),
+                        ("postgres_password", uuid.uuid4().hex)):
+        path = secrets_dir / name
+        if not path.exists():
+            path.write_text(value + "\n")
+            path.chmod(0o444)
+    user, _, password = (secrets_dir / "prefect_auth_string").read_text().strip().partition(":")
+    return user, password
+
+
 def compose_stack(client: Any, pool: str, project: str, port: int,
                   prometheus_port: int | None = None,
-                  prometheus_config: Path | None = None) -> ComposeStack:
+                  prometheus_config: Path | None = None,
+                  secrets_dir: Path | None = None) -> ComposeStack:
     """The stack's settings with local images (built here: no registry), not yet up. With
     `prometheus_port`, profile `monitoring` too: Prometheus published on that loopback port,
-    its config from `prometheus_config` (default: compose/prometheus/)."""
+    its config from `prometheus_config` (default: compose/prometheus/). Its secrets in
+    `secrets_dir` (default: a temporary directory, removed by `down()`)."""
     client.images.get(LOCAL_POSTGRES)  # images/build-local.sh builds it
     client.images.get(PREFECT_IMAGE)
-    secrets_dir = Path(tempfile.mkdtemp(prefix="dw-compose-secrets-"))  # as the docs say
-    auth = ("admin", uuid.uuid4().hex)
-    (secrets_dir / "prefect_auth_string").write_text(":".join(auth) + "\n")
-    (secrets_dir / "postgres_password").write_text(uuid.uuid4().hex + "\n")
-    for path in secrets_dir.iterdir():
-        path.chmod(0o444)
+    temporary = secrets_dir is None
+    secrets_dir = secrets_dir or Path(tempfile.mkdtemp(prefix="dw-compose-secrets-"))
+    auth = stack_secrets(secrets_dir)
     env = {
         "SECRETS_DIR": str(secrets_dir),
         **os.environ,
@@ -656,4 +670,4 @@ def compose_stack(client: Any, pool: str, project: str, port: int,
         env["PROMETHEUS_PORT"] = str(prometheus_port)
         if prometheus_config is not None:
             env["PROMETHEUS_CONFIG_DIR"] = str(prometheus_config)
-    return ComposeStack(project, port, pool, env, prometheus_port, auth)
+    return ComposeStack(project, port, pool, env, prometheus_port, auth, temporary)
