@@ -108,6 +108,9 @@ class ContainerSpec:
     # The run's secrets by name: written to the container's stdin once it runs (entry
     # script), never part of what `containers.create` gets, never shown.
     secret_files: dict[str, bytes] = field(default_factory=dict, repr=False)
+    # for `--runtime swarm` (swarmjobs.py): the job's CPUs and placement constraints
+    cpus: float | None = None
+    placement: list[str] = field(default_factory=list)
 
 
 # The tmpfs the entry script writes a run's secrets into: in memory, not executable, and
@@ -203,6 +206,8 @@ def build_spec(
         create_kwargs=create_kwargs,
         extra_networks=list(job.networks[1:]),
         auto_remove=job.auto_remove,
+        cpus=job.cpus,
+        placement=list(job.placement),
     )
 
 

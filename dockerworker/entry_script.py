@@ -133,20 +133,13 @@ def _terminate() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def cancel_on_request(
-    lines: Iterator[str],
+def request_cancel(
     engine: list[tuple[socket.socket, BinaryIO]],
     intent: bytes | None,
     terminate: Callable[[], None] = _terminate,
 ) -> None:
-    """On a `cancel` line: tell the engine it is a cancellation (when it is connected and
-    Prefect knows the intent), wait for its acknowledgement, then SIGTERM ourselves. Stdin
-    closing without `cancel` does nothing."""
-    for line in lines:
-        if line == CANCEL_LINE:
-            break
-    else:
-        return
+    """Tell the engine it is a cancellation (when it is connected and Prefect knows the
+    intent), wait for its acknowledgement, then SIGTERM ourselves."""
     if engine and intent:
         conn, reader = engine[0]
         try:
@@ -156,6 +149,51 @@ def cancel_on_request(
         except OSError:
             pass
     terminate()
+
+
+def cancel_on_request(
+    lines: Iterator[str],
+    engine: list[tuple[socket.socket, BinaryIO]],
+    intent: bytes | None,
+    terminate: Callable[[], None] = _terminate,
+) -> None:
+    """On a `cancel` line: `request_cancel`. Stdin closing without `cancel` does nothing."""
+    for line in lines:
+        if line == CANCEL_LINE:
+            break
+    else:
+        return
+    request_cancel(engine, intent, terminate)
+
+
+def cancel_on_signal(engine: list[tuple[socket.socket, BinaryIO]], intent: bytes | None) -> None:
+    """A Swarm job has no stdin: its service's stop signal, SIGUSR1, is the cancel request
+    (swarmjobs.py). The handler only starts the request: it must not block the engine."""
+    def handler(signum: int, frame: object) -> None:
+        threading.Thread(target=request_cancel, args=(engine, intent), daemon=True).start()
+
+    signal.signal(signal.SIGUSR1, handler)
+
+
+def refuse_a_duplicate() -> None:
+    """With DOCKERWORKER_ONCE (Swarm jobs): run the flow only while its run is PENDING under
+    this worker's claim, as the worker left it. Swarm may start a second task for one job (a
+    known bug); that one finds the run RUNNING (or ended) and exits without running it."""
+    if not os.environ.get("DOCKERWORKER_ONCE"):
+        return
+    from prefect.client.orchestration import get_client
+
+    run_id = os.environ["PREFECT__FLOW_RUN_ID"]
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run_id).state
+    # runs.claim_message() of dockerworker, which this script cannot import
+    claim = f"claimed by dockerworker {os.environ.get('PREFECT__WORKER_NAME', '')}"
+    kind = state.type.value if state is not None else "without a state"
+    if kind != "PENDING" or state is None or state.message != claim:
+        print(f"dockerworker: flow run {run_id} is {kind} (not PENDING under this job's claim): "
+              "another task runs or ran it; this one does not run it again",
+              file=sys.stderr, flush=True)
+        sys.exit(0)
 
 
 def open_control_channel(engine: list[tuple[socket.socket, BinaryIO]]) -> bytes | None:
@@ -248,8 +286,10 @@ def main() -> None:
         del sys.argv[1:]
     receive_secrets(stdin)
     check_pull_needs()
+    refuse_a_duplicate()
     engine: list[tuple[socket.socket, BinaryIO]] = []  # the engine's connection, once made
     intent = open_control_channel(engine)
+    cancel_on_signal(engine, intent)
     threading.Thread(target=cancel_on_request, args=(stdin, engine, intent), daemon=True).start()
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="runpy")
     runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)

@@ -165,6 +165,19 @@ class JobVariables(BaseModel):
         "(allowed_secrets). Needs the default command.",
         examples=[["db_password"]],
     )
+    cpus: float | None = Field(
+        default=None,
+        gt=0,
+        description="dockerworker, `--runtime swarm`: CPUs the run's Swarm job reserves and "
+        "may use (Swarm places it on a node with that much free).",
+    )
+    placement: list[str] = Field(
+        default_factory=list,
+        description="dockerworker, `--runtime swarm`: Swarm placement constraints of the "
+        "run's job, e.g. `node.labels.gpu==true`; the run waits (its logs say why) until a "
+        "node matches.",
+        examples=[["node.labels.tier==batch"]],
+    )
     container_create_kwargs: dict[str, Any] | None = Field(
         default=None,
         title="Container Configuration",

@@ -392,6 +392,33 @@ class RunOutput:
         self._follow_stream(container, "stdout", resume)
         stderr.join()
 
+    def follow_polled(self, read: Callable[[str, datetime | None], bytes],
+                      ended: Callable[[], bool], resume: ResumePoint | None = None,
+                      interval: float = 1.0) -> None:
+        """For engines whose following hangs once the workload ended (Swarm's service logs):
+        `read(stream, since)` every `interval` until `ended()`, then once more; each line is
+        shipped once (by its timestamp; with `resume`, nothing up to what was shipped)."""
+        filters = {stream: EngineEchoFilter() for stream in ("stdout", "stderr")}
+        newest: dict[str, datetime | None] = {
+            stream: resume.newest.get(stream) if resume else None for stream in filters}
+        while not self._stopped.is_set():
+            done = ended()
+            for stream, engine_filter in filters.items():
+                for raw in read(stream, newest[stream]).split(b"\n"):
+                    if not raw.strip():
+                        continue
+                    line = parse_docker_line(raw, stream)
+                    if newest[stream] is None or line.timestamp > newest[stream]:
+                        newest[stream] = line.timestamp
+                        self.add(line, engine_filter)
+            if done:
+                return
+            self._stopped.wait(interval)
+
+    def note(self, message: str) -> None:
+        """A worker's line about the run (not the container's output) in its logs."""
+        self.shipper.submit(_notice(self.flow_run_id, self.mask(message)))
+
     def stop(self) -> None:
         """Stop following at the next line (the container keeps running)."""
         self._stopped.set()

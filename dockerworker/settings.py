@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 
 from .builds import BuildOptions
 from .policy import Policy
@@ -140,12 +140,27 @@ class WorkerSettings(BaseModel):
         description="Directory of the files a job may give its flow (job variable `secrets`, "
                     "allowed by the policy's allowed_secrets), each at /run/secrets/NAME in a "
                     "tmpfs of the flow container.")
+    runtime: Annotated[Literal["docker", "swarm"],
+                       Flag("--runtime", env="DOCKERWORKER_RUNTIME")] = Field(
+        default="docker", description="docker: each run a container on this engine; swarm: "
+        "each run a Swarm job, submitted through this engine (a manager) and placed by Swarm "
+        "(docs/swarm.md).")
     log_level: Annotated[LogLevel, Flag("--log-level", env="DOCKERWORKER_LOG_LEVEL")] = Field(
         default="INFO", description="How much the worker's console says.")
     log_format: Annotated[Literal["console", "json"],
                           Flag("--log-format", env="DOCKERWORKER_LOG_FORMAT")] = Field(
         default="console", description="console: lines for people; json: one JSON object a "
         "line (time, level, logger, message, flow_run_id/flow_run_name) for log aggregators.")
+
+    @model_validator(mode="after")
+    def _swarm_fits_the_policy(self) -> WorkerSettings:
+        """Fail at start, not on every run: a Swarm service cannot take no-new-privileges on
+        the engines this targets, so the operator must say the policy does without it."""
+        if self.runtime == "swarm" and self.policy.no_new_privileges:
+            raise ValueError("--runtime swarm: Swarm services cannot set no-new-privileges "
+                             "(not before Docker 25, API 1.44); set `no_new_privileges = false` "
+                             "in the worker's policy (--policy) to run Swarm jobs without it")
+        return self
 
     def build_options(self) -> BuildOptions:
         return BuildOptions(

@@ -41,6 +41,7 @@ from .runs import Phase, RunSupervisor
 from .runtime import LocalEngine, Runtime, RuntimeTrouble
 from .server import ensure_pool, wait_for_server
 from .settings import WorkerSettings
+from .swarmjobs import SwarmJobs
 from .warm import WarmPool
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ class Worker(RecoveryRounds, StateChecks):
         self.api = api
         if runtime is None:
             assert docker_client is not None, "a Docker client or a runtime"
-            runtime = LocalEngine(docker_client)
+            runtime = (SwarmJobs(docker_client) if settings.runtime == "swarm"
+                       else LocalEngine(docker_client))
         self.runtime = runtime
         self.stop_event = threading.Event()
         self.pool: WorkPool | None = None
@@ -80,7 +82,8 @@ class Worker(RecoveryRounds, StateChecks):
         self._nudged = threading.Event()  # set by the event stream, or to stop: act now
         self.events: EventListener | None = None
         self._polled_once = False  # --run-once: its one poll is done
-        self.warm = WarmPool(runtime, settings.warm) if settings.warm else None
+        warm = settings.warm if settings.runtime == "docker" else 0  # no warm Swarm jobs
+        self.warm = WarmPool(runtime, warm) if warm else None
         self.usage = UsageWatch(runtime)  # the runs' resource readings (resources.py)
 
     # --- start-up -----------------------------------------------------------------------

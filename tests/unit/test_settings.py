@@ -50,6 +50,7 @@ def test_the_flags_and_env_names_users_know() -> None:
         "build_timeout": (["--build-timeout"], "DOCKERWORKER_BUILD_TIMEOUT"),
         "log_level": (["--log-level"], "DOCKERWORKER_LOG_LEVEL"),
         "secrets_dir": (["--secrets-dir"], "DOCKERWORKER_SECRETS_DIR"),
+        "runtime": (["--runtime"], "DOCKERWORKER_RUNTIME"),
         "log_format": (["--log-format"], "DOCKERWORKER_LOG_FORMAT"),
         "policy_file": (["--policy"], "DOCKERWORKER_POLICY_FILE"),
     }

@@ -1,0 +1,423 @@
+"""`--runtime swarm`: each flow run as a Swarm job, placed by Swarm's scheduler.
+
+The worker runs beside a Swarm manager and submits each run as a one-shot service
+(`replicated-job`, one task, restart condition `none`); Swarm puts it on a node with room
+(`mem_limit` and `cpus` become reservations and limits; `placement` adds constraints). The
+same claim, policy, verdict, output and lifecycle as with one engine, with Swarm's facts:
+
+- output: the service's logs, polled with `since` (following them hangs once the task has
+  ended, a known Docker bug), each line shipped once;
+- how it ended: the task's status (state, exit code, `Err`); 137 under a memory limit is
+  reported as out of memory, with the limit;
+- cancellation: removing the service stops its task with the service's stop signal, which
+  the entry script takes as the cancel request (there is no stdin on Swarm), SIGKILL after
+  `stop_timeout`;
+- adoption and reconciliation by the service's labels; ownership records are Swarm configs
+  named after the service and generation (the cluster creates a name once, so two workers
+  cannot both take a job over; updating the job service itself would run the job again);
+- exactly once rests on Prefect's claim: the entry script refuses to run a flow run that is
+  no longer PENDING under this worker's claim (a duplicate task, a known Swarm bug).
+
+What a service cannot be is refused before anything is created, with the reason: privileged,
+devices and GPUs (no device requests on Swarm), swap limits, a container's network
+namespace, flow secrets (they need stdin). Warm containers do not apply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import docker
+import docker.errors
+import docker.types
+from docker.utils import parse_bytes
+
+from .containers import LABEL_MANAGED, LABEL_POOL, ContainerSpec, ExitReport, WatchOptions
+from .entry import LABEL_CONTROL
+from .hostview import HostView
+from .images import ensure_image
+from .jobs import JobVariables
+from .logs import ResumePoint, RunOutput
+from .ownership import (
+    LABEL_GENERATION,
+    LABEL_HOLDER,
+    LABEL_OWNER_OF,
+    LABEL_OWNER_POOL,
+    Owner,
+    owner_record_name,
+)
+from .resources import Usage, engine_time
+from .runtime import EngineError, Workload, WorkloadGone, _translated
+
+log = logging.getLogger(__name__)
+
+CANCEL_SIGNAL = "SIGUSR1"  # the service's stop signal: the entry script's cancel request
+ONCE_ENV = "DOCKERWORKER_ONCE"  # asks the entry script to refuse a run no longer ours
+_DONE = frozenset({"complete", "failed", "rejected", "shutdown", "orphaned", "remove"})
+_WAITING = frozenset({"new", "pending", "assigned", "allocated", "accepted", "preparing",
+                      "ready", "starting"})
+# create_kwargs a service can carry, and how (containers.build_spec makes them)
+_REFUSED = {
+    "privileged": "Swarm services cannot run privileged containers",
+    "device_requests": "Swarm has no device requests (GPUs): use a node with the device and "
+                       "generic resources, outside dockerworker",
+    "devices": "Swarm services cannot map devices",
+    "memswap_limit": "Swarm services have no swap limit",
+    "tmpfs": "flow secrets (and tmpfs mounts) are not given to Swarm jobs yet",
+    "ipc_mode": "Swarm services cannot share an IPC namespace",
+    "pid_mode": "Swarm services cannot share a PID namespace",
+}
+_CARRIED = frozenset({"stdin_open", "network", "network_mode", "extra_hosts", "volumes",
+                      "mem_limit", "environment", "labels", "command", "image", "init",
+                      "working_dir", "user", "cap_add", "cap_drop", "hostname",
+                      "cpu_shares", "stop_signal", "pids_limit", "nano_cpus", "security_opt"})
+NO_NEW_PRIVILEGES = ("Swarm services cannot set no-new-privileges (not before Docker 25, API "
+                     "1.44): set `no_new_privileges = false` in the worker's policy to run Swarm "
+                     "jobs without it")
+SERVICE_NAME_MAX = 63
+
+
+def service_name(name: str) -> str:
+    """A container name made a service name (at most 63 characters, the short id kept)."""
+    if len(name) <= SERVICE_NAME_MAX:
+        return name
+    base, _, short = name.rpartition("-")
+    return f"{base[:SERVICE_NAME_MAX - len(short) - 1]}-{short}"
+
+
+def _mounts(volumes: list[Any]) -> list[docker.types.Mount]:
+    mounts = []
+    for volume in volumes:
+        source, target, *rest = str(volume).split(":")
+        mounts.append(docker.types.Mount(
+            target=target, source=source, read_only="ro" in rest,
+            type="bind" if source.startswith("/") else "volume"))
+    return mounts
+
+
+def service_kwargs(name: str, create_kwargs: dict[str, Any], job_cpus: float | None,
+                   placement: list[str], stop_timeout: int,
+                   extra_networks: list[str]) -> dict[str, Any]:
+    """What `services.create` gets for a run whose container would get `create_kwargs`;
+    EngineError naming what a service cannot be."""
+    kwargs = {k: v for k, v in create_kwargs.items() if v not in (None, False, [], {})}
+    for key, reason in _REFUSED.items():
+        if kwargs.get(key):
+            raise EngineError(f"{reason} ({key})")
+    for option in kwargs.get("security_opt") or []:
+        reason = NO_NEW_PRIVILEGES if option.startswith("no-new-privileges") else (
+            "Swarm services take no security_opt")
+        raise EngineError(f"{reason} ({option})")
+    unknown = sorted(set(kwargs) - _CARRIED - set(_REFUSED))
+    if unknown:
+        raise EngineError(f"Swarm jobs cannot take container_create_kwargs {unknown}")
+    mode = kwargs.get("network_mode")
+    if mode and mode not in ("host", "bridge", "none", "default"):
+        raise EngineError(f"a Swarm job cannot join {mode!r} (a container's namespace)")
+    networks = [n for n in [kwargs.get("network"), *extra_networks] if n]
+    if mode == "host":
+        networks = ["host", *networks]
+    env = kwargs.get("environment") or {}
+    labels = kwargs.get("labels") or {}
+    control = labels.get(LABEL_CONTROL)
+    memory = parse_bytes(kwargs["mem_limit"]) if kwargs.get("mem_limit") else None
+    nano_cpus = int(job_cpus * 1e9) if job_cpus else kwargs.get("nano_cpus")
+    resources = docker.types.Resources(cpu_limit=nano_cpus, mem_limit=memory,
+                                       cpu_reservation=nano_cpus, mem_reservation=memory)
+    if kwargs.get("pids_limit"):  # API 1.41; the SDK has no parameter for it
+        resources.setdefault("Limits", {})["Pids"] = int(kwargs["pids_limit"])
+    hosts = kwargs.get("extra_hosts")
+    if isinstance(hosts, dict) and "host-gateway" in hosts.values():
+        raise EngineError("Swarm jobs cannot use host-gateway: give the job a network that "
+                          "reaches the Prefect API (networks), or network_mode host")
+    return {
+        "name": service_name(name),
+        "image": kwargs["image"],
+        # `command` of a container is a service's args: the image's entrypoint stays
+        "args": kwargs.get("command"),
+        "env": [f"{k}={v}" for k, v in {**env, ONCE_ENV: "1"}.items()],
+        "labels": {**labels, LABEL_CONTROL: "signal"} if control else labels,
+        "container_labels": labels,
+        "networks": networks,
+        "mounts": _mounts(kwargs.get("volumes") or []),
+        "resources": resources,
+        "restart_policy": docker.types.RestartPolicy(condition="none"),
+        "mode": docker.types.ServiceMode("replicated-job", replicas=1, concurrency=1),
+        "constraints": list(placement),
+        "stop_grace_period": stop_timeout * 1_000_000_000,
+        "stop_signal": CANCEL_SIGNAL if control else None,
+        "init": bool(kwargs.get("init")),
+        "workdir": kwargs.get("working_dir"),
+        "user": kwargs.get("user"),
+        "cap_add": kwargs.get("cap_add"),
+        "cap_drop": kwargs.get("cap_drop"),
+        "hostname": kwargs.get("hostname"),
+        "hosts": hosts or None,
+    }
+
+
+def _task_time(task: dict[str, Any]) -> str:
+    return str(task.get("Status", {}).get("Timestamp") or task.get("UpdatedAt") or "")
+
+
+def main_task(tasks: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The task that tells how the job goes: one running, else the latest that ran a
+    container, else the latest."""
+    running = [t for t in tasks if t.get("Status", {}).get("State") == "running"]
+    if running:
+        return max(running, key=_task_time)
+    ran = [t for t in tasks if t.get("Status", {}).get("ContainerStatus", {}).get("ContainerID")]
+    pool = ran or tasks
+    return max(pool, key=_task_time) if pool else None
+
+
+def task_exit(task: dict[str, Any] | None, memory_limit: int | None) -> ExitReport:
+    """A finished task as the verdict reads a container's end."""
+    if task is None:
+        raise WorkloadGone("the job has no task")
+    status = task.get("Status", {})
+    code = status.get("ContainerStatus", {}).get("ExitCode")
+    state = status.get("State", "")
+    error = "" if state == "complete" else str(status.get("Err") or "")
+    exit_code = int(code) if code is not None else -1
+    return ExitReport(exit_code=exit_code,
+                      oom_killed=exit_code == 137 and bool(memory_limit),
+                      error=error if exit_code != 137 else "",
+                      started=engine_time(status.get("ContainerStatus", {}).get("StartedAt")),
+                      finished=engine_time(status.get("Timestamp")) if state in _DONE else None,
+                      image=str(task.get("Spec", {}).get("ContainerSpec", {}).get("Image", "")
+                                ).split("@")[0],
+                      memory_limit=memory_limit or 0)
+
+
+def _workload(service: Any) -> Workload:
+    spec = service.attrs.get("Spec", {})
+    container = spec.get("TaskTemplate", {}).get("ContainerSpec", {})
+    env = dict(item.partition("=")[::2] for item in container.get("Env") or [])
+    return Workload(id=service.id, name=spec.get("Name", service.name),
+                    labels=dict(spec.get("Labels") or {}), status="running", env=env,
+                    native=service)
+
+
+class SwarmJobs:
+    """Flow runs as Swarm jobs, through the Docker SDK of a manager node."""
+
+    def __init__(self, client: docker.DockerClient, poll: float = 1.0) -> None:
+        self.client = client
+        self.poll = poll
+        self._noted: dict[str, str] = {}  # service id -> the waiting reason last noted
+        self._cluster: str | None = None
+
+    # --- the engine --------------------------------------------------------------------
+    def host_id(self) -> str:
+        """The Swarm's own id (the same from every manager): runs' infrastructure_pid."""
+        if self._cluster is None:
+            with _translated():
+                self._cluster = f"swarm-{self.client.swarm.attrs['ID']}"
+        return self._cluster
+
+    def ping(self) -> None:
+        with _translated():
+            info = self.client.info()
+        if not info.get("Swarm", {}).get("ControlAvailable"):
+            raise EngineError("this Docker engine is not a Swarm manager: `--runtime swarm` "
+                              "submits jobs through a manager's socket")
+
+    def engine_version(self) -> str:
+        with _translated():
+            return str(self.client.version().get("Version", "unknown"))
+
+    def host_view(self) -> HostView | None:
+        return None  # a job may land on any node: the policy judges bind paths by their text
+
+    def ensure_image(self, job: JobVariables, trusted_credentials: bool) -> str:
+        """On the manager, as for one engine; each node pulls by tag when the task lands
+        there (images must be in a registry every node reaches, or on every node)."""
+        with _translated():
+            return ensure_image(self.client, job, trusted_credentials)
+
+    # --- a run's job ---------------------------------------------------------------------
+    def start(self, spec: ContainerSpec) -> Workload:
+        if spec.secret_files:
+            raise EngineError("flow secrets are not given to Swarm jobs yet (job variable "
+                              "`secrets`)")
+        options = WatchOptions.from_labels(spec.create_kwargs.get("labels") or {})
+        kwargs = service_kwargs(spec.name, spec.create_kwargs, spec.cpus, spec.placement,
+                                options.stop_timeout, spec.extra_networks)
+        with _translated():
+            service = self.client.services.create(**{k: v for k, v in kwargs.items()
+                                                     if v is not None})
+            service.reload()
+        workload = _workload(service)
+        workload.status = "created"
+        return workload
+
+    def hand_over(self, workload: Workload, spec: ContainerSpec) -> None:
+        raise EngineError("warm containers do not apply to Swarm jobs")
+
+    def resume(self, workload: Workload) -> None:
+        """A service runs its task once created: nothing to start."""
+
+    def _service(self, workload: Workload) -> Any:
+        with _translated():
+            return self.client.services.get(workload.id)
+
+    def _tasks(self, workload: Workload) -> list[dict[str, Any]]:
+        with _translated():
+            return self.client.api.tasks(filters={"service": workload.id})
+
+    def _memory_limit(self, workload: Workload) -> int | None:
+        limit = WatchOptions.from_labels(workload.labels).mem_limit
+        return parse_bytes(limit) if limit else None
+
+    def _ended(self, workload: Workload, note: Callable[[str], None] | None = None) -> bool:
+        tasks = self._tasks(workload)
+        task = main_task(tasks)
+        if task is None:
+            return False
+        status = task.get("Status", {})
+        state = status.get("State", "")
+        if note is not None and state in _WAITING and status.get("Err"):
+            reason = f"Swarm has not placed the job yet ({state}): {status['Err']}"
+            if self._noted.get(workload.id) != reason:
+                self._noted[workload.id] = reason
+                note(reason)
+        return state in _DONE
+
+    def follow(self, workload: Workload, output: RunOutput, resume: ResumePoint | None) -> None:
+        def read(stream: str, since: datetime | None) -> bytes:
+            with _translated():
+                chunks = self.client.api.service_logs(
+                    workload.id, stdout=stream == "stdout", stderr=stream == "stderr",
+                    timestamps=True, since=int(since.timestamp()) if since else 0,
+                    is_tty=False)
+                return b"".join(chunks)
+
+        output.follow_polled(read, lambda: self._ended(workload, output.note), resume,
+                             interval=self.poll)
+
+    def wait(self, workload: Workload) -> None:
+        while not self._ended(workload):
+            time.sleep(self.poll)
+
+    def read_exit(self, workload: Workload) -> ExitReport:
+        return task_exit(main_task(self._tasks(workload)), self._memory_limit(workload))
+
+    def usage(self, workload: Workload) -> Usage | None:
+        return None  # the task's node has its stats; the manager has none
+
+    def stop(self, workload: Workload, grace: int, note: Callable[[str], None]) -> None:
+        """Remove the service: its task gets the stop signal (the entry script's cancel
+        request, or SIGTERM for a job's own command), SIGKILL after the grace period."""
+        how = "the entry script's cancel request" if workload.labels.get(
+            LABEL_CONTROL) else "SIGTERM"
+        note(f"removing Swarm job {workload.name}: {how}, SIGKILL after {grace} s")
+        containers = self._task_containers(workload)
+        self.remove(workload)
+        deadline = time.monotonic() + grace + 5
+        while containers and time.monotonic() < deadline:  # Prefect's engine reports first
+            containers = [c for c in containers if self._task_running(c)]
+            time.sleep(self.poll / 2)
+
+    def _task_containers(self, workload: Workload) -> list[str]:
+        """The containers of the job's tasks that are not over (their ids)."""
+        try:
+            tasks = self._tasks(workload)
+        except WorkloadGone:
+            return []
+        return [t["Status"]["ContainerStatus"]["ContainerID"] for t in tasks
+                if t.get("Status", {}).get("State") not in _DONE
+                and t.get("Status", {}).get("ContainerStatus", {}).get("ContainerID")]
+
+    def _task_running(self, container_id: str) -> bool:
+        """Whether a task's container still runs. Only the tasks on the manager's own node
+        can be seen; one elsewhere counts as ended (the grace is then the service's)."""
+        try:
+            with _translated():
+                return self.client.containers.get(container_id).status == "running"
+        except (WorkloadGone, EngineError):
+            return False
+
+    def remove(self, workload: Workload) -> None:
+        try:
+            self._service(workload).remove()
+        except WorkloadGone:
+            pass
+        self._noted.pop(workload.id, None)
+
+    def removed_meanwhile(self, workload: Workload) -> bool:
+        try:
+            self._service(workload)
+        except WorkloadGone:
+            return True
+        return False
+
+    def last_output(self, workload: Workload) -> list[str]:
+        try:
+            with _translated():
+                raw = b"".join(self.client.api.service_logs(
+                    workload.id, stdout=True, stderr=True, tail=300, is_tty=False))
+        except (WorkloadGone, EngineError, docker.errors.DockerException):
+            return []
+        return raw.decode("utf-8", errors="replace").rstrip().splitlines()
+
+    def is_running(self, workload: Workload) -> bool:
+        try:
+            return not self._ended(workload)
+        except WorkloadGone:
+            return False
+
+    def inspect(self, workload_id: str) -> Workload:
+        with _translated():
+            return _workload(self.client.services.get(workload_id))
+
+    def list_workloads(self, pool: str, **labels: str) -> list[Workload]:
+        filters = [f"{LABEL_POOL}={pool}", f"{LABEL_MANAGED}=true"]
+        filters += [f"{k}={v}" for k, v in labels.items()]
+        with _translated():
+            return [_workload(s) for s in self.client.services.list(filters={"label": filters})]
+
+    # --- ownership records: Swarm configs, whose names the cluster creates once ----------
+    # (not the service's own labels: updating a job service runs the job again)
+    def take_over(self, workload: Workload, pool: str, owner: Owner) -> bool:
+        labels = {LABEL_OWNER_POOL: pool, LABEL_OWNER_OF: workload.id, LABEL_HOLDER: owner.name,
+                  LABEL_GENERATION: str(owner.generation)}
+        with _translated():
+            try:
+                self.client.configs.create(name=owner_record_name(workload.id, owner.generation),
+                                           data=owner.name.encode(), labels=labels)
+            except docker.errors.APIError as exc:
+                if exc.status_code == 409:
+                    return False
+                raise
+        return True
+
+    def _owner_records(self, pool: str) -> list[Any]:
+        with _translated():
+            return self.client.configs.list(filters={"label": [f"{LABEL_OWNER_POOL}={pool}"]})
+
+    def owners(self, pool: str) -> dict[str, Owner]:
+        found: dict[str, Owner] = {}
+        for record in self._owner_records(pool):
+            labels = record.attrs.get("Spec", {}).get("Labels") or {}
+            owner = Owner(labels.get(LABEL_HOLDER, ""), int(labels.get(LABEL_GENERATION, "0")))
+            workload_id = labels.get(LABEL_OWNER_OF, "")
+            if owner.generation > found.get(workload_id, Owner("", -1)).generation:
+                found[workload_id] = owner
+        return found
+
+    def forget_owners(self, pool: str, keep: set[str]) -> int:
+        removed = 0
+        for record in self._owner_records(pool):
+            if (record.attrs.get("Spec", {}).get("Labels") or {}).get(LABEL_OWNER_OF) not in keep:
+                with _translated(), contextlib.suppress(docker.errors.NotFound):
+                    record.remove()
+                removed += 1
+        return removed
+
+

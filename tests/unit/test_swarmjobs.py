@@ -1,0 +1,148 @@
+"""`--runtime swarm`: a run's container settings as a Swarm job, what a job cannot be, how
+its tasks tell its end, and its polled output shipped once."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+
+from dockerworker.entry import LABEL_CONTROL
+from dockerworker.logs import LogShipper, ResumePoint, RunOutput
+from dockerworker.runtime import EngineError, WorkloadGone
+from dockerworker.swarmjobs import (
+    CANCEL_SIGNAL,
+    ONCE_ENV,
+    main_task,
+    service_kwargs,
+    service_name,
+    task_exit,
+)
+
+from .fakes import FakeAPI
+
+BASE = {"image": "flows:1", "command": ["python", "-c", "x"], "stdin_open": True,
+        "environment": {"PREFECT__FLOW_RUN_ID": "r1"}, "init": True,
+        "labels": {LABEL_CONTROL: "stdin", "io.prefect.flow-run-id": "r1"}}
+
+
+def test_a_container_spec_becomes_a_one_shot_job() -> None:
+    kwargs = service_kwargs("etl-run-1234abcd", {**BASE, "mem_limit": "512m",
+                                                 "network_mode": "host",
+                                                 "volumes": ["/srv/data:/data:ro", "cache:/c"]},
+                            job_cpus=1.5, placement=["node.labels.tier==batch"],
+                            stop_timeout=20, extra_networks=["prefect"])
+    assert kwargs["mode"] == {"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}}
+    assert kwargs["restart_policy"]["Condition"] == "none"
+    assert kwargs["args"] == ["python", "-c", "x"]  # the image's entrypoint stays
+    assert "PREFECT__FLOW_RUN_ID=r1" in kwargs["env"] and f"{ONCE_ENV}=1" in kwargs["env"]
+    assert kwargs["networks"] == ["host", "prefect"]
+    assert kwargs["constraints"] == ["node.labels.tier==batch"]
+    resources = kwargs["resources"]
+    assert resources["Limits"] == {"NanoCPUs": 1_500_000_000, "MemoryBytes": 512 * 1024**2}
+    assert resources["Reservations"] == resources["Limits"]
+    assert kwargs["stop_grace_period"] == 20 * 10**9
+    assert kwargs["stop_signal"] == CANCEL_SIGNAL  # the entry script's cancel request
+    assert kwargs["labels"][LABEL_CONTROL] == "signal"
+    assert kwargs["container_labels"]["io.prefect.flow-run-id"] == "r1"
+    (data, cache) = kwargs["mounts"]
+    assert (data["Type"], data["Source"], data["Target"], data["ReadOnly"]) == (
+        "bind", "/srv/data", "/data", True)
+    assert (cache["Type"], cache["Source"]) == ("volume", "cache")
+
+
+def test_a_job_s_own_command_is_stopped_with_sigterm() -> None:
+    kwargs = service_kwargs("x", {**BASE, "labels": {}}, None, [], 30, [])
+    assert kwargs["stop_signal"] is None and LABEL_CONTROL not in kwargs["labels"]
+
+
+@pytest.mark.parametrize(("extra", "reason"), [
+    ({"privileged": True}, "cannot run privileged"),
+    ({"device_requests": [{"Count": -1}]}, "no device requests"),
+    ({"memswap_limit": "1g"}, "no swap limit"),
+    ({"network_mode": "container:db"}, "cannot join 'container:db'"),
+    ({"shm_size": "1g"}, "cannot take container_create_kwargs ['shm_size']"),
+    ({"extra_hosts": {"host.docker.internal": "host-gateway"}}, "cannot use host-gateway"),
+])
+def test_what_a_service_cannot_be_is_refused_with_the_reason(extra, reason) -> None:
+    with pytest.raises(EngineError, match=reason.replace("[", r"\[").replace("]", r"\]")):
+        service_kwargs("x", {**BASE, **extra}, None, [], 30, [])
+
+
+def test_service_names_stay_within_swarm_s_limit_and_keep_the_short_id() -> None:
+    name = "a" * 60 + "-1234abcd"
+    assert len(service_name(name)) == 63 and service_name(name).endswith("-1234abcd")
+    assert service_name("short-1234abcd") == "short-1234abcd"
+
+
+def task(state: str, at: str, exit_code: int | None = None, err: str = "",
+         container: str = "") -> dict:
+    status: dict = {"State": state, "Timestamp": at, "Err": err}
+    if container or exit_code is not None:
+        status["ContainerStatus"] = {"ContainerID": container or "c1", "ExitCode": exit_code}
+    return {"Status": status, "Spec": {"ContainerSpec": {"Image": "flows:1@sha256:abc"}}}
+
+
+def test_the_task_that_tells_is_the_running_one_else_the_latest_that_ran() -> None:
+    duplicate = task("complete", "2026-11-30T10:00:05Z", 0, container="c2")
+    original = task("running", "2026-11-30T10:00:01Z", container="c1")
+    assert main_task([duplicate, original]) is original
+    pending = task("pending", "2026-11-30T10:00:09Z", err="no suitable node")
+    failed = task("failed", "2026-11-30T10:00:03Z", 1, container="c1")
+    assert main_task([pending, failed]) is failed
+    assert main_task([pending]) is pending and main_task([]) is None
+
+
+def test_a_task_s_end_reads_as_a_container_s() -> None:
+    done = task_exit(task("complete", "2026-11-30T10:00:05.5Z", 0), None)
+    assert (done.exit_code, done.oom_killed, done.error, done.image) == (0, False, "", "flows:1")
+    oom = task_exit(task("failed", "2026-11-30T10:00:05Z", 137, err="task: non-zero exit (137)"),
+                    256 * 1024**2)
+    assert oom.oom_killed and oom.describe("256m").startswith("killed: out of memory")
+    failed = task_exit(task("failed", "2026-11-30T10:00:05Z", 1, err="task: non-zero exit (1)"),
+                       None)
+    assert failed.exit_code == 1 and "non-zero exit" in failed.error
+    rejected = task_exit(task("rejected", "2026-11-30T10:00:05Z", err="No such image: x"), None)
+    assert rejected.exit_code == -1 and rejected.error == "No such image: x"
+    with pytest.raises(WorkloadGone):
+        task_exit(None, None)
+
+
+def test_polled_output_is_shipped_once_each_line(api: FakeAPI) -> None:
+    """Each poll re-reads from `since` (whole seconds): what was shipped is not shipped again;
+    after the end, one last read; with a resume point, nothing up to it."""
+    shipper = LogShipper(api).start()
+    run_id = uuid.uuid4()
+    output = RunOutput(shipper, run_id, max_bytes=10**6)
+    out = [b"2026-11-30T10:00:01.100000000Z one", b"2026-11-30T10:00:01.200000000Z two",
+           b"2026-11-30T10:00:02.000000000Z three"]
+    polls = iter([out[:1], out[:2], out])
+    ended = iter([False, False, True])
+
+    def read(stream: str, since: datetime | None) -> bytes:
+        if stream == "stderr":
+            return b""
+        return b"\n".join(next(polls))
+
+    output.follow_polled(read, lambda: next(ended), interval=0)
+    assert shipper.flush(5)
+    assert api.messages(run_id) == ["one", "two", "three"]
+
+    other = uuid.uuid4()
+    resumed = RunOutput(shipper, other, max_bytes=10**6)
+    point = ResumePoint(tails={}, newest={"stdout": datetime(2026, 11, 30, 10, 0, 1, 150000,
+                                                              tzinfo=UTC)})
+    resumed.follow_polled(lambda s, since: b"\n".join(out) if s == "stdout" else b"",
+                          lambda: True, point, interval=0)
+    assert shipper.flush(5)
+    assert api.messages(other) == ["two", "three"]
+    shipper.stop()
+
+
+def test_polling_stops_when_asked(api: FakeAPI) -> None:
+    output = RunOutput(LogShipper(api), uuid.uuid4(), max_bytes=10**6)
+    threading.Timer(0.2, output.stop).start()
+    output.follow_polled(lambda s, since: b"", lambda: False, interval=0.05)
+    assert output.stopped
