@@ -32,6 +32,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
@@ -175,6 +176,27 @@ def cancel_on_signal(engine: list[tuple[socket.socket, BinaryIO]], intent: bytes
     signal.signal(signal.SIGUSR1, handler)
 
 
+def cancel_on_cancelling(engine: list[tuple[socket.socket, BinaryIO]], intent: bytes | None,
+                         every: float) -> None:
+    """A Swarm job has no stdin, and Docker 20.10 does not stop the running task of a job
+    service that is removed: the script itself watches the run's state, every `every`
+    seconds, and turns CANCELLING into `request_cancel`. Errors are retried: the engine
+    reports what it cannot reach."""
+    from prefect.client.orchestration import get_client
+
+    run_id = os.environ["PREFECT__FLOW_RUN_ID"]
+    with get_client(sync_client=True) as client:
+        while True:
+            time.sleep(every)
+            try:
+                state = client.read_flow_run(run_id).state
+            except Exception:  # noqa: BLE001, S112 - the next look may succeed
+                continue
+            if state is not None and state.type.value == "CANCELLING":
+                request_cancel(engine, intent)
+                return
+
+
 def refuse_a_duplicate() -> None:
     """With DOCKERWORKER_ONCE (Swarm jobs): run the flow only while its run is PENDING under
     this worker's claim, as the worker left it. Swarm may start a second task for one job (a
@@ -291,6 +313,9 @@ def main() -> None:
     intent = open_control_channel(engine)
     cancel_on_signal(engine, intent)
     threading.Thread(target=cancel_on_request, args=(stdin, engine, intent), daemon=True).start()
+    if every := float(os.environ.get("DOCKERWORKER_WATCH_CANCEL") or 0):
+        threading.Thread(target=cancel_on_cancelling, args=(engine, intent, every),
+                         daemon=True).start()
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="runpy")
     runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
 

@@ -396,13 +396,16 @@ class RunOutput:
                       ended: Callable[[], bool], resume: ResumePoint | None = None,
                       interval: float = 1.0) -> None:
         """For engines whose following hangs once the workload ended (Swarm's service logs):
-        `read(stream, since)` every `interval` until `ended()`, then once more; each line is
+        `read(stream, since)` every `interval` until `ended()`, then until a read brings
+        nothing new (the engine's logs may lag the end; at most 5 reads); each line is
         shipped once (by its timestamp; with `resume`, nothing up to what was shipped)."""
         filters = {stream: EngineEchoFilter() for stream in ("stdout", "stderr")}
         newest: dict[str, datetime | None] = {
             stream: resume.newest.get(stream) if resume else None for stream in filters}
+        settling = 0  # reads after the end: the engine's log broker may lag the task's end
         while not self._stopped.is_set():
             done = ended()
+            new = 0
             for stream, engine_filter in filters.items():
                 for raw in read(stream, newest[stream]).split(b"\n"):
                     if not raw.strip():
@@ -411,8 +414,11 @@ class RunOutput:
                     if newest[stream] is None or line.timestamp > newest[stream]:
                         newest[stream] = line.timestamp
                         self.add(line, engine_filter)
+                        new += 1
             if done:
-                return
+                settling += 1
+                if settling > 1 and (not new or settling > 5):
+                    return
             self._stopped.wait(interval)
 
     def note(self, message: str) -> None:

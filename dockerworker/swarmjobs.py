@@ -9,9 +9,10 @@ same claim, policy, verdict, output and lifecycle as with one engine, with Swarm
   ended, a known Docker bug), each line shipped once;
 - how it ended: the task's status (state, exit code, `Err`); 137 under a memory limit is
   reported as out of memory, with the limit;
-- cancellation: removing the service stops its task with the service's stop signal, which
-  the entry script takes as the cancel request (there is no stdin on Swarm), SIGKILL after
-  `stop_timeout`;
+- cancellation: there is no stdin on Swarm, and Docker 20.10 leaves the running task of a
+  removed job service running; so the entry script watches the run's state itself and takes
+  CANCELLING to Prefect's engine as a cancellation. The service is removed once the task has
+  ended (or after `stop_timeout`); its stop signal, SIGUSR1, is the same cancel request;
 - adoption and reconciliation by the service's labels; ownership records are Swarm configs
   named after the service and generation (the cluster creates a name once, so two workers
   cannot both take a job over; updating the job service itself would run the job again);
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 
 CANCEL_SIGNAL = "SIGUSR1"  # the service's stop signal: the entry script's cancel request
 ONCE_ENV = "DOCKERWORKER_ONCE"  # asks the entry script to refuse a run no longer ours
+WATCH_CANCEL_ENV = "DOCKERWORKER_WATCH_CANCEL"  # seconds between its looks for CANCELLING
+WATCH_CANCEL_SECONDS = 2
 _DONE = frozenset({"complete", "failed", "rejected", "shutdown", "orphaned", "remove"})
 _WAITING = frozenset({"new", "pending", "assigned", "allocated", "accepted", "preparing",
                       "ready", "starting"})
@@ -140,7 +143,8 @@ def service_kwargs(name: str, create_kwargs: dict[str, Any], job_cpus: float | N
         "image": kwargs["image"],
         # `command` of a container is a service's args: the image's entrypoint stays
         "args": kwargs.get("command"),
-        "env": [f"{k}={v}" for k, v in {**env, ONCE_ENV: "1"}.items()],
+        "env": [f"{k}={v}" for k, v in {**env, ONCE_ENV: "1",
+                                        WATCH_CANCEL_ENV: str(WATCH_CANCEL_SECONDS)}.items()],
         "labels": {**labels, LABEL_CONTROL: "signal"} if control else labels,
         "container_labels": labels,
         "networks": networks,
@@ -312,36 +316,21 @@ class SwarmJobs:
         return None  # the task's node has its stats; the manager has none
 
     def stop(self, workload: Workload, grace: int, note: Callable[[str], None]) -> None:
-        """Remove the service: its task gets the stop signal (the entry script's cancel
-        request, or SIGTERM for a job's own command), SIGKILL after the grace period."""
-        how = "the entry script's cancel request" if workload.labels.get(
-            LABEL_CONTROL) else "SIGTERM"
-        note(f"removing Swarm job {workload.name}: {how}, SIGKILL after {grace} s")
-        containers = self._task_containers(workload)
+        """Cancel. The entry script in the task watches the run's state and takes CANCELLING
+        to Prefect's engine as a cancellation; the job is given `grace` seconds to end so.
+        Then the service is removed, which sends its stop signal (on engines that stop a
+        removed job's task: Docker 20.10 leaves it running, see docs/swarm.md)."""
+        scripted = bool(workload.labels.get(LABEL_CONTROL))
+        if scripted:
+            note(f"asking Prefect's engine in Swarm job {workload.name} to cancel "
+                 f"(the service removed after {grace} s)")
+            deadline = time.monotonic() + grace + 2 * WATCH_CANCEL_SECONDS
+            while time.monotonic() < deadline:
+                if self._ended(workload):
+                    return
+                time.sleep(self.poll)
+        note(f"removing Swarm job {workload.name} (its stop signal; SIGKILL after {grace} s)")
         self.remove(workload)
-        deadline = time.monotonic() + grace + 5
-        while containers and time.monotonic() < deadline:  # Prefect's engine reports first
-            containers = [c for c in containers if self._task_running(c)]
-            time.sleep(self.poll / 2)
-
-    def _task_containers(self, workload: Workload) -> list[str]:
-        """The containers of the job's tasks that are not over (their ids)."""
-        try:
-            tasks = self._tasks(workload)
-        except WorkloadGone:
-            return []
-        return [t["Status"]["ContainerStatus"]["ContainerID"] for t in tasks
-                if t.get("Status", {}).get("State") not in _DONE
-                and t.get("Status", {}).get("ContainerStatus", {}).get("ContainerID")]
-
-    def _task_running(self, container_id: str) -> bool:
-        """Whether a task's container still runs. Only the tasks on the manager's own node
-        can be seen; one elsewhere counts as ended (the grace is then the service's)."""
-        try:
-            with _translated():
-                return self.client.containers.get(container_id).status == "running"
-        except (WorkloadGone, EngineError):
-            return False
 
     def remove(self, workload: Workload) -> None:
         try:

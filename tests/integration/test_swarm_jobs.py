@@ -81,8 +81,9 @@ def test_runs_as_swarm_jobs_complete_fail_and_die_of_oom(
 def test_a_cancelled_job_is_cancelled_by_prefect_s_engine_and_its_service_gone(
     rig: PrefectRig, swarm_worker, unique_pool: str, swarm: SwarmEngine
 ) -> None:
-    """Removing the service sends its stop signal, which the entry script takes as the cancel
-    request (no stdin on Swarm): Prefect's engine reports CANCELLED and runs the hook."""
+    """No stdin on Swarm (and Docker 20.10 leaves a removed job's task running): the entry
+    script sees CANCELLING itself and hands it to Prefect's engine, which reports CANCELLED
+    and runs the flow's hook; then the service is removed."""
     swarm_worker(unique_pool)
     sleepy = rig.create_deployment(unique_pool, "flows.py:sleepy", {"image": FLOWS_IMAGE})
     run_id = rig.create_flow_run(sleepy, parameters={"seconds": 120})
@@ -94,6 +95,7 @@ def test_a_cancelled_job_is_cancelled_by_prefect_s_engine_and_its_service_gone(
     # reported by Prefect's engine in the task (the worker's own verdict would say the
     # container is gone): the stop signal reached it as a cancellation
     assert "is gone" not in (run["state"]["message"] or ""), run["state"]
+    rig.wait_for_log(run_id, "on_cancellation hook ran")
     deadline = time.monotonic() + 20
     while jobs_of(swarm, run_id):
         assert time.monotonic() < deadline, "the cancelled run's service is still there"

@@ -6,12 +6,16 @@ from __future__ import annotations
 import threading
 import uuid
 from datetime import UTC, datetime
+from itertools import chain, repeat
 
 import pytest
+from pydantic import ValidationError
 
 from dockerworker.entry import LABEL_CONTROL
 from dockerworker.logs import LogShipper, ResumePoint, RunOutput
+from dockerworker.policy import Policy
 from dockerworker.runtime import EngineError, WorkloadGone
+from dockerworker.settings import WorkerSettings
 from dockerworker.swarmjobs import (
     CANCEL_SIGNAL,
     ONCE_ENV,
@@ -45,12 +49,19 @@ def test_a_container_spec_becomes_a_one_shot_job() -> None:
     assert resources["Reservations"] == resources["Limits"]
     assert kwargs["stop_grace_period"] == 20 * 10**9
     assert kwargs["stop_signal"] == CANCEL_SIGNAL  # the entry script's cancel request
+    assert "DOCKERWORKER_WATCH_CANCEL=2" in kwargs["env"]
     assert kwargs["labels"][LABEL_CONTROL] == "signal"
     assert kwargs["container_labels"]["io.prefect.flow-run-id"] == "r1"
     (data, cache) = kwargs["mounts"]
     assert (data["Type"], data["Source"], data["Target"], data["ReadOnly"]) == (
         "bind", "/srv/data", "/data", True)
     assert (cache["Type"], cache["Source"]) == ("volume", "cache")
+
+
+def test_the_policy_s_limits_carry_over() -> None:
+    kwargs = service_kwargs("x", {**BASE, "pids_limit": 512, "nano_cpus": 500_000_000},
+                            None, [], 30, [])
+    assert kwargs["resources"]["Limits"] == {"NanoCPUs": 500_000_000, "Pids": 512}
 
 
 def test_a_job_s_own_command_is_stopped_with_sigterm() -> None:
@@ -65,6 +76,8 @@ def test_a_job_s_own_command_is_stopped_with_sigterm() -> None:
     ({"network_mode": "container:db"}, "cannot join 'container:db'"),
     ({"shm_size": "1g"}, "cannot take container_create_kwargs ['shm_size']"),
     ({"extra_hosts": {"host.docker.internal": "host-gateway"}}, "cannot use host-gateway"),
+    ({"security_opt": ["no-new-privileges:true"]}, "set `no_new_privileges = false`"),
+    ({"security_opt": ["seccomp=unconfined"]}, "take no security_opt"),
 ])
 def test_what_a_service_cannot_be_is_refused_with_the_reason(extra, reason) -> None:
     with pytest.raises(EngineError, match=reason.replace("[", r"\[").replace("]", r"\]")):
@@ -118,8 +131,10 @@ def test_polled_output_is_shipped_once_each_line(api: FakeAPI) -> None:
     output = RunOutput(shipper, run_id, max_bytes=10**6)
     out = [b"2026-11-30T10:00:01.100000000Z one", b"2026-11-30T10:00:01.200000000Z two",
            b"2026-11-30T10:00:02.000000000Z three"]
-    polls = iter([out[:1], out[:2], out])
-    ended = iter([False, False, True])
+    # the last line shows up only after the end (the engine's logs lag): read on until a
+    # read brings nothing new
+    polls = chain([out[:1], out[:2], out[:2]], repeat(out))
+    ended = chain([False, False], repeat(True))
 
     def read(stream: str, since: datetime | None) -> bytes:
         if stream == "stderr":
@@ -146,3 +161,11 @@ def test_polling_stops_when_asked(api: FakeAPI) -> None:
     threading.Timer(0.2, output.stop).start()
     output.follow_polled(lambda s, since: b"", lambda: False, interval=0.05)
     assert output.stopped
+
+
+def test_a_swarm_worker_starts_only_with_a_policy_that_does_without_no_new_privileges() -> None:
+    """Refused at start (a usage error), not on every run."""
+    with pytest.raises(ValidationError, match="set `no_new_privileges = false`"):
+        WorkerSettings(pool="p", runtime="swarm")
+    settings = WorkerSettings(pool="p", runtime="swarm", policy=Policy(no_new_privileges=False))
+    assert settings.runtime == "swarm"
