@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,17 @@ class Owner:
 def owner_record_name(workload_id: str, generation: int) -> str:
     """The takeover record's container name: one per container and generation."""
     return f"{OWNER_PREFIX}{workload_id[:32]}-{generation}"
+
+
+def latest_owners(records: Iterable[dict[str, str]]) -> dict[str, Owner]:
+    """From the takeover records' labels: the latest owner of each container, by id."""
+    found: dict[str, Owner] = {}
+    for labels in records:
+        owner = Owner(labels.get(LABEL_HOLDER, ""), int(labels.get(LABEL_GENERATION, "0")))
+        workload_id = labels.get(LABEL_OWNER_OF, "")
+        if owner.generation > found.get(workload_id, Owner("", -1)).generation:
+            found[workload_id] = owner
+    return found
 
 
 def owner_of(workload: Workload, records: dict[str, Owner]) -> Owner:

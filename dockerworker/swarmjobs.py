@@ -50,6 +50,7 @@ from .ownership import (
     LABEL_OWNER_OF,
     LABEL_OWNER_POOL,
     Owner,
+    latest_owners,
     owner_record_name,
 )
 from .resources import Usage, engine_time
@@ -391,14 +392,8 @@ class SwarmJobs:
             return self.client.configs.list(filters={"label": [f"{LABEL_OWNER_POOL}={pool}"]})
 
     def owners(self, pool: str) -> dict[str, Owner]:
-        found: dict[str, Owner] = {}
-        for record in self._owner_records(pool):
-            labels = record.attrs.get("Spec", {}).get("Labels") or {}
-            owner = Owner(labels.get(LABEL_HOLDER, ""), int(labels.get(LABEL_GENERATION, "0")))
-            workload_id = labels.get(LABEL_OWNER_OF, "")
-            if owner.generation > found.get(workload_id, Owner("", -1)).generation:
-                found[workload_id] = owner
-        return found
+        return latest_owners(record.attrs.get("Spec", {}).get("Labels") or {}
+                             for record in self._owner_records(pool))
 
     def forget_owners(self, pool: str, keep: set[str]) -> int:
         removed = 0
