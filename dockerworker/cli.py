@@ -187,6 +187,8 @@ def start(policy_file: Path | None, **options: Any) -> None:
         settings.auth_string = SecretStr(auth_string) if auth_string else None
         masked.update(settings.secrets())
         mask_logging(Masker(masked))
+        if worker.events is not None:  # its subscription was made with the old ones
+            worker.events.credentials_rotated()
 
     api = PrefectAPI(
         settings.api_url,

@@ -67,15 +67,16 @@ class EventListener:
     `ping_interval` seconds must be answered within `ping_timeout`, so a half-open connection
     (the server or a proxy gone without a FIN) counts as disconnected, and the worker falls
     back to checking by itself. `on_connect` runs after each (re)subscription: events sent
-    while the stream was away are lost, so the worker catches up at once.
+    while the stream was away are lost, so the worker catches up at once. `credentials`
+    gives (auth token, handshake headers) at each connection, so a rotated secret is used
+    from the next one; `credentials_rotated()` starts that next one at once.
     """
 
     def __init__(
         self,
         api_url: str,
         pool: str,
-        token: str | None,
-        headers: dict[str, str],
+        credentials: Callable[[], tuple[str | None, dict[str, str]]],
         on_event: Callable[[str, str], None],
         stop: threading.Event,
         *,
@@ -87,8 +88,8 @@ class EventListener:
     ) -> None:
         self.url = events_url(api_url)
         self.pool = pool
-        self.token = token
-        self.headers = headers
+        self.credentials = credentials
+        self._rotated = threading.Event()
         self.on_event = on_event
         self.on_connect = on_connect
         self.stop = stop
@@ -105,6 +106,11 @@ class EventListener:
         self._thread.start()
         return self
 
+    def credentials_rotated(self) -> None:
+        """The worker's credentials changed: leave the subscription made with the old ones
+        (the server may have revoked them) and subscribe again with the new ones."""
+        self._rotated.set()
+
     def _run(self) -> None:
         failures = 0
         while not self.stop.is_set():
@@ -113,6 +119,9 @@ class EventListener:
                 self._listen()
                 if self.stop.is_set():
                     return
+                if self._rotated.is_set():
+                    log.info("event stream: subscribing again with the rotated credentials")
+                    continue
                 raise ConnectionError("the server closed the event stream")
             except (OSError, WebSocketException, ValueError) as exc:
                 if self.connections > subscribed_before:
@@ -127,18 +136,20 @@ class EventListener:
             self.stop.wait(delay * random.uniform(0.5, 1.0))
 
     def _listen(self) -> None:
-        with connect(self.url, subprotocols=["prefect"], additional_headers=self.headers,
+        self._rotated.clear()
+        token, headers = self.credentials()
+        with connect(self.url, subprotocols=["prefect"], additional_headers=headers,
                      open_timeout=10, close_timeout=self.close_timeout,
                      ping_interval=self.ping_interval, ping_timeout=self.ping_timeout,
                      logger=_socket_log) as socket:
-            self._subscribe(socket)
+            self._subscribe(socket, token)
             self.connections += 1
             self.connected.set()
             metrics.EVENT_STREAM_RECONNECTS.inc()
             log.info("subscribed to the server's flow-run events for pool %r", self.pool)
             if self.on_connect is not None:
                 self.on_connect()
-            while not self.stop.is_set():
+            while not self.stop.is_set() and not self._rotated.is_set():
                 try:
                     raw = socket.recv(timeout=1)
                 except TimeoutError:
@@ -150,8 +161,8 @@ class EventListener:
                     self.on_event(str(event.get("event")),
                                   str(resource.get("prefect.resource.id", "")))
 
-    def _subscribe(self, socket: ClientConnection) -> None:
-        socket.send(json.dumps({"type": "auth", "token": self.token}))
+    def _subscribe(self, socket: ClientConnection, token: str | None) -> None:
+        socket.send(json.dumps({"type": "auth", "token": token}))
         answer = json.loads(socket.recv(timeout=10))
         if answer.get("type") != "auth_success":
             raise ValueError(f"the event stream refused our credentials: {answer}")

@@ -118,6 +118,12 @@ class Preparation:
                 raise RunCrashed(f"secrets: cannot read {name!r} from the worker's secrets "
                                  f"directory ({path}: {exc.strerror or exc})",
                                  reason="invalid") from None
+            if found[name].decode("utf-8", errors="replace").strip() in self.settings.secrets():
+                raise RunCrashed(
+                    f"secrets: {name!r} holds one of the worker's own credentials (its API "
+                    "key or auth string, or an index token): the worker never gives those to "
+                    "a flow; narrow the policy's allowed_secrets so it cannot match them",
+                    reason="invalid")
         return found
 
     def ensure_image(self, job: JobVariables) -> JobVariables:

@@ -125,8 +125,9 @@ class Worker(RecoveryRounds, StateChecks):
                 return 0
         if self.api.server.event_stream:  # else polling carries the work (api.ServerInfo)
             self.events = EventListener(
-                self.settings.api_url, self.settings.pool, self.settings.stream_token(),
-                self.settings.auth_headers(), self._on_event, self.stop_event,
+                self.settings.api_url, self.settings.pool,
+                lambda: (self.settings.stream_token(), self.settings.auth_headers()),
+                self._on_event, self.stop_event,
                 on_connect=self._nudged.set,  # events missed while away: poll and check now
             ).start()
         log.info(

@@ -37,10 +37,12 @@ from prefect.blocks.system import Secret
 
 
 @flow
-def hello(block: str = "") -> str:
+def hello(block: str = "", file: str = "") -> str:
     print("code from {where}")
     if block:
         print("the secret is " + Secret.load(block).get())
+    if file:
+        print("the file holds " + open(file).read())
     return "{where}"
 """
 
@@ -169,46 +171,66 @@ def test_git_over_https_token_from_a_block_or_env_and_each_failure_named(
     assert token not in json.dumps(docker_client.images.get(git_image).history())
 
 
-def test_git_over_ssh_with_a_key_mounted_from_an_allowed_prefix(
+def test_git_over_ssh_with_a_deploy_key_from_a_secret_or_an_allowed_mount(
     rig: PrefectRig, start_worker, unique_pool: str, git_image: str, policy_file,
     tmp_path: Path
 ) -> None:
-    """The operator's deploy key (and known_hosts) mounted read-only, never in an image: the
-    clone works; a key the server does not know and a host key nobody vouched for are each
-    named."""
+    """The operator's deploy key (and known_hosts), never in an image: given as flow secrets
+    (the documented way: the worker knows the key, so a flow that prints it shows `***`) or
+    mounted read-only from an allowed prefix, the clone works; a key the server does not know
+    and a host key nobody vouched for are each named."""
     other_key = tmp_path / "other-key"
     other_key.mkdir()
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
                     str(other_key / "id_ed25519")], check=True)
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
     with SshGitServer() as ssh:
         ssh.add_repo("flows.git", {"flow.py": flow_source("main")},
                      extra_branches={"dev": {"flow.py": flow_source("ssh dev")}})
         shutil.copy(ssh.known_hosts_path, other_key / "known_hosts")
-        start_worker(unique_pool, "--policy", policy_file(
-            allowed_volume_prefixes=[str(ssh.client_dir), str(other_key)]))
+        shutil.copy(ssh.key_path, secrets_dir / "git_deploy_key")
+        shutil.copy(ssh.known_hosts_path, secrets_dir / "git_known_hosts")
+        start_worker(unique_pool, "--secrets-dir", str(secrets_dir), "--policy", policy_file(
+            allowed_volume_prefixes=[str(ssh.client_dir), str(other_key)],
+            allowed_secrets=["git_*"]))
         command = ssh.git_ssh_command("/keys/id_ed25519", "/keys/known_hosts")
         private_key = ssh.key_path.read_text()
 
-        def run(keys: Path, env: dict[str, str]) -> str:
-            job = {"image": git_image, "volumes": [f"{keys}:/keys:ro"], "env": env}
+        def run(job: dict, **parameters: str) -> str:
             return rig.create_flow_run(rig.create_deployment(
-                unique_pool, "flow.py:hello", job, path=None,
-                pull_steps=[{GIT_CLONE: {"repository": ssh.url("flows.git"), "branch": "dev"}}]))
+                unique_pool, "flow.py:hello", {"image": git_image, **job}, path=None,
+                pull_steps=[{GIT_CLONE: {"repository": ssh.url("flows.git"), "branch": "dev"}}]),
+                parameters=parameters)
 
-        works = run(ssh.client_dir, {"GIT_SSH_COMMAND": command})
-        unknown_key = run(other_key, {"GIT_SSH_COMMAND": command})
-        unknown_host = run(ssh.client_dir, {"GIT_SSH_COMMAND": "ssh -i /keys/id_ed25519 "
-                                            "-o BatchMode=yes -o StrictHostKeyChecking=yes"})
-        assert final(rig, works)[0] == "COMPLETED", ssh.log()
+        from_secret = run(
+            {"secrets": ["git_deploy_key", "git_known_hosts"],
+             "env": {"GIT_SSH_COMMAND": ssh.git_ssh_command("/run/secrets/git_deploy_key",
+                                                            "/run/secrets/git_known_hosts")}},
+            file="/run/secrets/git_deploy_key")
+        mounted = run({"volumes": [f"{ssh.client_dir}:/keys:ro"],
+                       "env": {"GIT_SSH_COMMAND": command}})
+        unknown_key = run({"volumes": [f"{other_key}:/keys:ro"],
+                           "env": {"GIT_SSH_COMMAND": command}})
+        unknown_host = run({"volumes": [f"{ssh.client_dir}:/keys:ro"],
+                            "env": {"GIT_SSH_COMMAND": "ssh -i /keys/id_ed25519 -o BatchMode=yes "
+                                    "-o StrictHostKeyChecking=yes"}})
+        for run_id in (from_secret, mounted):
+            assert final(rig, run_id)[0] == "COMPLETED", ssh.log()
         for run_id, cause in ((unknown_key, "the git server refused the SSH key"),
                               (unknown_host, "the SSH host key of the git server is unknown")):
             state, message = final(rig, run_id)
             assert state == "CRASHED"
             assert message.startswith(f"The flow's code could not be pulled (git_clone): {cause}"
                                       ), message
-    assert "code from ssh dev" in messages(rig, works)
-    key_body = private_key.splitlines()[1]
-    assert key_body not in all_logs(rig, [works, unknown_key, unknown_host])
+    for run_id in (from_secret, mounted):
+        assert "code from ssh dev" in messages(rig, run_id)
+    rig.wait_for_log(from_secret, "the file holds")
+    assert "the file holds ***" in messages(rig, from_secret), messages(rig, from_secret)
+    everything = all_logs(rig, [from_secret, mounted, unknown_key, unknown_host]) + json.dumps(
+        rig.read_flow_run(from_secret))
+    for line in private_key.strip().splitlines()[1:-1]:  # the key's body, line by line
+        assert line not in everything
 
 
 def test_code_from_s3_with_credentials_from_env_or_blocks_and_refusals_named(

@@ -93,16 +93,34 @@ def test_a_secret_the_policy_does_not_allow_is_refused_before_any_container(
     rig: PrefectRig, start_worker: Callable[..., WorkerProcess], unique_pool: str,
     flow_image: str, docker_client: docker.DockerClient, policy_file, tmp_path: Path,
 ) -> None:
+    """Not allowed by name; and the worker's own credential, in the same directory as in
+    compose and Swarm, refused even when a glob allows its name."""
     secrets_dir = tmp_path / "secrets"
     secrets_dir.mkdir()
     (secrets_dir / "root_password").write_text("never-given-" + secrets.token_hex(8))
-    start_worker(unique_pool, "--policy", policy_file(allowed_secrets=["db_*"]),
-                 "--secrets-dir", str(secrets_dir))
-    deployment = rig.create_deployment(
-        unique_pool, "flows.py:secret_length",
-        {"image": flow_image, "secrets": ["root_password"]}, parameters={"name": "root_password"})
-    state = rig.wait_for_final(rig.create_flow_run(deployment), timeout=60)["state"]
-    assert state["type"] == "CRASHED", state
-    assert ("secrets[0]: secret 'root_password' is not allowed (allowed_secrets: ['db_*'])"
-            in state["message"]), state
+    own_key = "pnu_" + secrets.token_hex(12)
+    (secrets_dir / "prefect_api_key").write_text(own_key + "\n")
+    (secrets_dir / "db_copy_of_the_key").write_text(own_key)
+    worker = start_worker(
+        unique_pool, "--policy", policy_file(allowed_secrets=["db_*", "prefect_*"]),
+        "--secrets-dir", str(secrets_dir),
+        env={"PREFECT_API_KEY_FILE": str(secrets_dir / "prefect_api_key")})
+    expected = {
+        "root_password":
+            "secrets[0]: secret 'root_password' is not allowed (allowed_secrets: ['db_*', "
+            "'prefect_*'])",
+        "prefect_api_key":
+            "secrets: 'prefect_api_key' holds one of the worker's own credentials",
+        "db_copy_of_the_key":
+            "secrets: 'db_copy_of_the_key' holds one of the worker's own credentials",
+    }
+    runs = {name: rig.create_flow_run(rig.create_deployment(
+        unique_pool, "flows.py:secret_length", {"image": flow_image, "secrets": [name]},
+        parameters={"name": name})) for name in expected}
+    for name, run_id in runs.items():
+        state = rig.wait_for_final(run_id, timeout=60)["state"]
+        assert state["type"] == "CRASHED", state
+        assert expected[name] in state["message"], state
+        assert own_key not in json.dumps(rig.read_logs(run_id))
     assert _flow_containers(docker_client, unique_pool) == []
+    assert own_key not in worker.output()

@@ -1,5 +1,6 @@
-"""The event stream against a loopback websocket server: events reach the worker, and a
-half-open connection (a proxy that swallows every byte) stops counting as connected."""
+"""The event stream against a loopback websocket server: events reach the worker, a
+half-open connection (a proxy that swallows every byte) stops counting as connected, and
+rotated credentials replace a subscription made with the old ones."""
 
 from __future__ import annotations
 
@@ -25,12 +26,18 @@ class StreamServer:
 
     def __init__(self) -> None:
         self.outbox: queue.Queue[str] = queue.Queue()  # the newest connection's
+        self.tokens: list[str | None] = []  # each auth message's token, in order
+        self.accepted: str | None = None  # when set, the only token accepted
         self.server: Server = serve(self._serve, "127.0.0.1", 0, subprotocols=["prefect"])
         self.port = self.server.socket.getsockname()[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def _serve(self, ws: ServerConnection) -> None:
-        json.loads(ws.recv())  # auth
+        token = json.loads(ws.recv())["token"]
+        self.tokens.append(token)
+        if self.accepted is not None and token != self.accepted:
+            ws.send(json.dumps({"type": "auth_failure", "reason": "Invalid token"}))
+            return
         ws.send(json.dumps({"type": "auth_success"}))
         json.loads(ws.recv())  # filter
         outbox = self.outbox = queue.Queue()
@@ -39,6 +46,8 @@ class StreamServer:
                 message = outbox.get(timeout=0.05)
             except queue.Empty:
                 continue
+            if message == "close":
+                return
             ws.send(message)
 
     def send_running(self, run_id: str) -> None:
@@ -103,7 +112,7 @@ def test_events_arrive_and_a_half_open_stream_counts_as_disconnected(stream, cap
     connects: list[int] = []
     stop = threading.Event()
     listener = EventListener(
-        f"http://127.0.0.1:{proxy.port}/api", POOL, None, {},
+        f"http://127.0.0.1:{proxy.port}/api", POOL, lambda: (None, {}),
         lambda name, resource: seen.append((name, resource)), stop,
         on_connect=lambda: connects.append(1), ping_interval=0.1, ping_timeout=0.2,
         max_backoff=0.1, close_timeout=0.1,
@@ -128,7 +137,7 @@ def test_without_keepalive_a_half_open_stream_would_stay_connected(stream) -> No
     _server, proxy = stream
     stop = threading.Event()
     listener = EventListener(
-        f"http://127.0.0.1:{proxy.port}/api", POOL, None, {}, lambda *a: None, stop,
+        f"http://127.0.0.1:{proxy.port}/api", POOL, lambda: (None, {}), lambda *a: None, stop,
         ping_interval=None, ping_timeout=None,  # type: ignore[arg-type]
     ).start()
     try:
@@ -136,5 +145,31 @@ def test_without_keepalive_a_half_open_stream_would_stay_connected(stream) -> No
         proxy.swallow()
         assert not stop.wait(0.5)
         assert listener.connected.is_set() and listener.connections == 1
+    finally:
+        stop.set()
+
+
+def test_rotated_credentials_replace_the_subscription_made_with_the_old_ones(stream) -> None:
+    """The live subscription was authenticated with the old secret: told of a rotation, the
+    listener subscribes again at once with the new one (not at its next failure), and each
+    later reconnection reads the credentials afresh."""
+    server, _proxy = stream
+    current = {"token": "old-secret"}
+    stop = threading.Event()
+    listener = EventListener(
+        f"http://127.0.0.1:{server.port}/api", POOL,
+        lambda: (current["token"], {"Authorization": f"Bearer {current['token']}"}),
+        lambda *a: None, stop, max_backoff=0.1, close_timeout=0.1,
+    ).start()
+    try:
+        wait_until(lambda: listener.connections == 1 and listener.connected.is_set())
+        server.accepted = "new-secret"  # the server now knows only the new secret...
+        current["token"] = "new-secret"  # ...and the worker has read it from its file
+        listener.credentials_rotated()
+        wait_until(lambda: listener.connections == 2 and listener.connected.is_set())
+        assert server.tokens == ["old-secret", "new-secret"]
+        server.outbox.put("close")  # a later reconnection: still the new one
+        wait_until(lambda: listener.connections == 3 and listener.connected.is_set())
+        assert server.tokens[-1] == "new-secret"
     finally:
         stop.set()

@@ -126,14 +126,21 @@ def test_an_unchanged_file_leaves_the_401_an_auth_error() -> None:
 
 def test_rotation_tells_the_settings_and_the_logs_mask(tmp_path: Path, monkeypatch) -> None:
     """`start` wires the rotation: new credentials reach the settings flows are started
-    with, and both old and new stay masked."""
+    with, both old and new stay masked, and the event stream subscribes again."""
     path = tmp_path / "auth"
     path.write_text("admin:first-secret")
     captured: dict[str, Any] = {}
 
+    class FakeEvents:
+        rotations = 0
+
+        def credentials_rotated(self) -> None:
+            self.rotations += 1
+
     class FakeWorker:
         def __init__(self, settings: WorkerSettings, api: PrefectAPI, docker_client: Any) -> None:
             captured.update(settings=settings, api=api)
+            self.events = captured["events"] = FakeEvents()
 
         def run(self) -> int:
             return 0
@@ -155,6 +162,7 @@ def test_rotation_tells_the_settings_and_the_logs_mask(tmp_path: Path, monkeypat
     settings: WorkerSettings = captured["settings"]
     assert settings.auth_env() == {"PREFECT_API_AUTH_STRING": "admin:second-secret"}
     assert masks[-1]("first-secret second-secret") == "*** ***"
+    assert captured["events"].rotations == 1
 
 
 # --- flow secrets: the job variable, the policy, the container ------------------------------
