@@ -41,6 +41,9 @@ CANCEL_LINE = "cancel"
 SECRETS_ENV = "DOCKERWORKER_SECRETS"  # the names of the run's secrets, comma-separated
 SECRETS_DIR = "/run/secrets"  # a tmpfs of the container (containers.py)
 SECRETS_WAIT = 120.0  # seconds the script waits for them before giving up
+# What a warm container prints once Prefect is imported: the worker hands runs to ready ones
+# first (warm.py). It stays in the output, so the run's logs show its head start.
+READY_LINE = "dockerworker: warm and ready"
 
 
 class Lines:
@@ -291,6 +294,7 @@ def check_pull_needs() -> None:
 
 def main() -> None:
     """Import Prefect, (warm: wait for the run), then run Prefect's engine in this process."""
+    began = time.monotonic()
     # Imported before a warm wait: that is the head start a warm container gives a run.
     # Prefect 3 runs flows in prefect.flow_engine; Prefect 2 has no such module (its engine
     # is prefect.engine itself), so it is imported only where it exists.
@@ -301,6 +305,8 @@ def main() -> None:
 
     stdin = read_lines()
     if len(sys.argv) > 1:  # warm: wait for a run's identity, or time out unused
+        print(f"{READY_LINE} (Prefect imported in {time.monotonic() - began:.2f} s)",
+              flush=True)
         identity = wait_for_identity(stdin, 0, float(sys.argv[1]))
         if identity is None:
             sys.exit(0)

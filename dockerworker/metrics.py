@@ -66,6 +66,8 @@ PEAK_MEMORY_RATIO = _histogram(
 
 # --- warm starts, images ------------------------------------------------------------------------
 WARM_WAITING = _gauge("warm_containers_waiting", "Warm containers waiting for a run.")
+WARM_READY = _gauge("warm_containers_ready",
+                    "Warm containers waiting for a run that have imported Prefect.")
 WARM_HANDOVERS = _counter("warm_handovers", "Runs handed to a warm container.")
 WARM_MISSES = _counter("warm_misses", "Runs started cold with warm starts on.")
 WARM_EVICTIONS = _counter("warm_evictions", "Warm containers removed unused (evicted, expired).")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import docker
 import docker.errors
 import requests
+import urllib3
 from docker.models.containers import Container
 
 from . import metrics
@@ -39,7 +41,7 @@ from .containers import (
     read_exit,
     remove_quietly,
 )
-from .entry import CANCEL_LINE, LABEL_CONTROL, write_line, write_secrets
+from .entry import CANCEL_LINE, LABEL_CONTROL, READY_LINE, write_line, write_secrets
 from .hostview import HostView, Resolved
 from .images import ensure_image
 from .jobs import JobVariables
@@ -158,6 +160,10 @@ class Runtime(Protocol):
 
     def is_running(self, workload: Workload) -> bool:
         """Still running (a warm container can be handed a run)."""
+
+    def wait_ready(self, workload: Workload, timeout: float) -> bool:
+        """Block until a warm container says it is ready (entry.READY_LINE): True; False when
+        it ended first or `timeout` passed."""
 
     def inspect(self, workload_id: str) -> Workload:
         """The container by id, with everything (env too); `WorkloadGone` if there is none."""
@@ -361,6 +367,30 @@ class LocalEngine:
             return last_output(self._container(workload))
         except (RuntimeTrouble, docker.errors.DockerException):
             return []
+
+    def wait_ready(self, workload: Workload, timeout: float) -> bool:
+        """Follow its stdout (one stream while it boots, closed then, or by a timer at
+        `timeout`) up to the ready line."""
+        ready = READY_LINE.encode()
+        with _translated():
+            stream = self._container(workload).logs(stdout=True, stderr=False, stream=True,
+                                                    follow=True)
+        timer = threading.Timer(timeout, stream.close)
+        timer.daemon = True
+        timer.start()
+        pending = b""
+        try:
+            for chunk in stream:
+                pending += chunk
+                if ready in pending:
+                    return True
+                pending = pending[-len(ready):]
+        except (OSError, requests.exceptions.RequestException, urllib3.exceptions.HTTPError):
+            pass  # closed by the timer, or the engine went away: not ready
+        finally:
+            timer.cancel()
+            stream.close()
+        return False
 
     def is_running(self, workload: Workload) -> bool:
         try:

@@ -356,6 +356,10 @@ class SwarmJobs:
             return []
         return raw.decode("utf-8", errors="replace").rstrip().splitlines()
 
+    def wait_ready(self, workload: Workload, timeout: float) -> bool:
+        """Swarm jobs are never warm (worker.py): nothing waits to be ready."""
+        return False
+
     def is_running(self, workload: Workload) -> bool:
         try:
             return not self._ended(workload)

@@ -13,6 +13,11 @@ run's labels; a restarted worker finds its run by the flow run's infrastructure_
 
 A configuration is kept warm only while it is used: taking a container starts its
 replacement, and an entry script nobody hands a run to exits by itself after WARM_TTL seconds.
+
+Readiness: the entry script prints READY_LINE once Prefect is imported; the worker follows
+each new container's output until then, and hands a run to a ready container first (the one
+waiting longest), to a booting one only when none is ready (it is still ahead of a cold
+start). A container that ends before it is ready is removed, not handed a run.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ log = logging.getLogger(__name__)
 LABEL_WARM = "io.dockerworker.warm"
 WARM_NAME_PREFIX = "dockerworker-warm-"
 WARM_TTL = 600.0
+BOOT_TIMEOUT = 120.0  # a warm container not ready by then is left as booting, never ready
 _TAKE_MARGIN = 30.0  # never hand over a container about to time out
 # A waiting container imports Prefect on CPU that running flows leave over (2: the kernel's
 # least weight); it gets the job's weight (or Docker's default, 1024) when it takes a run.
@@ -80,6 +86,7 @@ def is_waiting(workload: Workload) -> bool:
 class _Idle:
     container: Workload
     started: float  # time.monotonic() at create: about when its configuration was last used
+    ready: bool = False  # it said so (READY_LINE): Prefect is imported
 
 
 class WarmPool:
@@ -104,7 +111,9 @@ class WarmPool:
         while taken is None:
             with self._lock:
                 queue = self._idle.get(key) or []
-                idle = queue.pop(0) if queue else None  # the oldest: the furthest in its import
+                # a ready one, else the oldest booting one (the furthest in its import)
+                index = next((i for i, item in enumerate(queue) if item.ready), 0)
+                idle = queue.pop(index) if queue else None
             if idle is None:
                 break
             if time.monotonic() - idle.started < self.ttl - _TAKE_MARGIN:
@@ -146,9 +155,11 @@ class WarmPool:
                          name=f"warm-{key[:8]}", daemon=True).start()
 
     def _start(self, spec: ContainerSpec, key: str, count: int, evicted: list[_Idle]) -> None:
+        """Start `count` containers, then follow each until it is ready (a thread each)."""
         metrics.WARM_EVICTIONS.inc(len(evicted))
         for item in evicted:
             self._remove(item.container)
+        booting: list[_Idle] = []
         for _ in range(count):
             try:
                 container: Workload | None = self.runtime.start(warm_spec(spec, key, self.ttl))
@@ -160,12 +171,47 @@ class WarmPool:
                 self._starting[key] -= 1
                 keep = container is not None and not self._closed
                 if keep:
-                    self._idle.setdefault(key, []).append(_Idle(container, time.monotonic()))
+                    booting.append(_Idle(container, time.monotonic()))
+                    self._idle.setdefault(key, []).append(booting[-1])
             if keep:
                 log.info("warm container %s started for runs of %s", container.name,
                          spec.create_kwargs.get("image"))
             elif container is not None:
                 self._remove(container)
+        for item in booting:  # each on its own: they boot side by side, in any order
+            threading.Thread(target=self._await_ready, args=(key, item),
+                             name=f"warm-ready-{item.container.name[-6:]}", daemon=True).start()
+
+    def _await_ready(self, key: str, item: _Idle) -> None:
+        """Mark `item` ready when it says so; drop it when it ended before (a broken image, a
+        failed import: no run should be handed to it)."""
+        try:
+            ready = self.runtime.wait_ready(item.container, BOOT_TIMEOUT)
+        except RuntimeTrouble:
+            ready = False
+        if ready:
+            with self._lock:
+                item.ready = True
+            log.info("warm container %s is ready (Prefect imported)", item.container.name)
+            return
+        ended = True
+        with contextlib.suppress(RuntimeTrouble):
+            ended = not self.runtime.is_running(item.container)
+        if not ended:
+            return  # slow, not broken: still a head start
+        with self._lock:
+            queue = self._idle.get(key) or []
+            if item not in queue:  # taken meanwhile (booting), or removed
+                return
+            queue.remove(item)
+        log.warning("warm container %s ended before it was ready; removing it",
+                    item.container.name)
+        self._remove(item.container)
+
+    def ready(self) -> int:
+        """How many waiting containers are ready (for the metrics)."""
+        with self._lock:
+            return sum(item.ready for queue in self._idle.values() for item in queue)
 
     def expire(self) -> None:
         """Remove waiting containers whose entry script has timed out (or is about to)."""

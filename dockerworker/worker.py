@@ -294,6 +294,8 @@ def _expose(worker: Worker) -> None:
     metrics.watch(metrics.RUNS_STARTING, lambda: len(worker.admission.booting()))
     metrics.watch(metrics.WARM_WAITING,
                   lambda: len(worker.warm.holds()) if worker.warm is not None else 0)
+    metrics.watch(metrics.WARM_READY,
+                  lambda: worker.warm.ready() if worker.warm is not None else 0)
     if worker.settings.limit is not None:
         metrics.LIMIT.set(worker.settings.limit)
     metrics.MAX_STARTING.set(worker.settings.max_starting)

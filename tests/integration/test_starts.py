@@ -8,6 +8,8 @@ import time
 
 from testrig.prefect_rig import POOL_LABEL, PrefectRig, log_messages
 
+from dockerworker.entry import READY_LINE
+
 WARM_LABEL = "io.dockerworker.warm"
 
 
@@ -40,7 +42,9 @@ def test_a_warm_container_serves_the_next_run_with_its_own_parameters(
     first = rig.wait_for_final(rig.create_flow_run(deployment), timeout=90)
     assert first["state"]["type"] == "COMPLETED", first["state"]
     waiting = wait_for_waiting(docker_client, unique_pool)
-    time.sleep(8)  # let it finish importing Prefect: the point is a head start
+    # the worker hears it has imported Prefect (the head start); from its own output
+    name = waiting.attrs["Names"][0].lstrip("/")
+    worker.wait_for_output(f"warm container {name} is ready", timeout=60)
 
     run_id = rig.create_flow_run(deployment, parameters={"name": "warm"})
     run = rig.wait_for_final(run_id, timeout=60)
@@ -49,6 +53,7 @@ def test_a_warm_container_serves_the_next_run_with_its_own_parameters(
     rig.wait_for_log(run_id, "hello, warm")  # the flow's own print, shipped by the worker
     messages = log_messages(rig.read_logs(run_id))
     assert any("took over the run" in m for m in messages), messages
+    assert any(m.startswith(READY_LINE) for m in messages), messages  # its boot, shipped
     served = docker_client.containers.get(waiting.id)
     assert not served.name.startswith("dockerworker-warm-")  # renamed after the run
     assert served.name.startswith(run["name"])

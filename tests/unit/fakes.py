@@ -288,6 +288,7 @@ class FakeContainer:
     ended: threading.Event = field(default_factory=threading.Event)
     removed: bool = False
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    ready: threading.Event = field(default_factory=threading.Event)  # a warm one said so
 
 
 class FakeRuntime:
@@ -304,6 +305,7 @@ class FakeRuntime:
         self.calls: list[tuple[str, str]] = []
         self.records: dict[str, tuple[str, Owner]] = {}  # takeover records: name → (id, owner)
         self.usage_reads = 0  # usage(): called from the sampler thread, not in `calls`
+        self.boot_at_once = True  # warm containers are ready as soon as they start
         self._lock = threading.RLock()
 
     # --- test helpers -------------------------------------------------------------------
@@ -504,6 +506,19 @@ class FakeRuntime:
         with self._lock:
             container = self.containers.get(workload.id)
         return container is not None and container.workload.status == "running"
+
+    def wait_ready(self, workload: Workload, timeout: float) -> bool:
+        """Ready at once (boot_at_once), or when the test sets the container's `ready`;
+        never once it ended."""
+        container = self._call("wait_ready", workload)
+        assert container is not None
+        if self.boot_at_once:
+            container.ready.set()
+        deadline = time.monotonic() + timeout
+        while not container.ready.wait(0.005):
+            if container.ended.is_set() or time.monotonic() > deadline:
+                return False
+        return not container.ended.is_set()
 
     def inspect(self, workload_id: str) -> Workload:
         self._call("inspect")
