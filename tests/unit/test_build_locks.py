@@ -264,3 +264,19 @@ def test_a_refused_push_names_the_registry_and_the_engine_s_words_and_is_tried_a
     assert not any(c.startswith("dockerworker-build-lock") for c in client.containers.by_name)
     registry.refuse = None  # the registry is back: the next run pushes, nothing is remembered
     assert ensure(builder).push == "pushed" and len(registry.pushes) == 1
+
+
+def test_prune_removes_every_name_of_a_pushed_build() -> None:
+    """A pushed build has its local name and its registry name: removing one only untags."""
+    names = ["dockerworker/flow-nightly:k1", f"{REGISTRY}/dockerworker/flow-nightly:k1"]
+    image = SimpleNamespace(id="sha256:1", short_id="1", tags=names,
+                            labels={builds.DEPLOYMENT_LABEL: "flow-nightly"},
+                            attrs={"Size": 1, "Created": "2020-01-01T00:00:00",
+                                   "Metadata": {"LastTagTime": "2020-01-01T00:00:00"}})
+    removed: list[str] = []
+    client = SimpleNamespace(
+        images=SimpleNamespace(list=lambda filters: [image],
+                               remove=lambda tag, force: removed.append(tag)),
+        containers=SimpleNamespace(list=lambda all, sparse: []))
+    assert builds.prune_builds(client, 0, None) == ([names[0]], [])  # type: ignore[arg-type]
+    assert removed == names
