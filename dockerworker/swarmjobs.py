@@ -270,8 +270,9 @@ class SwarmJobs:
         return None  # a job may land on any node: the policy judges bind paths by their text
 
     def ensure_image(self, job: JobVariables, trusted_credentials: bool) -> str:
-        """On the manager, as for one engine; each node pulls by tag when the task lands
-        there (images must be in a registry every node reaches, or on every node)."""
+        """On the manager, as for one engine; each node pulls when the task lands there
+        (images must be in a registry every node reaches, or on every node; builds reach one
+        with `--build-push` and are named by digest)."""
         with _translated():
             return ensure_image(self.client, job, trusted_credentials)
 
