@@ -4,9 +4,13 @@ can pull them; on the tests' own Swarm and loopback registry (testrig/swarm.py, 
 
 from __future__ import annotations
 
+import contextlib
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import docker
+import docker.errors
 import pytest
 from testrig.prefect_rig import FLOWS_IMAGE, PrefectRig, free_port
 from testrig.registry import LocalRegistry
@@ -106,3 +110,34 @@ def test_a_push_the_registry_refuses_crashes_the_run_naming_it_and_the_worker_go
     plain = rig.create_deployment(unique_pool, "flows.py:hello", {"image": FLOWS_IMAGE})
     assert rig.wait_for_final(rig.create_flow_run(plain), timeout=120)["state"]["type"] == (
         "COMPLETED")
+
+
+def test_with_the_docker_runtime_the_container_runs_the_pushed_reference(
+    rig: PrefectRig, start_worker, policy_file, unique_pool: str, flow_image: str,
+    docker_client, local_registry: LocalRegistry
+) -> None:
+    """On one engine the build is pushed too, and the container is created from the local
+    copy by the same `REGISTRY/…:<hash>@<digest>` reference."""
+    marker = uuid.uuid4().hex[:8]
+    start_worker(unique_pool, "--policy", policy_file(allow_dockerfile_lines=True),
+                 "--build-push", local_registry.address)
+    deployment = rig.create_deployment(unique_pool, "flows.py:env_value", {
+        "image": flow_image, "dockerfile_lines": [f"ENV DW_PUSHED={marker}"]})
+    run_id = rig.create_flow_run(deployment, parameters={"name": "DW_PUSHED"})
+    assert rig.wait_for_final(run_id, timeout=120)["state"]["type"] == "COMPLETED"
+    rig.wait_for_log(run_id, f"DW_PUSHED={marker}")
+    (container,) = docker_client.containers.list(all=True, filters={
+        "label": f"{RUN_LABEL}={run_id}"})
+    reference = container.attrs["Config"]["Image"]
+    name, _, digest = reference.partition("@")
+    repository, _, key = name.rpartition(":")
+    path = repository.removeprefix(f"{local_registry.address}/")
+    try:
+        assert path.startswith("dockerworker/") and digest.startswith("sha256:"), reference
+        assert local_registry.digest(path, key) == digest
+        assert container.image.id == docker_client.images.get(f"{path}:{key}").id
+    finally:
+        container.remove(force=True)
+        for tag in (name, f"{path}:{key}"):
+            with contextlib.suppress(docker.errors.APIError):
+                docker_client.images.remove(tag)
