@@ -12,6 +12,11 @@ network. The packages are installed by pip in a container hardened like a flow c
 (no-new-privileges, pids, memory and CPU limits, the build network), which is then committed:
 the requirements file with the operator's index URLs (which may hold a token) and the CA
 bundle sit on a throwaway volume, never in a layer, the image's history or its config.
+
+With a push registry (`--build-push`), a build is also tagged `REGISTRY/dockerworker/<name>:<key>`
+and pushed there, inside the same locks, so every Swarm node can pull it; runs then name it by
+that tag and the registry's digest. A tag the registry already holds, or this builder pushed,
+is not pushed again: the key is the content, so the same tag is the same build.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from docker.models.images import Image
 from docker.models.volumes import Volume
 from docker.utils import parse_bytes
 
+from .images import is_transient
 from .jobs import JobVariables
 
 log = logging.getLogger(__name__)
@@ -65,15 +71,22 @@ class BuildFailed(RuntimeError):
         self.transient = transient
 
 
+class PushFailed(BuildFailed):
+    """The built image could not be pushed to the push registry; the message names the
+    registry and the engine's words."""
+
+
 @dataclass(frozen=True)
 class BuildOptions:
-    """The operator's settings that shape every build (and so its hash)."""
+    """The operator's settings that shape every build (and so its hash), and where builds
+    are pushed (`push`: a registry prefix, not part of the hash: the content is the same)."""
 
     network_mode: str | None = None
     ca_bundle: Path | None = None
     pip_index_url: str | None = None
     pip_extra_index_url: str | None = None
     timeout: float = 1800.0
+    push: str | None = None
 
 
 @dataclass
@@ -113,10 +126,19 @@ class BuildPlan:
 
 @dataclass
 class BuildResult:
+    """`tag` is the build on this engine; `reference` what runs name (with a push registry
+    `REGISTRY/…:<key>@sha256:…`, else the tag); `push` how it got there: pushed, present (the
+    registry had it), known (this builder pushed it before), or "" (no push registry)."""
+
     tag: str
     built: bool
     seconds: float = 0.0
     log_lines: list[str] = field(default_factory=list)
+    reference: str = ""
+    push: str = ""
+
+    def __post_init__(self) -> None:
+        self.reference = self.reference or self.tag
 
 
 FILES_DIR = "/tmp/dockerworker"  # the build's files, on a throwaway volume
@@ -215,6 +237,11 @@ def repository_for(deployment: str) -> str:
     return f"{REPOSITORY_PREFIX}{slug}"
 
 
+def pushed_name(registry: str, tag: str) -> str:
+    """A build's tag under the push registry: `REGISTRY/dockerworker/<name>:<key>`."""
+    return f"{registry.rstrip('/')}/{tag}"
+
+
 def _tar(files: dict[str, bytes]) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
@@ -235,27 +262,104 @@ class Builder:
         self.holder = holder
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._pushed: dict[str, str] = {}  # pushed name -> its digest in the registry
 
     def ensure(
         self, base: str, plan: BuildPlan, deployment: str, on_line: Callable[[str], None],
         limits: BuildLimits | None = None,
     ) -> BuildResult:
-        """The tag of the built image; builds it unless it exists (marks it used either way)."""
+        """The built image; builds it unless it exists (marks it used either way) and, with a
+        push registry, pushes it unless the registry holds it. Both happen under the key's
+        locks: runs wanting the same build at once get one build and one push."""
         base_id = self.client.images.get(base).id
         text = dockerfile(base, plan, deployment)
         key = build_key(base_id, plan, self.options, text)
         tag = f"{repository_for(deployment)}:{key}"
-        if self._touch(tag):
-            return BuildResult(tag, built=False)
+        if (done := self._done(tag)) is not None:
+            return done
         with self._local_lock(key):
-            if self._touch(tag):
-                return BuildResult(tag, built=False)
+            if (done := self._done(tag)) is not None:
+                return done
             with self._engine_lock(key, base):
-                if self._touch(tag):
-                    return BuildResult(tag, built=False)
-                started = time.monotonic()
-                self._build(tag, base, text, plan, deployment, on_line, limits or BuildLimits())
-                return BuildResult(tag, built=True, seconds=time.monotonic() - started)
+                if (done := self._done(tag)) is not None:
+                    return done
+                built, seconds = False, 0.0
+                if not self._touch(tag):
+                    started = time.monotonic()
+                    self._build(tag, base, text, plan, deployment, on_line,
+                                limits or BuildLimits())
+                    built, seconds = True, time.monotonic() - started
+                reference, how = self._publish(tag) if self.options.push else (tag, "")
+                return BuildResult(tag, built=built, seconds=seconds, reference=reference,
+                                   push=how)
+
+    def _done(self, tag: str) -> BuildResult | None:
+        """The result when nothing is left to do: the image exists and, with a push registry,
+        this builder has pushed it (or found it there) before."""
+        if self.options.push:
+            name = pushed_name(self.options.push, tag)
+            if name not in self._pushed or not self._touch(tag):
+                return None
+            return BuildResult(tag, built=False, reference=f"{name}@{self._pushed[name]}",
+                               push="known")
+        return BuildResult(tag, built=False) if self._touch(tag) else None
+
+    def _publish(self, tag: str) -> tuple[str, str]:
+        """Tag the build under the push registry and push it unless the registry holds that
+        tag already (the key is the content: the same tag is the same build); returns the
+        reference runs name (tag and the registry's digest) and how it got there."""
+        assert self.options.push
+        name = pushed_name(self.options.push, tag)
+        repository, _, version = name.rpartition(":")
+        try:
+            self.client.images.get(tag).tag(repository, version)
+        except docker.errors.APIError as exc:
+            raise PushFailed(f"pushing image {name} failed: {exc.explanation or exc}",
+                             transient=True) from None
+        digest, how = self._registry_digest(name), "present"
+        if digest is None:
+            digest, how = self._push(name), "pushed"
+        self._pushed[name] = digest
+        return f"{name}@{digest}", how
+
+    def _registry_digest(self, name: str) -> str | None:
+        """The digest the registry holds for `name` (asked through the engine, with the
+        worker's Docker credentials), None when it has none or cannot tell: then push."""
+        try:
+            found = self.client.api.inspect_distribution(name)
+        except (docker.errors.APIError, OSError):
+            return None
+        return str((found.get("Descriptor") or {}).get("digest") or "") or None
+
+    def _push(self, name: str) -> str:
+        """Push `name` with the worker's Docker credentials for its registry; its digest.
+        Every streamed status is checked: the engine reports a failed push in the stream."""
+        repository, _, version = name.rpartition(":")
+        registry = self.options.push or repository.partition("/")[0]
+        digest = ""
+
+        def failed(reason: str) -> PushFailed:
+            reason = reason.strip()
+            return PushFailed(f"pushing image {name} to registry {registry} failed: {reason}",
+                              transient=is_transient(reason))
+
+        try:
+            for line in self.client.images.push(repository, tag=version, stream=True,
+                                                decode=True):
+                if "error" in line:
+                    raise failed(str(line["error"]))
+                digest = str((line.get("aux") or {}).get("Digest") or digest)
+        except docker.errors.APIError as exc:
+            raise failed(str(exc.explanation or exc)) from None
+        except OSError as exc:  # the engine's connection, read timeouts included
+            raise failed(str(exc)) from None
+        if not digest:
+            digests = self.client.images.get(name).attrs.get("RepoDigests") or []
+            digest = next((d.partition("@")[2] for d in digests
+                           if d.startswith(f"{repository}@")), "")
+        if not digest:
+            raise failed("the engine named no digest for the pushed image")
+        return digest
 
     def release_locks(self) -> int:
         """Remove the build locks (and build containers and volumes) this worker holds: at
@@ -530,8 +634,9 @@ def prune_builds(
         if build.image.id in in_use:
             busy.append(build.tag)
             continue
-        try:
-            client.images.remove(build.tag, force=False)
+        try:  # every name of it: with a push registry a build has two
+            for tag in build.image.tags or [build.tag]:
+                client.images.remove(tag, force=False)
             removed.append(build.tag)
         except docker.errors.APIError:
             busy.append(build.tag)

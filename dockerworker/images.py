@@ -28,7 +28,9 @@ _PERMANENT_PULL_ERRORS = ("not found", "manifest unknown", "denied", "unauthoriz
                           "no matching manifest", "repository name must")
 
 
-def _transient(reason: str) -> bool:
+def is_transient(reason: str) -> bool:
+    """Whether a registry's failure is worth another try (it could not be reached), not an
+    answer such as "not found" or "denied"."""
     return not any(fragment in reason.lower() for fragment in _PERMANENT_PULL_ERRORS)
 
 
@@ -63,11 +65,11 @@ def _pull(client: docker.DockerClient, image: str, job: JobVariables, job_creden
         ):
             if "error" in line:
                 raise ImageUnavailable(f"pulling image {image!r} failed: {line['error']}",
-                                       _transient(str(line["error"])))
+                                       is_transient(str(line["error"])))
     except docker.errors.APIError as exc:
         reason = str(exc.explanation or exc)
         raise ImageUnavailable(f"pulling image {image!r} failed: {reason}",
-                               _transient(reason)) from None
+                               is_transient(reason)) from None
 
 
 def ensure_image(

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from . import metrics
 from .api import Deployment, Flow, FlowRun, PrefectAPI, PrefectAPIError, WorkPool
-from .builds import Builder, BuildFailed, BuildPlan
+from .builds import Builder, BuildFailed, BuildPlan, PushFailed
 from .containers import ContainerSpec, build_spec
 from .flowcode import run_secrets
 from .images import ImageUnavailable
@@ -40,6 +40,11 @@ from .warm import WarmPool
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_SECRET_BYTES = 500 * 1024  # as Swarm's limit for a secret
+_PUSHED = {  # BuildResult.push -> what the run's logs say
+    "pushed": "pushed image {0} to registry {1}",
+    "present": "image {0} already in registry {1}, not pushed again",
+    "known": "image {0} pushed to registry {1} before, not pushed again",
+}
 
 
 class Preparation:
@@ -154,6 +159,9 @@ class Preparation:
                 lambda: self.builder.ensure(job.image, plan, deployment, self._build_line,
                                             self.settings.policy.build_limits(job))
             )
+        except PushFailed as exc:
+            metrics.BUILDS.labels("failed").inc()
+            raise RunCrashed(str(exc), infrastructure=exc.transient, reason="push") from None
         except BuildFailed as exc:
             metrics.BUILDS.labels("failed").inc()
             raise RunCrashed(str(exc), infrastructure=exc.transient, reason="build") from None
@@ -163,8 +171,10 @@ class Preparation:
             self.say(f"built image {result.tag} in {result.seconds:.0f} s")
         else:
             self.say(f"image {result.tag} cached, no build")
+        if result.push:
+            self.say(_PUSHED[result.push].format(result.reference, self.settings.build_push))
         env = {k: v for k, v in job.env.items() if k != "EXTRA_PIP_PACKAGES"}
-        return job.model_copy(update={"image": result.tag, "env": env})
+        return job.model_copy(update={"image": result.reference, "env": env})
 
     def container_spec(self, job: JobVariables, deployment: Deployment | None, flow: Flow,
                        pool: WorkPool, secrets: dict[str, bytes] | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
 from .builds import BuildOptions
 from .policy import Policy
@@ -53,6 +54,7 @@ class SecretSourceError(ValueError):
     variable and the file, never the value."""
 
 
+REGISTRY_PREFIX = re.compile(r"[A-Za-z0-9.-]+(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*")
 SECRETS_DIR = Path("/run/secrets")  # where compose and Swarm mount a container's secrets
 
 
@@ -129,6 +131,19 @@ class WorkerSettings(BaseModel):
         float, Flag("--build-timeout", env="DOCKERWORKER_BUILD_TIMEOUT")
     ] = Field(default=BuildOptions.timeout, ge=1,  # the builder's default, stated once there
               description="Seconds a dependency image build may take.")
+    build_push: Annotated[
+        str | None, Flag("--build-push", env="DOCKERWORKER_BUILD_PUSH")
+    ] = Field(default=None,
+              description="Push dependency images to this registry (host[:port][/path]) as "
+                          "REGISTRY/dockerworker/<name>:<hash> before their runs start, and run "
+                          "them by that name and digest: every Swarm node can pull them. "
+                          "Credentials: the worker's Docker config (docker login).")
+    swarm_gpu_kind: Annotated[
+        str, Flag("--swarm-gpu-kind", env="DOCKERWORKER_SWARM_GPU_KIND")
+    ] = Field(default="NVIDIA-GPU", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+              description="--runtime swarm: the generic resource kind a job's `gpus` count "
+                          "reserves; nodes advertise it (dockerd --node-generic-resource "
+                          "KIND=ID).")
     policy: Annotated[
         Policy,
         Flag("--policy", env="DOCKERWORKER_POLICY_FILE", existing_file=True, param="policy_file"),
@@ -152,6 +167,18 @@ class WorkerSettings(BaseModel):
         default="console", description="console: lines for people; json: one JSON object a "
         "line (time, level, logger, message, flow_run_id/flow_run_name) for log aggregators.")
 
+    @field_validator("build_push")
+    @classmethod
+    def _a_registry_prefix(cls, value: str | None) -> str | None:
+        """A registry host (with port and path, as images are named), never a URL."""
+        if value is None or not value.strip():
+            return None
+        value = value.strip().rstrip("/")
+        if not REGISTRY_PREFIX.fullmatch(value):
+            raise ValueError(f"{value!r} is not a registry as images name it: host[:port][/path] "
+                             "(e.g. registry.example.com:5000/team), without a scheme or tag")
+        return value
+
     @model_validator(mode="after")
     def _swarm_fits_the_policy(self) -> WorkerSettings:
         """Fail at start, not on every run: a Swarm service cannot take no-new-privileges on
@@ -169,6 +196,7 @@ class WorkerSettings(BaseModel):
             pip_index_url=self.pip_index_url,
             pip_extra_index_url=self.pip_extra_index_url,
             timeout=self.build_timeout,
+            push=self.build_push,
         )
 
     def secrets(self) -> set[str]:

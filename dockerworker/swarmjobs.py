@@ -19,9 +19,13 @@ same claim, policy, verdict, output and lifecycle as with one engine, with Swarm
 - exactly once rests on Prefect's claim: the entry script refuses to run a flow run that is
   no longer PENDING under this worker's claim (a duplicate task, a known Swarm bug).
 
+A GPU count (`gpus: N`) becomes a reservation of N generic resources of the operator's kind
+(`--swarm-gpu-kind`, Docker's convention `NVIDIA-GPU`): Swarm places the job on a node that
+advertises that many free, and hands their ids to the task as `DOCKER_RESOURCE_<KIND>`.
+
 What a service cannot be is refused before anything is created, with the reason: privileged,
-devices and GPUs (no device requests on Swarm), swap limits, a container's network
-namespace, flow secrets (they need stdin). Warm containers do not apply.
+devices, GPUs as "all" or by device id (Swarm reserves a count), swap limits, a container's
+network namespace, flow secrets (they need stdin). Warm containers do not apply.
 """
 
 from __future__ import annotations
@@ -68,8 +72,6 @@ _WAITING = frozenset({"new", "pending", "assigned", "allocated", "accepted", "pr
 # create_kwargs a service can carry, and how (containers.build_spec makes them)
 _REFUSED = {
     "privileged": "Swarm services cannot run privileged containers",
-    "device_requests": "Swarm has no device requests (GPUs): use a node with the device and "
-                       "generic resources, outside dockerworker",
     "devices": "Swarm services cannot map devices",
     "memswap_limit": "Swarm services have no swap limit",
     "tmpfs": "flow secrets (and tmpfs mounts) are not given to Swarm jobs yet",
@@ -79,7 +81,9 @@ _REFUSED = {
 _CARRIED = frozenset({"stdin_open", "network", "network_mode", "extra_hosts", "volumes",
                       "mem_limit", "environment", "labels", "command", "image", "init",
                       "working_dir", "user", "cap_add", "cap_drop", "hostname",
-                      "cpu_shares", "stop_signal", "pids_limit", "nano_cpus", "security_opt"})
+                      "cpu_shares", "stop_signal", "pids_limit", "nano_cpus", "security_opt",
+                      "device_requests"})
+GPU_KIND = "NVIDIA-GPU"  # Docker's convention for GPUs as Swarm generic resources
 NO_NEW_PRIVILEGES = ("Swarm services cannot set no-new-privileges (not before Docker 25, API "
                      "1.44): set `no_new_privileges = false` in the worker's policy to run Swarm "
                      "jobs without it")
@@ -104,9 +108,30 @@ def _mounts(volumes: list[Any]) -> list[docker.types.Mount]:
     return mounts
 
 
+def gpu_reservation(requests: list[Any], kind: str) -> dict[str, int]:
+    """A container's GPU device requests as a Swarm reservation of `kind`: Swarm reserves a
+    count of generic resources, so "all" (no count a scheduler can place) and device ids
+    (a task cannot ask for named resources) are refused with the reason."""
+    count = 0
+    for request in requests:
+        capabilities = [c for group in request.get("Capabilities") or [] for c in group]
+        if "gpu" not in capabilities:
+            raise EngineError(f"Swarm has no device requests but GPUs ({request})")
+        if request.get("DeviceIDs"):
+            raise EngineError(f"Swarm reserves GPUs by count, not by device id "
+                              f"(gpus: {request['DeviceIDs']}): ask for a count, e.g. gpus: 1")
+        wanted = int(request.get("Count") or 0)
+        if wanted < 1:
+            raise EngineError('gpus: "all" cannot be a Swarm reservation (Swarm reserves a '
+                              f"count of {kind} generic resources): ask for a count, "
+                              "e.g. gpus: 1")
+        count += wanted
+    return {kind: count} if count else {}
+
+
 def service_kwargs(name: str, create_kwargs: dict[str, Any], job_cpus: float | None,
                    placement: list[str], stop_timeout: int,
-                   extra_networks: list[str]) -> dict[str, Any]:
+                   extra_networks: list[str], gpu_kind: str = GPU_KIND) -> dict[str, Any]:
     """What `services.create` gets for a run whose container would get `create_kwargs`;
     EngineError naming what a service cannot be."""
     kwargs = {k: v for k, v in create_kwargs.items() if v not in (None, False, [], {})}
@@ -131,8 +156,10 @@ def service_kwargs(name: str, create_kwargs: dict[str, Any], job_cpus: float | N
     control = labels.get(LABEL_CONTROL)
     memory = parse_bytes(kwargs["mem_limit"]) if kwargs.get("mem_limit") else None
     nano_cpus = int(job_cpus * 1e9) if job_cpus else kwargs.get("nano_cpus")
+    gpus = gpu_reservation(kwargs.get("device_requests") or [], gpu_kind)
     resources = docker.types.Resources(cpu_limit=nano_cpus, mem_limit=memory,
-                                       cpu_reservation=nano_cpus, mem_reservation=memory)
+                                       cpu_reservation=nano_cpus, mem_reservation=memory,
+                                       generic_resources=gpus or None)
     if kwargs.get("pids_limit"):  # API 1.41; the SDK has no parameter for it
         resources.setdefault("Limits", {})["Pids"] = int(kwargs["pids_limit"])
     hosts = kwargs.get("extra_hosts")
@@ -212,9 +239,11 @@ def _workload(service: Any) -> Workload:
 class SwarmJobs:
     """Flow runs as Swarm jobs, through the Docker SDK of a manager node."""
 
-    def __init__(self, client: docker.DockerClient, poll: float = 1.0) -> None:
+    def __init__(self, client: docker.DockerClient, poll: float = 1.0,
+                 gpu_kind: str = GPU_KIND) -> None:
         self.client = client
         self.poll = poll
+        self.gpu_kind = gpu_kind  # the generic resource a job's `gpus` count reserves
         self._noted: dict[str, str] = {}  # service id -> the waiting reason last noted
         self._cluster: str | None = None
 
@@ -241,8 +270,9 @@ class SwarmJobs:
         return None  # a job may land on any node: the policy judges bind paths by their text
 
     def ensure_image(self, job: JobVariables, trusted_credentials: bool) -> str:
-        """On the manager, as for one engine; each node pulls by tag when the task lands
-        there (images must be in a registry every node reaches, or on every node)."""
+        """On the manager, as for one engine; each node pulls when the task lands there
+        (images must be in a registry every node reaches, or on every node; builds reach one
+        with `--build-push` and are named by digest)."""
         with _translated():
             return ensure_image(self.client, job, trusted_credentials)
 
@@ -253,7 +283,7 @@ class SwarmJobs:
                               "`secrets`)")
         options = WatchOptions.from_labels(spec.create_kwargs.get("labels") or {})
         kwargs = service_kwargs(spec.name, spec.create_kwargs, spec.cpus, spec.placement,
-                                options.stop_timeout, spec.extra_networks)
+                                options.stop_timeout, spec.extra_networks, self.gpu_kind)
         with _translated():
             service = self.client.services.create(**{k: v for k, v in kwargs.items()
                                                      if v is not None})

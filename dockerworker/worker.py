@@ -67,7 +67,8 @@ class Worker(RecoveryRounds, StateChecks):
         self.api = api
         if runtime is None:
             assert docker_client is not None, "a Docker client or a runtime"
-            runtime = (SwarmJobs(docker_client) if settings.runtime == "swarm"
+            runtime = (SwarmJobs(docker_client, gpu_kind=settings.swarm_gpu_kind)
+                       if settings.runtime == "swarm"
                        else LocalEngine(docker_client))
         self.runtime = runtime
         self.stop_event = threading.Event()

@@ -82,7 +82,10 @@ class Engine:
 
     def __init__(self, root: str = DEFAULT_ROOT, bridge: str = DEFAULT_BRIDGE,
                  bridge_cidr: str = DEFAULT_BRIDGE_CIDR, address_pool: str | None = None,
-                 host_check_image: str = HOST_CHECK_IMAGE) -> None:
+                 host_check_image: str = HOST_CHECK_IMAGE,
+                 daemon_config: dict[str, Any] | None = None) -> None:
+        """`daemon_config`: more keys for the engine's daemon.json (e.g. a Swarm node's
+        generic resources)."""
         if bridge in ("docker0", "docker_gwbridge") or not bridge:
             raise ValueError(f"bridge {bridge!r} belongs to the machine's engine")
         self.root = Path(root)
@@ -90,6 +93,7 @@ class Engine:
         self.bridge_cidr = bridge_cidr
         self.address_pool = address_pool
         self.host_check_image = host_check_image
+        self.daemon_config = dict(daemon_config or {})
         self.process: subprocess.Popen[bytes] | None = None
         self._client: docker.DockerClient | None = None
         self._swarm = False
@@ -165,7 +169,7 @@ class Engine:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "daemon.json").write_text(json.dumps({
             "storage-driver": "fuse-overlayfs", "data-root": str(self.root / "data"),
-            "mtu": 1400, "log-driver": "json-file"}))
+            "mtu": 1400, "log-driver": "json-file", **self.daemon_config}))
         self._launch(timeout)
         return self
 

@@ -97,6 +97,14 @@ class LocalRegistry:
         response.raise_for_status()
         return list(response.json().get("tags") or [])
 
+    def digest(self, repository: str, tag: str) -> str:
+        """The digest the registry serves for `repository:tag` (what a pull by tag gets)."""
+        response = requests.head(
+            f"{self.url}/v2/{repository}/manifests/{tag}", timeout=10,
+            headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"})
+        response.raise_for_status()
+        return response.headers["Docker-Content-Digest"]
+
     def stop(self) -> None:
         """End the registry (SIGTERM, then SIGKILL) and delete its storage."""
         if self.process is not None and self.process.poll() is None:

@@ -12,6 +12,10 @@ this machine at a time:
   root: a later start deletes a `docker_gwbridge` left by a killed run only when that mark says
   it was a SwarmEngine's; any other `docker_gwbridge` is someone else's and start() fails.
 
+The node advertises one fake GPU as a generic resource (`node-generic-resources`:
+`NVIDIA-GPU=GPU-fake0`, FAKE_GPU): jobs reserving one are placed and see
+`DOCKER_RESOURCE_NVIDIA-GPU=GPU-fake0`; jobs that reserve none are placed as before.
+
 The engine runs with `--iptables=false` (ENVIRONMENT.md), so Swarm's routing mesh (ingress)
 cannot work: publish ports with `mode: host`. This kernel has no IPVS either, so services'
 virtual IPs answer nothing: use `endpoint_mode: dnsrr`. Overlay networks work on the one node.
@@ -49,6 +53,8 @@ GWBRIDGE_SUBNET = "172.30.18.0/24"  # beside the engine's own bridge, clear of d
 OVERLAY_POOL = "10.217.0.0/16"  # Swarm's default (10.0.0.0/8) is too wide to be sure of
 SWARM_LOCK = "/tmp/dockerworker-swarm.lock"
 GWBRIDGE_MARK = "/tmp/dockerworker-swarm.gwbridge"
+GPU_KIND = "NVIDIA-GPU"  # Docker's convention for GPUs as generic resources
+FAKE_GPU = "GPU-fake0"  # the one the node advertises: nothing behind it but the name
 
 
 class SwarmEngine(Engine):
@@ -56,6 +62,7 @@ class SwarmEngine(Engine):
 
     def __init__(self, root: str = SWARM_ROOT, bridge: str = SWARM_BRIDGE,
                  bridge_cidr: str = SWARM_BRIDGE_CIDR, **kwargs: Any) -> None:
+        kwargs.setdefault("daemon_config", {"node-generic-resources": [f"{GPU_KIND}={FAKE_GPU}"]})
         super().__init__(root, bridge, bridge_cidr, **kwargs)
         self._swarm_lock_fd: int | None = None
 

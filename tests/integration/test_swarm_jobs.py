@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import docker
 import pytest
 from testrig.prefect_rig import FLOWS_IMAGE, PrefectRig
-from testrig.swarm import SwarmEngine
+from testrig.swarm import FAKE_GPU, GPU_KIND, SwarmEngine
 from testrig.workers import WorkerProcess
 
 RUN_LABEL = "io.prefect.flow-run-id"
@@ -168,3 +168,33 @@ def test_a_second_task_of_a_running_run_does_not_run_the_flow_again(
     assert rig.wait_for_final(run_id, timeout=90)["state"]["type"] == "COMPLETED"
     ticks = [m for m in messages(rig, run_id) if m.startswith("tick ")]
     assert len(ticks) == 8, ticks
+
+
+def test_a_gpu_count_is_placed_where_swarm_has_one_free_and_two_wait_with_the_reason(
+    rig: PrefectRig, start_worker, policy_file, unique_pool: str, swarm: SwarmEngine
+) -> None:
+    """The rig's node advertises one fake GPU (generic resource NVIDIA-GPU=GPU-fake0): a run
+    asking for one is placed and Swarm hands it the GPU's id; one asking for two stays
+    PENDING, its logs saying why in Swarm's words."""
+    policy = policy_file(no_new_privileges=False, allow_gpus=True)
+    start_worker(unique_pool, "--runtime", "swarm", "--policy", policy,
+                 env={"DOCKER_HOST": swarm.host})
+    variable = f"DOCKER_RESOURCE_{GPU_KIND}"  # Swarm's name: DOCKER_RESOURCE_<KIND>, upper-cased
+    one = rig.create_deployment(unique_pool, "flows.py:env_value",
+                                {"image": FLOWS_IMAGE, "gpus": 1})
+    two = rig.create_deployment(unique_pool, "flows.py:env_value",
+                                {"image": FLOWS_IMAGE, "gpus": 2})
+    placed = rig.create_flow_run(one, parameters={"name": variable})
+    waiting = rig.create_flow_run(two, parameters={"name": variable})
+
+    assert rig.wait_for_final(placed, timeout=120)["state"]["type"] == "COMPLETED"
+    rig.wait_for_log(placed, f"{variable}={FAKE_GPU}")
+    (job,) = jobs_of(swarm, placed)
+    reservations = job.attrs["Spec"]["TaskTemplate"]["Resources"]["Reservations"]
+    assert reservations["GenericResources"] == [
+        {"DiscreteResourceSpec": {"Kind": GPU_KIND, "Value": 1}}]
+
+    rig.wait_for_log(waiting, "Swarm has not placed the job yet", timeout=60)
+    reason = next(m for m in messages(rig, waiting) if "Swarm has not placed" in m)
+    assert "insufficient resources" in reason, reason
+    assert rig.read_flow_run(waiting)["state"]["type"] == "PENDING"

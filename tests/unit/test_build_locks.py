@@ -153,3 +153,130 @@ def test_a_worker_releases_only_its_own_locks(client) -> None:
                                                            builds.HOLDER_LABEL: holder})
     assert Builder(client, BuildOptions(), holder="w1").release_locks() == 1  # type: ignore[arg-type]
     assert list(client.containers.by_name) == ["dockerworker-build-lock-w2"]
+
+
+# --- pushing builds to a registry (--build-push) ------------------------------------------
+
+REGISTRY = "registry.example:5000"
+
+
+class Registry:
+    """The push registry as the engine sees it: what it holds, what was pushed, and the
+    engine's stream for a push (an `error` line when `refuse` is set)."""
+
+    def __init__(self, client: FakeClient) -> None:
+        self.client = client
+        self.held: dict[str, str] = {}
+        self.pushes: list[str] = []
+        self.refuse: str | None = None
+        client.images.push = self.push  # type: ignore[attr-defined]
+        client.api = SimpleNamespace(inspect_distribution=self.inspect)  # type: ignore[attr-defined]
+        real_get = client.images.get
+
+        def get(tag: str) -> SimpleNamespace:
+            image = real_get(tag)
+            image.tag = lambda repo, version: client.images.tags.add(f"{repo}:{version}")
+            return image
+
+        client.images.get = get  # type: ignore[method-assign]
+
+    def inspect(self, name: str) -> dict[str, Any]:
+        if name not in self.held:
+            raise docker.errors.NotFound("manifest unknown: manifest unknown")
+        return {"Descriptor": {"digest": self.held[name]}}
+
+    def push(self, repository: str, tag: str, stream: bool, decode: bool
+             ) -> Any:
+        name = f"{repository}:{tag}"
+        assert name in self.client.images.tags, "pushed before it was tagged"
+        held = [c for c in self.client.containers.by_name if c.startswith("dockerworker-build-lock")]
+        assert len(held) == 1, "pushed outside the engine lock"
+        yield {"status": f"The push refers to repository [{repository}]"}
+        if self.refuse:
+            yield {"error": self.refuse, "errorDetail": {"message": self.refuse}}
+            return
+        time.sleep(0.05)
+        self.pushes.append(name)
+        self.held[name] = f"sha256:{len(self.pushes):064x}"
+        yield {"progressDetail": {}, "aux": {"Tag": tag, "Digest": self.held[name]}}
+
+
+def pushing_builder(client: FakeClient, holder: str, done: list[str]) -> Builder:
+    builder = counting_builder(client, holder, done)
+    builder.options = BuildOptions(timeout=5, push=REGISTRY)
+    return builder
+
+
+def test_runs_wanting_one_build_at_once_get_one_build_and_one_push(client) -> None:
+    registry = Registry(client)
+    done: list[str] = []
+    builder = pushing_builder(client, "w1", done)
+    results: list[builds.BuildResult] = []
+    threads = [threading.Thread(target=lambda: results.append(ensure(builder)))
+               for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert done == ["w1"] and len(registry.pushes) == 1
+    (pushed,) = registry.pushes
+    assert pushed.startswith(f"{REGISTRY}/dockerworker/flow-nightly:")
+    assert {r.reference for r in results} == {f"{pushed}@{registry.held[pushed]}"}
+    assert sorted(r.push for r in results) == ["known"] * 4 + ["pushed"]
+    assert ensure(builder).push == "known" and len(registry.pushes) == 1
+
+
+def test_a_build_the_registry_holds_is_not_pushed_again_and_runs_by_its_digest(client) -> None:
+    """Another worker (or this one before a restart) pushed the same key: same content."""
+    registry = Registry(client)
+    done: list[str] = []
+    first = ensure(pushing_builder(client, "w1", done))
+    again = ensure(pushing_builder(client, "w2", done))  # a fresh builder: asks the registry
+    assert (first.push, again.push) == ("pushed", "present")
+    assert len(registry.pushes) == 1 and done == ["w1"]
+    assert again.reference == first.reference
+
+
+def test_a_build_made_before_pushing_was_on_is_pushed_without_building_again(client) -> None:
+    registry = Registry(client)
+    done: list[str] = []
+    local = ensure(counting_builder(client, "w1", done))
+    pushed = ensure(pushing_builder(client, "w1", done))
+    assert done == ["w1"] and not pushed.built and pushed.push == "pushed"
+    assert pushed.tag == local.tag == local.reference  # the engine's own name stays
+    assert registry.pushes == [f"{REGISTRY}/{local.tag}"]
+
+
+@pytest.mark.parametrize(("engine_says", "transient"), [
+    ('Get "http://registry.example:5000/v2/": dial tcp: connect: connection refused', True),
+    ("denied: requested access to the resource is denied", False),
+])
+def test_a_refused_push_names_the_registry_and_the_engine_s_words_and_is_tried_again(
+    client, engine_says: str, transient: bool
+) -> None:
+    registry = Registry(client)
+    registry.refuse = engine_says
+    builder = pushing_builder(client, "w1", [])
+    with pytest.raises(builds.PushFailed) as failed:
+        ensure(builder)
+    assert f"to registry {REGISTRY} failed: {engine_says}" in str(failed.value)
+    assert failed.value.transient is transient
+    assert not any(c.startswith("dockerworker-build-lock") for c in client.containers.by_name)
+    registry.refuse = None  # the registry is back: the next run pushes, nothing is remembered
+    assert ensure(builder).push == "pushed" and len(registry.pushes) == 1
+
+
+def test_prune_removes_every_name_of_a_pushed_build() -> None:
+    """A pushed build has its local name and its registry name: removing one only untags."""
+    names = ["dockerworker/flow-nightly:k1", f"{REGISTRY}/dockerworker/flow-nightly:k1"]
+    image = SimpleNamespace(id="sha256:1", short_id="1", tags=names,
+                            labels={builds.DEPLOYMENT_LABEL: "flow-nightly"},
+                            attrs={"Size": 1, "Created": "2020-01-01T00:00:00",
+                                   "Metadata": {"LastTagTime": "2020-01-01T00:00:00"}})
+    removed: list[str] = []
+    client = SimpleNamespace(
+        images=SimpleNamespace(list=lambda filters: [image],
+                               remove=lambda tag, force: removed.append(tag)),
+        containers=SimpleNamespace(list=lambda all, sparse: []))
+    assert builds.prune_builds(client, 0, None) == ([names[0]], [])  # type: ignore[arg-type]
+    assert removed == names

@@ -48,6 +48,8 @@ def test_the_flags_and_env_names_users_know() -> None:
         "build_network_mode": (["--build-network"], "DOCKERWORKER_BUILD_NETWORK"),
         "build_ca_bundle": (["--build-ca-bundle"], "DOCKERWORKER_BUILD_CA_BUNDLE"),
         "build_timeout": (["--build-timeout"], "DOCKERWORKER_BUILD_TIMEOUT"),
+        "build_push": (["--build-push"], "DOCKERWORKER_BUILD_PUSH"),
+        "swarm_gpu_kind": (["--swarm-gpu-kind"], "DOCKERWORKER_SWARM_GPU_KIND"),
         "log_level": (["--log-level"], "DOCKERWORKER_LOG_LEVEL"),
         "secrets_dir": (["--secrets-dir"], "DOCKERWORKER_SECRETS_DIR"),
         "runtime": (["--runtime"], "DOCKERWORKER_RUNTIME"),
@@ -159,3 +161,28 @@ def test_a_compose_replica_is_named_after_its_service_and_number(monkeypatch) ->
     assert cli.compose_worker_name(client, in_container=False) is None
     client.containers.get.return_value.labels = {}  # a container, not compose's
     assert cli.compose_worker_name(client, in_container=True) is None
+
+
+@pytest.mark.parametrize(("given", "kept"), [
+    ("registry.example.com", "registry.example.com"),
+    ("127.0.0.1:5000/", "127.0.0.1:5000"),
+    ("registry.example.com:443/team/flows", "registry.example.com:443/team/flows"),
+    ("  ", None),
+])
+def test_the_push_registry_is_a_prefix_of_image_names(given: str, kept: str | None) -> None:
+    settings = WorkerSettings(pool="p", build_push=given)
+    assert settings.build_push == kept and settings.build_options().push == kept
+
+
+@pytest.mark.parametrize("given", ["https://registry.example.com", "registry:5000/Team",
+                                   "registry/flows:1", "user@registry", "a b"])
+def test_a_push_registry_that_no_image_name_could_start_with_is_refused(given: str) -> None:
+    with pytest.raises(ValidationError, match="host\\[:port\\]\\[/path\\]"):
+        WorkerSettings(pool="p", build_push=given)
+
+
+def test_the_swarm_gpu_kind_is_a_resource_name() -> None:
+    assert WorkerSettings(pool="p").swarm_gpu_kind == "NVIDIA-GPU"
+    assert WorkerSettings(pool="p", swarm_gpu_kind="gpu").swarm_gpu_kind == "gpu"
+    with pytest.raises(ValidationError):
+        WorkerSettings(pool="p", swarm_gpu_kind="NVIDIA GPU=1")

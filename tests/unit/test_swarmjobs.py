@@ -11,6 +11,7 @@ from itertools import chain, repeat
 import pytest
 from pydantic import ValidationError
 
+from dockerworker.containers import gpu_request
 from dockerworker.entry import LABEL_CONTROL
 from dockerworker.logs import LogShipper, ResumePoint, RunOutput
 from dockerworker.policy import Policy
@@ -64,6 +65,22 @@ def test_the_policy_s_limits_carry_over() -> None:
     assert kwargs["resources"]["Limits"] == {"NanoCPUs": 500_000_000, "Pids": 512}
 
 
+def test_a_gpu_count_is_a_reservation_of_the_operator_s_generic_resource() -> None:
+    """`gpus: 2` (a device request of count 2, as build_spec makes it) reserves two of the
+    kind: Swarm places the job where that many are free."""
+    request = gpu_request(2)
+    kwargs = service_kwargs("x", {**BASE, "device_requests": [request]}, None, [], 30, [])
+    assert kwargs["resources"]["Reservations"]["GenericResources"] == [
+        {"DiscreteResourceSpec": {"Kind": "NVIDIA-GPU", "Value": 2}}]
+    own = service_kwargs("x", {**BASE, "device_requests": [gpu_request(1)]}, None, [], 30, [],
+                         gpu_kind="gpu")
+    assert own["resources"]["Reservations"]["GenericResources"] == [
+        {"DiscreteResourceSpec": {"Kind": "gpu", "Value": 1}}]
+    assert "Reservations" not in service_kwargs("x", BASE, None, [], 30, [])["resources"]
+    with pytest.raises(EngineError, match='"all"'):
+        service_kwargs("x", {**BASE, "device_requests": [gpu_request("all")]}, None, [], 30, [])
+
+
 def test_a_job_s_own_command_is_stopped_with_sigterm() -> None:
     kwargs = service_kwargs("x", {**BASE, "labels": {}}, None, [], 30, [])
     assert kwargs["stop_signal"] is None and LABEL_CONTROL not in kwargs["labels"]
@@ -71,7 +88,11 @@ def test_a_job_s_own_command_is_stopped_with_sigterm() -> None:
 
 @pytest.mark.parametrize(("extra", "reason"), [
     ({"privileged": True}, "cannot run privileged"),
-    ({"device_requests": [{"Count": -1}]}, "no device requests"),
+    ({"device_requests": [{"Count": -1, "Capabilities": [["gpu"]]}]},
+     'gpus: "all" cannot be a Swarm reservation'),
+    ({"device_requests": [{"DeviceIDs": ["0", "2"], "Capabilities": [["gpu"]]}]},
+     "by count, not by device id"),
+    ({"device_requests": [{"Count": 1, "Capabilities": [["tpu"]]}]}, "no device requests"),
     ({"memswap_limit": "1g"}, "no swap limit"),
     ({"network_mode": "container:db"}, "cannot join 'container:db'"),
     ({"shm_size": "1g"}, "cannot take container_create_kwargs ['shm_size']"),
