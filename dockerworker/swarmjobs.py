@@ -316,6 +316,9 @@ class SwarmJobs:
     def usage(self, workload: Workload) -> Usage | None:
         return None  # the task's node has its stats; the manager has none
 
+    def unread_usage(self) -> str | None:
+        return "memory and CPU are not read for Swarm jobs (the task's node has them)"
+
     def stop(self, workload: Workload, grace: int, note: Callable[[str], None]) -> None:
         """Cancel. The entry script in the task watches the run's state and takes CANCELLING
         to Prefect's engine as a cancellation; the job is given `grace` seconds to end so.

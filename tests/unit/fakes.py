@@ -304,6 +304,7 @@ class FakeRuntime:
         self.calls: list[tuple[str, str]] = []
         self.records: dict[str, tuple[str, Owner]] = {}  # takeover records: name → (id, owner)
         self.usage_reads = 0  # usage(): called from the sampler thread, not in `calls`
+        self.unread: str | None = None  # unread_usage(): a runtime that reads none (Swarm)
         self._lock = threading.RLock()
 
     # --- test helpers -------------------------------------------------------------------
@@ -473,6 +474,9 @@ class FakeRuntime:
             if container.ended.is_set() or not readings:
                 return None
             return readings.pop(0) if len(readings) > 1 else readings[0]
+
+    def unread_usage(self) -> str | None:
+        return self.unread
 
     def stop(self, workload: Workload, grace: int, note: Callable[[str], None]) -> None:
         container = self._call("stop", workload)

@@ -11,14 +11,17 @@ from itertools import chain, repeat
 import pytest
 from pydantic import ValidationError
 
+from dockerworker.containers import ExitReport
 from dockerworker.entry import LABEL_CONTROL
 from dockerworker.logs import LogShipper, ResumePoint, RunOutput
 from dockerworker.policy import Policy
+from dockerworker.resources import Seen, resource_line
 from dockerworker.runtime import EngineError, WorkloadGone
 from dockerworker.settings import WorkerSettings
 from dockerworker.swarmjobs import (
     CANCEL_SIGNAL,
     ONCE_ENV,
+    SwarmJobs,
     main_task,
     service_kwargs,
     service_name,
@@ -169,3 +172,13 @@ def test_a_swarm_worker_starts_only_with_a_policy_that_does_without_no_new_privi
         WorkerSettings(pool="p", runtime="swarm")
     settings = WorkerSettings(pool="p", runtime="swarm", policy=Policy(no_new_privileges=False))
     assert settings.runtime == "swarm"
+
+
+def test_a_swarm_job_s_resource_line_says_usage_is_not_read_there() -> None:
+    """#17: the manager has no stats of a task on another node; the line must not blame the
+    run's brevity (resources.resource_line)."""
+    unread = SwarmJobs(client=None).unread_usage()  # type: ignore[arg-type]
+    assert unread is not None
+    line = resource_line(ExitReport(0, False, ""), Seen(), unread=unread)
+    assert line.endswith("; memory and CPU are not read for Swarm jobs (the task's node has them)")
+    assert "ended before" not in line
