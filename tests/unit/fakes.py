@@ -589,7 +589,7 @@ def wait_until(condition: Callable[[], object], timeout: float = 5.0) -> None:
 STARTED: list[Worker] = []  # stopped after each test (conftest.py)
 
 
-def make_worker(api: FakeAPI, runtime: FakeRuntime, *, start: bool = True,
+def make_worker(api: FakeAPI, runtime: FakeRuntime, /, *, start: bool = True,
                 **settings: Any) -> Worker:
     """A worker on the fakes, started up (pool, recovery, adoption) but not looping."""
     values = {"pool": api.pool.name, "name": "w1", "api_url": "http://127.0.0.1:4200/api",

@@ -11,8 +11,10 @@ from itertools import chain, repeat
 import pytest
 from pydantic import ValidationError
 
-from dockerworker.containers import ExitReport
-from dockerworker.entry import LABEL_CONTROL
+from dockerworker.api import FlowRun, WorkPool
+from dockerworker.containers import LABEL_FLOW_RUN_ID, ExitReport, build_spec
+from dockerworker.entry import LABEL_CONTROL, SECRETS_ENV, SECRETS_MOUNTED_ENV
+from dockerworker.jobs import JobVariables
 from dockerworker.logs import LogShipper, ResumePoint, RunOutput
 from dockerworker.policy import Policy
 from dockerworker.resources import Seen, resource_line
@@ -23,12 +25,15 @@ from dockerworker.swarmjobs import (
     ONCE_ENV,
     SwarmJobs,
     main_task,
+    orphan_secrets,
+    run_secret_name,
+    secret_owner,
     service_kwargs,
     service_name,
     task_exit,
 )
 
-from .fakes import FakeAPI
+from .fakes import FakeAPI, FakeRuntime, Script, make_worker, settle
 
 BASE = {"image": "flows:1", "command": ["python", "-c", "x"], "stdin_open": True,
         "environment": {"PREFECT__FLOW_RUN_ID": "r1"}, "init": True,
@@ -182,3 +187,85 @@ def test_a_swarm_job_s_resource_line_says_usage_is_not_read_there() -> None:
     line = resource_line(ExitReport(0, False, ""), Seen(), unread=unread)
     assert line.endswith("; memory and CPU are not read for Swarm jobs (the task's node has them)")
     assert "ended before" not in line
+
+
+# --- flow secrets as Swarm secrets ---------------------------------------------------------------
+def _secret_spec(**job: object) -> dict:
+    run = FlowRun(id=uuid.uuid4(), name="r", flow_id=uuid.uuid4())
+    pool = WorkPool(id=uuid.uuid4(), name="p", type="docker")
+    return build_spec(JobVariables(secrets=["db_password"], **job), flow_run=run,
+                      deployment=None, flow=None, pool=pool, worker_name="w",
+                      api_url="http://prefect:4200/api", auth_env={}).create_kwargs
+
+
+def test_a_job_with_secrets_has_swarm_mount_them_and_the_script_wait_for_nothing() -> None:
+    kwargs = service_kwargs("x", _secret_spec(), None, [], 30, [], mounted_secrets=True)
+    env = dict(item.split("=", 1) for item in kwargs["env"])
+    assert env[SECRETS_MOUNTED_ENV] == "1"  # no stdin on Swarm: the files are there already
+    assert env[SECRETS_ENV] == "db_password"  # the names only (an adopting worker masks them)
+    assert "mounts" not in kwargs or not [m for m in kwargs["mounts"] if m["Type"] == "tmpfs"]
+    # the container runtime's tmpfs at /run/secrets is not made; any other tmpfs still refused
+    with pytest.raises(EngineError, match="tmpfs"):
+        service_kwargs("x", _secret_spec(), None, [], 30, [])
+    with pytest.raises(EngineError, match="tmpfs mounts are not given to Swarm jobs"):
+        service_kwargs("x", _secret_spec(container_create_kwargs={"tmpfs": {"/t": ""}}),
+                       None, [], 30, [], mounted_secrets=True)
+    plain = service_kwargs("x", BASE, None, [], 30, [])
+    assert not any(item.startswith(SECRETS_MOUNTED_ENV) for item in plain["env"])
+
+
+@pytest.mark.parametrize(("user", "owner"), [
+    (None, ("0", "0")), ("", ("0", "0")), ("root", ("0", "0")), ("1000", ("1000", "0")),
+    ("1000:1001", ("1000", "1001")), ("0:root", ("0", "0")),
+])
+def test_secret_files_belong_to_the_container_s_user_by_number(user, owner) -> None:
+    assert secret_owner(user) == owner
+
+
+@pytest.mark.parametrize("user", ["prefect", "1000:staff", "../1"])
+def test_a_user_by_name_is_refused_rather_than_given_files_it_cannot_read(user) -> None:
+    with pytest.raises(EngineError, match="by number"):
+        secret_owner(user)
+
+
+def test_run_secret_names_are_unique_within_swarm_s_limit() -> None:
+    run_id = str(uuid.uuid4())
+    short = run_secret_name(run_id, 0, "db_password")
+    assert short.startswith(f"dw-{run_id.replace('-', '')[:12]}-") and short.endswith(
+        "-0-db_password")
+    assert run_secret_name(run_id, 0, "db_password") != short  # a retried run: new names
+    long = run_secret_name(run_id, 1, "x" * 128)
+    assert len(long) == 64 and "-1-x" in long
+
+
+def test_orphans_are_old_run_secrets_no_service_refers_to() -> None:
+    now = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    found = [{"ID": "in-use", "CreatedAt": "2026-11-30T11:00:00.123456789Z"},
+             {"ID": "orphan", "CreatedAt": "2026-11-30T11:50:00Z"},
+             {"ID": "young", "CreatedAt": "2026-11-30T11:59:00Z"},  # its job is being made
+             {"ID": "no-time"}]
+    assert orphan_secrets(found, {"in-use"}, now) == ["orphan"]
+
+
+def test_a_swarm_worker_removes_a_job_given_secrets_when_it_ends(
+        api: FakeAPI, runtime: FakeRuntime, tmp_path) -> None:
+    """Swarm keeps a secret while a service refers to it, and updating a job's service runs
+    it again: a job with secrets is removed once it ends (auto_remove), its secrets with it."""
+    (tmp_path / "db_password").write_text("pg-value")
+    specs: dict[str, object] = {}
+    runtime.script_for = lambda spec: specs.setdefault(spec.name, spec) and Script()
+    worker = make_worker(api, runtime, secrets_dir=tmp_path, runtime="swarm",
+                         policy=Policy(no_new_privileges=False, allowed_secrets=["db_*"]))
+    with_secrets = api.add_run("secretive", job_variables={"secrets": ["db_password"]})
+    api.add_run("plain")
+    worker.poll()
+    settle(worker)
+    assert worker.shipper.flush(5)
+    (secretive,) = [s for s in specs.values() if s.name.startswith("secretive")]
+    (plain,) = [s for s in specs.values() if s.name.startswith("plain")]
+    removed = {name for call, name in runtime.calls if call == "remove"}
+    assert secretive.name in removed and plain.name not in removed
+    assert secretive.create_kwargs["labels"]["io.dockerworker.auto-remove"] == "true"
+    assert secretive.create_kwargs["labels"][LABEL_FLOW_RUN_ID] == str(with_secrets.id)
+    assert secretive.secret_files == {"db_password": b"pg-value"}
+    assert any("removed when it ends" in m for m in api.messages(with_secrets.id))
