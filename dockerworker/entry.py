@@ -28,6 +28,7 @@ CANCEL_LINE = entry_script.CANCEL_LINE  # what the worker writes there to cancel
 SECRETS_ENV = entry_script.SECRETS_ENV  # names the secrets the script waits for
 SECRETS_DIR = entry_script.SECRETS_DIR  # where it writes them (a tmpfs)
 READY_LINE = entry_script.READY_LINE  # what a warm container prints once Prefect is imported
+SECRETS_MOUNTED_ENV = entry_script.SECRETS_MOUNTED_ENV  # Swarm mounted them: nothing to wait for
 
 ENTRY_SCRIPT_MODULE = "entry_script.py"
 

@@ -13,7 +13,8 @@ channel (Prefect 2, older 3.x) get the SIGTERM; a 2.x engine then proposes Crash
 server refuses while the run is Cancelling, and runs the flow's on_cancellation hooks. With a
 time-out argument it is a warm container: it imports Prefect, then waits on stdin for the
 run's identity (a JSON object of environment variables). A run given secrets gets one more
-line, their values, which it writes into the tmpfs at /run/secrets (`receive_secrets`).
+line, their values, which it writes into the tmpfs at /run/secrets (`receive_secrets`); a
+Swarm job's secrets are mounted there by Swarm, and the script only checks they are there.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ SECRETS_WAIT = 120.0  # seconds the script waits for them before giving up
 # What a warm container prints once Prefect is imported: the worker hands runs to ready ones
 # first (warm.py). It stays in the output, so the run's logs show its head start.
 READY_LINE = "dockerworker: warm and ready"
+
+# Set on Swarm jobs (swarmjobs.py): the engine mounted the secrets itself (Swarm's service
+# secrets); there is no stdin to wait on, only files to find.
+SECRETS_MOUNTED_ENV = "DOCKERWORKER_SECRETS_MOUNTED"
 
 
 class Lines:
@@ -93,9 +98,17 @@ def receive_secrets(lines: Lines, directory: str = SECRETS_DIR,
                     timeout: float = SECRETS_WAIT) -> None:
     """The run's secrets (SECRETS_ENV names them): one line on stdin, a JSON object of name
     to base64 value, written as files readable by this user only into `directory`, a tmpfs:
-    never on a disk, in the environment or in `docker inspect`. Exits when they do not come."""
+    never on a disk, in the environment or in `docker inspect`. Exits when they do not come.
+    With SECRETS_MOUNTED_ENV (a Swarm job) the engine put them there already: nothing is read
+    from stdin, and a missing one ends the run with its name before the engine starts."""
     names = [name for name in os.environ.pop(SECRETS_ENV, "").split(",") if name]
+    mounted = os.environ.pop(SECRETS_MOUNTED_ENV, "")
     if not names:
+        return
+    if mounted:
+        absent = [name for name in names if not os.path.isfile(os.path.join(directory, name))]
+        if absent:
+            sys.exit(f"dockerworker: the secrets {', '.join(absent)} are not in {directory}")
         return
     line = lines.within(timeout)
     try:

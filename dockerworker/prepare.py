@@ -94,6 +94,11 @@ class Preparation:
             raise RunCrashed(early(str(exc)), reason="invalid") from None
         if job.infra_retries is None:  # the operator's default
             job = job.model_copy(update={"infra_retries": self.settings.policy.infra_retries})
+        if job.secrets and self.settings.runtime == "swarm" and not job.auto_remove:
+            # Swarm keeps a secret while any service refers to it, and updating a job's
+            # service would run it again: the job goes once it ends, and its secrets with it
+            job = job.model_copy(update={"auto_remove": True})
+            self.say("a Swarm job given secrets is removed when it ends (with its secrets)")
         secrets = (self.settings.secrets() | references.secrets
                    | run_secrets(self.api, deployment, job.env))
         if job.registry_credentials:

@@ -228,9 +228,11 @@ def _limit(value: int) -> str:
     return f"{mib:.0f} MiB" if mib == int(mib) else f"{mib:.1f} MiB"
 
 
-def resource_line(report: ExitReport, seen: Seen, *, warm: bool = False) -> str:
+def resource_line(report: ExitReport, seen: Seen, *, warm: bool = False,
+                  unread: str | None = None) -> str:
     """The run's resource report, one line: what the engine says, "unknown" where it said
-    nothing (never a guess)."""
+    nothing (never a guess). `unread`: why the runtime reads no usage (Swarm jobs), said
+    instead of the short-run note, which would be untrue."""
     limit = report.memory_limit
     if seen.peak is None:
         memory = "peak memory unknown"
@@ -251,7 +253,9 @@ def resource_line(report: ExitReport, seen: Seen, *, warm: bool = False) -> str:
         parts.append(f"image {report.image}")
     line = "resources: " + ", ".join(parts)
     notes = []
-    if seen.readings == 0:
+    if unread is not None:
+        notes.append(unread)
+    elif seen.readings == 0:
         notes.append("the container ended before its usage could be read")
     elif seen.last_read is not None and report.finished is not None:
         gap = max(0.0, (report.finished - seen.last_read).total_seconds())

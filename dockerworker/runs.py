@@ -324,7 +324,9 @@ class RunSupervisor:
 
     def _watch(self, workload: Workload, resume: ResumePoint | None) -> Verdict:
         """Follow the container to its end, then judge it (and remove it if it asked)."""
-        self.usage.watch(workload)
+        unread = self.runtime.unread_usage()
+        if unread is None:
+            self.usage.watch(workload)
         try:
             report = self.follower.follow(workload, self.options, self.mask, resume)
         finally:
@@ -335,7 +337,8 @@ class RunSupervisor:
         if report is not None:
             self.say(f"container {workload.name} {report.describe(mem_limit)}; "
                      f"{self.follower.summary()}")
-            self.say(resource_line(report, seen, warm=LABEL_WARM in workload.labels))
+            self.say(resource_line(report, seen, warm=LABEL_WARM in workload.labels,
+                                   unread=unread))
         if self.cancel_requested.is_set():
             raise RunCancelled
         state = self.api.read_flow_run(self.flow_run.id).state

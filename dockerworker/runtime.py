@@ -146,6 +146,10 @@ class Runtime(Protocol):
         """One reading of its cgroup accounting (peak memory, CPU), without waiting for a
         second sample; None when it is not running (resources.py)."""
 
+    def unread_usage(self) -> str | None:
+        """Why this runtime reads no usage at all, for the run's resource line (which then
+        says so instead of blaming a short run); None: it does read it."""
+
     def stop(self, workload: Workload, grace: int, note: Callable[[str], None]) -> None:
         """Cancel: ask Prefect's engine inside (or SIGTERM), SIGKILL after `grace` seconds."""
 
@@ -324,6 +328,9 @@ class LocalEngine:
             except docker.errors.InvalidVersion:  # an older engine: two samples, 1-2 s
                 stats = self.client.api.stats(workload.id, stream=False)
         return parse_stats(stats) if isinstance(stats, dict) else None
+
+    def unread_usage(self) -> str | None:
+        return None  # read from the stats API (usage())
 
     def stop(self, workload: Workload, grace: int, note: Callable[[str], None]) -> None:
         """Prefect's engine behind our entry script is asked to cancel (it reports Cancelled

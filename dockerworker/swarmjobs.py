@@ -17,24 +17,28 @@ same claim, policy, verdict, output and lifecycle as with one engine, with Swarm
   named after the service and generation (the cluster creates a name once, so two workers
   cannot both take a job over; updating the job service itself would run the job again);
 - exactly once rests on Prefect's claim: the entry script refuses to run a flow run that is
-  no longer PENDING under this worker's claim (a duplicate task, a known Swarm bug).
+  no longer PENDING under this worker's claim (a duplicate task, a known Swarm bug);
+- flow secrets (job variable `secrets`) are Swarm's own service secrets, one per run and name,
+  created just before the service and removed with it (or, orphaned, by the removal round):
+  Swarm mounts each at /run/secrets/NAME, mode 0400, owned by the container's user.
 
 A GPU count (`gpus: N`) becomes a reservation of N generic resources of the operator's kind
 (`--swarm-gpu-kind`, Docker's convention `NVIDIA-GPU`): Swarm places the job on a node that
 advertises that many free, and hands their ids to the task as `DOCKER_RESOURCE_<KIND>`.
 
 What a service cannot be is refused before anything is created, with the reason: privileged,
-devices, GPUs as "all" or by device id (Swarm reserves a count), swap limits, a container's
-network namespace, flow secrets (they need stdin). Warm containers do not apply.
+devices, GPUs as "all" or by device id (Swarm reserves a count), swap limits, a
+container's network namespace. Warm containers do not apply.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import docker
@@ -42,8 +46,15 @@ import docker.errors
 import docker.types
 from docker.utils import parse_bytes
 
-from .containers import LABEL_MANAGED, LABEL_POOL, ContainerSpec, ExitReport, WatchOptions
-from .entry import LABEL_CONTROL
+from .containers import (
+    LABEL_FLOW_RUN_ID,
+    LABEL_MANAGED,
+    LABEL_POOL,
+    ContainerSpec,
+    ExitReport,
+    WatchOptions,
+)
+from .entry import LABEL_CONTROL, SECRETS_DIR, SECRETS_MOUNTED_ENV
 from .hostview import HostView
 from .images import ensure_image
 from .jobs import JobVariables
@@ -74,7 +85,7 @@ _REFUSED = {
     "privileged": "Swarm services cannot run privileged containers",
     "devices": "Swarm services cannot map devices",
     "memswap_limit": "Swarm services have no swap limit",
-    "tmpfs": "flow secrets (and tmpfs mounts) are not given to Swarm jobs yet",
+    "tmpfs": "tmpfs mounts are not given to Swarm jobs yet",
     "ipc_mode": "Swarm services cannot share an IPC namespace",
     "pid_mode": "Swarm services cannot share a PID namespace",
 }
@@ -88,6 +99,9 @@ NO_NEW_PRIVILEGES = ("Swarm services cannot set no-new-privileges (not before Do
                      "1.44): set `no_new_privileges = false` in the worker's policy to run Swarm "
                      "jobs without it")
 SERVICE_NAME_MAX = 63
+SECRET_NAME_MAX = 64  # Swarm's limit for a secret's name
+# An unreferenced run secret younger than this may belong to a job being created right now
+ORPHAN_SECRET_AGE = 300.0
 
 
 def service_name(name: str) -> str:
@@ -129,12 +143,56 @@ def gpu_reservation(requests: list[Any], kind: str) -> dict[str, int]:
     return {kind: count} if count else {}
 
 
+def secret_owner(user: str | None) -> tuple[str, str]:
+    """(uid, gid) of a flow's secret files: the container's user. Swarm sets a secret file's
+    owner by number and the mode is 0400, so a user by name (which only the image's
+    /etc/passwd knows) is refused rather than given files it cannot read."""
+    uid, _, gid = (user or "").strip().partition(":")
+    uid = "0" if uid in ("", "root") else uid
+    gid = "0" if gid == "root" else (gid or "0")
+    if not (uid.isdigit() and gid.isdigit()):
+        raise EngineError(f"flow secrets on Swarm need the container's user by number (uid or "
+                          f"uid:gid), not {user!r}: Swarm sets the files' owner by number")
+    return uid, gid
+
+
+def run_secret_name(run_id: str, index: int, name: str) -> str:
+    """A Swarm secret's name for a run's secret: the run, a random part (a retried run gets
+    new ones), the index (unique within the run) and the name, cut to Swarm's limit."""
+    run = run_id.replace("-", "")[:12]
+    return f"dw-{run}-{secrets.token_hex(3)}-{index}-{name}"[:SECRET_NAME_MAX]
+
+
+def orphan_secrets(found: list[dict[str, Any]], referenced: set[str], now: datetime,
+                   min_age: float = ORPHAN_SECRET_AGE) -> list[str]:
+    """Of run secrets (`secrets.list` attrs), the ids no service refers to any more (the
+    service was removed by hand, or the worker died before it existed) and that are older
+    than `min_age` seconds (younger ones may be a job's being created now)."""
+    orphans = []
+    for secret in found:
+        created = engine_time(secret.get("CreatedAt"))
+        if secret.get("ID") in referenced or created is None:
+            continue
+        if (now - created).total_seconds() > min_age:
+            orphans.append(str(secret["ID"]))
+    return orphans
+
+
+def _secret_ids(service_attrs: dict[str, Any]) -> list[str]:
+    container = service_attrs.get("Spec", {}).get("TaskTemplate", {}).get("ContainerSpec", {})
+    return [str(ref["SecretID"]) for ref in container.get("Secrets") or [] if ref.get("SecretID")]
+
+
 def service_kwargs(name: str, create_kwargs: dict[str, Any], job_cpus: float | None,
                    placement: list[str], stop_timeout: int,
-                   extra_networks: list[str], gpu_kind: str = GPU_KIND) -> dict[str, Any]:
+                   extra_networks: list[str], gpu_kind: str = GPU_KIND,
+                   mounted_secrets: bool = False) -> dict[str, Any]:
     """What `services.create` gets for a run whose container would get `create_kwargs`;
-    EngineError naming what a service cannot be."""
+    EngineError naming what a service cannot be. With `mounted_secrets`, Swarm mounts the
+    run's secrets at /run/secrets (the container runtime's tmpfs there is not made)."""
     kwargs = {k: v for k, v in create_kwargs.items() if v not in (None, False, [], {})}
+    if mounted_secrets and isinstance(kwargs.get("tmpfs"), dict):
+        kwargs["tmpfs"] = {k: v for k, v in kwargs["tmpfs"].items() if k != SECRETS_DIR}
     for key, reason in _REFUSED.items():
         if kwargs.get(key):
             raise EngineError(f"{reason} ({key})")
@@ -151,7 +209,9 @@ def service_kwargs(name: str, create_kwargs: dict[str, Any], job_cpus: float | N
     networks = [n for n in [kwargs.get("network"), *extra_networks] if n]
     if mode == "host":
         networks = ["host", *networks]
-    env = kwargs.get("environment") or {}
+    env = dict(kwargs.get("environment") or {})
+    if mounted_secrets:
+        env[SECRETS_MOUNTED_ENV] = "1"  # the entry script finds them, waits for nothing
     labels = kwargs.get("labels") or {}
     control = labels.get(LABEL_CONTROL)
     memory = parse_bytes(kwargs["mem_limit"]) if kwargs.get("mem_limit") else None
@@ -278,19 +338,67 @@ class SwarmJobs:
 
     # --- a run's job ---------------------------------------------------------------------
     def start(self, spec: ContainerSpec) -> Workload:
-        if spec.secret_files:
-            raise EngineError("flow secrets are not given to Swarm jobs yet (job variable "
-                              "`secrets`)")
+        """The job's service, with the run's secrets as Swarm secrets made just before it
+        (and removed again if the service cannot be made)."""
         options = WatchOptions.from_labels(spec.create_kwargs.get("labels") or {})
         kwargs = service_kwargs(spec.name, spec.create_kwargs, spec.cpus, spec.placement,
-                                options.stop_timeout, spec.extra_networks, self.gpu_kind)
-        with _translated():
-            service = self.client.services.create(**{k: v for k, v in kwargs.items()
-                                                     if v is not None})
-            service.reload()
+                                options.stop_timeout, spec.extra_networks, self.gpu_kind,
+                                mounted_secrets=bool(spec.secret_files))
+        made: list[str] = []
+        try:
+            if spec.secret_files:
+                kwargs["secrets"] = self._make_secrets(spec, made)
+            with _translated():
+                service = self.client.services.create(**{k: v for k, v in kwargs.items()
+                                                         if v is not None})
+                service.reload()
+        except BaseException:
+            self._remove_secrets(made)
+            raise
         workload = _workload(service)
         workload.status = "created"
         return workload
+
+    def _make_secrets(self, spec: ContainerSpec, made: list[str]
+                      ) -> list[docker.types.SecretReference]:
+        """One Swarm secret per name, labelled with the run and the pool (so the removal
+        round finds orphans), mounted at /run/secrets/NAME, 0400, owned by the container's
+        user; each id is added to `made` as soon as it exists."""
+        labels = spec.create_kwargs.get("labels") or {}
+        user = spec.create_kwargs.get("user") or self._image_user(spec.create_kwargs["image"])
+        uid, gid = secret_owner(user)
+        run_id = str(labels.get(LABEL_FLOW_RUN_ID, ""))
+        ours = {LABEL_MANAGED: "true", LABEL_POOL: str(labels.get(LABEL_POOL, "")),
+                LABEL_FLOW_RUN_ID: run_id}
+        references = []
+        for index, (name, value) in enumerate(spec.secret_files.items()):
+            secret_name = run_secret_name(run_id, index, name)
+            with _translated():
+                secret = self.client.secrets.create(name=secret_name, data=value, labels=ours)
+            made.append(secret.id)
+            references.append(docker.types.SecretReference(
+                secret.id, secret_name, filename=name, uid=uid, gid=gid, mode=0o400))
+        return references
+
+    def _image_user(self, image: str) -> str | None:
+        """The image's own user (its Config.User) when the job sets none; None: root, or
+        the image is not on the manager (the task's node pulls it)."""
+        try:
+            with _translated():
+                return self.client.images.get(image).attrs.get("Config", {}).get("User")
+        except WorkloadGone:
+            return None
+
+    def _remove_secrets(self, ids: list[str]) -> None:
+        """Remove these run secrets; already gone is fine."""
+        for secret_id in ids:
+            try:
+                with _translated():
+                    self.client.api.remove_secret(secret_id)
+            except WorkloadGone:
+                pass
+            except EngineError as exc:
+                log.warning("could not remove Swarm secret %s: %s", secret_id, exc)
 
     def hand_over(self, workload: Workload, spec: ContainerSpec) -> None:
         raise EngineError("warm containers do not apply to Swarm jobs")
@@ -346,6 +454,9 @@ class SwarmJobs:
     def usage(self, workload: Workload) -> Usage | None:
         return None  # the task's node has its stats; the manager has none
 
+    def unread_usage(self) -> str | None:
+        return "memory and CPU are not read for Swarm jobs (the task's node has them)"
+
     def stop(self, workload: Workload, grace: int, note: Callable[[str], None]) -> None:
         """Cancel. The entry script in the task watches the run's state and takes CANCELLING
         to Prefect's engine as a cancellation; the job is given `grace` seconds to end so.
@@ -364,10 +475,17 @@ class SwarmJobs:
         self.remove(workload)
 
     def remove(self, workload: Workload) -> None:
+        """Remove the job's service, then its run secrets (Swarm keeps a secret while a
+        service refers to it)."""
+        attrs = getattr(workload.native, "attrs", None) or {}
         try:
-            self._service(workload).remove()
+            service = self._service(workload)
+            attrs = service.attrs
+            with _translated():
+                service.remove()
         except WorkloadGone:
             pass
+        self._remove_secrets(_secret_ids(attrs))
         self._noted.pop(workload.id, None)
 
     def removed_meanwhile(self, workload: Workload) -> bool:
@@ -430,12 +548,28 @@ class SwarmJobs:
                              for record in self._owner_records(pool))
 
     def forget_owners(self, pool: str, keep: set[str]) -> int:
+        """The ownership records of services not in `keep`; and the pool's run secrets that
+        no service refers to any more (see `orphan_secrets`)."""
         removed = 0
         for record in self._owner_records(pool):
             if (record.attrs.get("Spec", {}).get("Labels") or {}).get(LABEL_OWNER_OF) not in keep:
                 with _translated(), contextlib.suppress(docker.errors.NotFound):
                     record.remove()
                 removed += 1
+        self._forget_secrets(pool)
         return removed
+
+    def _forget_secrets(self, pool: str) -> None:
+        ours = [f"{LABEL_POOL}={pool}", f"{LABEL_MANAGED}=true"]
+        with _translated():
+            found = self.client.api.secrets(filters={"label": ours})
+            if not found:
+                return
+            referenced = {ref for service in self.client.api.services(filters={"label": ours})
+                          for ref in _secret_ids(service)}
+        orphans = orphan_secrets(found, referenced, datetime.now(UTC))
+        if orphans:
+            log.info("removing %d Swarm secret(s) of jobs that are gone", len(orphans))
+            self._remove_secrets(orphans)
 
 

@@ -3,8 +3,11 @@ second dockerd, never the machine's engine), with the worker talking to its mana
 
 from __future__ import annotations
 
+import json
+import secrets
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import docker
 import pytest
@@ -22,15 +25,17 @@ def swarm(swarm_engine: SwarmEngine, flow_image: str, docker_client) -> Iterator
     yield swarm_engine
     for service in swarm_engine.client.services.list(filters={"label": RUN_LABEL}):
         service.remove()
+    for secret in swarm_engine.client.secrets.list(filters={"label": RUN_LABEL}):
+        secret.remove()
 
 
 @pytest.fixture
 def swarm_worker(start_worker, policy_file, swarm: SwarmEngine) -> Callable[..., WorkerProcess]:
     """`dockerworker start --runtime swarm` against the Swarm's manager socket, with the
     policy a Swarm worker needs (Swarm services cannot take no-new-privileges here)."""
-    policy = policy_file(no_new_privileges=False)
-
-    def start(pool: str, *args: str, **kwargs: object) -> WorkerProcess:
+    def start(pool: str, *args: str, rules: dict[str, object] | None = None,
+              **kwargs: object) -> WorkerProcess:
+        policy = policy_file(no_new_privileges=False, **(rules or {}))
         return start_worker(pool, "--runtime", "swarm", "--policy", policy, *args,
                             env={"DOCKER_HOST": swarm.host}, **kwargs)
 
@@ -198,3 +203,72 @@ def test_a_gpu_count_is_placed_where_swarm_has_one_free_and_two_wait_with_the_re
     reason = next(m for m in messages(rig, waiting) if "Swarm has not placed" in m)
     assert "insufficient resources" in reason, reason
     assert rig.read_flow_run(waiting)["state"]["type"] == "PENDING"
+
+
+def secrets_of(swarm: SwarmEngine, run_id: str) -> list:
+    return swarm.client.secrets.list(filters={"label": f"{RUN_LABEL}={run_id}"})
+
+
+def task_container(swarm: SwarmEngine, run_id: str) -> tuple[dict, dict]:
+    """The run's job service and its task's container, inspected while they exist."""
+    for job in jobs_of(swarm, run_id):
+        for task in swarm.client.api.tasks(filters={"service": job.id}):
+            container = task.get("Status", {}).get("ContainerStatus", {}).get("ContainerID")
+            if container:
+                return job.attrs, swarm.client.api.inspect_container(container)
+    raise LookupError("no task container yet")
+
+
+def test_a_flow_reads_its_secret_as_a_swarm_secret_and_nothing_shows_it(
+    rig: PrefectRig, swarm_worker, unique_pool: str, swarm: SwarmEngine, tmp_path: Path
+) -> None:
+    """Swarm's own service secrets: the file at /run/secrets/NAME (0400), the value in no
+    service spec, task container or log, the Swarm secret gone with the job; a secret the
+    policy does not allow is refused before any service or secret exists."""
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    value = "pg-" + secrets.token_hex(16)
+    (secrets_dir / "db_password").write_text(value)
+    (secrets_dir / "root_password").write_text("never-given-" + secrets.token_hex(8))
+    worker = swarm_worker(unique_pool, "--secrets-dir", str(secrets_dir),
+                          rules={"allowed_secrets": ["db_*"]})
+    allowed = rig.create_deployment(unique_pool, "flows.py:secret_length",
+                                    {"image": FLOWS_IMAGE, "secrets": ["db_password"]})
+    refused = rig.create_deployment(unique_pool, "flows.py:secret_length",
+                                    {"image": FLOWS_IMAGE, "secrets": ["root_password"]},
+                                    parameters={"name": "root_password"})
+    run_id = rig.create_flow_run(allowed)
+    refused_id = rig.create_flow_run(refused)
+
+    deadline = time.monotonic() + 90
+    while True:  # caught while it runs: the job is removed when it ends
+        try:
+            service, container = task_container(swarm, run_id)
+            break
+        except (LookupError, docker.errors.NotFound):
+            assert time.monotonic() < deadline, "no task container for the run"
+            time.sleep(0.2)
+    (reference,) = service["Spec"]["TaskTemplate"]["ContainerSpec"]["Secrets"]
+    assert reference["File"] == {"Name": "db_password", "UID": "0", "GID": "0", "Mode": 0o400}
+    (secret,) = secrets_of(swarm, run_id)
+    assert secret.id == reference["SecretID"]
+    assert value not in json.dumps(service) and value not in json.dumps(container)
+
+    run = rig.wait_for_final(run_id, timeout=120)
+    assert run["state"]["type"] == "COMPLETED", (run["state"], worker.output())
+    rig.wait_for_log(run_id, "secret value: ***")
+    logs = rig.read_logs(run_id)
+    assert f"secret db_password has {len(value)} characters" in messages(rig, run_id)
+    assert value not in json.dumps(logs)
+    rig.wait_for_log(run_id, "memory and CPU are not read for Swarm jobs")  # #17
+    deadline = time.monotonic() + 30
+    while jobs_of(swarm, run_id) or secrets_of(swarm, run_id):
+        assert time.monotonic() < deadline, "the job or its Swarm secret outlived the run"
+        time.sleep(0.5)
+
+    state = rig.wait_for_final(refused_id, timeout=60)["state"]
+    assert state["type"] == "CRASHED", state
+    assert ("secrets[0]: secret 'root_password' is not allowed (allowed_secrets: ['db_*'])"
+            in state["message"]), state
+    assert not jobs_of(swarm, refused_id) and not secrets_of(swarm, refused_id)
+    assert value not in worker.output()

@@ -1,13 +1,17 @@
 """compose/stack.yml on a single-node Swarm of the tests' own (issue 17, part A): server,
 PostgreSQL and the global worker come up from `docker stack deploy`; a flow runs in a container
 on the attachable overlay network; the worker's name is the per-node one and survives
-`docker service update --force`, the new worker adopting the run the old one started."""
+`docker service update --force`, the new worker adopting the run the old one started. The
+server's auth string and PostgreSQL's password are Swarm secrets made from files: in no
+service's spec and no task container's inspect."""
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -19,6 +23,7 @@ from testrig.prefect_rig import (
     PrefectRig,
     build_worker_image,
     free_port,
+    stack_secrets,
 )
 from testrig.swarm import SwarmEngine, SwarmStack
 
@@ -27,8 +32,22 @@ from dockerworker.jobs import default_base_job_template
 
 
 @pytest.fixture(scope="module")
+def secrets_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The stack's secret files, made as the docs say (compose/docker-compose.yml's top)."""
+    path = tmp_path_factory.mktemp("swarm-stack-secrets")
+    stack_secrets(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def auth(secrets_dir: Path) -> tuple[str, str]:
+    user, _, password = (secrets_dir / "prefect_auth_string").read_text().strip().partition(":")
+    return user, password
+
+
+@pytest.fixture(scope="module")
 def stack(swarm_engine: SwarmEngine, docker_client: docker.DockerClient,
-          flow_image: str) -> Iterator[SwarmStack]:
+          flow_image: str, secrets_dir: Path) -> Iterator[SwarmStack]:
     worker_image = build_worker_image(docker_client)
     swarm_engine.load_images(docker_client, LOCAL_POSTGRES, PREFECT_IMAGE, flow_image,
                              worker_image)
@@ -38,6 +57,7 @@ def stack(swarm_engine: SwarmEngine, docker_client: docker.DockerClient,
         {"postgres": LOCAL_POSTGRES, "server": PREFECT_IMAGE, "worker": worker_image},
         f"dw{tag}-prefect",
         DOCKERWORKER_POLL_INTERVAL="1", DOCKERWORKER_HEARTBEAT_INTERVAL="5",
+        SECRETS_DIR=str(secrets_dir),
     )
     stack.deploy()
     try:
@@ -50,10 +70,10 @@ def stack(swarm_engine: SwarmEngine, docker_client: docker.DockerClient,
 
 
 @pytest.fixture(scope="module")
-def rig(stack: SwarmStack, flow_image: str) -> Iterator[PrefectRig]:
-    """REST helper of the stack's server, once it is healthy, with the stack's pool carrying
-    the overlay network (and the flow image) as defaults."""
-    helper = PrefectRig(stack.api_url)
+def rig(stack: SwarmStack, flow_image: str, auth: tuple[str, str]) -> Iterator[PrefectRig]:
+    """REST helper of the stack's server (with its auth string), once it is healthy, with the
+    stack's pool carrying the overlay network (and the flow image) as defaults."""
+    helper = PrefectRig(stack.api_url, auth=auth)
     try:
         stack.engine.wait_for("the stack's server healthy", lambda: healthy(helper), 180,
                               stack.describe)
@@ -123,6 +143,35 @@ def test_stack_deploys_and_runs_a_flow_on_the_overlay(
     assert run_hello(rig, stack) == name
     (task,) = stack.running_containers("worker")
     assert task.attrs["Config"]["Hostname"] == name.removeprefix("dockerworker-")
+
+
+def test_the_stack_s_credentials_are_swarm_secrets_in_no_spec_or_inspect(
+    stack: SwarmStack, rig: PrefectRig, auth: tuple[str, str], secrets_dir: Path
+) -> None:
+    """The worker authenticates (it is online: the server refuses requests without the auth
+    string) with the credential read from its secret file; neither the auth string nor
+    PostgreSQL's password is in a service's spec or a task container's inspect."""
+    password = auth[1]
+    postgres_password = (secrets_dir / "postgres_password").read_text().strip()
+    assert httpx.post(f"{stack.api_url}/work_pools/filter", json={}, trust_env=False,
+                      timeout=10).status_code == 401
+    name = node_worker_name(stack.engine)
+    stack.engine.wait_for("worker online", lambda: online_workers(
+        rig, stack.pool, datetime.fromtimestamp(0, UTC)).get(name), 120, stack.describe)
+    worker = stack.engine.client.services.get(stack.service("worker"))
+    container_spec = worker.attrs["Spec"]["TaskTemplate"]["ContainerSpec"]
+    assert "PREFECT_API_AUTH_STRING_FILE=/run/secrets/prefect_auth_string" in container_spec["Env"]
+    (reference,) = container_spec["Secrets"]
+    assert reference["File"]["Name"] == "prefect_auth_string"
+    assert (reference["File"]["UID"], reference["File"]["Mode"]) == ("10001", 0o400)
+    for short in ("postgres", "server", "worker"):
+        spec = json.dumps(stack.engine.client.services.get(stack.service(short)).attrs)
+        assert password not in spec and postgres_password not in spec, short
+        for container in stack.running_containers(short):
+            inspected = json.dumps(container.attrs)
+            assert password not in inspected and postgres_password not in inspected, short
+    (task,) = stack.running_containers("worker")
+    assert password not in task.logs().decode(errors="replace")
 
 
 def test_worker_keeps_its_name_and_its_run_across_a_forced_update(

@@ -306,6 +306,7 @@ class FakeRuntime:
         self.records: dict[str, tuple[str, Owner]] = {}  # takeover records: name → (id, owner)
         self.usage_reads = 0  # usage(): called from the sampler thread, not in `calls`
         self.boot_at_once = True  # warm containers are ready as soon as they start
+        self.unread: str | None = None  # unread_usage(): a runtime that reads none (Swarm)
         self._lock = threading.RLock()
 
     # --- test helpers -------------------------------------------------------------------
@@ -476,6 +477,9 @@ class FakeRuntime:
                 return None
             return readings.pop(0) if len(readings) > 1 else readings[0]
 
+    def unread_usage(self) -> str | None:
+        return self.unread
+
     def stop(self, workload: Workload, grace: int, note: Callable[[str], None]) -> None:
         container = self._call("stop", workload)
         assert container is not None
@@ -600,7 +604,7 @@ def wait_until(condition: Callable[[], object], timeout: float = 5.0) -> None:
 STARTED: list[Worker] = []  # stopped after each test (conftest.py)
 
 
-def make_worker(api: FakeAPI, runtime: FakeRuntime, *, start: bool = True,
+def make_worker(api: FakeAPI, runtime: FakeRuntime, /, *, start: bool = True,
                 **settings: Any) -> Worker:
     """A worker on the fakes, started up (pool, recovery, adoption) but not looping."""
     values = {"pool": api.pool.name, "name": "w1", "api_url": "http://127.0.0.1:4200/api",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 from dockerworker import metrics
@@ -217,6 +218,29 @@ def test_a_run_too_short_to_be_read_still_gets_its_line(api, runtime) -> None:
     line = next(m for m in api.messages(run.id) if m.startswith("resources:"))
     assert "peak memory unknown, CPU unknown" in line and "exit 2" in line
     assert "the container ended before its usage could be read" in line
+
+
+def test_a_runtime_that_reads_no_usage_says_so_and_blames_no_short_run(api, runtime) -> None:
+    """Swarm jobs (the task's node has the figures): nothing is sampled, and the line says
+    why rather than "the container ended before its usage could be read"."""
+    runtime.unread = "memory and CPU are not read for Swarm jobs (the task's node has them)"
+    hold = threading.Event()
+    runtime.script_for = lambda spec: Script(hold=hold, usage=[reading(1, 100, 0.5)],
+                                             image="flows/etl:2")
+    run = api.add_run()
+    worker = make_worker(api, runtime)
+    worker.poll()
+    wait_until(lambda: runtime.of_run(run.id) is not None)
+    time.sleep(0.5)  # a sampler would have read it by now (its first reading is at 0.25 s)
+    hold.set()
+    settle(worker)
+    assert worker.shipper.flush(5)
+    line = next(m for m in api.messages(run.id) if m.startswith("resources:"))
+    assert line.startswith("resources: peak memory unknown, CPU unknown, wall ")
+    assert line.endswith("; memory and CPU are not read for Swarm jobs (the task's node has "
+                         "them)"), line
+    assert "ended before its usage could be read" not in line
+    assert runtime.usage_reads == 0 and not worker.usage.active
 
 
 def test_an_adopted_container_s_line_covers_its_whole_run(api, runtime) -> None:

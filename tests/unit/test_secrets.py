@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -270,3 +271,27 @@ def test_the_entry_script_exits_when_the_secrets_never_come(
 
 def test_without_secrets_the_entry_script_reads_nothing(pipe: tuple[int, int]) -> None:
     entry_script.receive_secrets(entry_script.read_lines(pipe[0]), "/nonexistent", timeout=5)
+
+
+def test_a_swarm_job_s_script_finds_its_mounted_secrets_without_reading_stdin(
+        pipe: tuple[int, int], tmp_path: Path, monkeypatch) -> None:
+    """No stdin on Swarm: Swarm mounted the files; the script must not wait for a line that
+    never comes (the pipe stays empty: a wait would last the whole timeout)."""
+    (tmp_path / "db").write_text("v1")
+    monkeypatch.setenv("DOCKERWORKER_SECRETS", "db")
+    monkeypatch.setenv("DOCKERWORKER_SECRETS_MOUNTED", "1")
+    started = time.monotonic()
+    entry_script.receive_secrets(entry_script.read_lines(pipe[0]), str(tmp_path), timeout=5)
+    assert time.monotonic() - started < 1
+    assert "DOCKERWORKER_SECRETS" not in os.environ
+    assert "DOCKERWORKER_SECRETS_MOUNTED" not in os.environ
+
+
+def test_a_swarm_job_whose_secret_is_not_mounted_exits_naming_it(
+        pipe: tuple[int, int], tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "db").write_text("v1")
+    monkeypatch.setenv("DOCKERWORKER_SECRETS", "db,key")
+    monkeypatch.setenv("DOCKERWORKER_SECRETS_MOUNTED", "1")
+    with pytest.raises(SystemExit, match=f"the secrets key are not in {tmp_path}"):
+        entry_script.receive_secrets(entry_script.read_lines(pipe[0]), str(tmp_path),
+                                     timeout=5)

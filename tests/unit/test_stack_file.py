@@ -36,3 +36,31 @@ def test_server_and_database_are_placed_and_the_network_is_attachable() -> None:
         assert service["networks"] == ["prefect"], name
         # ignored by `docker stack deploy`: a stack file must not count on them
         assert "build" not in service and "depends_on" not in service, name
+
+
+def test_credentials_are_swarm_secrets_never_environment_values() -> None:
+    """As compose/docker-compose.yml: files made Swarm secrets, `*_FILE` variables, the
+    server's shell reading them; no password in any service's environment."""
+    spec = stack()
+    assert spec["secrets"] == {
+        "prefect_auth_string": {"file": "${SECRETS_DIR:-./secrets}/prefect_auth_string"},
+        "postgres_password": {"file": "${SECRETS_DIR:-./secrets}/postgres_password"}}
+    services = spec["services"]
+    worker = services["worker"]
+    assert worker["environment"]["PREFECT_API_AUTH_STRING_FILE"] == (
+        "/run/secrets/prefect_auth_string")
+    (secret,) = worker["secrets"]
+    # the worker's user (10001) alone reads it: Swarm, unlike compose, sets owner and mode
+    assert (secret["source"], secret["uid"], secret["mode"]) == ("prefect_auth_string",
+                                                                 "10001", 0o400)
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD_FILE"] == (
+        "/run/secrets/postgres_password")
+    assert services["postgres"]["secrets"] == ["postgres_password"]
+    assert {s["source"] for s in services["server"]["secrets"]} == {
+        "prefect_auth_string", "postgres_password"}
+    assert "/run/secrets/prefect_auth_string" in " ".join(services["server"]["command"])
+    for name, service in services.items():
+        for key, value in service["environment"].items():
+            assert "PASSWORD" not in key or key.endswith("_FILE"), (name, key)
+            assert "AUTH_STRING" not in key or key.endswith("_FILE"), (name, key)
+            assert "prefect:${" not in str(value), (name, key)  # no password in a URL
