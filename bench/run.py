@@ -47,6 +47,7 @@ from typing import Any
 
 import docker
 import docker.errors
+from inflight import inflight_workload
 from procmon import RssSampler, cpu_seconds, rss_mib
 from proxy import CountingProxy, Request
 from testrig.prefect_rig import (
@@ -109,6 +110,9 @@ class Plan:
     deps: bool = True
     ca_bundle: str | None = None  # CA bundle pip trusts in the deps workload (both workers)
     dw_args: tuple[str, ...] = ()  # extra `dockerworker start` options (both dockerworker kinds)
+    inflight: tuple[int, ...] = (1, 10, 50)  # runs in flight, measured in turn (bench/inflight.py)
+    inflight_window: float = 20.0  # seconds measured at each number in flight
+    inflight_settle: float = 5.0  # seconds after all are RUNNING before measuring
 
 
 # --- small helpers ------------------------------------------------------------------------
@@ -585,6 +589,13 @@ def bench_worker(kind: str, server: PrefectServer, rig: PrefectRig, client: dock
             result["deps"] = {}
             deps_workload(worker, rig, client, server, template, plan, result["deps"])
         result["rss_peak_mib"] = sampler.peak()
+        if plan.inflight:
+            print(f"[{kind}] in flight: {', '.join(map(str, plan.inflight))} quiet runs",
+                  flush=True)
+            wait_pool_idle(client, pool)
+            result["inflight"] = inflight_workload(worker.pid, rig, pool, job_variables,
+                                                   plan.inflight, plan.inflight_window,
+                                                   plan.inflight_settle)
         result["worker_alive_at_end"] = worker.process.poll() is None
     finally:
         sampler.stop()
@@ -648,6 +659,17 @@ def lookup(result: dict[str, Any], key: str) -> float | None:
     return value if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def inflight_rows(plan: Plan) -> list[tuple[str, str, str]]:
+    """The in-flight workload's rows, one set per number of runs in flight."""
+    rows = []
+    for level in plan.inflight:
+        rows += [(f"{level} in flight: worker RSS (MiB)", f"inflight.{level}.rss_mib", "{:.1f}"),
+                 (f"{level} in flight: worker threads", f"inflight.{level}.threads", "{:.0f}"),
+                 (f"{level} in flight: worker CPU (% of a core)",
+                  f"inflight.{level}.cpu_pct_of_core", "{:.2f}")]
+    return rows
+
+
 def table(results: dict[str, dict[str, Any]], plan: Plan) -> str:
     """Side by side, with each dockerworker kind's ratio to prefect-docker."""
     kinds = [k for k in WORKERS if k in results]
@@ -657,7 +679,7 @@ def table(results: dict[str, dict[str, Any]], plan: Plan) -> str:
     header = f"{'metric':<42}" + "".join(f"{heads[k]:>12}" for k in kinds)
     header += "".join(f"{heads[k] + '/pd':>12}" for k in ours)
     lines = [header, "-" * len(header)]
-    for label, key, fmt in ROWS:
+    for label, key, fmt in ROWS + inflight_rows(plan):
         if key.startswith("deps.") and not plan.deps:
             continue
         values = {k: lookup(results[k], key) for k in kinds}
@@ -685,6 +707,9 @@ def table(results: dict[str, dict[str, Any]], plan: Plan) -> str:
         "RSS/CPU: worker process tree from /proc (not dockerd, not the flow containers);",
         "RSS peak = max(sampled VmRSS sum, VmHWM sum). prefect-docker does not ship container",
         "output to the API, so its log rows read 0 lines / n/a.",
+        (f"In flight: quiet runs (a container that sleeps) added up to each number, measured "
+         f"over {plan.inflight_window:g} s, {plan.inflight_settle:g} s after all are RUNNING "
+         "(bench/inflight.py)."),
     ]
     if plan.deps:
         lines += [
@@ -721,10 +746,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]
                         help="comma-separated subset of: " + ", ".join(WORKERS))
     parser.add_argument("--dw-args", default="",
                         help="extra `dockerworker start` options, e.g. '--max-starting 0'")
+    parser.add_argument("--inflight", help="numbers of quiet runs in flight to measure the "
+                        "worker at, in turn (default 1,10,50; quick 1,5; '' for none)")
+    parser.add_argument("--inflight-settle", type=float, default=5.0,
+                        help="seconds the runs in flight age before each measurement "
+                             "(default 5; the worker reads a run's usage less often as it "
+                             "ages: 300 shows long runs)")
+    parser.add_argument("--inflight-window", type=float,
+                        help="seconds measured at each number in flight (default 20; quick 10)")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV,
                         help="venv for prefect-docker's worker (created if missing)")
     args = parser.parse_args(argv)
-    plan = Plan(sequential=3, burst=5, log_lines=5000) if args.quick else Plan()
+    plan = (Plan(sequential=3, burst=5, log_lines=5000, inflight=(1, 5), inflight_window=10)
+            if args.quick else Plan())
+    if args.inflight is not None:
+        plan.inflight = tuple(int(n) for n in args.inflight.split(",") if n.strip())
+    plan.inflight_settle = args.inflight_settle
+    if args.inflight_window is not None:
+        plan.inflight_window = args.inflight_window
     plan.poll_interval = args.poll_interval
     plan.deps = args.deps if args.deps is not None else not args.quick
     plan.ca_bundle = args.ca_bundle or None

@@ -17,9 +17,11 @@ and the stats API answers zeros. What makes a few cheap readings enough:
 
 One `UsageWatch` per worker: one sampler thread (and a pool of at most `batch` callers) while
 any container is watched, none when none is; each container is read 0.25 s after it is
-watched, then at a tenth of its age (at least every second, at most every 5 s): the CPU and
-memory used after the last reading (≤ a tenth of a long run, ≤ ~1 s of a short one) is not
-counted, and the line says how long before the end that reading was. A container that ended
+watched, then at a tenth of its age (at least every second, at most every 30 s): the CPU and
+memory used after the last reading (≤ a tenth of a run, ≤ ~1 s of a short one, ≤ 30 s of a
+long one) is not counted, and the line says how long before the end that reading was. Why
+30 s: a reading costs the worker ~3 ms of CPU, so 50 long runs read every 5 s cost 3 % of a
+core; every 30 s, 0.5 % (docs/benchmarks.md, "many runs in flight"). A container that ended
 before its first reading gets a line too, with the figures it has (wall time, exit, image)
 and "unknown" for the others. On cgroup v2 the engine gives no peak: the line gives the
 highest reading as a lower bound and says so.
@@ -123,7 +125,7 @@ class UsageWatch:
     only while some container is watched."""
 
     def __init__(self, runtime: Runtime, *, first: float = 0.25, every_min: float = 1.0,
-                 every_max: float = 5.0, batch: int = 8,
+                 every_max: float = 30.0, batch: int = 8,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.runtime = runtime
         self.first = first
