@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+import shlex
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -229,8 +230,11 @@ def service_kwargs(name: str, create_kwargs: dict[str, Any], job_cpus: float | N
     return {
         "name": service_name(name),
         "image": kwargs["image"],
-        # `command` of a container is a service's args: the image's entrypoint stays
-        "args": kwargs.get("command"),
+        # `command` of a container is a service's args: the image's entrypoint stays. A
+        # string is split as the engine splits a container's (docker-py: shlex), where a
+        # service only takes a list
+        "args": (shlex.split(command) if isinstance(command := kwargs.get("command"), str)
+                 else command),
         "env": [f"{k}={v}" for k, v in {**env, ONCE_ENV: "1",
                                         WATCH_CANCEL_ENV: str(WATCH_CANCEL_SECONDS)}.items()],
         "labels": {**labels, LABEL_CONTROL: "signal"} if control else labels,
@@ -277,6 +281,8 @@ def task_exit(task: dict[str, Any] | None, memory_limit: int | None) -> ExitRepo
     state = status.get("State", "")
     error = "" if state == "complete" else str(status.get("Err") or "")
     exit_code = int(code) if code is not None else -1
+    if error == f"task: non-zero exit ({exit_code})":  # the exit code again, not an error
+        error = ""
     return ExitReport(exit_code=exit_code,
                       oom_killed=exit_code == 137 and bool(memory_limit),
                       error=error if exit_code != 137 else "",

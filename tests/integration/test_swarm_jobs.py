@@ -58,9 +58,13 @@ def test_runs_as_swarm_jobs_complete_fail_and_die_of_oom(
     fails = rig.create_deployment(unique_pool, "flows.py:fails", {"image": FLOWS_IMAGE})
     hog = rig.create_deployment(unique_pool, "flows.py:allocate",
                                 {"image": FLOWS_IMAGE, "mem_limit": "256m"})
+    # a job's own command as a string, as containers take it (a service takes only a list)
+    exits = rig.create_deployment(unique_pool, "flows.py:hello", {
+        "image": FLOWS_IMAGE, "command": "sh -c 'echo last words on swarm; exit 3'"})
     completed = rig.create_flow_run(hello, parameters={"name": "swarm"})
     failed = rig.create_flow_run(fails)
     oom = rig.create_flow_run(hog, parameters={"mb": 768})
+    exited = rig.create_flow_run(exits)
 
     # placed by Swarm: while it runs, the run is a one-shot service with one task
     deadline = time.monotonic() + 60
@@ -81,6 +85,10 @@ def test_runs_as_swarm_jobs_complete_fail_and_die_of_oom(
     state = rig.wait_for_final(oom, timeout=120)["state"]
     assert state["type"] == "CRASHED"
     assert "out of memory (mem_limit 256m)" in state["message"], state["message"]
+    state = rig.wait_for_final(exited, timeout=120)["state"]
+    assert state["type"] == "CRASHED"
+    assert "exited with code 3" in state["message"], state["message"]
+    assert "last words on swarm" in state["message"], state["message"]
 
 
 def test_a_cancelled_job_is_cancelled_by_prefect_s_engine_and_its_service_gone(

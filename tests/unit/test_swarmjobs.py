@@ -98,6 +98,15 @@ def test_a_gpu_count_is_a_reservation_of_the_operator_s_generic_resource() -> No
         service_kwargs("x", {**BASE, "device_requests": [gpu_request("all")]}, None, [], 30, [])
 
 
+def test_a_command_given_as_a_string_is_split_as_the_engine_splits_it() -> None:
+    """A container takes `command: "sh -c 'echo hi'"`; a service takes only a list (the
+    engine answered "cannot unmarshal string into ... Args of type []string")."""
+    given = {**BASE, "command": "sh -c 'echo a b'"}
+    assert service_kwargs("x", given, None, [], 30, [])["args"] == ["sh", "-c", "echo a b"]
+    listed = {**BASE, "command": ["python", "-m", "x"]}
+    assert service_kwargs("x", listed, None, [], 30, [])["args"] == ["python", "-m", "x"]
+
+
 def test_a_job_s_own_command_is_stopped_with_sigterm() -> None:
     kwargs = service_kwargs("x", {**BASE, "labels": {}}, None, [], 30, [])
     assert kwargs["stop_signal"] is None and LABEL_CONTROL not in kwargs["labels"]
@@ -154,7 +163,10 @@ def test_a_task_s_end_reads_as_a_container_s() -> None:
     assert oom.oom_killed and oom.describe("256m").startswith("killed: out of memory")
     failed = task_exit(task("failed", "2026-11-30T10:00:05Z", 1, err="task: non-zero exit (1)"),
                        None)
-    assert failed.exit_code == 1 and "non-zero exit" in failed.error
+    # Swarm's Err only restates the code: the run's message says "exited with code 1", as a
+    # container's does, not "Docker reported an error: task: non-zero exit (1)"
+    assert failed.exit_code == 1 and failed.error == ""
+    assert failed.describe(None) == "exited with code 1"
     rejected = task_exit(task("rejected", "2026-11-30T10:00:05Z", err="No such image: x"), None)
     assert rejected.exit_code == -1 and rejected.error == "No such image: x"
     with pytest.raises(WorkloadGone):
