@@ -338,6 +338,9 @@ class ExitReport:
     finished: datetime | None = None
     image: str = ""
     memory_limit: int = 0  # bytes; 0: none
+    # the cluster ended it, not the flow: a Swarm task rejected by its node (an image the
+    # node cannot pull) or orphaned (its node lost): worth an infrastructure retry
+    by_infrastructure: bool = False
 
     def describe(self, mem_limit: str | None) -> str:
         """A short human reason: out of memory, a signal, or the plain exit code."""

@@ -79,6 +79,9 @@ ONCE_ENV = "DOCKERWORKER_ONCE"  # asks the entry script to refuse a run no longe
 WATCH_CANCEL_ENV = "DOCKERWORKER_WATCH_CANCEL"  # seconds between its looks for CANCELLING
 WATCH_CANCEL_SECONDS = 2
 _DONE = frozenset({"complete", "failed", "rejected", "shutdown", "orphaned", "remove"})
+# a task that ended by the cluster's doing: its node refused it (an image it cannot pull) or
+# was lost under it; the run is CRASHED as an infrastructure failure (infra_retries)
+_LOST = frozenset({"rejected", "orphaned"})
 _WAITING = frozenset({"new", "pending", "assigned", "allocated", "accepted", "preparing",
                       "ready", "starting"})
 # create_kwargs a service can carry, and how (containers.build_spec makes them)
@@ -290,7 +293,8 @@ def task_exit(task: dict[str, Any] | None, memory_limit: int | None) -> ExitRepo
                       finished=engine_time(status.get("Timestamp")) if state in _DONE else None,
                       image=str(task.get("Spec", {}).get("ContainerSpec", {}).get("Image", "")
                                 ).split("@")[0],
-                      memory_limit=memory_limit or 0)
+                      memory_limit=memory_limit or 0,
+                      by_infrastructure=state in _LOST)
 
 
 def _workload(service: Any) -> Workload:

@@ -124,8 +124,10 @@ def judge(
             return Verdict(Outcome.LEAVE, "flow run is PAUSED (suspended); left as it is",
                            reason="suspended", state="paused")
         current = state.type.value if state else "without a state"
-        by_engine = engine_restarted and not exit.oom_killed and exit.exit_code != 0
-        lead = "The Docker engine restarted under the run: " if by_engine else ""
+        by_engine = (engine_restarted and not exit.oom_killed and exit.exit_code != 0
+                     or exit.by_infrastructure)
+        lead = ("The Docker engine restarted under the run: "
+                if by_engine and not exit.by_infrastructure else "")
         return Verdict(Outcome.CRASHED, f"{lead}{reason} while the flow run was {current}.",
                        workload=workload, infrastructure=by_engine,
                        reason="engine" if by_engine else exit_reason(exit))

@@ -169,6 +169,9 @@ def test_a_task_s_end_reads_as_a_container_s() -> None:
     assert failed.describe(None) == "exited with code 1"
     rejected = task_exit(task("rejected", "2026-11-30T10:00:05Z", err="No such image: x"), None)
     assert rejected.exit_code == -1 and rejected.error == "No such image: x"
+    orphaned = task_exit(task("orphaned", "2026-11-30T10:00:05Z", err="node is down"), None)
+    assert rejected.by_infrastructure and orphaned.by_infrastructure  # the cluster's doing
+    assert not (failed.by_infrastructure or oom.by_infrastructure or done.by_infrastructure)
     with pytest.raises(WorkloadGone):
         task_exit(None, None)
 

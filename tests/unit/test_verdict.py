@@ -110,3 +110,18 @@ def test_cancelled_wins_over_whatever_the_exit_says() -> None:
                     workload=W, mem_limit="1g")
     assert verdict.outcome is Outcome.CANCELLED
     assert "out of memory (mem_limit 1g)" in verdict.message
+
+
+def test_a_task_the_cluster_ended_is_an_infrastructure_crash_and_a_flow_s_exit_is_not() -> None:
+    """A Swarm task rejected by its node (an image it cannot pull) or orphaned (its node lost)
+    never ran the flow to its end by the flow's doing: CRASHED, worth an infrastructure retry;
+    the same exit code from the flow itself is not."""
+    lost = ExitReport(-1, False, "No such image: flows:1", by_infrastructure=True)
+    for run_state in (state(StateType.PENDING), state(StateType.RUNNING)):
+        verdict = judge(lost, run_state, cancelled=False, removed=False, workload=W)
+        assert verdict.outcome == Outcome.CRASHED and verdict.infrastructure
+        assert "No such image: flows:1" in verdict.message
+        assert not verdict.message.startswith("The Docker engine restarted")
+    flow_exit = judge(ExitReport(-1, False, "No such image: flows:1"), state(StateType.PENDING),
+                      cancelled=False, removed=False, workload=W)
+    assert flow_exit.outcome == Outcome.CRASHED and not flow_exit.infrastructure
