@@ -24,7 +24,6 @@ from pydantic_core import PydanticUndefined
 from . import __version__, logformat
 from .api import PrefectAPI, PrefectAPIError
 from .builds import list_builds, prune_builds
-from .doctor import Doctor
 from .health import serve_health
 from .jobs import (
     InvalidJobVariables,
@@ -228,6 +227,8 @@ def doctor(pool: str, api_url: str, reach: tuple[str, ...]) -> None:
     """Check the server, credentials, pool, workers, waiting runs and Docker; say how to fix
     what is wrong. Exit code 1 if anything is."""
     api, secrets = _api_from_env(api_url, patience=0)
+    from .doctor import Doctor  # only this command needs it: `start` stays lighter
+
     healthy = Doctor(api, pool, Masker(secrets), reach).run(click.echo)
     sys.exit(0 if healthy else 1)
 
