@@ -550,7 +550,26 @@ def bench_worker(kind: str, server: PrefectServer, rig: PrefectRig, client: dock
             "per_run_requests_per_run": len(per_run_requests(requests)) / len(runs),
             "breakdown": CountingProxy.breakdown(requests),
         }
-        print(f"[{kind}] sequential done; burst of {plan.burst}", flush=True)
+        print(f"[{kind}] sequential done; {plan.sequential} runs one a second", flush=True)
+
+        def spaced() -> list[dict[str, Any]]:
+            """Runs arriving every second, each before the previous one has ended."""
+            ids = []
+            for _ in range(plan.sequential):
+                ids.append(rig.create_flow_run(hello))
+                time.sleep(1.0)
+            return wait_all_final(rig, ids, plan.run_timeout)
+
+        runs, _cpu, _requests = measure_runs(worker, spaced)
+        to_running = [s for r in runs if (s := seconds(r["created"], r.get("start_time")))]
+        result["spaced"] = {
+            "runs": len(runs),
+            "completed": sum(state_type(r) == "COMPLETED" for r in runs),
+            "to_running_s": to_running,
+            "to_running_median_s": median_p95(to_running)[0],
+            "to_running_p95_s": median_p95(to_running)[1],
+        }
+        print(f"[{kind}] one a second done; burst of {plan.burst}", flush=True)
 
         def burst() -> list[dict[str, Any]]:
             ids = [rig.create_flow_run(hello) for _ in range(plan.burst)]
@@ -628,6 +647,9 @@ ROWS: list[tuple[str, str, str]] = [
     ("sequential: worker CPU per run (s)", "seq.cpu_s_per_run", "{:.3f}"),
     ("sequential: API requests per run", "seq.requests_per_run", "{:.1f}"),
     ("  of which not periodic (poll, hb, ...)", "seq.per_run_requests_per_run", "{:.1f}"),
+    ("one a second: runs COMPLETED", "spaced.completed", "{:.0f}"),
+    ("one a second: create→RUNNING median (s)", "spaced.to_running_median_s", "{:.2f}"),
+    ("one a second: create→RUNNING p95 (s)", "spaced.to_running_p95_s", "{:.2f}"),
     ("burst: runs COMPLETED", "burst.completed", "{:.0f}"),
     ("burst: first create → last final (s)", "burst.wall_s", "{:.1f}"),
     ("burst: runs/min", "burst.runs_per_min", "{:.1f}"),
@@ -697,6 +719,7 @@ def table(results: dict[str, dict[str, Any]], plan: Plan) -> str:
         "~4 s: bench/entrypoint.py), so burst throughput is CPU-bound by the machine; timings",
         "are noisy when anything else runs. Sequential: one run at a time, after one",
         "unmeasured warm-up run (for dw warm: the cold run whose configuration it keeps warm).",
+        "One a second: as many runs as the sequential workload, created a second apart.",
         f"dw warm = dockerworker {' '.join(WARM_ARGS)}. Extra dockerworker options: "
         + (" ".join(plan.dw_args) or "none") + ".",
         f"All workers poll every {plan.poll_interval:g} s (prefetch 10 s, heartbeat 30 s).",
