@@ -40,9 +40,10 @@ class _HandledKeepaliveFailure(logging.Filter):
 _socket_log = logging.getLogger(f"{__name__}.websocket")
 _socket_log.addFilter(_HandledKeepaliveFailure())
 RUNNING_EVENT = "prefect.flow-run.Running"
+CANCELLING_EVENT = "prefect.flow-run.Cancelling"
 PING_INTERVAL = 20.0  # keepalive: a ping every so often...
 PING_TIMEOUT = 20.0  # ...answered within this, or the connection counts as lost
-WATCHED_EVENTS = ["prefect.flow-run.Scheduled", "prefect.flow-run.Cancelling", RUNNING_EVENT]
+WATCHED_EVENTS = ["prefect.flow-run.Scheduled", CANCELLING_EVENT, RUNNING_EVENT]
 
 
 def events_url(api_url: str) -> str:

@@ -32,6 +32,7 @@ from .api import (
     WorkPool,
 )
 from .builds import Builder
+from .cache import CachedReads
 from .containers import ContainerSpec, WatchOptions
 from .entry import SECRETS_ENV
 from .flowcode import run_secrets
@@ -114,8 +115,11 @@ class RunSupervisor:
         on_done: Callable[[FlowRun], None] = lambda run: None,
         warm: WarmPool | None = None,
         usage: UsageWatch | None = None,
+        reads: CachedReads | None = None,
     ) -> None:
+        """`reads`: the worker's deployments, flows and pool, shared by its runs."""
         self.api = api
+        self.reads = reads or CachedReads(api)
         self.runtime = runtime
         self.settings = settings
         self.pool = pool
@@ -136,7 +140,8 @@ class RunSupervisor:
         self.reporter = RunReporter(api, runtime, shipper, flow_run, self.label,
                                     Masker(settings.secrets()))
         self.prepare = Preparation(api, runtime, builder, settings, flow_run, shipper, warm,
-                                   self.say, lambda text: self.mask(text), self.cancel_requested)
+                                   self.say, lambda text: self.mask(text), self.cancel_requested,
+                                   read_pool=self.reads.pool)
         self.follower = Follower(api, runtime, shipper, flow_run, self.label)
 
     @property
@@ -184,7 +189,7 @@ class RunSupervisor:
         deployment = None
         if self.flow_run.deployment_id:
             with contextlib.suppress(PrefectAPIError):
-                deployment = self.api.read_deployment(self.flow_run.deployment_id)
+                deployment = self.reads.deployment(self.flow_run.deployment_id)
         files = {}
         for name in filter(None, env.get(SECRETS_ENV, "").split(",")):  # its secret files
             with contextlib.suppress(OSError):
@@ -261,7 +266,7 @@ class RunSupervisor:
         secrets = self.prepare.read_secrets(job)  # allowed: read, and masked from here on
         self.mask = self.mask.with_secrets(secret_texts(secrets))
         job = self.prepare.ensure_image(job)
-        flow = self.api.read_flow(self.flow_run.flow_id)
+        flow = self.reads.flow(self.flow_run.flow_id)
         job = self.prepare.build_dependencies(job, build_name(flow, deployment))
         spec = self.prepare.container_spec(job, deployment, flow, self.pool, secrets)
         workload = self._start(spec)
@@ -272,7 +277,7 @@ class RunSupervisor:
         if not self.flow_run.deployment_id:
             return None
         try:
-            return self.api.read_deployment(self.flow_run.deployment_id)
+            return self.reads.deployment(self.flow_run.deployment_id)
         except NotFound:
             message = (
                 f"Deployment {self.flow_run.deployment_id} no longer exists, cancelled run."
