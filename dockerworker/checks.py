@@ -17,7 +17,7 @@ from uuid import UUID
 from . import metrics
 from .admission import Admission
 from .api import PrefectAPI, PrefectAPIError, StateType
-from .events import CANCELLING_EVENT, RUNNING_EVENT, EventListener
+from .events import CANCELLING_EVENT, ENDED_EVENTS, RUNNING_EVENT, EventListener
 from .recovery import LOOP_PATIENCE
 from .runs import RunSupervisor
 from .settings import WorkerSettings
@@ -47,13 +47,17 @@ class StateChecks:
 
     def _on_event(self, name: str, resource_id: str) -> None:
         """A flow run of this pool was scheduled: poll now; is cancelling: check now.
-        One of ours is running: it frees a start slot."""
+        One of ours is running: it frees a start slot; has ended: its state is known."""
         log.debug("event %s of %s", name, resource_id)
-        if name == RUNNING_EVENT:
+        if name in (RUNNING_EVENT, *ENDED_EVENTS):
             try:
-                self._seen_running(UUID(resource_id.removeprefix("prefect.flow-run.")))
+                run_id = UUID(resource_id.removeprefix("prefect.flow-run."))
             except ValueError:
-                pass
+                return
+            if name == RUNNING_EVENT:
+                self._seen_running(run_id)
+            elif (supervisor := self.admission.supervisors().get(run_id)) is not None:
+                supervisor.ended_as(StateType(ENDED_EVENTS[name]))
             return
         self._nudge("cancellations" if name == CANCELLING_EVENT else "poll")
 

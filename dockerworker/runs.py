@@ -28,6 +28,7 @@ from .api import (
     NotFound,
     PrefectAPI,
     PrefectAPIError,
+    State,
     StateType,
     WorkPool,
 )
@@ -137,6 +138,7 @@ class RunSupervisor:
         self.container: Workload | None = None
         self.options = WatchOptions()
         self.cancel_requested = threading.Event()
+        self._ended_as: StateType | None = None  # a final state the event stream reported
         self.reporter = RunReporter(api, runtime, shipper, flow_run, self.label,
                                     Masker(settings.secrets()))
         self.prepare = Preparation(api, runtime, builder, settings, flow_run, shipper, warm,
@@ -252,6 +254,20 @@ class RunSupervisor:
                 log.warning("%s: could not stop container %s: %s", self.label,
                             self.container.name, exc)
 
+    def ended_as(self, type_: StateType) -> None:
+        """The event stream says the run reached this final state (of its type, only the
+        verdict's concern): no need to read it after the container's exit. Heard only while
+        its container runs: an event of the run's life before this claim never counts."""
+        if self.phase == Phase.RUNNING:
+            self._ended_as = type_
+
+    def _state_now(self) -> State | None:
+        """The run's state after the container's exit: as the event stream reported it, or
+        read."""
+        if self._ended_as is not None:
+            return State(type=self._ended_as)
+        return self.api.read_flow_run(self.flow_run.id).state
+
     def stop_following(self) -> None:
         """The worker is leaving: stop shipping output (a later worker resumes from the server)."""
         self.follower.stop()
@@ -343,7 +359,7 @@ class RunSupervisor:
             self.say(resource_line(report, seen, warm=LABEL_WARM in workload.labels))
         if self.cancel_requested.is_set():
             raise RunCancelled
-        state = self.api.read_flow_run(self.flow_run.id).state
+        state = self._state_now()
         removed = (report is not None and not (state is not None and state.is_final)
                    and self.runtime.removed_meanwhile(workload))
         verdict = self.reporter.with_context(judge(

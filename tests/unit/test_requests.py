@@ -257,3 +257,51 @@ def test_a_deleted_deployment_still_cancels_its_runs(api, runtime: FakeRuntime) 
     worker.poll()
     settle(worker)
     assert {api.state_of(r.id).type for r in runs} == {StateType.CANCELLED}
+
+
+# --- the run's final state, from the event stream ----------------------------------------
+def test_a_final_event_spares_the_read_after_the_exit(api, runtime, recorder) -> None:
+    gate = threading.Event()
+    runtime.script_for = lambda spec: Script(hold=gate)
+    worker = make_worker(recorder, runtime)  # type: ignore[arg-type]
+    run = api.add_run()
+    worker.poll()
+    wait_until(lambda: all(s.container for s in worker.active_runs()))
+    recorder.clear()
+    worker._on_event("prefect.flow-run.Completed", f"prefect.flow-run.{run.id}")
+    gate.set()
+    settle(worker)
+    assert api.state_of(run.id).type == StateType.COMPLETED
+    assert recorder.requests() == []
+
+
+def test_a_crashed_event_does_not_spare_it(api, runtime, recorder) -> None:
+    """A Crashed state's message is part of the verdict (why it crashed): read."""
+    gate = threading.Event()
+    runtime.script_for = lambda spec: Script(hold=gate, final_state=StateType.CRASHED)
+    worker = make_worker(recorder, runtime)  # type: ignore[arg-type]
+    run = api.add_run()
+    worker.poll()
+    wait_until(lambda: all(s.container for s in worker.active_runs()))
+    recorder.clear()
+    worker._on_event("prefect.flow-run.Crashed", f"prefect.flow-run.{run.id}")
+    gate.set()
+    settle(worker)
+    assert recorder.requests()[0] == STATE
+
+
+def test_a_final_event_before_the_container_started_is_not_believed(api, runtime) -> None:
+    """An event of the run's earlier life (rescheduled after it ended) arriving late: the
+    exit is judged by the state read, not by it."""
+    gate = threading.Event()
+    runtime.image_gate = threading.Event()
+    runtime.script_for = lambda spec: Script(hold=gate, final_state=None, exit_code=1)
+    worker = make_worker(api, runtime)
+    run = api.add_run()
+    worker.poll()
+    wait_until(lambda: runtime.calls.count(("ensure_image", "")) == 1)
+    worker._on_event("prefect.flow-run.Completed", f"prefect.flow-run.{run.id}")
+    runtime.image_gate.set()
+    gate.set()
+    settle(worker)
+    assert api.state_of(run.id).type == StateType.CRASHED
