@@ -79,10 +79,6 @@ class CachedReads:
     def pool(self, name: str) -> WorkPool:
         return self.pools.get(name, lambda: self.api.read_work_pool(name))
 
-    def pool_read(self, pool: WorkPool) -> None:
-        """The pool as the heartbeat just read it: the next runs use it."""
-        self.pools.put(pool.name, pool)
-
     def deployment(self, deployment_id: UUID) -> Deployment:
         return self.deployments.get(deployment_id,
                                     lambda: self.api.read_deployment(deployment_id))

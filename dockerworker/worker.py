@@ -210,13 +210,13 @@ class Worker(RecoveryRounds, StateChecks):
                 patience=LOOP_PATIENCE,
             )
             self.pool = self.api.read_work_pool(self.settings.pool, patience=LOOP_PATIENCE)
-            self.reads.pool_read(self.pool)
         except NotFound:
             log.warning("work pool %r is gone; creating it again", self.settings.pool)
             self._step("pool re-creation", self._recreate_pool)
 
     def _recreate_pool(self) -> None:
         self.pool = self.ensure_pool()
+        self.reads.pools.drop(self.settings.pool)  # the runs read the new one
 
     def poll(self) -> None:
         """Ask for what is due (now + prefetch) and start a supervisor per run, within --limit."""

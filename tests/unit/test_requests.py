@@ -10,6 +10,7 @@ import pytest
 
 from dockerworker.api import NotFound, StateType
 from dockerworker.cache import CachedReads, ShortLived
+from dockerworker.jobs import with_default_image
 
 from .fakes import FakeAPI, FakeRuntime, Script, make_worker, settle, wait_until
 
@@ -237,15 +238,19 @@ def test_an_edited_deployment_counts_once_its_copy_expired(api: FakeAPI) -> None
     assert reads.deployment(deployment.id).job_variables == {"image": "b:2"}
 
 
-def test_the_heartbeats_pool_read_serves_the_runs(api, runtime, recorder) -> None:
-    worker = make_worker(recorder, runtime)  # type: ignore[arg-type]
+def test_a_pool_edited_after_the_heartbeat_counts_at_the_next_run(api, runtime) -> None:
+    """Only runs keep a copy of the pool: an edit made between the heartbeat's read and the
+    first run (a deployment tool setting the pool's defaults) is not missed."""
+    images: list[str] = []
+    runtime.script_for = lambda spec: (images.append(spec.create_kwargs["image"]), Script())[1]
+    worker = make_worker(api, runtime)
     worker._heartbeat()
-    recorder.clear()
-    run = api.add_run()
+    api.pool = api.pool.model_copy(update={"base_job_template": with_default_image(
+        api.pool.base_job_template, "edited/image:2")})
+    api.add_run()
     worker.poll()
     settle(worker)
-    assert api.state_of(run.id).type == StateType.COMPLETED
-    assert ENDPOINTS["read_work_pool"] not in recorder.requests()
+    assert images == ["edited/image:2"]
 
 
 def test_a_deleted_deployment_still_cancels_its_runs(api, runtime: FakeRuntime) -> None:
