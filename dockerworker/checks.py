@@ -17,7 +17,7 @@ from uuid import UUID
 from . import metrics
 from .admission import Admission
 from .api import PrefectAPI, PrefectAPIError, StateType
-from .events import RUNNING_EVENT, EventListener
+from .events import CANCELLING_EVENT, ENDED_EVENTS, RUNNING_EVENT, EventListener
 from .recovery import LOOP_PATIENCE
 from .runs import RunSupervisor
 from .settings import WorkerSettings
@@ -35,7 +35,7 @@ class StateChecks:
     admission: Admission[RunSupervisor]
     events: EventListener | None
     failures: Counter[str]
-    _nudged: threading.Event
+    held_back: bool  # the last poll left runs scheduled for want of a slot (worker.py)
 
     def _cancel_check_interval(self) -> float:
         """Check often only when the event stream is not there to report Cancelling (and
@@ -46,57 +46,56 @@ class StateChecks:
         return CANCEL_CHECK_SECONDS
 
     def _on_event(self, name: str, resource_id: str) -> None:
-        """A flow run of this pool was scheduled or is cancelling: poll and check now.
-        One of ours is running: it frees a start slot."""
+        """A flow run of this pool was scheduled: poll now; is cancelling: check now.
+        One of ours is running: it frees a start slot; has ended: its state is known."""
         log.debug("event %s of %s", name, resource_id)
-        if name == RUNNING_EVENT:
+        if name in (RUNNING_EVENT, *ENDED_EVENTS):
             try:
-                self._seen_running(UUID(resource_id.removeprefix("prefect.flow-run.")))
+                run_id = UUID(resource_id.removeprefix("prefect.flow-run."))
             except ValueError:
-                pass
+                return
+            if name == RUNNING_EVENT:
+                self._seen_running(run_id)
+            elif (supervisor := self.admission.supervisors().get(run_id)) is not None:
+                supervisor.ended_as(StateType(ENDED_EVENTS[name]))
             return
-        self._nudged.set()
+        self._nudge("cancellations" if name == CANCELLING_EVENT else "poll")
+
+    def _nudge(self, *rounds: str) -> None:
+        raise NotImplementedError  # the worker's (worker.py)
 
     def _seen_running(self, run_id: UUID) -> None:
-        """The run reached RUNNING: it no longer counts as starting; take the next one."""
+        """The run reached RUNNING: it no longer counts as starting; take the next one, if
+        the last poll left runs behind for want of a slot (else a poll finds nothing new:
+        a run scheduled meanwhile has its own Scheduled event)."""
         supervisor = self.admission.supervisors().get(run_id)
         if supervisor is not None and supervisor.started_at is not None:
             metrics.START_TO_RUNNING_SECONDS.observe(time.monotonic() - supervisor.started_at)
-        if self.admission.running(run_id):
-            self._nudged.set()
-
-    def check_started(self) -> None:
-        """Starting runs that are RUNNING now free their start slots. Checked even while the
-        event stream is connected: a Running event it missed must not hold a slot until
-        the boot patience runs out."""
-        booting = self.admission.booting()
-        if not booting or not self.admission.max_starting:
-            return
-        try:
-            for flow_run in self.api.filter_flow_runs(
-                self.settings.pool, [StateType.RUNNING], ids=booting, patience=LOOP_PATIENCE
-            ):
-                self._seen_running(flow_run.id)
-        except PrefectAPIError as exc:
-            log.warning("checking for started runs failed: %s", exc)
+        if self.admission.running(run_id) and self.held_back:
+            self._nudge("poll")
 
     def check_cancellations(self) -> None:
-        """Runs of ours moved to CANCELLING (UI or API): stop them, in a thread each.
-        Also look for starting runs that are RUNNING now (check_started)."""
+        """One request for all runs in flight: those moved to CANCELLING (UI or API) are
+        stopped, in a thread each; starting ones that are RUNNING now free their start slots
+        (checked even while the event stream is connected: a Running event it missed must not
+        hold a slot until the boot patience runs out)."""
         supervisors = self.admission.supervisors()
         if not supervisors:
             return
-        self.check_started()
+        booting = set(self.admission.booting()) if self.admission.max_starting else set()
+        states = [StateType.CANCELLING] + ([StateType.RUNNING] if booting else [])
         try:
-            cancelling = self.api.filter_flow_runs(
-                self.settings.pool, [StateType.CANCELLING], ids=list(supervisors),
-                patience=LOOP_PATIENCE,
-            )
+            found = self.api.filter_flow_runs(self.settings.pool, states, ids=list(supervisors),
+                                              patience=LOOP_PATIENCE)
         except PrefectAPIError as exc:
             self.failures["cancellations"] += 1
             log.warning("checking for cancellations failed: %s", exc)
             return
-        for flow_run in cancelling:
+        for flow_run in found:
+            state = flow_run.state.type if flow_run.state is not None else None
+            if state == StateType.RUNNING and flow_run.id in booting:
+                self._seen_running(flow_run.id)
             supervisor = supervisors.get(flow_run.id)
-            if supervisor is not None and not supervisor.cancel_requested.is_set():
+            if (state == StateType.CANCELLING and supervisor is not None
+                    and not supervisor.cancel_requested.is_set()):
                 threading.Thread(target=supervisor.cancel, daemon=True).start()

@@ -1,8 +1,10 @@
 """Pickup without the poll wait: the server's event stream nudges the loop.
 
-The worker subscribes to `/api/events/out` for flow-run Scheduled, Cancelling and Running events
-of its pool. On Scheduled or Cancelling it polls (or checks cancellations) at once instead of at
-the next interval; Running tells it one of its runs has started (a start slot is free).
+The worker subscribes to `/api/events/out` for flow-run Scheduled, Cancelling, Running and final
+(Completed, Failed, Cancelled) events of its pool. On Scheduled or Cancelling it polls (or checks
+cancellations) at once instead of at the next interval; Running tells it one of its runs has
+started (a start slot is free); a final one, that it need not read the run's state after its
+container exits.
 Polling stays the source of truth: the stream only makes it prompt. When the stream is down
 (an old server, a proxy without websockets) the worker simply keeps polling, reconnecting in
 the background with backoff. Keepalive pings tell a live stream from a half-open one.
@@ -40,9 +42,14 @@ class _HandledKeepaliveFailure(logging.Filter):
 _socket_log = logging.getLogger(f"{__name__}.websocket")
 _socket_log.addFilter(_HandledKeepaliveFailure())
 RUNNING_EVENT = "prefect.flow-run.Running"
+CANCELLING_EVENT = "prefect.flow-run.Cancelling"
 PING_INTERVAL = 20.0  # keepalive: a ping every so often...
 PING_TIMEOUT = 20.0  # ...answered within this, or the connection counts as lost
-WATCHED_EVENTS = ["prefect.flow-run.Scheduled", "prefect.flow-run.Cancelling", RUNNING_EVENT]
+# A run of the worker's reached a final state: no read of its state after its exit. Only
+# states whose type is all the verdict needs (a Crashed state's message matters: read).
+ENDED_EVENTS = {"prefect.flow-run.Completed": "COMPLETED", "prefect.flow-run.Failed": "FAILED",
+                "prefect.flow-run.Cancelled": "CANCELLED"}
+WATCHED_EVENTS = ["prefect.flow-run.Scheduled", CANCELLING_EVENT, RUNNING_EVENT, *ENDED_EVENTS]
 
 
 def events_url(api_url: str) -> str:

@@ -62,8 +62,11 @@ class Preparation:
         say: Callable[[str], None],
         mask: Callable[[str], str],
         cancelled: threading.Event,
+        read_pool: Callable[[str], WorkPool] | None = None,
     ) -> None:
+        """`read_pool`: the pool by name (the worker's short-lived copy; default: ask)."""
         self.api = api
+        self.read_pool = read_pool or (lambda name: self.api.read_work_pool(name))
         self.runtime = runtime
         self.builder = builder
         self.settings = settings
@@ -77,9 +80,10 @@ class Preparation:
 
     def resolve_job(self, pool_name: str, deployment: Deployment | None
                     ) -> tuple[WorkPool, JobVariables, Masker]:
-        """The pool's template as it is now (an operator's edit counts at once) ⊕ the
-        deployment's and the run's values; and the masker for the job's secrets."""
-        pool = self.api.read_work_pool(pool_name)
+        """The pool's template as it is now (an operator's edit counts within seconds:
+        cache.py) ⊕ the deployment's and the run's values; and the masker for the job's
+        secrets."""
+        pool = self.read_pool(pool_name)
         values = merge_job_variables(
             deployment.job_variables if deployment else None, self.flow_run.job_variables
         )

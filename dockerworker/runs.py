@@ -28,10 +28,12 @@ from .api import (
     NotFound,
     PrefectAPI,
     PrefectAPIError,
+    State,
     StateType,
     WorkPool,
 )
 from .builds import Builder
+from .cache import CachedReads
 from .containers import ContainerSpec, WatchOptions
 from .entry import SECRETS_ENV
 from .flowcode import run_secrets
@@ -114,8 +116,11 @@ class RunSupervisor:
         on_done: Callable[[FlowRun], None] = lambda run: None,
         warm: WarmPool | None = None,
         usage: UsageWatch | None = None,
+        reads: CachedReads | None = None,
     ) -> None:
+        """`reads`: the worker's deployments, flows and pool, shared by its runs."""
         self.api = api
+        self.reads = reads or CachedReads(api)
         self.runtime = runtime
         self.settings = settings
         self.pool = pool
@@ -133,10 +138,12 @@ class RunSupervisor:
         self.container: Workload | None = None
         self.options = WatchOptions()
         self.cancel_requested = threading.Event()
+        self._ended_as: StateType | None = None  # a final state the event stream reported
         self.reporter = RunReporter(api, runtime, shipper, flow_run, self.label,
                                     Masker(settings.secrets()))
         self.prepare = Preparation(api, runtime, builder, settings, flow_run, shipper, warm,
-                                   self.say, lambda text: self.mask(text), self.cancel_requested)
+                                   self.say, lambda text: self.mask(text), self.cancel_requested,
+                                   read_pool=self.reads.pool)
         self.follower = Follower(api, runtime, shipper, flow_run, self.label)
 
     @property
@@ -184,7 +191,7 @@ class RunSupervisor:
         deployment = None
         if self.flow_run.deployment_id:
             with contextlib.suppress(PrefectAPIError):
-                deployment = self.api.read_deployment(self.flow_run.deployment_id)
+                deployment = self.reads.deployment(self.flow_run.deployment_id)
         files = {}
         for name in filter(None, env.get(SECRETS_ENV, "").split(",")):  # its secret files
             with contextlib.suppress(OSError):
@@ -247,6 +254,20 @@ class RunSupervisor:
                 log.warning("%s: could not stop container %s: %s", self.label,
                             self.container.name, exc)
 
+    def ended_as(self, type_: StateType) -> None:
+        """The event stream says the run reached this final state (of its type, only the
+        verdict's concern): no need to read it after the container's exit. Heard only while
+        its container runs: an event of the run's life before this claim never counts."""
+        if self.phase == Phase.RUNNING:
+            self._ended_as = type_
+
+    def _state_now(self) -> State | None:
+        """The run's state after the container's exit: as the event stream reported it, or
+        read."""
+        if self._ended_as is not None:
+            return State(type=self._ended_as)
+        return self.api.read_flow_run(self.flow_run.id).state
+
     def stop_following(self) -> None:
         """The worker is leaving: stop shipping output (a later worker resumes from the server)."""
         self.follower.stop()
@@ -261,7 +282,7 @@ class RunSupervisor:
         secrets = self.prepare.read_secrets(job)  # allowed: read, and masked from here on
         self.mask = self.mask.with_secrets(secret_texts(secrets))
         job = self.prepare.ensure_image(job)
-        flow = self.api.read_flow(self.flow_run.flow_id)
+        flow = self.reads.flow(self.flow_run.flow_id)
         job = self.prepare.build_dependencies(job, build_name(flow, deployment))
         spec = self.prepare.container_spec(job, deployment, flow, self.pool, secrets)
         workload = self._start(spec)
@@ -272,7 +293,7 @@ class RunSupervisor:
         if not self.flow_run.deployment_id:
             return None
         try:
-            return self.api.read_deployment(self.flow_run.deployment_id)
+            return self.reads.deployment(self.flow_run.deployment_id)
         except NotFound:
             message = (
                 f"Deployment {self.flow_run.deployment_id} no longer exists, cancelled run."
@@ -341,7 +362,7 @@ class RunSupervisor:
                                    unread=unread))
         if self.cancel_requested.is_set():
             raise RunCancelled
-        state = self.api.read_flow_run(self.flow_run.id).state
+        state = self._state_now()
         removed = (report is not None and not (state is not None and state.is_final)
                    and self.runtime.removed_meanwhile(workload))
         verdict = self.reporter.with_context(judge(

@@ -31,6 +31,7 @@ from .api import (
     WorkPool,
 )
 from .builds import Builder
+from .cache import CachedReads
 from .checks import StateChecks
 from .events import EventListener
 from .logs import LogShipper
@@ -74,6 +75,7 @@ class Worker(RecoveryRounds, StateChecks):
         self.stop_event = threading.Event()
         self.pool: WorkPool | None = None
         self.shipper = LogShipper(api)
+        self.reads = CachedReads(api)  # deployments, flows, the pool: shared by the runs
         self.builder = builder or Builder(docker_client, settings.build_options(),
                                           holder=settings.name)
         self.last_poll: float | None = None  # monotonic time of the last successful poll
@@ -81,6 +83,9 @@ class Worker(RecoveryRounds, StateChecks):
             settings.limit, 0 if settings.run_once else settings.max_starting)
         self.recovery: Recovery | None = None
         self._nudged = threading.Event()  # set by the event stream, or to stop: act now
+        self._wanted: set[str] = set()  # the rounds a nudge asked for (_nudge)
+        self._wanted_lock = threading.Lock()
+        self.held_back = False  # the last poll left runs scheduled for want of a slot
         self.events: EventListener | None = None
         self._polled_once = False  # --run-once: its one poll is done
         warm = settings.warm if settings.runtime == "docker" else 0  # no warm Swarm jobs
@@ -129,7 +134,8 @@ class Worker(RecoveryRounds, StateChecks):
                 self.settings.api_url, self.settings.pool,
                 lambda: (self.settings.stream_token(), self.settings.auth_headers()),
                 self._on_event, self.stop_event,
-                on_connect=self._nudged.set,  # events missed while away: poll and check now
+                # events missed while away: poll and check now
+                on_connect=lambda: self._nudge("poll", "cancellations"),
             ).start()
         log.info(
             "worker %s polling pool %r%s every %.1fs (limit %s, starting at once %s%s)",
@@ -156,7 +162,10 @@ class Worker(RecoveryRounds, StateChecks):
             self._nudged.wait(max(0.05, pause))
             if self._nudged.is_set():
                 self._nudged.clear()
-                due["poll"] = due["cancellations"] = 0.0
+                with self._wanted_lock:
+                    wanted, self._wanted = self._wanted, set()
+                for name in wanted & due.keys():
+                    due[name] = 0.0
         return 0
 
     def _rounds(self) -> dict[str, tuple[Callable[[], float], Callable[[], None]]]:
@@ -178,6 +187,13 @@ class Worker(RecoveryRounds, StateChecks):
         if self.settings.run_once and self._polled_once:
             del rounds["poll"]
         return rounds
+
+    def _nudge(self, *rounds: str) -> None:
+        """Do these rounds (`poll`, `cancellations`) at once, not at their next turn: only
+        those, so that an event costs the one request it calls for."""
+        with self._wanted_lock:
+            self._wanted.update(rounds)
+        self._nudged.set()
 
     def stop(self) -> None:
         """Stop claiming (from a signal handler): the loop ends at once."""
@@ -201,12 +217,14 @@ class Worker(RecoveryRounds, StateChecks):
 
     def _recreate_pool(self) -> None:
         self.pool = self.ensure_pool()
+        self.reads.pools.drop(self.settings.pool)  # the runs read the new one
 
     def poll(self) -> None:
         """Ask for what is due (now + prefetch) and start a supervisor per run, within --limit."""
         free = self.free_slots()
         if free is not None and free <= 0:
             self.last_poll = time.monotonic()  # full, not stuck: healthy, nothing to ask for
+            self.held_back = True
             return
         try:
             self.runtime.ping()
@@ -229,8 +247,11 @@ class Worker(RecoveryRounds, StateChecks):
             log.warning("poll failed: %s", exc)
             return
         self.last_poll = time.monotonic()
+        held_back = free is not None and len(runs) >= free  # the server may hold more
         for flow_run in runs:
-            self._start(flow_run, lambda supervisor: supervisor.run())
+            if not self._start(flow_run, lambda supervisor: supervisor.run()):
+                held_back = True
+        self.held_back = held_back
 
     def free_slots(self) -> int | None:
         """How many more runs to take now: within --limit and --max-starting (None: any)."""
@@ -244,6 +265,7 @@ class Worker(RecoveryRounds, StateChecks):
         supervisor = self.admission.admit(flow_run.id, lambda: RunSupervisor(
             self.api, self.runtime, self.settings, pool, flow_run, self.shipper,
             self.builder, on_done=self._done, warm=self.warm, usage=self.usage,
+            reads=self.reads,
         ), booting=booting)
         if supervisor is None:
             return False

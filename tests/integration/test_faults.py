@@ -42,6 +42,7 @@ from testrig.workers import WorkerProcess
 
 RUN_LABEL = "io.prefect.flow-run-id"
 SET_STATE = r"^POST /api/flow_runs/\{id\}/set_state$"
+POLL_OR_LOGS = r"^POST /api/(work_pools/[^/]+/get_scheduled_flow_runs|logs/)$"
 RUNS = 30
 SPREAD = 60.0  # the runs are created over a minute
 FINISH_WITHIN = 90.0  # ... and all end within 90 s of the last one's creation
@@ -148,6 +149,9 @@ def test_thirty_runs_through_a_faulty_network_all_complete(
 
     fault_proxy.arm(FAULT_PLAN)
     fault_proxy.inject(DROP_AFTER, SET_STATE, times=3)  # the first claims: applied, answer lost
+    # 503s for sure, however few requests the worker makes (the plan's seeded draws reach
+    # their first 503 only after ~50 requests in its minute)
+    fault_proxy.inject(REFUSE_503, POLL_OR_LOGS, times=4)
     fault_proxy.cut_websockets(refuse_for=8.0)
     t0 = time.monotonic()
     ids: list[str] = []

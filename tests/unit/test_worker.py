@@ -119,7 +119,7 @@ def test_run_once_keeps_checking_cancellations_until_its_runs_end(
     loop.start()
     wait_until(lambda: running(worker) == 1)
     later = api.add_run("later")  # due after the one poll: not this worker's
-    worker._nudged.set()
+    worker._nudge("poll", "cancellations")
     api.set_state(run.id, StateType.CANCELLING, force=True)
     wait_until(lambda: api.state_of(run.id).type == StateType.CANCELLED)
     loop.join(5)
