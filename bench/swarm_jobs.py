@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +78,14 @@ class ServiceWatch:
     def _run(self) -> None:
         while not self.stop.wait(0.2):
             for service in self.client.api.services(filters={"label": RUN_LABEL}):
-                self.created.setdefault(service["ID"], engine_time(service["CreatedAt"]))
+                run_id = service["Spec"]["Labels"][RUN_LABEL]
+                self.created.setdefault(run_id, engine_time(service["CreatedAt"]))
 
-    def close(self) -> list[datetime]:
+    def close(self) -> dict[str, datetime]:
+        """Each run's job service's creation time, by run id."""
         self.stop.set()
         self.thread.join()
-        return list(self.created.values())
+        return self.created
 
 
 def claimed_at(rig: PrefectRig, run_id: str) -> datetime | None:
@@ -93,7 +95,8 @@ def claimed_at(rig: PrefectRig, run_id: str) -> datetime | None:
     return None
 
 
-def measure(runs: int, command_only: bool, poll_interval: float) -> dict[str, Any]:
+def measure(runs: int, command_only: bool, poll_interval: float,
+            max_starting: int | None) -> dict[str, Any]:
     client = docker.from_env()
     build_flow_image(client)
     workdir = Path(tempfile.mkdtemp(prefix="dockerworker-swarm-bench-"))
@@ -115,7 +118,9 @@ def measure(runs: int, command_only: bool, poll_interval: float) -> dict[str, An
         worker = subprocess.Popen(
             [sys.executable, "-m", "dockerworker.cli", "start", "--pool", pool,
              "--runtime", "swarm", "--policy", str(policy), "--poll-interval",
-             str(poll_interval)], env=env, stdout=log, stderr=subprocess.STDOUT,
+             str(poll_interval),
+             *(["--max-starting", str(max_starting)] if max_starting is not None else [])],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
         deadline = time.monotonic() + 120
         while proxy.first("/get_scheduled_flow_runs") is None:
@@ -129,32 +134,41 @@ def measure(runs: int, command_only: bool, poll_interval: float) -> dict[str, An
         time.sleep(2)  # the worker's first rounds are done
         watch = ServiceWatch(swarm.client)
         cpu0, t0 = cpu_seconds(worker.pid), time.monotonic()
-        ids = [rig.create_flow_run(deployment) for _ in range(runs)]
+        # all due at one moment, past the worker's 10 s prefetch: creating them one by one
+        # through the API is slower (~0.6 s each here) than the worker submits them
+        due = datetime.now(UTC) + timedelta(seconds=15 + 0.7 * runs)
+        scheduled = {"type": "SCHEDULED", "name": "Scheduled",
+                     "state_details": {"scheduled_time": due.isoformat()}}
+        ids = [rig.create_flow_run(deployment, state=scheduled) for _ in range(runs)]
         finals = [rig.wait_for_final(run_id, timeout=120 + 20 * runs, interval=1.0)
                   for run_id in ids]
         cpu = cpu_seconds(worker.pid) - cpu0
         requests = proxy.between(t0, time.monotonic())
         services = watch.close()
-        created = [ts(r["created"]) for r in finals]
-        to_claim = [(c - ts(r["created"])).total_seconds()
-                    for run_id, r in zip(ids, finals, strict=True)
-                    if (c := claimed_at(rig, run_id))]
-        starts = [(ts(r["start_time"]) - ts(r["created"])).total_seconds()
+        to_service = [(services[run_id] - due).total_seconds() for run_id in ids
+                      if run_id in services]
+        claims = [c for run_id in ids if (c := claimed_at(rig, run_id))]
+        to_claim = [(c - due).total_seconds() for c in claims]
+        starts = [(ts(r["start_time"]) - due).total_seconds()
                   for r in finals if r.get("start_time") and not command_only]
         ended = [ts(r["end_time"]) for r in finals if r.get("end_time")]
-        first = min(c for c in created if c)
-        submitted_s = ((max(services) - first).total_seconds() if services else None)
-        wall = (max(ended) - first).total_seconds() if ended else None
+        first_claim = min(claims) if claims else due
+        submitted_s = ((max(services.values()) - first_claim).total_seconds()
+                       if services else None)
+        wall = (max(ended) - due).total_seconds() if ended else None
         return {
             "runs": runs, "command_only": command_only, "poll_interval": poll_interval,
+            "max_starting": max_starting,
             "states": dict(Counter(str(state_type(r)) for r in finals)),
             "a_state_message": (finals[0].get("state") or {}).get("message"),
             "final": sum(state_type(r) in FINAL_STATE_TYPES for r in finals),
             "services_seen": len(services),
-            "first_create_to_last_service_s": submitted_s,
+            "first_claim_to_last_service_s": submitted_s,
             "jobs_submitted_per_s": (len(services) / submitted_s) if submitted_s else None,
-            "create_to_claimed_median_s": median(to_claim),
-            "create_to_running_median_s": median(starts),
+            "due_to_claimed_median_s": median(to_claim),
+            "due_to_service_median_s": median(to_service),
+            "due_to_service_max_s": max(to_service) if to_service else None,
+            "due_to_running_median_s": median(starts),
             "wall_s": wall,
             "runs_per_min": (runs / wall * 60) if wall else None,
             "worker_cpu_s_per_run": cpu / runs,
@@ -171,6 +185,40 @@ def measure(runs: int, command_only: bool, poll_interval: float) -> dict[str, An
         swarm.stop()
 
 
+def engine_floor(swarm: SwarmEngine, runs: int, threads: int) -> float:
+    """Jobs/s the manager itself takes: `runs` one-shot services of `true` created by
+    `threads` callers at once through the SDK (the worker's own call), then removed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def create(index: int) -> str:
+        service = swarm.client.services.create(
+            FLOWS_IMAGE, ["true"], name=f"floor-{secrets.token_hex(3)}-{index}",
+            mode=docker.types.ServiceMode("replicated-job", concurrency=1, replicas=1),
+            restart_policy=docker.types.RestartPolicy(condition="none"),
+            labels={"bench": "floor"})
+        return service.id
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(threads) as pool:
+        ids = list(pool.map(create, range(runs)))
+    rate = runs / (time.monotonic() - started)
+    for service_id in ids:
+        swarm.client.api.remove_service(service_id)
+    return rate
+
+
+def floors(runs: int) -> dict[str, float]:
+    """The manager's own rate, by callers at once (no Prefect, no worker)."""
+    client = docker.from_env()
+    build_flow_image(client)
+    swarm = SwarmEngine().start()
+    try:
+        swarm.load_images(client, FLOWS_IMAGE)
+        return {f"{threads} at once": engine_floor(swarm, runs, threads) for threads in (1, 4)}
+    finally:
+        swarm.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=20, help="runs in the burst (default 20)")
@@ -178,8 +226,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="each job runs `true`, not a Prefect flow")
     parser.add_argument("--poll-interval", type=float, default=5.0,
                         help="the worker's poll interval (default 5, the worker's default)")
+    parser.add_argument("--max-starting", type=int,
+                        help="the worker's --max-starting (default: its own, the CPU count; "
+                             "0: no bound, the submission ceiling)")
+    parser.add_argument("--engine-floor", action="store_true",
+                        help="only measure how many job services per second the manager "
+                             "itself creates (no worker, no Prefect)")
     args = parser.parse_args(argv)
-    result = measure(args.runs, args.command_only, args.poll_interval)
+    if args.engine_floor:
+        for label, rate in floors(args.runs).items():
+            print(f"manager creates {rate:.2f} job services/s ({label})")
+        return 0
+    result = measure(args.runs, args.command_only, args.poll_interval, args.max_starting)
     if result["services_seen"] < args.runs:
         print(f"only {result['services_seen']} of {args.runs} jobs were submitted: "
               f"{result['a_state_message']}", file=sys.stderr)
