@@ -121,10 +121,11 @@ def test_events_arrive_and_a_half_open_stream_counts_as_disconnected(stream, cap
         wait_until(listener.connected.is_set)
         server.send_running("r1")
         wait_until(lambda: seen == [(RUNNING_EVENT, "prefect.flow-run.r1")])
+        # (on a loaded machine a ping may miss its 0.2 s once already: count from here)
+        before = listener.connections
         proxy.swallow()  # the peer is gone without a word
-        wait_until(lambda: not listener.connected.is_set() or listener.connections > 1)
-        wait_until(lambda: listener.connections == 2 and listener.connected.is_set())
-        assert len(connects) == 2  # the worker is told to catch up after reconnecting
+        wait_until(lambda: listener.connections > before and listener.connected.is_set())
+        assert len(connects) == listener.connections  # told to catch up after each one
         server.send_running("r2")
         wait_until(lambda: (RUNNING_EVENT, "prefect.flow-run.r2") in seen)
     finally:
