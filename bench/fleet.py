@@ -92,8 +92,8 @@ class Fleet:
     def start_one(self) -> None:
         index = len(self.processes)
         name = f"{self.pool}-{index}"
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("PREFECT_", "DOCKERWORKER_"))}
+        env = {k: v for k, v in os.environ.items()  # no PYTHONPATH: the venv's own code
+               if not k.startswith(("PREFECT_", "DOCKERWORKER_")) and k != "PYTHONPATH"}
         env.update(PREFECT_API_URL=self.api_url, PYTHONUNBUFFERED="1", DO_NOT_TRACK="1")
         if self.kind == "dockerworker":
             assert self.dw_python is not None

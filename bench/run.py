@@ -224,8 +224,8 @@ class WorkerProcess:
         self.kind, self.pool = kind, pool
         self.proxy = CountingProxy(server.port)
         api_url = f"http://127.0.0.1:{self.proxy.start()}/api"
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("PREFECT_", "DOCKERWORKER_"))}
+        env = {k: v for k, v in os.environ.items()  # no PYTHONPATH: the venv's own code
+               if not k.startswith(("PREFECT_", "DOCKERWORKER_")) and k != "PYTHONPATH"}
         env.update(PREFECT_API_URL=api_url, PYTHONUNBUFFERED="1", DO_NOT_TRACK="1")
         if kind.startswith("dockerworker"):
             assert dw_python is not None
