@@ -677,7 +677,8 @@ def table(results: dict[str, dict[str, Any]], plan: Plan) -> str:
         "unmeasured warm-up run (for dw warm: the cold run whose configuration it keeps warm).",
         f"dw warm = dockerworker {' '.join(WARM_ARGS)}. Extra dockerworker options: "
         + (" ".join(plan.dw_args) or "none") + ".",
-        f"All workers poll every {plan.poll_interval:g} s (prefetch 10 s, heartbeat 30 s).",
+        f"--poll-interval {plan.poll_interval:g} s for all (prefetch 10 s, heartbeat 30 s);",
+        "dockerworker polls every 30 s while its event stream is connected (events first).",
         "Requests: counted by a proxy in front of the server, worker traffic only (flows talk",
         "to the server directly). WebSockets are tunnelled; an upgrade and each message the",
         "worker sends on it count as one request each (WebSockets opened: dockerworker "

@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 
 import docker
 import docker.errors
@@ -34,6 +33,7 @@ from .builds import Builder
 from .checks import StateChecks
 from .events import EventListener
 from .logs import LogShipper
+from .pacing import PollPacing
 from .recovery import LOOP_PATIENCE, Recovery
 from .resources import UsageWatch
 from .rounds import RecoveryRounds
@@ -49,7 +49,7 @@ RECONCILE_SECONDS = 60.0
 START_UP_RETRY = 5.0  # seconds between tries of start-up (pool, engine id, adoption)
 
 
-class Worker(RecoveryRounds, StateChecks):
+class Worker(RecoveryRounds, StateChecks, PollPacing):
     """One worker of one pool: the loop, and the supervisors it admits."""
 
     def __init__(
@@ -129,6 +129,7 @@ class Worker(RecoveryRounds, StateChecks):
                 lambda: (self.settings.stream_token(), self.settings.auth_headers()),
                 self._on_event, self.stop_event,
                 on_connect=self._nudged.set,  # events missed while away: poll and check now
+                on_disconnect=self._nudged.set,  # events missed from now on: poll as before
             ).start()
         log.info(
             "worker %s polling pool %r%s every %.1fs (limit %s, starting at once %s%s)",
@@ -165,7 +166,7 @@ class Worker(RecoveryRounds, StateChecks):
         every_minute = lambda: RECONCILE_SECONDS
         rounds = {
             "heartbeat": (every_beat, self._heartbeat),
-            "poll": (lambda: self.settings.poll_interval, self.poll),
+            "poll": (self._poll_interval, self.poll),  # rare while events come (pacing.py)
             "cancellations": (self._cancel_check_interval, self.check_cancellations),
             "adoption": (every_beat, self._adopt_pending),
             "orphans": (every_beat, self.adopt_orphans),
@@ -185,7 +186,8 @@ class Worker(RecoveryRounds, StateChecks):
 
     def _heartbeat(self) -> None:
         """Tell the pool we are alive (other workers adopt our containers when we are not);
-        a pool deleted meanwhile is created again, as a step of its own."""
+        a pool deleted meanwhile (the heartbeat's 404) is created again, as a step of its own.
+        The pool itself is not read here: each run reads it as it starts."""
         try:
             self.api.heartbeat(
                 self.settings.pool,
@@ -193,7 +195,6 @@ class Worker(RecoveryRounds, StateChecks):
                 self.settings.heartbeat_interval,
                 patience=LOOP_PATIENCE,
             )
-            self.pool = self.api.read_work_pool(self.settings.pool, patience=LOOP_PATIENCE)
         except NotFound:
             log.warning("work pool %r is gone; creating it again", self.settings.pool)
             self._step("pool re-creation", self._recreate_pool)
@@ -202,7 +203,8 @@ class Worker(RecoveryRounds, StateChecks):
         self.pool = self.ensure_pool()
 
     def poll(self) -> None:
-        """Ask for what is due (now + prefetch) and start a supervisor per run, within --limit."""
+        """Ask for what is due (now + prefetch; further ahead while polls are rare: pacing.py)
+        and start a supervisor per run due now, within --limit."""
         free = self.free_slots()
         if free is not None and free <= 0:
             self.last_poll = time.monotonic()  # full, not stuck: healthy, nothing to ask for
@@ -213,12 +215,11 @@ class Worker(RecoveryRounds, StateChecks):
             log.warning("Docker engine unreachable (%s); not claiming runs until it answers",
                         exc)
             return
-        before = datetime.now(UTC) + timedelta(seconds=self.settings.prefetch_seconds)
         try:
-            runs = self.api.get_scheduled_flow_runs(
-                self.settings.pool, before, free, self.settings.work_queues,
+            runs = self._due_now(self.api.get_scheduled_flow_runs(
+                self.settings.pool, self._poll_horizon(), free, self.settings.work_queues,
                 patience=LOOP_PATIENCE,
-            )
+            ))
         except NotFound:
             log.warning("work pool %r not found; it is created again at the next heartbeat",
                         self.settings.pool)
@@ -251,7 +252,11 @@ class Worker(RecoveryRounds, StateChecks):
         return True
 
     def _done(self, flow_run: FlowRun) -> None:
+        free = self.free_slots()
+        full = free is not None and free <= 0
         self.admission.release(flow_run.id)
+        if full:  # the last poll may have left runs scheduled: take the next one now
+            self._nudged.set()
 
     def active_runs(self) -> list[RunSupervisor]:
         return list(self.admission.supervisors().values())
