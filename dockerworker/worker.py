@@ -132,11 +132,13 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
                 on_disconnect=self._nudged.set,  # events missed from now on: poll as before
             ).start()
         log.info(
-            "worker %s polling pool %r%s every %.1fs (limit %s, starting at once %s%s)",
+            "worker %s polling pool %r%s every %.1fs%s (limit %s, starting at once %s%s)",
             self.settings.name,
             self.pool.name,
             f" queues {self.settings.work_queues}" if self.settings.work_queues else "",
             self.settings.poll_interval,
+            f", every {self.slowest_poll_interval():.1f}s while the event stream is connected"
+            if self.events is not None else "",
             self.settings.limit or "none",
             self.settings.max_starting or "any",
             f", {self.settings.warm} warm" if self.settings.warm else "",
