@@ -81,11 +81,14 @@ class Fleet:
 
     def __init__(self, kind: str, pool: str, server: PrefectServer, workdir: Path,
                  prefect_cli: Path | None, dw_python: Path | None,
-                 dw_args: tuple[str, ...]) -> None:
+                 dw_args: tuple[str, ...], direct: bool = False) -> None:
         self.kind, self.pool, self.workdir = kind, pool, workdir
         self.prefect_cli, self.dw_python, self.dw_args = prefect_cli, dw_python, dw_args
         self.proxy = CountingProxy(server.port)
         self.api_url = f"http://127.0.0.1:{self.proxy.start()}/api"
+        self.direct = direct
+        if direct:  # the control: no proxy (keep-alive reaches the server), nothing counted
+            self.api_url = server.url
         self.processes: list[subprocess.Popen[bytes]] = []
         self.names: list[str] = []
 
@@ -126,6 +129,8 @@ class Fleet:
         return {w["name"] for w in response.json()} & set(self.names)
 
     def polls(self) -> int:
+        if self.direct:
+            return 1 << 30
         return sum(1 for r in list(self.proxy.requests) if r.path.endswith(POLL_PATH))
 
     def cpu(self) -> float:
@@ -268,7 +273,7 @@ def bench_fleet(kind: str, count: int, server: PrefectServer, rig: PrefectRig,
     pool = f"fleet-{SHORT[kind]}{count}-{secrets.token_hex(2)}"
     rig.create_work_pool(pool, "docker", template)
     fleet = Fleet(kind, pool, server, workdir, prefect_cli, dw_python,
-                  tuple(args.dw_args.split()) if kind == "dockerworker" else ())
+                  tuple(args.dw_args.split()) if kind == "dockerworker" else (), args.direct)
     out.update(pool=pool, asked=count)
     try:
         print(f"[{kind} × {count}] starting on pool {pool} ...", flush=True)
@@ -368,6 +373,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="measure the server with no workers first")
     parser.add_argument("--dw-args", default="", help="extra `dockerworker start` options")
+    parser.add_argument("--direct", action="store_true",
+                        help="the control: workers talk to the server directly (keep-alive, "
+                             "no proxy); server CPU and pickup only, no request counts")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV,
                         help="venv for prefect-docker's worker (created if missing)")
     args = parser.parse_args(argv)
@@ -404,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"fleets": {}}
     meta = {"timestamp": stamp, "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(),
             "counts": args.counts, "seconds": args.seconds, "pickups": args.pickups,
-            "kinds": args.kinds, "dw_args": args.dw_args,
+            "kinds": args.kinds, "dw_args": args.dw_args, "direct": args.direct,
             "prefect_docker": list(PREFECT_DOCKER_REQS), "workdir": str(workdir)}
     server = start_prefect_server()
     rig = PrefectRig(server.url)
