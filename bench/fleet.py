@@ -363,7 +363,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--counts", help="worker counts (default 1,10,50; quick 1,5)")
     parser.add_argument("--seconds", type=float, help="measured idle window (default 60; "
                         "quick 20)")
-    parser.add_argument("--quick", action="store_true", help="counts 1,5; 20 s; 2 pickups")
+    parser.add_argument("--quick", action="store_true",
+                        help="counts 1,5; 20 s windows (baseline 10 s); 2 pickups")
     parser.add_argument("--kinds", default=",".join(KINDS), help="subset of: " + ", ".join(KINDS))
     parser.add_argument("--pickups", type=int, help="pickup trials per fleet (default 5; "
                         "quick 2; 0: none)")
@@ -384,7 +385,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.seconds = args.seconds or (20.0 if args.quick else 60.0)
     args.pickups = args.pickups if args.pickups is not None else (2 if args.quick else 5)
     if args.quick:
-        args.settle = min(args.settle, 5.0)
+        args.settle = min(args.settle, 3.0)
     args.kinds = [k for k in KINDS if k in args.kinds.split(",")]
     return args
 
@@ -422,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
               "windows", flush=True)
         if args.baseline:
             time.sleep(5)
-            results["baseline"] = measure_baseline(server, args.seconds)
+            results["baseline"] = measure_baseline(server, min(args.seconds, 10.0)
+                                                   if args.quick else args.seconds)
             print(f"[baseline] server {results['baseline']['server_cpu_pct']:.1f} % CPU "
                   "with no workers", flush=True)
         for kind in args.kinds:
