@@ -228,8 +228,8 @@ class WorkerProcess:
         self.kind, self.pool = kind, pool
         self.proxy = CountingProxy(server.port)
         api_url = f"http://127.0.0.1:{self.proxy.start()}/api"
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("PREFECT_", "DOCKERWORKER_"))}
+        env = {k: v for k, v in os.environ.items()  # no PYTHONPATH: the venv's own code
+               if not k.startswith(("PREFECT_", "DOCKERWORKER_")) and k != "PYTHONPATH"}
         env.update(PREFECT_API_URL=api_url, PYTHONUNBUFFERED="1", DO_NOT_TRACK="1")
         if kind.startswith("dockerworker"):
             assert dw_python is not None
@@ -722,7 +722,8 @@ def table(results: dict[str, dict[str, Any]], plan: Plan) -> str:
         "One a second: as many runs as the sequential workload, created a second apart.",
         f"dw warm = dockerworker {' '.join(WARM_ARGS)}. Extra dockerworker options: "
         + (" ".join(plan.dw_args) or "none") + ".",
-        f"All workers poll every {plan.poll_interval:g} s (prefetch 10 s, heartbeat 30 s).",
+        f"--poll-interval {plan.poll_interval:g} s for all (prefetch 10 s, heartbeat 30 s);",
+        "dockerworker polls every 30 s while its event stream is connected (events first).",
         "Requests: counted by a proxy in front of the server, worker traffic only (flows talk",
         "to the server directly). WebSockets are tunnelled; an upgrade and each message the",
         "worker sends on it count as one request each (WebSockets opened: dockerworker "

@@ -161,6 +161,7 @@ class FlowRun(_Model):
     infrastructure_pid: str | None = None
     created: datetime | None = None
     expected_start_time: datetime | None = None
+    next_scheduled_start_time: datetime | None = None  # a scheduled run's due time
 
 
 class Deployment(_Model):

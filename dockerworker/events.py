@@ -74,9 +74,11 @@ class EventListener:
     `ping_interval` seconds must be answered within `ping_timeout`, so a half-open connection
     (the server or a proxy gone without a FIN) counts as disconnected, and the worker falls
     back to checking by itself. `on_connect` runs after each (re)subscription: events sent
-    while the stream was away are lost, so the worker catches up at once. `credentials`
-    gives (auth token, handshake headers) at each connection, so a rotated secret is used
-    from the next one; `credentials_rotated()` starts that next one at once.
+    while the stream was away are lost, so the worker catches up at once; `on_disconnect`
+    runs when a live subscription ends (the worker polls as often as without a stream until
+    it is back). `credentials` gives (auth token, handshake headers) at each connection, so a
+    rotated secret is used from the next one; `credentials_rotated()` starts that next one at
+    once.
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class EventListener:
         stop: threading.Event,
         *,
         on_connect: Callable[[], None] | None = None,
+        on_disconnect: Callable[[], None] | None = None,
         ping_interval: float = PING_INTERVAL,
         ping_timeout: float = PING_TIMEOUT,
         max_backoff: float = 30.0,
@@ -99,6 +102,7 @@ class EventListener:
         self._rotated = threading.Event()
         self.on_event = on_event
         self.on_connect = on_connect
+        self.on_disconnect = on_disconnect
         self.stop = stop
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
@@ -138,7 +142,10 @@ class EventListener:
                     log.info("event stream %s unavailable (%s); polling meanwhile",
                              self.url, exc)
             finally:
+                was_connected = self.connected.is_set()
                 self.connected.clear()
+                if was_connected and self.on_disconnect is not None:
+                    self.on_disconnect()
             delay = min(self.max_backoff, 0.5 * 2 ** min(failures - 1, 10))
             self.stop.wait(delay * random.uniform(0.5, 1.0))
 

@@ -36,7 +36,7 @@ def serve_health(worker: Worker, port: int, host: str = "0.0.0.0") -> ThreadingH
                 return
             last = worker.last_poll
             age = None if last is None else time.monotonic() - last
-            healthy = age is not None and age <= staleness_limit(worker.settings.poll_interval)
+            healthy = age is not None and age <= staleness_limit(worker.slowest_poll_interval())
             body = json.dumps({
                 "status": "ok" if healthy else ("starting" if age is None else "stale"),
                 "worker": worker.settings.name,

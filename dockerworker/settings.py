@@ -83,7 +83,16 @@ class WorkerSettings(BaseModel):
         default=None, ge=1,
         description="Most flow runs this worker runs at once (default: no limit).")
     poll_interval: Annotated[float, Flag("--poll-interval", env="DOCKERWORKER_POLL_INTERVAL")] = (
-        Field(default=5.0, ge=0.1, description="Seconds between polls for runs."))
+        Field(default=5.0, ge=0.1,
+              description="Seconds between polls for runs while the server's event stream is "
+                          "not connected (an old server, a proxy without websockets)."))
+    poll_interval_with_events: Annotated[
+        float, Flag("--poll-interval-with-events", env="DOCKERWORKER_POLL_INTERVAL_WITH_EVENTS")
+    ] = Field(default=30.0, ge=1,
+              description="Seconds between polls while the event stream is connected: it "
+                          "announces new runs at once, the poll is the net, and it looks this "
+                          "far ahead for runs scheduled in between (keep it under 60: the "
+                          "server marks queues not ready after 60 s without a poll).")
     prefetch_seconds: Annotated[
         float, Flag("--prefetch-seconds", env="DOCKERWORKER_PREFETCH_SECONDS")
     ] = Field(default=10.0, ge=0, description="Claim runs scheduled up to this many seconds ahead.")

@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 
 import docker
 import docker.errors
@@ -35,6 +34,7 @@ from .cache import CachedReads
 from .checks import StateChecks
 from .events import EventListener
 from .logs import LogShipper
+from .pacing import PollPacing
 from .recovery import LOOP_PATIENCE, Recovery
 from .resources import UsageWatch
 from .rounds import RecoveryRounds
@@ -50,7 +50,7 @@ RECONCILE_SECONDS = 60.0
 START_UP_RETRY = 5.0  # seconds between tries of start-up (pool, engine id, adoption)
 
 
-class Worker(RecoveryRounds, StateChecks):
+class Worker(RecoveryRounds, StateChecks, PollPacing):
     """One worker of one pool: the loop, and the supervisors it admits."""
 
     def __init__(
@@ -136,13 +136,17 @@ class Worker(RecoveryRounds, StateChecks):
                 self._on_event, self.stop_event,
                 # events missed while away: poll and check now
                 on_connect=lambda: self._nudge("poll", "cancellations"),
+                # events missed from now on: poll at the shorter interval, from now
+                on_disconnect=lambda: self._nudge("poll", "cancellations"),
             ).start()
         log.info(
-            "worker %s polling pool %r%s every %.1fs (limit %s, starting at once %s%s)",
+            "worker %s polling pool %r%s every %.1fs%s (limit %s, starting at once %s%s)",
             self.settings.name,
             self.pool.name,
             f" queues {self.settings.work_queues}" if self.settings.work_queues else "",
             self.settings.poll_interval,
+            f", every {self.slowest_poll_interval():.1f}s while the event stream is connected"
+            if self.events is not None else "",
             self.settings.limit or "none",
             self.settings.max_starting or "any",
             f", {self.settings.warm} warm" if self.settings.warm else "",
@@ -175,7 +179,7 @@ class Worker(RecoveryRounds, StateChecks):
         every_minute = lambda: RECONCILE_SECONDS
         rounds = {
             "heartbeat": (every_beat, self._heartbeat),
-            "poll": (lambda: self.settings.poll_interval, self.poll),
+            "poll": (self._poll_interval, self.poll),  # rare while events come (pacing.py)
             "cancellations": (self._cancel_check_interval, self.check_cancellations),
             "adoption": (every_beat, self._adopt_pending),
             "orphans": (every_beat, self.adopt_orphans),
@@ -202,7 +206,8 @@ class Worker(RecoveryRounds, StateChecks):
 
     def _heartbeat(self) -> None:
         """Tell the pool we are alive (other workers adopt our containers when we are not);
-        a pool deleted meanwhile is created again, as a step of its own."""
+        a pool deleted meanwhile (the heartbeat's 404) is created again, as a step of its own.
+        The pool itself is not read here: each run reads it as it starts."""
         try:
             self.api.heartbeat(
                 self.settings.pool,
@@ -210,7 +215,6 @@ class Worker(RecoveryRounds, StateChecks):
                 self.settings.heartbeat_interval,
                 patience=LOOP_PATIENCE,
             )
-            self.pool = self.api.read_work_pool(self.settings.pool, patience=LOOP_PATIENCE)
         except NotFound:
             log.warning("work pool %r is gone; creating it again", self.settings.pool)
             self._step("pool re-creation", self._recreate_pool)
@@ -220,7 +224,8 @@ class Worker(RecoveryRounds, StateChecks):
         self.reads.pools.drop(self.settings.pool)  # the runs read the new one
 
     def poll(self) -> None:
-        """Ask for what is due (now + prefetch) and start a supervisor per run, within --limit."""
+        """Ask for what is due (now + prefetch; further ahead while polls are rare: pacing.py)
+        and start a supervisor per run due now, within --limit."""
         free = self.free_slots()
         if free is not None and free <= 0:
             self.last_poll = time.monotonic()  # full, not stuck: healthy, nothing to ask for
@@ -232,12 +237,11 @@ class Worker(RecoveryRounds, StateChecks):
             log.warning("Docker engine unreachable (%s); not claiming runs until it answers",
                         exc)
             return
-        before = datetime.now(UTC) + timedelta(seconds=self.settings.prefetch_seconds)
         try:
-            runs = self.api.get_scheduled_flow_runs(
-                self.settings.pool, before, free, self.settings.work_queues,
+            runs = self._due_now(self.api.get_scheduled_flow_runs(
+                self.settings.pool, self._poll_horizon(), free, self.settings.work_queues,
                 patience=LOOP_PATIENCE,
-            )
+            ))
         except NotFound:
             log.warning("work pool %r not found; it is created again at the next heartbeat",
                         self.settings.pool)
@@ -274,7 +278,11 @@ class Worker(RecoveryRounds, StateChecks):
         return True
 
     def _done(self, flow_run: FlowRun) -> None:
+        free = self.free_slots()
+        full = free is not None and free <= 0
         self.admission.release(flow_run.id)
+        if full:  # the last poll may have left runs scheduled: take the next one now
+            self._nudge("poll")
 
     def active_runs(self) -> list[RunSupervisor]:
         return list(self.admission.supervisors().values())

@@ -6,6 +6,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import docker
@@ -258,6 +259,28 @@ def test_event_stream_picks_up_runs_without_waiting_for_the_poll(
         picked_up = time.monotonic() - created
         assert picked_up < 5, picked_up  # the poll interval is 120 s
         assert rig.wait_for_final(run_id)["state"]["type"] == "COMPLETED"
+
+
+def test_with_the_stream_a_run_scheduled_ahead_is_claimed_at_its_prefetch_time(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str
+) -> None:
+    """While the stream is connected the worker polls every 30 s (--poll-interval-with-events)
+    but looks that far ahead: a run due 25 s after its creation (its Scheduled event came at
+    creation) is claimed 10 s (--prefetch-seconds) before it is due, as with frequent polls."""
+    worker = start_worker(unique_pool)
+    worker.wait_for_output("subscribed to the server's flow-run events", timeout=30)
+    deployment = rig.create_deployment(unique_pool, "flows.py:hello", {"image": flow_image})
+    time.sleep(2)  # past the poll that follows the subscription
+    due = datetime.now(UTC) + timedelta(seconds=25)
+    run_id = rig.create_flow_run(deployment, state={
+        "type": "SCHEDULED", "name": "Scheduled",
+        "state_details": {"scheduled_time": due.isoformat()}})
+    run = rig.wait_for_final(run_id, timeout=90)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    claimed = min(datetime.fromisoformat(s["timestamp"]) for s in rig.read_state_history(run_id)
+                  if s["type"] == "PENDING")
+    early = (due - claimed).total_seconds()
+    assert 8 < early < 12, early  # claimed 10 s ahead: not at creation, not at a later poll
 
 
 def test_event_stream_reports_cancellation_at_once(

@@ -86,13 +86,13 @@ def test_every_round_fails_alone_and_is_counted(api, runtime, monkeypatch) -> No
 
 def test_the_heartbeat_s_pool_re_creation_fails_alone(api, runtime, monkeypatch) -> None:
     worker = make_worker(api, runtime)
-    api.fail["read_work_pool"] = NotFound("pool")
+    api.fail["heartbeat"] = NotFound("pool")  # the server's 404: the pool is gone
 
     def refused() -> None:
         raise ServerUnreachable("503 while creating the pool")
 
     monkeypatch.setattr(worker, "ensure_pool", refused)
-    assert worker._step("heartbeat", worker._heartbeat)  # the heartbeat itself went through
+    assert worker._step("heartbeat", worker._heartbeat)  # the heartbeat round went through
     assert worker.failures["pool re-creation"] == 1
 
 

@@ -37,6 +37,8 @@ def test_the_flags_and_env_names_users_know() -> None:
         "name": (["--name", "-n"], "DOCKERWORKER_NAME"),
         "limit": (["--limit", "-l"], "DOCKERWORKER_LIMIT"),
         "poll_interval": (["--poll-interval"], "DOCKERWORKER_POLL_INTERVAL"),
+        "poll_interval_with_events": (["--poll-interval-with-events"],
+                                      "DOCKERWORKER_POLL_INTERVAL_WITH_EVENTS"),
         "prefetch_seconds": (["--prefetch-seconds"], "DOCKERWORKER_PREFETCH_SECONDS"),
         "heartbeat_interval": (["--heartbeat-interval"], "DOCKERWORKER_HEARTBEAT_INTERVAL"),
         "max_starting": (["--max-starting"], "DOCKERWORKER_MAX_STARTING"),
@@ -60,6 +62,7 @@ def test_the_flags_and_env_names_users_know() -> None:
 
 @pytest.mark.parametrize(("field", "too_low", "too_high"), [
     ("poll_interval", 0.05, None),
+    ("poll_interval_with_events", 0.5, None),
     ("heartbeat_interval", 0.5, None),
     ("build_timeout", 0.5, None),
     ("warm", -1, 33),
