@@ -4,9 +4,8 @@ Two pieces:
 - `RunOutput` follows one container's stdout and stderr (with Docker's timestamps), drops what
   Prefect's engine already shipped itself, applies the per-run cap (`max_log_bytes`), echoes
   to the worker's console (`stream_output`) and hands log entries to the shipper.
-- `LogShipper`, one per worker, sends entries in batches (by count, size and a short interval:
-  a full batch at once, else what came within a second; Prefect's own handler waits 2 s; each
-  batch is a request, and a short run's lines then take one or two) to `POST /logs/`, retrying with backoff while the server is away. A batch the server answers
+- `LogShipper`, one per worker, sends entries in batches (by count, size and a short interval)
+  to `POST /logs/`, retrying with backoff while the server is away. A batch the server answers
   with an error is split in halves until the lines it refuses are found; each is cleaned (NUL,
   lone surrogates) and sent again, or dropped with a notice in its run's logs, so one poison
   line never holds up the output of every run. Its buffer is bounded: when it is full,
@@ -140,7 +139,7 @@ class LogShipper:
         max_buffer_bytes: int = 8 * 1024 * 1024,
         batch_entries: int = 1000,
         batch_bytes: int = 1024 * 1024,
-        interval: float = 1.0,
+        interval: float = 0.5,
         max_backoff: float = 5.0,
     ) -> None:
         self.api = api
