@@ -28,6 +28,8 @@ from testrig.workers import WorkerProcess, worker_env
 
 from dockerworker.ownership import LABEL_OWNER_POOL
 
+SWARM_RUN_LABEL = "io.prefect.flow-run-id"  # on a Swarm job's service
+
 
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[PrefectServer]:
@@ -195,6 +197,19 @@ def swarm_engine(docker_client: docker.DockerClient) -> Iterator[SwarmEngine]:
         yield engine
     finally:
         engine.stop()
+
+
+@pytest.fixture
+def swarm(swarm_engine: SwarmEngine, flow_image: str,
+          docker_client: docker.DockerClient) -> Iterator[SwarmEngine]:
+    """The session's Swarm with the flows image; afterwards no job of the test is left, nor
+    a Swarm secret of one (flow secrets on Swarm jobs)."""
+    swarm_engine.load_images(docker_client, flow_image)
+    yield swarm_engine
+    for service in swarm_engine.client.services.list(filters={"label": SWARM_RUN_LABEL}):
+        service.remove()
+    for secret in swarm_engine.client.secrets.list(filters={"label": SWARM_RUN_LABEL}):
+        secret.remove()
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import docker
@@ -20,15 +20,6 @@ from testrig.workers import HOST_CA_BUNDLE, WorkerProcess
 from dockerworker.builds import Builder, BuildOptions, BuildPlan
 
 RUN_LABEL = "io.prefect.flow-run-id"
-
-
-@pytest.fixture
-def swarm(swarm_engine: SwarmEngine, flow_image: str, docker_client) -> Iterator[SwarmEngine]:
-    """The session's Swarm with the flows image; afterwards no job of the test is left."""
-    swarm_engine.load_images(docker_client, flow_image)
-    yield swarm_engine
-    for service in swarm_engine.client.services.list(filters={"label": RUN_LABEL}):
-        service.remove()
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import docker
@@ -16,17 +16,6 @@ from testrig.swarm import FAKE_GPU, GPU_KIND, SwarmEngine
 from testrig.workers import WorkerProcess
 
 RUN_LABEL = "io.prefect.flow-run-id"
-
-
-@pytest.fixture
-def swarm(swarm_engine: SwarmEngine, flow_image: str, docker_client) -> Iterator[SwarmEngine]:
-    """The session's Swarm with the flows image; afterwards no job of the test is left."""
-    swarm_engine.load_images(docker_client, flow_image)
-    yield swarm_engine
-    for service in swarm_engine.client.services.list(filters={"label": RUN_LABEL}):
-        service.remove()
-    for secret in swarm_engine.client.secrets.list(filters={"label": RUN_LABEL}):
-        secret.remove()
 
 
 @pytest.fixture
