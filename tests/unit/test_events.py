@@ -38,9 +38,11 @@ class StreamServer:
         if self.accepted is not None and token != self.accepted:
             ws.send(json.dumps({"type": "auth_failure", "reason": "Invalid token"}))
             return
+        # this connection's outbox exists before the listener can count itself connected
+        # (after auth_success and its filter): a message put then is not lost in the old one
+        outbox = self.outbox = queue.Queue()
         ws.send(json.dumps({"type": "auth_success"}))
         json.loads(ws.recv())  # filter
-        outbox = self.outbox = queue.Queue()
         while True:
             try:
                 message = outbox.get(timeout=0.05)
