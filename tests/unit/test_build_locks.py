@@ -101,16 +101,22 @@ def ensure(builder: Builder) -> builds.BuildResult:
     return builder.ensure("base:1", PLAN, "flow-nightly", lambda line: None, BuildLimits())
 
 
-def test_runs_of_one_worker_share_one_build(client) -> None:
-    done: list[str] = []
-    builder = counting_builder(client, "w1", done)
+def ensure_at_once(builder: Builder, runs: int = 5) -> list[builds.BuildResult]:
+    """`runs` runs of one deployment wanting its build at the same time, each in a thread."""
     results: list[builds.BuildResult] = []
     threads = [threading.Thread(target=lambda: results.append(ensure(builder)))
-               for _ in range(5)]
+               for _ in range(runs)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(10)
+    return results
+
+
+def test_runs_of_one_worker_share_one_build(client) -> None:
+    done: list[str] = []
+    builder = counting_builder(client, "w1", done)
+    results = ensure_at_once(builder)
     assert done == ["w1"]
     assert sorted(r.built for r in results) == [False] * 4 + [True]
     assert len({r.tag for r in results}) == 1
@@ -211,13 +217,7 @@ def test_runs_wanting_one_build_at_once_get_one_build_and_one_push(client) -> No
     registry = Registry(client)
     done: list[str] = []
     builder = pushing_builder(client, "w1", done)
-    results: list[builds.BuildResult] = []
-    threads = [threading.Thread(target=lambda: results.append(ensure(builder)))
-               for _ in range(5)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
+    results = ensure_at_once(builder)
     assert done == ["w1"] and len(registry.pushes) == 1
     (pushed,) = registry.pushes
     assert pushed.startswith(f"{REGISTRY}/dockerworker/flow-nightly:")
