@@ -5,7 +5,8 @@ supervisor ends. `--max-starting` bounds the runs still starting (claimed, not y
 RUNNING): a container booting Prefect is CPU-heavy, and a burst booted all at once reaches
 RUNNING later for every run. A run stops counting as starting when the event stream or the
 worker's check (which runs with the stream too, less often: events can be missed) sees it
-RUNNING, or after BOOT_PATIENCE, RUNNING or not.
+RUNNING, or after BOOT_PATIENCE, RUNNING or not. Warm containers still importing Prefect
+(`also_starting`, warm.py) count against `--max-starting` too: they load the CPU the same way.
 
 One object owns these numbers behind its own lock; the worker loop and the event thread call
 it, nothing else writes its state (arq's semaphore with a done-callback, made explicit).
@@ -36,9 +37,11 @@ class Admission(Generic[S]):
 
     def __init__(self, limit: int | None, max_starting: int | None,
                  patience: float = BOOT_PATIENCE,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 also_starting: Callable[[], int] = lambda: 0) -> None:
         self.limit = limit
         self.max_starting = max_starting or 0
+        self.also_starting = also_starting  # other starts on this CPU: booting warm containers
         self.patience = patience
         self._clock = clock
         self._slots: dict[UUID, _Slot[S]] = {}
@@ -46,12 +49,13 @@ class Admission(Generic[S]):
 
     def free(self) -> int | None:
         """How many more runs to take now (None: no bound)."""
+        others = self.also_starting() if self.max_starting else 0  # its own lock, not under ours
         with self._lock:
             bounds = []
             if self.limit is not None:
                 bounds.append(self.limit - len(self._slots))
             if self.max_starting:
-                bounds.append(self.max_starting - len(self._booting()))
+                bounds.append(self.max_starting - len(self._booting()) - others)
         return min(bounds) if bounds else None
 
     def admit(self, run_id: UUID, make: Callable[[], S], booting: bool = True) -> S | None:

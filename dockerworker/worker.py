@@ -79,8 +79,6 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
         self.builder = builder or Builder(docker_client, settings.build_options(),
                                           holder=settings.name)
         self.last_poll: float | None = None  # monotonic time of the last successful poll
-        self.admission: Admission[RunSupervisor] = Admission(
-            settings.limit, 0 if settings.run_once else settings.max_starting)
         self.recovery: Recovery | None = None
         self._nudged = threading.Event()  # set by the event stream, or to stop: act now
         self._wanted: set[str] = set()  # the rounds a nudge asked for (_nudge)
@@ -89,7 +87,10 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
         self.events: EventListener | None = None
         self._polled_once = False  # --run-once: its one poll is done
         warm = settings.warm if settings.runtime == "docker" else 0  # no warm Swarm jobs
-        self.warm = WarmPool(runtime, warm) if warm else None
+        self.warm = WarmPool(runtime, warm, on_ready=self._warm_ready) if warm else None
+        self.admission: Admission[RunSupervisor] = Admission(
+            settings.limit, 0 if settings.run_once else settings.max_starting,
+            also_starting=self.warm.booting if self.warm is not None else lambda: 0)
         self.usage = UsageWatch(runtime)  # the runs' resource readings (resources.py)
 
     # --- start-up -----------------------------------------------------------------------
@@ -282,6 +283,11 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
         full = free is not None and free <= 0
         self.admission.release(flow_run.id)
         if full:  # the last poll may have left runs scheduled: take the next one now
+            self._nudge("poll")
+
+    def _warm_ready(self) -> None:
+        """A warm container stopped counting as a start: take what the last poll left."""
+        if self.held_back:
             self._nudge("poll")
 
     def active_runs(self) -> list[RunSupervisor]:

@@ -123,3 +123,14 @@ def test_supervisors_is_a_snapshot() -> None:
     admission.release(run)
     assert snapshot == {run: "s"}
     assert run not in admission
+
+
+def test_other_starts_count_against_max_starting_only() -> None:
+    others = [2]
+    admission: Admission[str] = Admission(10, 3, also_starting=lambda: others[0])
+    admission.admit(uuid.uuid4(), lambda: "a")
+    assert admission.free() == 0  # 3 - one run starting - two warm containers booting
+    others[0] = 0
+    assert admission.free() == 2
+    unbounded: Admission[str] = Admission(10, 0, also_starting=lambda: 5)
+    assert unbounded.free() == 10  # no --max-starting: booting warm containers bound nothing

@@ -432,6 +432,29 @@ def test_a_warm_container_that_fails_at_hand_over_means_a_cold_start(api, runtim
     assert LABEL_WARM not in runtime.of_run(second.id).workload.labels
 
 
+def test_booting_warm_containers_hold_back_cold_starts_until_ready(api, runtime) -> None:
+    """--max-starting counts warm containers importing Prefect; once one is ready the worker
+    polls again by itself and the run it left scheduled takes that container."""
+    runtime.boot_at_once = False
+    worker = make_worker(api, runtime, warm=2, max_starting=2)
+    first = api.add_run("first")
+    worker.poll()
+    settle(worker)  # cold; two warm containers now boot
+    wait_until(lambda: len(warm_containers(runtime)) == 2)
+    assert worker.free_slots() == 0
+    second = api.add_run("second")
+    worker.poll()
+    assert worker.held_back and api.state_of(second.id).type == StateType.SCHEDULED
+    worker._nudged.clear()  # (the first run's end nudged it: the loop would have polled)
+    ready = warm_containers(runtime)[1]
+    ready.ready.set()
+    wait_until(worker._nudged.is_set)  # a start slot came free: poll now
+    worker.poll()
+    settle(worker)
+    assert api.state_of(first.id).type == api.state_of(second.id).type == StateType.COMPLETED
+    assert runtime.of_run(second.id).workload.id == ready.workload.id
+
+
 def test_a_job_with_its_own_command_never_waits_warm(api, runtime) -> None:
     worker = make_worker(api, runtime, warm=2)
     api.add_run(job_variables={"command": "python flow.py"})
