@@ -11,7 +11,10 @@ server; the flows' own API traffic goes straight to the server (job env PREFECT_
 the proxy counts the worker's requests only. prefect-docker's worker runs from its own venv
 (bench/.venv, created on first use), dockerworker from bench/.venv-dockerworker (this checkout
 with its runtime dependencies only, as operators install it; no prefect). `dockerworker-warm`
-is dockerworker with `--warm 2` (sequential and burst workloads only). Workers run one after the other, never together.
+is dockerworker with `--warm 2` (sequential and burst workloads only); `dockerworker-x3` is three
+dockerworker replicas on one pool (burst only). Workers run one after the other, never together.
+Before them, the floor (bench/floor.py): the same burst with no worker, its CPU per run and the
+runs/min the machine's cores allow at that cost; each worker's burst is split by CPU the same way.
 The deps workload (`--deps`, on in a full run) times a deployment that needs one package:
 dockerworker builds it into an image once, prefect-docker's EXTRA_PIP_PACKAGES entrypoint
 installs it at every container start.
@@ -47,6 +50,7 @@ from typing import Any
 
 import docker
 import docker.errors
+from floor import CpuAccount, bare_burst
 from inflight import inflight_workload
 from procmon import RssSampler, cpu_seconds, rss_mib
 from proxy import CountingProxy, Request
@@ -68,8 +72,9 @@ from dockerworker.jobs import default_base_job_template
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 
-WORKERS = ("dockerworker", "dockerworker-warm", "prefect-docker")
+WORKERS = ("dockerworker", "dockerworker-warm", "dockerworker-x3", "prefect-docker")
 WARM_ARGS = ("--warm", "2")  # dockerworker-warm: warm starts on, two waiting containers
+REPLICAS = 3  # dockerworker-x3: this many dockerworker processes on one pool (burst only)
 PREFECT_DOCKER_REQS = ("prefect==3.9.1", "prefect-docker==0.7.4")
 DEFAULT_VENV = BENCH_DIR / ".venv"
 DOCKERWORKER_VENV = BENCH_DIR / ".venv-dockerworker"
@@ -113,6 +118,7 @@ class Plan:
     inflight: tuple[int, ...] = (1, 10, 50)  # runs in flight, measured in turn (bench/inflight.py)
     inflight_window: float = 20.0  # seconds measured at each number in flight
     inflight_settle: float = 5.0  # seconds after all are RUNNING before measuring
+    floor: bool = True  # the burst with no worker first (bench/floor.py)
 
 
 # --- small helpers ------------------------------------------------------------------------
@@ -224,7 +230,8 @@ class WorkerProcess:
     """A worker subprocess (own session, output to a file) behind its own counting proxy."""
 
     def __init__(self, kind: str, pool: str, server: PrefectServer, workdir: Path,
-                 plan: Plan, prefect_cli: Path | None, dw_python: Path | None) -> None:
+                 plan: Plan, prefect_cli: Path | None, dw_python: Path | None,
+                 name: str | None = None) -> None:
         self.kind, self.pool = kind, pool
         self.proxy = CountingProxy(server.port)
         api_url = f"http://127.0.0.1:{self.proxy.start()}/api"
@@ -237,6 +244,8 @@ class WorkerProcess:
                    "--poll-interval", str(plan.poll_interval), *plan.dw_args]
             if kind == "dockerworker-warm":
                 cmd += WARM_ARGS
+            if name:  # replicas on one host need a name each
+                cmd += ["--name", name]
             env["DOCKERWORKER_BUILD_NETWORK"] = BUILD_NETWORK
             # The deps workload's unique `dockerfile_lines` entry needs the operator's consent.
             policy = workdir / f"policy-{pool}.toml"
@@ -252,7 +261,7 @@ class WorkerProcess:
                        PREFECT_WORKER_QUERY_SECONDS=str(plan.poll_interval),
                        PREFECT_SERVER_ANALYTICS_ENABLED="false")
             cmd = [str(prefect_cli), "worker", "start", "--pool", pool, "--type", "docker"]
-        self.log_path = workdir / f"{kind}.log"
+        self.log_path = workdir / f"{name or kind}.log"
         with open(self.log_path, "wb") as log:
             self.started = time.monotonic()
             self.process = subprocess.Popen(
@@ -294,6 +303,62 @@ def measure_runs(worker: WorkerProcess, run: Callable[[], list[dict[str, Any]]]
     cpu0, t0 = cpu_seconds(worker.pid), time.monotonic()
     runs = run()
     return runs, cpu_seconds(worker.pid) - cpu0, worker.proxy.between(t0, time.monotonic())
+
+
+def burst_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A burst's throughput from the server's timestamps: first create → last final."""
+    completed = [r for r in runs if state_type(r) == "COMPLETED"]
+    created = [t for r in runs if (t := ts(r["created"]))]
+    to_running = [s for r in runs if (s := seconds(r["created"], r.get("start_time")))]
+    ended = [t for r in runs
+             if state_type(r) in FINAL_STATE_TYPES and (t := ts(r.get("end_time")))]
+    wall = (max(ended) - min(created)).total_seconds() if ended and created else None
+    return {
+        "runs": len(runs), "completed": len(completed), "final": len(ended),
+        "states": dict(Counter(str(state_type(r)) for r in runs)),
+        "wall_s": wall,
+        "runs_per_min": len(completed) / wall * 60 if wall else None,
+        "to_running_median_s": median_p95(to_running)[0],
+        "to_running_p95_s": median_p95(to_running)[1],
+    }
+
+
+def burst_workload(workers: list[WorkerProcess], server: PrefectServer, rig: PrefectRig,
+                   deployment: str, plan: Plan) -> dict[str, Any]:
+    """`plan.burst` runs created at once, taken by `workers` (one pool); throughput, the
+    workers' CPU and requests, and the machine's CPU per run by part (bench/floor.py)."""
+    account = CpuAccount(server.process.pid, [w.pid for w in workers])
+    t0 = time.monotonic()
+
+    def burst() -> list[dict[str, Any]]:
+        ids = [rig.create_flow_run(deployment) for _ in range(plan.burst)]
+        return wait_all_final(rig, ids, plan.run_timeout + plan.burst * 20)
+
+    runs, cpu = account.measure(burst, plan.burst)
+    requests = [r for w in workers for r in w.proxy.between(t0, time.monotonic())]
+    return {
+        **burst_summary(runs),
+        "cpu_s_per_run": cpu["workers"],
+        "cpu_per_run": cpu,
+        "requests_per_run": len(requests) / plan.burst,
+        "breakdown": CountingProxy.breakdown(requests),
+    }
+
+
+def floor_workload(client: docker.DockerClient, server: PrefectServer, rig: PrefectRig,
+                   plan: Plan) -> dict[str, Any]:
+    """The burst with no worker (bench/floor.py): the machine's floor for this workload."""
+    pool = f"bench-floor-{secrets.token_hex(3)}"
+    rig.create_work_pool(pool, "docker")
+    try:
+        hello = rig.create_deployment(pool, "flows.py:hello", {"image": FLOWS_IMAGE})
+        floor = bare_burst(client, rig, server.url, server.process.pid, hello, plan.burst,
+                           lambda ids: wait_all_final(rig, ids, plan.run_timeout))
+        return {**{k: v for k, v in floor.items() if k != "runs"},
+                **burst_summary(floor["runs"])}
+    finally:
+        with contextlib.suppress(Exception):
+            rig.delete_work_pool(pool)
 
 
 def find_container(client: docker.DockerClient, run_id: str, timeout: float) -> Any:
@@ -571,30 +636,9 @@ def bench_worker(kind: str, server: PrefectServer, rig: PrefectRig, client: dock
         }
         print(f"[{kind}] one a second done; burst of {plan.burst}", flush=True)
 
-        def burst() -> list[dict[str, Any]]:
-            ids = [rig.create_flow_run(hello) for _ in range(plan.burst)]
-            return wait_all_final(rig, ids, plan.run_timeout + plan.burst * 20)
-
-        runs, cpu, requests = measure_runs(worker, burst)
-        completed = [r for r in runs if state_type(r) == "COMPLETED"]
-        created = [t for r in runs if (t := ts(r["created"]))]
-        to_running = [s for r in runs if (s := seconds(r["created"], r.get("start_time")))]
-        ended = [t for r in runs
-                 if state_type(r) in FINAL_STATE_TYPES and (t := ts(r.get("end_time")))]
-        wall = (max(ended) - min(created)).total_seconds() if ended and created else None
-        result["burst"] = {
-            "runs": len(runs), "completed": len(completed),
-            "final": len(ended),
-            "states": dict(Counter(str(state_type(r)) for r in runs)),
-            "wall_s": wall,
-            "runs_per_min": len(completed) / wall * 60 if wall else None,
-            "to_running_median_s": median_p95(to_running)[0],
-            "to_running_p95_s": median_p95(to_running)[1],
-            "cpu_s_per_run": cpu / len(runs),
-            "requests_per_run": len(requests) / len(runs),
-            "breakdown": CountingProxy.breakdown(requests),
-        }
-        print(f"[{kind}] burst done ({len(completed)}/{len(runs)} completed); "
+        result["burst"] = burst_workload([worker], server, rig, hello, plan)
+        completed = result["burst"]["completed"]
+        print(f"[{kind}] burst done ({completed}/{plan.burst} completed); "
               f"log run of {plan.log_lines} lines", flush=True)
         if kind == "dockerworker-warm":  # the same as dockerworker's: output and builds
             result["rss_peak_mib"] = sampler.peak()
@@ -630,6 +674,53 @@ def bench_worker(kind: str, server: PrefectServer, rig: PrefectRig, client: dock
             rig.delete_work_pool(pool)
 
 
+def bench_replicas(server: PrefectServer, rig: PrefectRig, client: docker.DockerClient,
+                   template: dict[str, Any], plan: Plan, workdir: Path, dw_python: Path | None,
+                   result: dict[str, Any]) -> None:
+    """dockerworker-x3: REPLICAS dockerworker processes (each named) on one pool take the
+    burst together, as compose replicas or a fleet on one host would."""
+    pool = f"bench-dw3-{secrets.token_hex(3)}"
+    rig.create_work_pool(pool, "docker", template)
+    job_variables = {"image": FLOWS_IMAGE, "image_pull_policy": "Never",
+                     "env": {"PREFECT_API_URL": server.url}}
+    result["pool"] = pool
+    workers: list[WorkerProcess] = []
+    try:
+        for n in range(1, REPLICAS + 1):
+            workers.append(WorkerProcess("dockerworker-x3", pool, server, workdir, plan, None,
+                                         dw_python, name=f"{pool}-{n}"))
+        result["startup_s"] = max(w.wait_first_poll() for w in workers)
+        result["rss_idle_mib"] = sum(rss_mib(w.pid) for w in workers)
+        hello = rig.create_deployment(pool, "flows.py:hello", job_variables)
+        warm = rig.wait_for_final(rig.create_flow_run(hello), timeout=plan.run_timeout)
+        result["warmup_state"] = state_type(warm)
+        print(f"[dockerworker-x3] {REPLICAS} replicas, warm-up run {state_type(warm)}; "
+              f"burst of {plan.burst}", flush=True)
+        result["burst"] = burst_workload(workers, server, rig, hello, plan)
+        result["burst"]["runs_by_worker"] = runs_by_worker(rig, pool)
+        result["worker_alive_at_end"] = all(w.process.poll() is None for w in workers)
+    finally:
+        for worker in workers:
+            worker.stop()
+        removed = remove_pool_containers(client, pool)
+        print(f"[dockerworker-x3] stopped; removed {len(removed)} containers", flush=True)
+        with contextlib.suppress(Exception):
+            rig.delete_work_pool(pool)
+
+
+def runs_by_worker(rig: PrefectRig, pool: str) -> dict[str, int]:
+    """How many of the pool's runs each worker claimed (its name in the claim message)."""
+    response = rig.http.post("/flow_runs/filter", json={
+        "work_pools": {"name": {"any_": [pool]}}, "limit": 200})
+    response.raise_for_status()
+    counts: Counter[str] = Counter()
+    for run in response.json():
+        history = rig.http.get("/flow_run_states/", params={"flow_run_id": run["id"]}).json()
+        claim = next((st.get("message") or "" for st in history if st["type"] == "PENDING"), "")
+        counts[claim.rsplit(" ", 1)[-1] or "?"] += 1
+    return dict(counts)
+
+
 # --- report -------------------------------------------------------------------------------
 
 ROWS: list[tuple[str, str, str]] = [
@@ -655,7 +746,14 @@ ROWS: list[tuple[str, str, str]] = [
     ("burst: runs/min", "burst.runs_per_min", "{:.1f}"),
     ("burst: create→RUNNING median (s)", "burst.to_running_median_s", "{:.1f}"),
     ("burst: create→RUNNING p95 (s)", "burst.to_running_p95_s", "{:.1f}"),
+    ("burst: share of the floor (runs/min)", "burst.share_of_floor", "{:.0%}"),
     ("burst: worker CPU per run (s)", "burst.cpu_s_per_run", "{:.3f}"),
+    ("  machine CPU per run, all but bench (s)", "burst.cpu_per_run.busy", "{:.2f}"),
+    ("    flow containers (s)", "burst.cpu_per_run.containers", "{:.2f}"),
+    ("    Prefect server (s)", "burst.cpu_per_run.server", "{:.2f}"),
+    ("    dockerd + containerd (s)", "burst.cpu_per_run.docker", "{:.2f}"),
+    ("    rest: shims, kernel, others (s)", "burst.cpu_per_run.rest", "{:.2f}"),
+    ("  cores left idle, per run (s)", "burst.cpu_per_run.idle", "{:.2f}"),
     ("burst: API requests per run", "burst.requests_per_run", "{:.1f}"),
     ("logs: lines shipped", "logs.lines_shipped", "{:.0f}"),
     ("logs: container ran (s)", "logs.container_ran_s", "{:.2f}"),
@@ -681,6 +779,26 @@ def lookup(result: dict[str, Any], key: str) -> float | None:
     return value if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def floor_lines(floor: dict[str, Any], plan: Plan) -> list[str]:
+    """The floor under the table: what the burst costs with no worker at all."""
+    if not floor:
+        return ["Floor: not measured (--no-floor)."]
+    cpu = floor["cpu_per_run"]
+
+    def f(key: str) -> str:
+        return f"{v:.2f}" if (v := cpu.get(key)) is not None else "n/a"
+
+    return [
+        (f"Floor (bench/floor.py): the burst of {plan.burst} with no worker, this bench starting "
+        f"each container itself, {floor['cores']} at a time: {floor['completed']} COMPLETED, "
+        f"{floor['runs_per_min']:.1f} runs/min measured."),
+        (f"CPU per run {f('busy')} s (containers {f('containers')}, server {f('server')}, "
+        f"dockerd+containerd {f('docker')}, rest {f('rest')}; idle {f('idle')}): floor "
+        f"{floor['cores']} cores x 60 / {f('busy')} = {floor['floor_runs_per_min']:.1f} "
+        "runs/min; 'share of the floor' is each burst's runs/min against it."),
+    ]
+
+
 def inflight_rows(plan: Plan) -> list[tuple[str, str, str]]:
     """The in-flight workload's rows, one set per number of runs in flight."""
     rows = []
@@ -692,12 +810,13 @@ def inflight_rows(plan: Plan) -> list[tuple[str, str, str]]:
     return rows
 
 
-def table(results: dict[str, dict[str, Any]], plan: Plan) -> str:
+def table(results: dict[str, dict[str, Any]], plan: Plan, floor: dict[str, Any]) -> str:
     """Side by side, with each dockerworker kind's ratio to prefect-docker."""
     kinds = [k for k in WORKERS if k in results]
     ours = [k for k in kinds if k != "prefect-docker"]
     pd = results.get("prefect-docker", {})
-    heads = {"dockerworker": "dw", "dockerworker-warm": "dw warm", "prefect-docker": "pd"}
+    heads = {"dockerworker": "dw", "dockerworker-warm": "dw warm", "dockerworker-x3": "dw x3",
+             "prefect-docker": "pd"}
     header = f"{'metric':<42}" + "".join(f"{heads[k]:>12}" for k in kinds)
     header += "".join(f"{heads[k] + '/pd':>12}" for k in ours)
     lines = [header, "-" * len(header)]
@@ -712,6 +831,7 @@ def table(results: dict[str, dict[str, Any]], plan: Plan) -> str:
             line += f"{f'{a / b:.2f}' if a is not None and b else 'n/a':>12}"
         lines.append(line)
     dw = results.get("dockerworker", {})
+    lines += [""] + floor_lines(floor, plan)
     lines += [
         "",
         f"{os.cpu_count()} CPU cores: every flow container imports Prefect (dockerworker's",
@@ -778,6 +898,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]
                              "ages: 300 shows long runs)")
     parser.add_argument("--inflight-window", type=float,
                         help="seconds measured at each number in flight (default 20; quick 10)")
+    parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure the floor first: the burst with no worker "
+                             "(bench/floor.py; default: on)")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV,
                         help="venv for prefect-docker's worker (created if missing)")
     args = parser.parse_args(argv)
@@ -789,6 +912,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]
     if args.inflight_window is not None:
         plan.inflight_window = args.inflight_window
     plan.poll_interval = args.poll_interval
+    plan.floor = args.floor
     plan.deps = args.deps if args.deps is not None else not args.quick
     plan.ca_bundle = args.ca_bundle or None
     plan.dw_args = tuple(args.dw_args.split())
@@ -824,6 +948,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="dockerworker-bench-"))
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     results: dict[str, dict[str, Any]] = {}
+    floor: dict[str, Any] = {}
     load_before = os.getloadavg()
     ok = False
     server = start_prefect_server()
@@ -833,11 +958,23 @@ def main(argv: list[str] | None = None) -> int:
         if plan.deps and "prefect-docker" in kinds:
             print(f"building {DEPS_IMAGE} ...", flush=True)
             build_deps_image(client, plan.ca_bundle)
+        if plan.floor:
+            print(f"[floor] a burst of {plan.burst} with no worker", flush=True)
+            floor = floor_workload(client, server, rig, plan)
+            print(f"[floor] {floor['completed']}/{plan.burst} completed, "
+                  f"{floor['cpu_per_run']['busy']:.2f} s of CPU per run", flush=True)
         for kind in kinds:
             results[kind] = {}
             try:
-                bench_worker(kind, server, rig, client, template, plan, workdir, prefect_cli,
-                             dw_python, results[kind])
+                if kind == "dockerworker-x3":
+                    bench_replicas(server, rig, client, template, plan, workdir, dw_python,
+                                   results[kind])
+                else:
+                    bench_worker(kind, server, rig, client, template, plan, workdir,
+                                 prefect_cli, dw_python, results[kind])
+                if floor and (rate := lookup(results[kind], "burst.runs_per_min")):
+                    results[kind]["burst"]["share_of_floor"] = (
+                        rate / floor["floor_runs_per_min"])
             except Exception as exc:  # noqa: BLE001 - keep what was measured, go on
                 traceback.print_exc()
                 results[kind]["error"] = f"{type(exc).__name__}: {exc}"
@@ -853,13 +990,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"worker output kept in {workdir}", file=sys.stderr)
     print()
-    print(table(results, plan))
+    print(table(results, plan, floor))
     RESULTS_DIR.mkdir(exist_ok=True)
     out = RESULTS_DIR / f"bench-{stamp}.json"
     meta = {"timestamp": stamp, "cpus": os.cpu_count(), "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(), "flows_image": FLOWS_IMAGE,
             "prefect_docker": list(PREFECT_DOCKER_REQS), "pool_label": POOL_LABEL}
-    out.write_text(json.dumps({"meta": meta, "plan": asdict(plan), "results": results},
+    out.write_text(json.dumps({"meta": meta, "plan": asdict(plan), "floor": floor,
+                               "results": results},
                               indent=2, default=str))
     print(f"\nwritten {out.relative_to(REPO_DIR)}")
     for kind, result in results.items():

@@ -191,3 +191,9 @@ def test_cancel_line_reaches_the_engine_as_its_intent(fake_prefect: dict) -> Non
     finally:
         proc.kill()
         proc.communicate()
+
+
+def test_preload_imports_what_exists_and_skips_the_rest() -> None:
+    sys.modules.pop("colorsys", None)
+    done = entry_script.preload(("colorsys", "no_such_module_here", "json"))
+    assert done == ["colorsys", "json"] and "colorsys" in sys.modules
