@@ -5,8 +5,11 @@ supervisor ends. `--max-starting` bounds the runs still starting (claimed, not y
 RUNNING): a container booting Prefect is CPU-heavy, and a burst booted all at once reaches
 RUNNING later for every run. A run stops counting as starting when the event stream or the
 worker's check (which runs with the stream too, less often: events can be missed) sees it
-RUNNING, or after BOOT_PATIENCE, RUNNING or not. Warm containers still importing Prefect
-(`also_starting`, warm.py) count against `--max-starting` too: they load the CPU the same way.
+RUNNING, or after BOOT_PATIENCE, RUNNING or not. Other starts on the same CPU count against
+`--max-starting` too (`also_starting`): warm containers still importing Prefect (warm.py), and
+the containers other workers started on this engine within this worker's typical start
+(`typical_start`: the median of its last runs' claim to RUNNING), so that replicas sharing a
+host share the bound instead of multiplying it.
 
 One object owns these numbers behind its own lock; the worker loop and the event thread call
 it, nothing else writes its state (arq's semaphore with a done-callback, made explicit).
@@ -14,14 +17,17 @@ it, nothing else writes its state (arq's semaphore with a done-callback, made ex
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 from uuid import UUID
 
 BOOT_PATIENCE = 120.0  # a run stops counting as starting after this long, RUNNING or not
+FIRST_START_GUESS = 5.0  # the typical start (seconds) before this worker has timed one
 S = TypeVar("S")
 
 
@@ -45,6 +51,7 @@ class Admission(Generic[S]):
         self.patience = patience
         self._clock = clock
         self._slots: dict[UUID, _Slot[S]] = {}
+        self._starts: deque[float] = deque(maxlen=20)  # claim → RUNNING of the last runs
         self._lock = threading.Lock()
 
     def free(self) -> int | None:
@@ -83,7 +90,13 @@ class Admission(Generic[S]):
             if slot is None or not slot.booting:
                 return False
             slot.booting = False
+            self._starts.append(self._clock() - slot.admitted)
         return bool(self.max_starting)
+
+    def typical_start(self) -> float:
+        """Seconds from claim to RUNNING of this worker's recent runs (their median)."""
+        with self._lock:
+            return statistics.median(self._starts) if self._starts else FIRST_START_GUESS
 
     def booting(self) -> list[UUID]:
         """The runs still starting (within the patience)."""

@@ -32,6 +32,7 @@ from . import metrics
 from .containers import (
     LABEL_MANAGED,
     LABEL_POOL,
+    LABEL_WORKER,
     RUN_ENV,
     ContainerSpec,
     ExitReport,
@@ -174,6 +175,11 @@ class Runtime(Protocol):
 
     def list_workloads(self, pool: str, **labels: str) -> list[Workload]:
         """This pool's containers (managed by dockerworker), with these labels too."""
+
+    def starts_elsewhere(self, worker: str, window: float) -> dict[str, float]:
+        """Id to age in seconds of the running workloads that other dockerworker workers started
+        on this engine less than `window` seconds ago (any pool): starts that load the
+        same CPU as ours (admission.py). Empty where the engine places work (Swarm)."""
 
     def take_over(self, workload: Workload, pool: str, owner: Owner) -> bool:
         """Record `owner` as the container's owner at `owner.generation`, atomically: False
@@ -422,6 +428,15 @@ class LocalEngine:
             found = self.client.containers.list(all=True, sparse=True,
                                                 filters={"label": filters})
         return [_workload(container, full=False) for container in found]
+
+    def starts_elsewhere(self, worker: str, window: float) -> dict[str, float]:
+        with _translated():  # sparse: the list's own Created and Labels, no inspect
+            found = self.client.containers.list(sparse=True, filters={
+                "label": f"{LABEL_MANAGED}=true", "status": "running"})
+        now = time.time()
+        ages = {c.id: now - float(c.attrs.get("Created") or 0) for c in found
+                if (c.attrs.get("Labels") or {}).get(LABEL_WORKER) != worker}
+        return {key: age for key, age in ages.items() if age < window}
 
     # --- ownership records (ownership.py) ------------------------------------------------
     def take_over(self, workload: Workload, pool: str, owner: Owner) -> bool:

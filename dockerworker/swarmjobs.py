@@ -528,6 +528,9 @@ class SwarmJobs:
         with _translated():
             return _workload(self.client.services.get(workload_id))
 
+    def starts_elsewhere(self, worker: str, window: float) -> dict[str, float]:
+        return {}  # Swarm places each job on a node of its choosing: no host to share
+
     def list_workloads(self, pool: str, **labels: str) -> list[Workload]:
         filters = [f"{LABEL_POOL}={pool}", f"{LABEL_MANAGED}=true"]
         filters += [f"{k}={v}" for k, v in labels.items()]

@@ -90,7 +90,8 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
         self.warm = WarmPool(runtime, warm, on_ready=self._warm_ready) if warm else None
         self.admission: Admission[RunSupervisor] = Admission(
             settings.limit, 0 if settings.run_once else settings.max_starting,
-            also_starting=self.warm.booting if self.warm is not None else lambda: 0)
+            also_starting=self._other_starts)
+        self._foreign_starts: dict[str, float] = {}  # other workers' starts here, by age
         self.usage = UsageWatch(runtime)  # the runs' resource readings (resources.py)
 
     # --- start-up -----------------------------------------------------------------------
@@ -231,6 +232,7 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
         if free is not None and free <= 0:
             self.last_poll = time.monotonic()  # full, not stuck: healthy, nothing to ask for
             self.held_back = True
+            self._recheck_foreign_starts()
             return
         try:
             self.runtime.ping()
@@ -284,6 +286,26 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
         self.admission.release(flow_run.id)
         if full:  # the last poll may have left runs scheduled: take the next one now
             self._nudge("poll")
+
+    def _other_starts(self) -> int:
+        """Starts on this CPU that are not runs of ours: booting warm containers, and the
+        containers other workers started here within our typical start (admission.py)."""
+        booting = self.warm.booting() if self.warm is not None else 0
+        try:
+            self._foreign_starts = self.runtime.starts_elsewhere(
+                self.settings.name, self.admission.typical_start())
+        except RuntimeTrouble:
+            self._foreign_starts = {}  # the poll's ping says so; bound by our own starts
+        return booting + len(self._foreign_starts)
+
+    def _recheck_foreign_starts(self) -> None:
+        """Held back by other workers' starts: poll again when the oldest of them leaves the
+        typical start, not at the next interval (no event of ours would say so)."""
+        if self._foreign_starts:
+            oldest = max(self._foreign_starts.values())
+            wait = max(0.5, self.admission.typical_start() - oldest)
+            due = time.monotonic() + wait
+            self._next_due = due if self._next_due is None else min(self._next_due, due)
 
     def _warm_ready(self) -> None:
         """A warm container stopped counting as a start: take what the last poll left."""

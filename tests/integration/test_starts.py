@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import time
 
-from testrig.prefect_rig import POOL_LABEL, PrefectRig, log_messages
+from testrig.prefect_rig import LOCAL_BASE, POOL_LABEL, PrefectRig, log_messages
 
 from dockerworker.entry import READY_LINE
 
@@ -148,3 +148,40 @@ def test_one_configuration_in_use_gets_every_warm_place(
         time.sleep(0.3)
     time.sleep(2)
     assert len(warm_containers(docker_client, unique_pool, waiting=True)) == 2  # and no more
+
+
+def test_the_engine_tells_fresh_starts_of_other_workers_from_ours_and_old_ones(
+    docker_client, unique_pool: str
+) -> None:
+    """What --max-starting shares between workers on one engine (admission.py): running
+    containers of other dockerworker workers younger than the window; not ours, not
+    stopped ones, not other software's, not older ones."""
+    from dockerworker.containers import LABEL_MANAGED, LABEL_WORKER
+    from dockerworker.runtime import LocalEngine
+
+    engine = LocalEngine(docker_client)
+    me, other = f"{unique_pool}-me", f"{unique_pool}-other"
+
+    def container(worker: str | None, start: bool = True, managed: bool = True):
+        labels = {POOL_LABEL: unique_pool}
+        if managed:
+            labels[LABEL_MANAGED] = "true"
+        if worker:
+            labels[LABEL_WORKER] = worker
+        made = docker_client.containers.create(LOCAL_BASE, ["sleep", "60"], labels=labels)
+        if start:
+            made.start()
+        return made
+
+    made = {"theirs": container(other), "unnamed": container(None), "mine": container(me),
+            "not started": container(other, start=False),
+            "not ours": container(other, managed=False)}
+    try:
+        fresh = engine.starts_elsewhere(me, window=60)
+        assert {name for name, c in made.items() if c.id in fresh} == {"theirs", "unnamed"}
+        assert all(0 <= fresh[made[name].id] < 60 for name in ("theirs", "unnamed"))
+        time.sleep(1.1)  # Docker's creation time counts whole seconds
+        assert not set(engine.starts_elsewhere(me, window=1.0)) & {c.id for c in made.values()}
+    finally:
+        for c in made.values():
+            c.remove(force=True)

@@ -33,7 +33,13 @@ from dockerworker.api import (
     WorkPool,
 )
 from dockerworker.builds import BuildFailed, BuildResult
-from dockerworker.containers import LABEL_MANAGED, LABEL_POOL, ContainerSpec, ExitReport
+from dockerworker.containers import (
+    LABEL_MANAGED,
+    LABEL_POOL,
+    LABEL_WORKER,
+    ContainerSpec,
+    ExitReport,
+)
 from dockerworker.entry import LABEL_CONTROL
 from dockerworker.images import ImageUnavailable
 from dockerworker.jobs import JobVariables, default_base_job_template
@@ -532,6 +538,15 @@ class FakeRuntime:
             raise WorkloadGone(workload_id)
         w = container.workload
         return Workload(w.id, w.name, dict(w.labels), w.status, dict(w.env))
+
+    def starts_elsewhere(self, worker: str, window: float) -> dict[str, float]:
+        self._call("starts_elsewhere")
+        now = datetime.now(UTC)
+        with self._lock:
+            ages = {key: (now - c.started).total_seconds() for key, c in self.containers.items()
+                    if not c.ended.is_set() and not c.removed
+                    and c.workload.labels.get(LABEL_WORKER) != worker}
+        return {key: age for key, age in ages.items() if age < window}
 
     def list_workloads(self, pool: str, **labels: str) -> list[Workload]:
         self._call("list_workloads")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 
-from dockerworker.admission import Admission
+from dockerworker.admission import FIRST_START_GUESS, Admission
 
 
 class Clock:
@@ -134,3 +134,15 @@ def test_other_starts_count_against_max_starting_only() -> None:
     assert admission.free() == 2
     unbounded: Admission[str] = Admission(10, 0, also_starting=lambda: 5)
     assert unbounded.free() == 10  # no --max-starting: booting warm containers bound nothing
+
+
+def test_the_typical_start_is_the_median_of_the_last_claim_to_running() -> None:
+    clock = Clock()
+    admission: Admission[str] = Admission(None, 2, clock=clock)
+    assert admission.typical_start() == FIRST_START_GUESS  # none timed yet
+    for seconds in (1.0, 9.0, 2.0):
+        run = uuid.uuid4()
+        admission.admit(run, lambda: "s")
+        clock.now += seconds
+        admission.running(run)
+    assert admission.typical_start() == 2.0

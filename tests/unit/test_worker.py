@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from dockerworker import admission
 from dockerworker.api import StateType
 from dockerworker.checks import CANCEL_CHECK_WITH_EVENTS
 from dockerworker.containers import LABEL_FLOW_RUN_ID, LABEL_WORKER
@@ -67,6 +68,27 @@ def test_max_starting_waits_for_running_before_taking_more(api, runtime, hold) -
     worker.poll()
     wait_until(lambda: len(runtime.containers) == 3)
     assert len(runs) == 5
+
+
+def test_fresh_starts_of_other_workers_on_this_engine_share_max_starting(
+        api, runtime, monkeypatch) -> None:
+    """Replicas on one host: another worker's container younger than our typical start
+    takes one of our start slots; the worker polls again by itself once it is older."""
+    monkeypatch.setattr(admission, "FIRST_START_GUESS", 0.6)
+    gate = threading.Event()
+    runtime.script_for = lambda spec: Script(hold=gate, reports_running=False)
+    runtime.add("theirs", {LABEL_WORKER: "w2"}, Script(hold=gate))
+    first = api.add_run("first")
+    worker = make_worker(api, runtime, max_starting=1)
+    assert worker.free_slots() == 0
+    worker.poll()
+    assert worker.held_back and runtime.of_run(first.id) is None
+    assert 0 < worker._poll_interval() <= 0.6  # a re-check, not the next interval
+    wait_until(lambda: worker.free_slots() == 1)  # theirs is no longer a fresh start
+    worker.poll()
+    wait_until(lambda: runtime.of_run(first.id) is not None)
+    assert worker.free_slots() == 0  # our own start now
+    gate.set()
 
 
 def test_without_the_event_stream_the_cancel_check_sees_runs_running(api, runtime, hold):
