@@ -265,34 +265,32 @@ def test_a_deleted_deployment_still_cancels_its_runs(api, runtime: FakeRuntime) 
 
 
 # --- the run's final state, from the event stream ----------------------------------------
-def test_a_final_event_spares_the_read_after_the_exit(api, runtime, recorder) -> None:
+def requests_after_the_exit(api, runtime, recorder, event: str,
+                            final: StateType) -> list:
+    """A run whose container ends once `event` came for it: the requests from the event on."""
     gate = threading.Event()
-    runtime.script_for = lambda spec: Script(hold=gate)
+    runtime.script_for = lambda spec: Script(hold=gate, final_state=final)
     worker = make_worker(recorder, runtime)  # type: ignore[arg-type]
     run = api.add_run()
     worker.poll()
     wait_until(lambda: all(s.container for s in worker.active_runs()))
     recorder.clear()
-    worker._on_event("prefect.flow-run.Completed", f"prefect.flow-run.{run.id}")
+    worker._on_event(f"prefect.flow-run.{event}", f"prefect.flow-run.{run.id}")
     gate.set()
     settle(worker)
-    assert api.state_of(run.id).type == StateType.COMPLETED
-    assert recorder.requests() == []
+    assert api.state_of(run.id).type == final
+    return recorder.requests()
+
+
+def test_a_final_event_spares_the_read_after_the_exit(api, runtime, recorder) -> None:
+    assert requests_after_the_exit(api, runtime, recorder, "Completed",
+                                   StateType.COMPLETED) == []
 
 
 def test_a_crashed_event_does_not_spare_it(api, runtime, recorder) -> None:
     """A Crashed state's message is part of the verdict (why it crashed): read."""
-    gate = threading.Event()
-    runtime.script_for = lambda spec: Script(hold=gate, final_state=StateType.CRASHED)
-    worker = make_worker(recorder, runtime)  # type: ignore[arg-type]
-    run = api.add_run()
-    worker.poll()
-    wait_until(lambda: all(s.container for s in worker.active_runs()))
-    recorder.clear()
-    worker._on_event("prefect.flow-run.Crashed", f"prefect.flow-run.{run.id}")
-    gate.set()
-    settle(worker)
-    assert recorder.requests()[0] == STATE
+    requests = requests_after_the_exit(api, runtime, recorder, "Crashed", StateType.CRASHED)
+    assert requests[0] == STATE
 
 
 def test_a_final_event_before_the_container_started_is_not_believed(api, runtime) -> None:
