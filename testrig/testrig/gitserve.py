@@ -34,10 +34,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Self
 from urllib.parse import unquote, urlsplit
 
 from .prefect_rig import REPO_DIR, free_port
+from .service import Service
 
 LOOPBACK = "127.0.0.1"
 SSH_USER = "dwgit"
@@ -155,7 +155,7 @@ def _parse_cgi(output: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
     return status, headers, body
 
 
-class GitHttpServer:
+class GitHttpServer(Service):
     """Smart-HTTP git on 127.0.0.1 (a context manager). `add_repo()` adds a repository (with
     an optional token); `url(name)` is its clone URL. `requests` records what was answered."""
 
@@ -190,13 +190,6 @@ class GitHttpServer:
         shas = make_bare_repo(self.root / name, files, branch, extra_branches)
         self.repos[name] = _Repo(token=token, shas=shas)
         return shas
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def start(self) -> None:
         server = self
@@ -388,7 +381,7 @@ def ensure_ssh_user(user: str = SSH_USER) -> pwd.struct_passwd:
 
 
 @dataclass
-class SshGitServer:
+class SshGitServer(Service):
     """Git over SSH on 127.0.0.1 (a context manager): Debian's sshd, public key only, user
     `dwgit` with shell git-shell. `add_repo()` returns commit SHAs, `url(name)` the
     `ssh://dwgit@127.0.0.1:PORT/...` URL, `git_ssh_command()` the GIT_SSH_COMMAND a client
@@ -445,17 +438,6 @@ class SshGitServer:
             for item in names:
                 os.chown(os.path.join(dirpath, item), entry.pw_uid, entry.pw_gid)
         return shas
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def start(self) -> None:
         if not Path("/usr/sbin/sshd").exists() or not shutil.which("git"):

@@ -24,11 +24,12 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import httpx
 
 from .prefect_rig import free_port
+from .service import Service
 
 LOOPBACK = "127.0.0.1"
 REGION = "us-east-1"
@@ -38,7 +39,7 @@ _S3_POLICY = json.dumps({
 })
 
 
-class S3Server:
+class S3Server(Service):
     """moto's S3 (and IAM) on 127.0.0.1:free port, auth enforced after set-up (a context
     manager). `key_id`/`secret` are the only credentials it accepts."""
 
@@ -87,17 +88,6 @@ class S3Server:
                           Body=content.encode() if isinstance(content, str) else content)
             keys.append(key)
         return keys
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def start(self) -> None:
         self.port = free_port()
