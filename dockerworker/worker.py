@@ -232,6 +232,7 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
         if free is not None and free <= 0:
             self.last_poll = time.monotonic()  # full, not stuck: healthy, nothing to ask for
             self.held_back = True
+            self._next_due = None  # a freed slot nudges a poll, which looks again
             self._recheck_foreign_starts()
             return
         try:

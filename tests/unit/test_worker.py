@@ -4,6 +4,7 @@ warm hand-over, leaving."""
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -88,6 +89,9 @@ def test_fresh_starts_of_other_workers_on_this_engine_share_max_starting(
     worker.poll()
     wait_until(lambda: runtime.of_run(first.id) is not None)
     assert worker.free_slots() == 0  # our own start now
+    worker._next_due = time.monotonic() - 1  # a run found ahead fell due meanwhile
+    worker.poll()  # full with our own start: no re-check, and no spinning on a past due time
+    assert worker._poll_interval() == worker.poll_every()
     gate.set()
 
 
