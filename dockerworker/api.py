@@ -17,13 +17,15 @@ refused; a refused token is never reported as rejected credentials.
 from __future__ import annotations
 
 import logging
+import os
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 from uuid import UUID
 
 import httpx
@@ -261,6 +263,20 @@ def _counted(method: str, path: str, send: Callable[[], httpx.Response]) -> http
                                     metrics.status_class(status)).inc()
 
 
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")  # as httpx reads them, any case
+
+
+def tls_verification(api_url: str) -> ssl.SSLContext | bool:
+    """httpx's default verification (certifi's bundle: ~3 MiB resident for the life of the
+    worker) only where TLS can happen: an https URL, or a proxy from the environment. A plain
+    http URL gets a context that trusts no certificate, so that TLS it should never meet fails
+    rather than going unverified."""
+    proxied = any(value for key, value in os.environ.items() if key.lower() in PROXY_VARIABLES)
+    if urlsplit(api_url).scheme == "http" and not proxied:
+        return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies, with nothing to trust
+    return True
+
+
 class PrefectAPI:
     """A sync client for the worker's calls; safe to share between threads."""
 
@@ -280,7 +296,7 @@ class PrefectAPI:
         self.api_url = api_url.rstrip("/")
         self._client = httpx.Client(
             base_url=self.api_url + "/", headers={"User-Agent": "dockerworker"},
-            timeout=timeout,
+            timeout=timeout, verify=tls_verification(self.api_url),
         )
         self._credentials = (api_key, auth_string)
         self._credentials_lock = threading.Lock()
