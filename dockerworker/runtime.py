@@ -294,20 +294,21 @@ class LocalEngine:
         """Name the container after the run, give it the job's CPU weight and write the
         run's identity to its stdin (see warm.py)."""
         container = self._container(workload)
+        name = spec.name
         with _translated():
             try:
-                container.rename(spec.name)
+                container.rename(name)
             except docker.errors.APIError as exc:
                 if exc.status_code != 409:
                     raise
-                container.rename(f"{spec.name}-{uuid.uuid4().hex[:4]}")
-            container.update(cpu_shares=spec.create_kwargs.get("cpu_shares") or DEFAULT_CPU_SHARES)
+                name = f"{spec.name}-{uuid.uuid4().hex[:4]}"
+                container.rename(name)
             env = {k: v for k, v in spec.create_kwargs["environment"].items() if k in RUN_ENV}
-            write_line(container, json.dumps(env))
+            write_line(container, json.dumps(env))  # the engine starts now; the rest is ours
             if spec.secret_files:
                 write_secrets(container, spec.secret_files)
-            container.reload()
-        workload.name = container.name
+            container.update(cpu_shares=spec.create_kwargs.get("cpu_shares") or DEFAULT_CPU_SHARES)
+        workload.name = name
 
     def resume(self, workload: Workload) -> None:
         with _translated():
