@@ -218,7 +218,9 @@ def test_a_worker_at_its_limit_stays_healthy(
     rig: PrefectRig, start_worker, unique_pool: str, flow_image: str
 ) -> None:
     port = free_port()
-    start_worker(unique_pool, "--health-port", str(port), "--limit", "1")
+    # polls every second with the stream too: stuck after 30 s without one (health.py)
+    start_worker(unique_pool, "--health-port", str(port), "--limit", "1",
+                 "--poll-interval-with-events", "1")
     deployment = rig.create_deployment(unique_pool, "flows.py:sleepy", {"image": flow_image})
     run_id = rig.create_flow_run(deployment, parameters={"seconds": 50})
     rig.wait_for_state(run_id, "RUNNING", timeout=60)

@@ -141,7 +141,8 @@ def test_two_hundred_malformed_job_variable_documents(
         "type": "object", "properties": {name: {} for name in template["job_configuration"]},
     }
     rig.create_work_pool(unique_pool, base_job_template=template)
-    worker = start_worker(unique_pool)
+    # none gets as far as a container: no reason to take them two at a time
+    worker = start_worker(unique_pool, "--max-starting", "20")
     deployment = rig.create_deployment(unique_pool, "flows.py:hello", {
         "image": "dockerworker-test/absent:fuzz", "image_pull_policy": "Never"})
     rng = random.Random(20261129)
