@@ -5,11 +5,10 @@ supervisor ends. `--max-starting` bounds the runs still starting (claimed, not y
 RUNNING): a container booting Prefect is CPU-heavy, and a burst booted all at once reaches
 RUNNING later for every run. A run stops counting as starting when the event stream or the
 worker's check (which runs with the stream too, less often: events can be missed) sees it
-RUNNING, or after BOOT_PATIENCE, RUNNING or not. Other starts on the same CPU count against
-`--max-starting` too (`also_starting`): warm containers still importing Prefect (warm.py), and
-the containers other workers started on this engine within this worker's typical start
-(`typical_start`: the median of its last runs' claim to RUNNING), so that replicas sharing a
-host share the bound instead of multiplying it.
+RUNNING, or after BOOT_PATIENCE, RUNNING or not. Other workers' starts on the same engine
+count against `--max-starting` too (`also_starting`): the containers they started there within
+this worker's typical start (`typical_start`: the median of its last runs' claim to RUNNING),
+so that replicas sharing a host share the bound instead of multiplying it.
 
 One object owns these numbers behind its own lock; the worker loop and the event thread call
 it, nothing else writes its state (arq's semaphore with a done-callback, made explicit).
@@ -47,7 +46,7 @@ class Admission(Generic[S]):
                  also_starting: Callable[[], int] = lambda: 0) -> None:
         self.limit = limit
         self.max_starting = max_starting or 0
-        self.also_starting = also_starting  # other starts on this CPU: booting warm containers
+        self.also_starting = also_starting  # other workers' starts on this engine
         self.patience = patience
         self._clock = clock
         self._slots: dict[UUID, _Slot[S]] = {}

@@ -102,9 +102,9 @@ class WorkerSettings(BaseModel):
     max_starting: Annotated[int, Flag("--max-starting", env="DOCKERWORKER_MAX_STARTING")] = Field(
         default_factory=lambda: os.cpu_count() or 2, ge=0,
         description="Most runs starting at once (claimed, not yet RUNNING) on this Docker "
-                    "engine: booting warm containers and other workers' fresh starts there "
-                    "count too; the rest stay scheduled for the next poll or another worker. "
-                    "0: no bound (default: the number of CPUs).")
+                    "engine: other workers' fresh starts there count too; the rest stay "
+                    "scheduled for the next poll or another worker. 0: no bound (default: "
+                    "the number of CPUs).")
     warm: Annotated[int, Flag("--warm", env="DOCKERWORKER_WARM")] = Field(
         default=0, ge=0, le=32,
         description="Warm starts: keep up to this many containers with Prefect already "

@@ -17,9 +17,10 @@ replacement, and an entry script nobody hands a run to exits by itself after WAR
 Readiness: the entry script prints READY_LINE once Prefect is imported; the worker follows
 each new container's output until then, and hands a run to a ready container first (the one
 waiting longest), to a booting one only when none is ready (it is still ahead of a cold
-start). A container that ends before it is ready is removed, not handed a run. Booting ones
-count against `--max-starting` (admission.py) until ready or BOOT_TIMEOUT: importing Prefect
-loads the CPU as a starting run does; `on_ready` tells the worker a start slot came free.
+start). A container that ends before it is ready is removed, not handed a run. Booting ones do
+not count against `--max-starting`: they import at the least CPU weight, so starting runs go
+first, and holding runs back until a replacement is ready made warm starts slower (measured:
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import metrics
@@ -96,12 +96,10 @@ class WarmPool:
     """At most `size` waiting containers in all, shared evenly among the job configurations
     in use (at least one each, for the ones used most recently); started in the background."""
 
-    def __init__(self, runtime: Runtime, size: int, ttl: float = WARM_TTL,
-                 on_ready: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, runtime: Runtime, size: int, ttl: float = WARM_TTL) -> None:
         self.runtime = runtime
         self.size = size
         self.ttl = ttl
-        self.on_ready = on_ready
         self._idle: dict[str, list[_Idle]] = {}
         self._starting: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -198,14 +196,12 @@ class WarmPool:
             with self._lock:
                 item.ready = True
             log.info("warm container %s is ready (Prefect imported)", item.container.name)
-            self.on_ready()
             return
         ended = True
         with contextlib.suppress(RuntimeTrouble):
             ended = not self.runtime.is_running(item.container)
         if not ended:
-            self.on_ready()  # slow, not broken: still a head start, no longer a start
-            return
+            return  # slow, not broken: still a head start
         with self._lock:
             queue = self._idle.get(key) or []
             if item not in queue:  # taken meanwhile (booting), or removed
@@ -214,16 +210,6 @@ class WarmPool:
         log.warning("warm container %s ended before it was ready; removing it",
                     item.container.name)
         self._remove(item.container)
-        self.on_ready()
-
-    def booting(self) -> int:
-        """Containers still importing Prefect (started within BOOT_TIMEOUT, not ready yet),
-        and those being created: starts, for `--max-starting`."""
-        now = time.monotonic()
-        with self._lock:
-            return sum(self._starting.values()) + sum(
-                not item.ready and now - item.started < BOOT_TIMEOUT
-                for queue in self._idle.values() for item in queue)
 
     def ready(self) -> int:
         """How many waiting containers are ready (for the metrics)."""

@@ -87,7 +87,7 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
         self.events: EventListener | None = None
         self._polled_once = False  # --run-once: its one poll is done
         warm = settings.warm if settings.runtime == "docker" else 0  # no warm Swarm jobs
-        self.warm = WarmPool(runtime, warm, on_ready=self._warm_ready) if warm else None
+        self.warm = WarmPool(runtime, warm) if warm else None
         self.admission: Admission[RunSupervisor] = Admission(
             settings.limit, 0 if settings.run_once else settings.max_starting,
             also_starting=self._other_starts)
@@ -289,15 +289,14 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
             self._nudge("poll")
 
     def _other_starts(self) -> int:
-        """Starts on this CPU that are not runs of ours: booting warm containers, and the
-        containers other workers started here within our typical start (admission.py)."""
-        booting = self.warm.booting() if self.warm is not None else 0
+        """Starts on this CPU that are not runs of ours: the containers other workers started
+        on this engine within our typical start (admission.py)."""
         try:
             self._foreign_starts = self.runtime.starts_elsewhere(
                 self.settings.name, self.admission.typical_start())
         except RuntimeTrouble:
             self._foreign_starts = {}  # the poll's ping says so; bound by our own starts
-        return booting + len(self._foreign_starts)
+        return len(self._foreign_starts)
 
     def _recheck_foreign_starts(self) -> None:
         """Held back by other workers' starts: poll again when the oldest of them leaves the
@@ -307,11 +306,6 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
             wait = max(0.5, self.admission.typical_start() - oldest)
             due = time.monotonic() + wait
             self._next_due = due if self._next_due is None else min(self._next_due, due)
-
-    def _warm_ready(self) -> None:
-        """A warm container stopped counting as a start: take what the last poll left."""
-        if self.held_back:
-            self._nudge("poll")
 
     def active_runs(self) -> list[RunSupervisor]:
         return list(self.admission.supervisors().values())

@@ -129,11 +129,11 @@ def test_other_starts_count_against_max_starting_only() -> None:
     others = [2]
     admission: Admission[str] = Admission(10, 3, also_starting=lambda: others[0])
     admission.admit(uuid.uuid4(), lambda: "a")
-    assert admission.free() == 0  # 3 - one run starting - two warm containers booting
+    assert admission.free() == 0  # 3 - one run of ours starting - two of other workers
     others[0] = 0
     assert admission.free() == 2
     unbounded: Admission[str] = Admission(10, 0, also_starting=lambda: 5)
-    assert unbounded.free() == 10  # no --max-starting: booting warm containers bound nothing
+    assert unbounded.free() == 10  # no --max-starting: others' starts bound nothing
 
 
 def test_the_typical_start_is_the_median_of_the_last_claim_to_running() -> None:

@@ -80,25 +80,3 @@ def test_a_slow_one_past_the_boot_timeout_stays_booting_not_removed(booting,
     taken = pool.take(spec_for(JOB))
     assert taken is not None and taken.id == slow.workload.id
     pool.close()
-
-
-def test_booting_ones_count_as_starts_until_ready_and_readiness_is_told(booting,
-                                                                      monkeypatch) -> None:
-    told = threading.Event()
-    pool = WarmPool(booting, size=2, on_ready=told.set)
-    pool.take(spec_for(JOB))
-    wait_until(lambda: len(waiting(booting)) == 2)
-    assert pool.booting() == 2
-    first, second = waiting(booting)
-    first.ready.set()
-    wait_until(told.is_set)
-    assert pool.booting() == 1
-    told.clear()
-    booting.finish(second, exit_code=1)  # dies while booting: removed, no longer a start
-    wait_until(told.is_set)
-    assert pool.booting() == 0
-    monkeypatch.setattr(warm, "BOOT_TIMEOUT", 0.0)  # one booting past the timeout: not a start
-    assert pool.take(spec_for(JOB)).id == first.workload.id  # two replacements boot
-    wait_until(lambda: len(pool.holds()) == 2)
-    assert pool.booting() == 0
-    pool.close()
