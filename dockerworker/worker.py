@@ -233,7 +233,7 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
             self.last_poll = time.monotonic()  # full, not stuck: healthy, nothing to ask for
             self.held_back = True
             self._next_due = None  # a freed slot nudges a poll, which looks again
-            self._recheck_foreign_starts()
+            self._recheck_foreign_starts()  # or other workers' starts, as they age out
             return
         try:
             self.runtime.ping()
@@ -304,8 +304,7 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
         if self._foreign_starts:
             oldest = max(self._foreign_starts.values())
             wait = max(0.5, self.admission.typical_start() - oldest)
-            due = time.monotonic() + wait
-            self._next_due = due if self._next_due is None else min(self._next_due, due)
+            self._next_due = time.monotonic() + wait
 
     def active_runs(self) -> list[RunSupervisor]:
         return list(self.admission.supervisors().values())
