@@ -886,8 +886,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]
     parser.add_argument("--ca-bundle", default=HOST_CA_BUNDLE if Path(HOST_CA_BUNDLE).exists()
                         else "", help="CA bundle pip trusts in the deps workload, both workers "
                         "('' for none; default: %(default)s)")
-    parser.add_argument("--workers", default=",".join(WORKERS),
-                        help="comma-separated subset of: " + ", ".join(WORKERS))
+    parser.add_argument("--workers",
+                        help="comma-separated subset of: " + ", ".join(WORKERS)
+                             + " (default: all; --quick leaves out dockerworker-x3)")
     parser.add_argument("--dw-args", default="",
                         help="extra `dockerworker start` options, e.g. '--max-starting 0'")
     parser.add_argument("--inflight", help="numbers of quiet runs in flight to measure the "
@@ -898,9 +899,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]
                              "ages: 300 shows long runs)")
     parser.add_argument("--inflight-window", type=float,
                         help="seconds measured at each number in flight (default 20; quick 10)")
-    parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--floor", action=argparse.BooleanOptionalAction,
                         help="measure the floor first: the burst with no worker "
-                             "(bench/floor.py; default: on)")
+                             "(bench/floor.py; default: on; off with --quick)")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV,
                         help="venv for prefect-docker's worker (created if missing)")
     args = parser.parse_args(argv)
@@ -912,7 +913,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]
     if args.inflight_window is not None:
         plan.inflight_window = args.inflight_window
     plan.poll_interval = args.poll_interval
-    plan.floor = args.floor
+    plan.floor = args.floor if args.floor is not None else not args.quick
+    if args.workers is None:  # a burst of 5 over three replicas says little: not in --quick
+        args.workers = ",".join(k for k in WORKERS if not (args.quick and k == "dockerworker-x3"))
     plan.deps = args.deps if args.deps is not None else not args.quick
     plan.ca_bundle = args.ca_bundle or None
     plan.dw_args = tuple(args.dw_args.split())
