@@ -8,7 +8,8 @@ before it is due), an event lost. It then polls every `--poll-interval-with-even
 a poll) and looks that far ahead as well: a run falling due before the next poll is claimed
 when it is due (`--prefetch-seconds` before its time, as with frequent polls), not at the next
 poll. Without the stream (an old server, a proxy without websockets, a reconnection) it polls
-every `--poll-interval` seconds, looking `--prefetch-seconds` ahead, as before.
+every `--poll-interval` seconds, looking `--prefetch-seconds` ahead, as before. With `--warm`
+it looks `warm_lead` seconds further still, to warm ahead of the runs it sees (ahead.py).
 
 `PollPacing` is the part of `Worker` (worker.py) that says when to poll and what to claim.
 """
@@ -35,6 +36,7 @@ class PollPacing:
     events: EventListener | None
 
     _next_due: float | None = None  # monotonic: when a run found ahead becomes claimable
+    warm_lead: float = 0.0  # seconds past the prefetch to look, to warm ahead (ahead.py)
 
     def streaming(self) -> bool:
         """The event stream is connected: new runs are announced as they are scheduled."""
@@ -63,18 +65,18 @@ class PollPacing:
     def _poll_horizon(self) -> datetime:
         """Ask for runs scheduled up to the prefetch, and, while polls are rare, up to the
         next poll's prefetch too (so that none falls due unseen between two polls)."""
-        ahead = self.settings.prefetch_seconds
+        ahead = self.settings.prefetch_seconds + self.warm_lead
         if self.streaming():
             ahead += self.poll_every()
         return datetime.now(UTC) + timedelta(seconds=ahead)
 
-    def _due_now(self, runs: list[FlowRun]) -> list[FlowRun]:
-        """Those of `runs` to claim now (scheduled within the prefetch); for the others, the
+    def _due_now(self, runs: list[FlowRun]) -> tuple[list[FlowRun], list[FlowRun]]:
+        """Those of `runs` to claim now (scheduled within the prefetch), and the others: the
         next poll comes when the first of them falls due."""
         now = datetime.now(UTC)
         claim_before = now + timedelta(seconds=self.settings.prefetch_seconds)
         due: list[FlowRun] = []
-        later: list[datetime] = []
+        later: list[tuple[datetime, FlowRun]] = []
         for flow_run in runs:
             at = scheduled_time(flow_run)
             if at is not None and at.tzinfo is None:
@@ -82,9 +84,9 @@ class PollPacing:
             if at is None or at <= claim_before:
                 due.append(flow_run)
             else:
-                later.append(at)
+                later.append((at, flow_run))
         self._next_due = None
         if later:
-            wait = (min(later) - claim_before).total_seconds()
+            wait = (min(at for at, _ in later) - claim_before).total_seconds()
             self._next_due = time.monotonic() + wait
-        return due
+        return due, [flow_run for _, flow_run in later]

@@ -12,7 +12,8 @@ Labels are fixed at create, so a warm container carries `io.dockerworker.warm` i
 run's labels; a restarted worker finds its run by the flow run's infrastructure_pid.
 
 A configuration is kept warm only while it is used: taking a container starts its
-replacement, and an entry script nobody hands a run to exits by itself after WARM_TTL seconds.
+replacement, a run seen scheduled for later warms its configuration ahead (ahead.py), and an
+entry script nobody hands a run to exits by itself after WARM_TTL seconds.
 
 Readiness: the entry script prints READY_LINE once Prefect is imported; the worker follows
 each new container's output until then, and hands a run to a ready container first (the one
@@ -127,6 +128,13 @@ class WarmPool:
             self._remove(idle.container)
         self._refill(spec, key)
         return taken
+
+    def prewarm(self, spec: ContainerSpec) -> None:
+        """Bring this spec's configuration up to its share now, ahead of a run that will
+        want it (ahead.py), as a take would after its first run."""
+        key = warm_key(spec) if self.size else None
+        if key is not None:
+            self._refill(spec, key)
 
     def _count(self, key: str) -> int:
         return len(self._idle.get(key, [])) + self._starting.get(key, 0)

@@ -22,6 +22,7 @@ import requests
 
 from . import __version__, metrics
 from .admission import Admission
+from .ahead import WARM_LEAD, WarmAhead, spec_ahead
 from .api import (
     FlowRun,
     NotFound,
@@ -88,6 +89,12 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
         self._polled_once = False  # --run-once: its one poll is done
         warm = settings.warm if settings.runtime == "docker" else 0  # no warm Swarm jobs
         self.warm = WarmPool(runtime, warm) if warm else None
+        self.ahead: WarmAhead | None = None  # warming for runs scheduled later (ahead.py)
+        if self.warm is not None:
+            self.ahead = WarmAhead(self.warm, lambda run, pool: spec_ahead(
+                self.api, self.runtime, self.builder, self.settings, self.reads, self.shipper,
+                run, pool))
+            self.warm_lead = WARM_LEAD
         self.admission: Admission[RunSupervisor] = Admission(
             settings.limit, 0 if settings.run_once else settings.max_starting,
             also_starting=self._other_starts)
@@ -242,7 +249,7 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
                         exc)
             return
         try:
-            runs = self._due_now(self.api.get_scheduled_flow_runs(
+            runs, later = self._due_now(self.api.get_scheduled_flow_runs(
                 self.settings.pool, self._poll_horizon(), free, self.settings.work_queues,
                 patience=LOOP_PATIENCE,
             ))
@@ -255,6 +262,8 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
             log.warning("poll failed: %s", exc)
             return
         self.last_poll = time.monotonic()
+        if self.ahead is not None:
+            self.ahead.see(later, self.settings.pool)
         held_back = free is not None and len(runs) >= free  # the server may hold more
         for flow_run in runs:
             if not self._start(flow_run, lambda supervisor: supervisor.run()):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import time
+from datetime import UTC, datetime, timedelta
 
 from testrig.prefect_rig import LOCAL_BASE, POOL_LABEL, PrefectRig, log_messages
 
@@ -63,6 +64,32 @@ def test_a_warm_container_serves_the_next_run_with_its_own_parameters(
     wait_for_waiting(docker_client, unique_pool)  # a replacement for the next run
     worker.stop()
     assert warm_containers(docker_client, unique_pool, waiting=True) == []
+
+
+def test_a_run_scheduled_ahead_starts_warm_though_first_of_its_configuration(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, docker_client
+) -> None:
+    """Without warming ahead the first run of a configuration is cold: here the worker sees
+    the run before it is due, warms for it without claiming it, and hands it that container."""
+    worker = start_worker(unique_pool, "--warm", "1")
+    worker.wait_for_output("subscribed to the server's flow-run events", timeout=30)
+    deployment = rig.create_deployment(unique_pool, "flows.py:hello", {"image": flow_image})
+    due = datetime.now(UTC) + timedelta(seconds=25)  # claimed 10 s ahead (--prefetch-seconds)
+    run_id = rig.create_flow_run(deployment, parameters={"name": "ahead"}, state={
+        "type": "SCHEDULED", "name": "Scheduled",
+        "state_details": {"scheduled_time": due.isoformat()}})
+    waiting = wait_for_waiting(docker_client, unique_pool, timeout=10)
+    assert rig.read_flow_run(run_id)["state"]["type"] == "SCHEDULED"  # warmed, not claimed
+
+    run = rig.wait_for_final(run_id, timeout=90)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert run["infrastructure_pid"].endswith(":" + waiting.id)
+    rig.wait_for_log(run_id, "hello, ahead")
+    messages = log_messages(rig.read_logs(run_id))
+    assert any("took over the run" in m for m in messages), messages
+    claimed = min(datetime.fromisoformat(s["timestamp"]) for s in rig.read_state_history(run_id)
+                  if s["type"] == "PENDING")
+    assert (due - claimed).total_seconds() < 12  # at its prefetch time, not when warmed
 
 
 def test_a_warm_run_is_adopted_after_a_restart_and_can_be_cancelled(
