@@ -11,7 +11,9 @@ server; the flows' own API traffic goes straight to the server (job env PREFECT_
 the proxy counts the worker's requests only. prefect-docker's worker runs from its own venv
 (bench/.venv, created on first use), dockerworker from bench/.venv-dockerworker (this checkout
 with its runtime dependencies only, as operators install it; no prefect). `dockerworker-warm`
-is dockerworker with `--warm 2` (sequential and burst workloads only); `dockerworker-x3` is three
+is dockerworker with `--warm 2` (sequential, scheduled-ahead and burst workloads only); the
+scheduled-ahead workload (`--ahead`, off with --quick) times runs created 25 s before they are
+due, each of a job configuration not seen before; `dockerworker-x3` is three
 dockerworker replicas on one pool (burst only). Workers run one after the other, never together.
 Before them, the floor (bench/floor.py): the same burst with no worker, its CPU per run and the
 runs/min the machine's cores allow at that cost; each worker's burst is split by CPU the same way.
@@ -43,7 +45,7 @@ import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -119,6 +121,8 @@ class Plan:
     inflight_window: float = 20.0  # seconds measured at each number in flight
     inflight_settle: float = 5.0  # seconds after all are RUNNING before measuring
     floor: bool = True  # the burst with no worker first (bench/floor.py)
+    ahead: int = 3  # runs scheduled ahead, each the first of its configuration (0: none)
+    ahead_seconds: float = 25.0  # how far ahead of its creation each is scheduled
 
 
 # --- small helpers ------------------------------------------------------------------------
@@ -303,6 +307,27 @@ def measure_runs(worker: WorkerProcess, run: Callable[[], list[dict[str, Any]]]
     cpu0, t0 = cpu_seconds(worker.pid), time.monotonic()
     runs = run()
     return runs, cpu_seconds(worker.pid) - cpu0, worker.proxy.between(t0, time.monotonic())
+
+
+def ahead_workload(rig: PrefectRig, deployment: str, job_variables: dict[str, Any],
+                   plan: Plan) -> dict[str, Any]:
+    """Runs scheduled `plan.ahead_seconds` after their creation, one after another, each the
+    first of its job configuration (an env value of its own): how long each takes from its
+    claim to RUNNING (cold, or warmed ahead: ahead.py)."""
+    runs = []
+    for _ in range(plan.ahead):
+        due = datetime.now(UTC) + timedelta(seconds=plan.ahead_seconds)
+        env = {**job_variables["env"], "BENCH_CONFIGURATION": secrets.token_hex(4)}
+        run_id = rig.create_flow_run(deployment, job_variables={"env": env}, state={
+            "type": "SCHEDULED", "name": "Scheduled",
+            "state_details": {"scheduled_time": due.isoformat()}})
+        runs.append(rig.wait_for_final(run_id, timeout=plan.run_timeout + plan.ahead_seconds,
+                                       interval=0.25))
+    to_start = [s for r in runs if (s := seconds(claimed_at(rig, r["id"]), r.get("start_time")))]
+    return {"runs": len(runs), "completed": sum(state_type(r) == "COMPLETED" for r in runs),
+            "pending_to_running_s": to_start,
+            "pending_to_running_median_s": median_p95(to_start)[0],
+            "pending_to_running_max_s": max(to_start, default=None)}
 
 
 def burst_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -634,7 +659,11 @@ def bench_worker(kind: str, server: PrefectServer, rig: PrefectRig, client: dock
             "to_running_median_s": median_p95(to_running)[0],
             "to_running_p95_s": median_p95(to_running)[1],
         }
-        print(f"[{kind}] one a second done; burst of {plan.burst}", flush=True)
+        if plan.ahead:
+            print(f"[{kind}] one a second done; {plan.ahead} runs scheduled "
+                  f"{plan.ahead_seconds:g} s ahead, each of a new configuration", flush=True)
+            result["ahead"] = ahead_workload(rig, hello, job_variables, plan)
+        print(f"[{kind}] burst of {plan.burst}", flush=True)
 
         result["burst"] = burst_workload([worker], server, rig, hello, plan)
         completed = result["burst"]["completed"]
@@ -741,6 +770,10 @@ ROWS: list[tuple[str, str, str]] = [
     ("one a second: runs COMPLETED", "spaced.completed", "{:.0f}"),
     ("one a second: create→RUNNING median (s)", "spaced.to_running_median_s", "{:.2f}"),
     ("one a second: create→RUNNING p95 (s)", "spaced.to_running_p95_s", "{:.2f}"),
+    ("scheduled ahead: runs COMPLETED", "ahead.completed", "{:.0f}"),
+    ("scheduled ahead: PENDING→RUNNING median (s)", "ahead.pending_to_running_median_s",
+     "{:.2f}"),
+    ("scheduled ahead: PENDING→RUNNING max (s)", "ahead.pending_to_running_max_s", "{:.2f}"),
     ("burst: runs COMPLETED", "burst.completed", "{:.0f}"),
     ("burst: first create → last final (s)", "burst.wall_s", "{:.1f}"),
     ("burst: runs/min", "burst.runs_per_min", "{:.1f}"),
@@ -840,6 +873,9 @@ def table(results: dict[str, dict[str, Any]], plan: Plan, floor: dict[str, Any])
         "are noisy when anything else runs. Sequential: one run at a time, after one",
         "unmeasured warm-up run (for dw warm: the cold run whose configuration it keeps warm).",
         "One a second: as many runs as the sequential workload, created a second apart.",
+        (f"Scheduled ahead: {plan.ahead} runs, one after another, each created "
+         f"{plan.ahead_seconds:g} s before it is due and the first of its job configuration"),
+        "(an env value of its own): dw warm warms for it ahead (ahead.py), the others start cold.",
         f"dw warm = dockerworker {' '.join(WARM_ARGS)}. Extra dockerworker options: "
         + (" ".join(plan.dw_args) or "none") + ".",
         f"--poll-interval {plan.poll_interval:g} s for all (prefetch 10 s, heartbeat 30 s);",
@@ -902,10 +938,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]
     parser.add_argument("--floor", action=argparse.BooleanOptionalAction,
                         help="measure the floor first: the burst with no worker "
                              "(bench/floor.py; default: on; off with --quick)")
+    parser.add_argument("--ahead", type=int, help="runs scheduled ahead, each of a new job "
+                        "configuration, one after another (default 3; quick 0)")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV,
                         help="venv for prefect-docker's worker (created if missing)")
     args = parser.parse_args(argv)
-    plan = (Plan(sequential=3, burst=5, log_lines=5000, inflight=(1, 5), inflight_window=10)
+    plan = (Plan(sequential=3, burst=5, log_lines=5000, inflight=(1, 5), inflight_window=10,
+                 ahead=0)
             if args.quick else Plan())
     if args.inflight is not None:
         plan.inflight = tuple(int(n) for n in args.inflight.split(",") if n.strip())
@@ -919,7 +958,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]
     plan.deps = args.deps if args.deps is not None else not args.quick
     plan.ca_bundle = args.ca_bundle or None
     plan.dw_args = tuple(args.dw_args.split())
-    for name in ("burst", "sequential", "log_lines"):
+    for name in ("burst", "sequential", "log_lines", "ahead"):
         if getattr(args, name) is not None:
             setattr(plan, name, getattr(args, name))
     if unknown := set(args.workers.split(",")) - set(WORKERS):

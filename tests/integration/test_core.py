@@ -229,6 +229,7 @@ def test_server_appearing_late_is_waited_for(
             )
             run = late.wait_for_final(late.create_flow_run(deployment), timeout=120)
             assert run["state"]["type"] == "COMPLETED", run["state"]
+            worker.stop()  # while the server can still take its last log lines
         finally:
             late.close()
 

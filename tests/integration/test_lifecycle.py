@@ -168,7 +168,10 @@ def test_three_workers_sixty_runs_one_restarted_midway(
 ) -> None:
     rig.create_work_pool(unique_pool)
     names = [f"{unique_pool}-r{i}" for i in range(3)]
-    workers = [start_worker(unique_pool, "--limit", "4", name=n) for n in names]
+    # the containers only echo and sleep: no reason to take their starts two at a time
+    # (--max-starting is shared by the workers of one engine: the CPU count in all)
+    workers = [start_worker(unique_pool, "--limit", "4", "--max-starting", "0", name=n)
+               for n in names]
     command = "sh -c 'echo serving $PREFECT__FLOW_RUN_ID; sleep 1'"
     deployment = rig.create_deployment(
         unique_pool, "flows.py:hello", {"image": flow_image, "command": command}
@@ -181,7 +184,7 @@ def test_three_workers_sixty_runs_one_restarted_midway(
     workers[1].process.send_signal(signal.SIGKILL)
     workers[1].process.wait(10)
     time.sleep(1)
-    start_worker(unique_pool, "--limit", "4", name=names[1])
+    start_worker(unique_pool, "--limit", "4", "--max-starting", "0", name=names[1])
     finals = [rig.wait_for_final(r, timeout=240)["state"] for r in runs]
     assert all(s["type"] == "CRASHED" and "exited with code 0" in s["message"] for s in finals)
     containers = docker_client.containers.list(
