@@ -467,9 +467,11 @@ class PrefectAPI:
 
     def get_scheduled_flow_runs(
         self, pool: str, scheduled_before: datetime, limit: int | None, queues: list[str],
-        patience: float | None = None,
+        patience: float | None = None, scheduled_after: datetime | None = None,
     ) -> list[FlowRun]:
         body: dict[str, Any] = {"scheduled_before": scheduled_before.isoformat()}
+        if scheduled_after is not None:
+            body["scheduled_after"] = scheduled_after.isoformat()
         if limit is not None:
             body["limit"] = limit
         if queues:

@@ -8,8 +8,8 @@ before it is due), an event lost. It then polls every `--poll-interval-with-even
 a poll) and looks that far ahead as well: a run falling due before the next poll is claimed
 when it is due (`--prefetch-seconds` before its time, as with frequent polls), not at the next
 poll. Without the stream (an old server, a proxy without websockets, a reconnection) it polls
-every `--poll-interval` seconds, looking `--prefetch-seconds` ahead, as before. With `--warm`
-it looks `warm_lead` seconds further still, to warm ahead of the runs it sees (ahead.py).
+every `--poll-interval` seconds, looking `--prefetch-seconds` ahead, as before. (With `--warm`
+a second request looks further, only to warm ahead: ahead.py.)
 
 `PollPacing` is the part of `Worker` (worker.py) that says when to poll and what to claim.
 """
@@ -36,7 +36,6 @@ class PollPacing:
     events: EventListener | None
 
     _next_due: float | None = None  # monotonic: when a run found ahead becomes claimable
-    warm_lead: float = 0.0  # seconds past the prefetch to look, to warm ahead (ahead.py)
 
     def streaming(self) -> bool:
         """The event stream is connected: new runs are announced as they are scheduled."""
@@ -65,7 +64,7 @@ class PollPacing:
     def _poll_horizon(self) -> datetime:
         """Ask for runs scheduled up to the prefetch, and, while polls are rare, up to the
         next poll's prefetch too (so that none falls due unseen between two polls)."""
-        ahead = self.settings.prefetch_seconds + self.warm_lead
+        ahead = self.settings.prefetch_seconds
         if self.streaming():
             ahead += self.poll_every()
         return datetime.now(UTC) + timedelta(seconds=ahead)

@@ -110,7 +110,7 @@ class WorkerSettings(BaseModel):
         description="Warm starts: keep up to this many containers with Prefect already "
                     "imported waiting for runs, shared among the job configurations in use (at "
                     "least one each, the most recently used first); each still serves one run. "
-                    "Runs scheduled up to 60 s past the prefetch are warmed for ahead.")
+                    "Runs due up to 60 s past a poll's look-ahead are warmed for ahead.")
     run_once: Annotated[bool, Flag("--run-once")] = Field(
         default=False,
         description="Process the runs that are due now, wait for them (cancelling those "

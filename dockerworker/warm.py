@@ -131,17 +131,18 @@ class WarmPool:
 
     def prewarm(self, spec: ContainerSpec) -> None:
         """Bring this spec's configuration up to its share now, ahead of a run that will
-        want it (ahead.py), as a take would after its first run."""
+        want it (ahead.py); only in free places or those a configuration holds beyond its
+        share: a run not yet claimed never evicts what runs in use keep warm."""
         key = warm_key(spec) if self.size else None
         if key is not None:
-            self._refill(spec, key)
+            self._refill(spec, key, surplus_only=True)
 
     def _count(self, key: str) -> int:
         return len(self._idle.get(key, [])) + self._starting.get(key, 0)
 
-    def _refill(self, spec: ContainerSpec, key: str) -> None:
+    def _refill(self, spec: ContainerSpec, key: str, surplus_only: bool = False) -> None:
         """Bring `key` up to its share; at the bound, in place of the waiting containers of
-        the configurations used longest ago."""
+        the configurations used longest ago (`surplus_only`: of those above their share)."""
         evicted: list[_Idle] = []
         with self._lock:
             if self._closed:
@@ -153,7 +154,8 @@ class WarmPool:
             while self._count(key) + planned < share:
                 if total + planned >= self.size:
                     others = [(q[-1].started, k)  # by each configuration's latest use
-                              for k, q in self._idle.items() if q and k != key]
+                              for k, q in self._idle.items() if q and k != key
+                              and not (surplus_only and self._count(k) <= share)]
                     if not others:
                         break
                     evicted.append(self._idle[min(others)[1]].pop(0))

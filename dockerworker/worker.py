@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta
 
 import docker
 import docker.errors
@@ -94,7 +95,6 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
             self.ahead = WarmAhead(self.warm, lambda run, pool: spec_ahead(
                 self.api, self.runtime, self.builder, self.settings, self.reads, self.shipper,
                 run, pool))
-            self.warm_lead = WARM_LEAD
         self.admission: Admission[RunSupervisor] = Admission(
             settings.limit, 0 if settings.run_once else settings.max_starting,
             also_starting=self._other_starts)
@@ -248,9 +248,10 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
             log.warning("Docker engine unreachable (%s); not claiming runs until it answers",
                         exc)
             return
+        horizon = self._poll_horizon()
         try:
             runs, later = self._due_now(self.api.get_scheduled_flow_runs(
-                self.settings.pool, self._poll_horizon(), free, self.settings.work_queues,
+                self.settings.pool, horizon, free, self.settings.work_queues,
                 patience=LOOP_PATIENCE,
             ))
         except NotFound:
@@ -262,13 +263,27 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
             log.warning("poll failed: %s", exc)
             return
         self.last_poll = time.monotonic()
-        if self.ahead is not None:
-            self.ahead.see(later, self.settings.pool)
         held_back = free is not None and len(runs) >= free  # the server may hold more
         for flow_run in runs:
             if not self._start(flow_run, lambda supervisor: supervisor.run()):
                 held_back = True
         self.held_back = held_back
+        if self.ahead is not None:
+            self._warm_ahead(later, horizon)
+
+    def _warm_ahead(self, later: list[FlowRun], horizon: datetime) -> None:
+        """With --warm: warm for the runs due after this poll's horizon (another request, so
+        that runs due later never take the places of due ones in the poll's limit) and for
+        those the poll found not yet due (ahead.py)."""
+        assert self.ahead is not None and self.warm is not None
+        try:
+            further = self.api.get_scheduled_flow_runs(
+                self.settings.pool, horizon + timedelta(seconds=WARM_LEAD), self.warm.size,
+                self.settings.work_queues, patience=LOOP_PATIENCE, scheduled_after=horizon)
+        except PrefectAPIError as exc:
+            log.debug("could not look ahead for runs to warm for: %s", exc)
+            further = []
+        self.ahead.see(later + further, self.settings.pool)
 
     def free_slots(self) -> int | None:
         """How many more runs to take now: within --limit and --max-starting (None: any)."""

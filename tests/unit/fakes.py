@@ -160,10 +160,17 @@ class FakeAPI:
             return list(self.states.get(flow_run_id, []))
 
     def get_scheduled_flow_runs(self, pool: str, scheduled_before: datetime, limit: int | None,
-                                queues: list[str], patience: float | None = None
-                                ) -> list[FlowRun]:
+                                queues: list[str], patience: float | None = None,
+                                scheduled_after: datetime | None = None) -> list[FlowRun]:
+        """The server's filter on the scheduled time (a run without one is due now), soonest
+        first."""
         self._maybe_fail("get_scheduled_flow_runs")
-        found = self.filter_flow_runs(pool, [StateType.SCHEDULED])
+        now = datetime.now(UTC)
+        found = sorted(
+            (run for run in self.filter_flow_runs(pool, [StateType.SCHEDULED])
+             if (scheduled_after is None or _due_at(run, now) >= scheduled_after)
+             and _due_at(run, now) <= scheduled_before),
+            key=lambda run: _due_at(run, now))
         if self.poll_barrier is not None:
             self.poll_barrier.wait(5)
         return found[:limit] if limit is not None else found
@@ -256,6 +263,10 @@ class FakeAPI:
                     and (text is None or _text_matches(text, e))]
         rows.sort(key=lambda e: e["timestamp"], reverse=True)
         return rows[offset:offset + limit]
+
+
+def _due_at(run: FlowRun, now: datetime) -> datetime:
+    return run.next_scheduled_start_time or run.expected_start_time or now
 
 
 def _text_matches(query: str, entry: dict[str, Any]) -> bool:
