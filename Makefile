@@ -43,7 +43,7 @@ test-tools:
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info testrig/.venvs
 
-# Side-by-side benchmark against prefect-docker's worker; ~10 min (BENCH_ARGS=--quick: ~3 min).
+# Side-by-side benchmark against prefect-docker's worker; ~15 min (BENCH_ARGS=--quick: ~5 min).
 .PHONY: bench
 bench: setup
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

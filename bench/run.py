@@ -930,7 +930,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]
     parser.add_argument("--dw-args", default="",
                         help="extra `dockerworker start` options, e.g. '--max-starting 0'")
     parser.add_argument("--inflight", help="numbers of quiet runs in flight to measure the "
-                        "worker at, in turn (default 1,10,50; quick 1,5; '' for none)")
+                        "worker at, in turn (default 1,10,50; quick 5; '' for none)")
     parser.add_argument("--inflight-settle", type=float, default=5.0,
                         help="seconds the runs in flight age before each measurement "
                              "(default 5; the worker reads a run's usage less often as it "
@@ -945,7 +945,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV,
                         help="venv for prefect-docker's worker (created if missing)")
     args = parser.parse_args(argv)
-    plan = (Plan(sequential=3, burst=5, log_lines=5000, inflight=(1, 5), inflight_window=10,
+    plan = (Plan(sequential=3, burst=5, log_lines=5000, inflight=(5,), inflight_window=10,
                  ahead=0)
             if args.quick else Plan())
     if args.inflight is not None:
