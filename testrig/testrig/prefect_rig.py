@@ -306,6 +306,11 @@ class PrefectRig:
             body["base_job_template"] = base_job_template
         return self._call("POST", "/work_pools/", body)
 
+    def create_work_queue(self, pool: str, name: str, priority: int) -> dict[str, Any]:
+        """Create a queue of `pool` (priority 1 is the highest; the server shifts the others)."""
+        return self._call("POST", f"/work_pools/{pool}/queues",
+                          {"name": name, "priority": priority})
+
     def read_work_pool(self, name: str) -> dict[str, Any]:
         """Read a work pool by name."""
         return self._call("GET", f"/work_pools/{name}")

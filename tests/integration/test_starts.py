@@ -92,6 +92,29 @@ def test_a_run_scheduled_ahead_starts_warm_though_first_of_its_configuration(
     assert (due - claimed).total_seconds() < 12  # at its prefetch time, not when warmed
 
 
+def test_runs_due_later_never_crowd_out_a_due_run_of_a_lower_priority_queue(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str
+) -> None:
+    """The server orders a poll by queue priority before time: had warming ahead widened the
+    claiming poll, its limit (one start at a time here) would hold the urgent queue's runs due
+    later, and the default queue's run due now would wait until they fell due (~35 s)."""
+    rig.create_work_pool(unique_pool)
+    rig.create_work_queue(unique_pool, "urgent", priority=1)
+    urgent = rig.create_deployment(unique_pool, "flows.py:hello", {"image": flow_image},
+                                   work_queue_name="urgent")
+    later = datetime.now(UTC) + timedelta(seconds=45)
+    for _ in range(3):
+        rig.create_flow_run(urgent, state={"type": "SCHEDULED", "name": "Scheduled",
+                                           "state_details": {"scheduled_time": later.isoformat()}})
+    start_worker(unique_pool, "--warm", "1", "--max-starting", "1")
+    normal = rig.create_deployment(unique_pool, "flows.py:hello", {"image": flow_image})
+    created = time.monotonic()
+    run_id = rig.create_flow_run(normal)
+    rig.wait_for_state(run_id, {"PENDING", "RUNNING", "COMPLETED"}, timeout=30)
+    assert time.monotonic() - created < 15
+    assert rig.wait_for_final(run_id, timeout=90)["state"]["type"] == "COMPLETED"
+
+
 def test_a_warm_run_is_adopted_after_a_restart_and_can_be_cancelled(
     rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, docker_client
 ) -> None:
