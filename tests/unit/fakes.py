@@ -45,6 +45,7 @@ from dockerworker.images import ImageUnavailable
 from dockerworker.jobs import JobVariables, default_base_job_template
 from dockerworker.logs import OutputLine, ResumePoint, RunOutput
 from dockerworker.ownership import Owner, owner_record_name
+from dockerworker.pacing import scheduled_time
 from dockerworker.resources import Usage
 from dockerworker.runtime import RuntimeTrouble, Workload, WorkloadGone
 from dockerworker.settings import WorkerSettings
@@ -266,7 +267,7 @@ class FakeAPI:
 
 
 def _due_at(run: FlowRun, now: datetime) -> datetime:
-    return run.next_scheduled_start_time or run.expected_start_time or now
+    return scheduled_time(run) or now
 
 
 def _text_matches(query: str, entry: dict[str, Any]) -> bool:
