@@ -57,12 +57,16 @@ class WarmAhead:
         self._busy: threading.Thread | None = None
         self._lock = threading.Lock()
 
+    def busy(self) -> bool:
+        """The last round is still at work (a slow pull): no need to look for more now."""
+        return self._busy is not None and self._busy.is_alive()
+
     def see(self, later: list[FlowRun], pool_name: str) -> threading.Thread | None:
         """Warm for the runs in `later` not seen lately, soonest first; nothing while the
-        last round is still at work (a slow pull): their next poll brings them again."""
+        last round is still at work: their next poll brings them again."""
         now = self.clock()
         with self._lock:
-            if self._busy is not None and self._busy.is_alive():
+            if self.busy():
                 return None
             self._seen = {run_id: until for run_id, until in self._seen.items() if until > now}
             new = [run for run in sorted(later, key=_soonest) if run.id not in self._seen]

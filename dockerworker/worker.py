@@ -274,8 +274,11 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
     def _warm_ahead(self, later: list[FlowRun], horizon: datetime) -> None:
         """With --warm: warm for the runs due after this poll's horizon (another request, so
         that runs due later never take the places of due ones in the poll's limit) and for
-        those the poll found not yet due (ahead.py)."""
+        those the poll found not yet due (ahead.py). Nothing while the last round is at work:
+        the next poll sees these runs again."""
         assert self.ahead is not None and self.warm is not None
+        if self.ahead.busy():
+            return
         try:
             further = self.api.get_scheduled_flow_runs(
                 self.settings.pool, horizon + timedelta(seconds=WARM_LEAD), self.warm.size,

@@ -185,6 +185,41 @@ def test_a_round_at_work_starts_no_other_and_loses_no_run(api) -> None:
     assert worked == [one.id, two.id]
 
 
+def test_while_a_round_is_at_work_a_poll_does_not_look_ahead(api, runtime,
+                                                              monkeypatch) -> None:
+    """Its runs would only be seen again: each poll while a slow pull holds the round is the
+    claiming request alone."""
+    worker = make_worker(api, runtime, warm=1, prefetch_seconds=10)
+    assert worker.ahead is not None
+    gate = threading.Event()
+    real_spec_of = worker.ahead.spec_of
+
+    def slow_spec_of(run: FlowRun, pool: str) -> Any:
+        gate.wait(5)
+        return real_spec_of(run, pool)
+
+    worker.ahead.spec_of = slow_spec_of
+    afters: list[datetime | None] = []
+    real = api.get_scheduled_flow_runs
+
+    def poll(pool: str, scheduled_before: datetime, limit: int | None, queues: list[str],
+             patience: float | None = None, scheduled_after: datetime | None = None) -> Any:
+        afters.append(scheduled_after)
+        return real(pool, scheduled_before, limit, queues, patience, scheduled_after)
+
+    monkeypatch.setattr(api, "get_scheduled_flow_runs", poll)
+    scheduled(api, 40)
+    worker.poll()
+    assert len(afters) == 2 and afters[1] is not None  # the claiming poll, the look-ahead
+    worker.poll()
+    worker.poll()
+    assert afters[2:] == [None, None]  # the round is at work: claiming polls only
+    gate.set()
+    wait_until(warmed_ahead_done)
+    worker.poll()
+    assert len(afters) == 6 and afters[5] is not None
+
+
 def test_at_most_the_pool_s_size_of_configurations_soonest_first(api) -> None:
     warmed: list[object] = []
     ahead = WarmAhead(_Pool(warmed, size=2), lambda run, pool: run.name)  # type: ignore[arg-type]
