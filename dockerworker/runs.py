@@ -28,6 +28,7 @@ from .api import (
     NotFound,
     PrefectAPI,
     PrefectAPIError,
+    ServerUnreachable,
     State,
     StateType,
     WorkPool,
@@ -77,12 +78,15 @@ def _due(flow_run: FlowRun) -> datetime | None:
 def claim(api: PrefectAPI, flow_run_id: UUID, worker_name: str) -> str | None:
     """Propose PENDING for `worker_name`; None when the run is ours, else the server's answer.
     A refusal whose PENDING state is this worker's own claim is ours too: the answer to an
-    earlier attempt was lost after the server applied it (a retried request)."""
+    earlier attempt was lost after the server applied it (a retried request). A refusal
+    carries the run's state as it is (Prefect 2 and 3): read only when it does not."""
     result = api.set_state(flow_run_id, StateType.PENDING, claim_message(worker_name))
     if result.status == "ACCEPT" and (result.state is None
                                       or result.state.type == StateType.PENDING):
         return None
-    state = api.read_flow_run(flow_run_id).state
+    state = result.state
+    if result.status == "ACCEPT" or state is None:
+        state = api.read_flow_run(flow_run_id).state
     if (state is not None and state.type == StateType.PENDING
             and state.message == claim_message(worker_name)):
         return None
@@ -136,7 +140,8 @@ class RunSupervisor:
         self.claimed_at: float | None = None  # monotonic: for the metrics' histograms
         self.started_at: float | None = None  # the container started (not for adopted runs)
         self.container: Workload | None = None
-        self.options = WatchOptions()
+        self.options = WatchOptions(infra_retries=settings.policy.infra_retries)  # until the
+        # job is known (a failure before it is rescheduled as the operator's policy says)
         self.cancel_requested = threading.Event()
         self._ended_as: StateType | None = None  # a final state the event stream reported
         self.reporter = RunReporter(api, runtime, shipper, flow_run, self.label,
@@ -274,9 +279,20 @@ class RunSupervisor:
 
     # --- the steps -----------------------------------------------------------------------
     def _run(self) -> Verdict:
-        deployment = self._read_deployment()
-        self._claim()
+        self._claim()  # first: replicas that lose the claim read nothing more
         self.phase = Phase.PREPARING
+        try:
+            spec = self._prepare()
+        except ServerUnreachable as exc:  # past the client's patience; no container yet
+            raise RunCrashed(
+                f"the Prefect server did not answer while the run was prepared: {exc}",
+                infrastructure=True, reason="server") from exc
+        workload = self._start(spec)
+        return self._watch(workload, None)
+
+    def _prepare(self) -> ContainerSpec:
+        """Deployment, job, policy, secrets, image, dependencies: the container to start."""
+        deployment = self._read_deployment()
         job = self._resolve_job(deployment)
         self._check_policy(job)
         secrets = self.prepare.read_secrets(job)  # allowed: read, and masked from here on
@@ -284,9 +300,7 @@ class RunSupervisor:
         job = self.prepare.ensure_image(job)
         flow = self.reads.flow(self.flow_run.flow_id)
         job = self.prepare.build_dependencies(job, build_name(flow, deployment))
-        spec = self.prepare.container_spec(job, deployment, flow, self.pool, secrets)
-        workload = self._start(spec)
-        return self._watch(workload, None)
+        return self.prepare.container_spec(job, deployment, flow, self.pool, secrets)
 
     def _read_deployment(self) -> Deployment | None:
         """The run's deployment; a run whose deployment is gone is cancelled, as Prefect does."""

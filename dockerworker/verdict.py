@@ -55,7 +55,7 @@ class RunCrashed(RunEnded):
         self.container = container
         self.force = force
         self.infrastructure = infrastructure
-        self.reason = reason  # invalid, refused, image, build, start, engine, error
+        self.reason = reason  # invalid, refused, image, build, start, engine, server, error
 
 
 class RunCancelled(RunEnded):

@@ -92,8 +92,8 @@ def test_the_first_run_of_a_deployment(api, runtime, recorder) -> None:
     assert api.state_of(run.id).type == StateType.COMPLETED
     assert recorder.requests() == [
         POLL,  # what is due (one request for all of them)
-        ENDPOINTS["read_deployment"],  # its job variables; gone: the run is cancelled
         CLAIM,  # the answer holds the state: no read after it
+        ENDPOINTS["read_deployment"],  # its job variables; gone: the run is cancelled
         ENDPOINTS["read_work_pool"],  # the base job template
         ENDPOINTS["read_flow"],  # the flow's name: labels, container name
         PID,  # where it runs: adoption and reconciliation find it by this
@@ -117,9 +117,32 @@ def test_the_next_runs_of_a_deployment_use_what_the_worker_knows(api, runtime,
     assert recorder.requests() == [POLL, CLAIM, PID, STATE] * 2
 
 
-def test_a_lost_claim_answer_costs_one_read(api, runtime, recorder) -> None:
-    """The server applied the claim but its answer was lost; the retry is refused: one read
-    tells the claim is ours (the rare path; the usual one reads nothing)."""
+def test_a_replica_that_loses_the_claim_reads_nothing_more(api, runtime, recorder,
+                                                           monkeypatch) -> None:
+    """Replicas woken by one Scheduled event all see the run; the claim comes first, so each
+    loser pays its poll and its refused claim, not a read of the deployment."""
+    deployment = api.add_deployment()
+    worker = make_worker(recorder, runtime)  # type: ignore[arg-type]
+    recorder.clear()
+    run = api.add_run(deployment=deployment)
+    real = api.get_scheduled_flow_runs
+
+    def another_replica_claims_first(*args: Any, **kwargs: Any) -> Any:
+        found = real(*args, **kwargs)
+        api.set_state(run.id, StateType.PENDING, "claimed by dockerworker other")
+        return found
+
+    monkeypatch.setattr(api, "get_scheduled_flow_runs", another_replica_claims_first)
+    worker.poll()
+    settle(worker)
+    assert api.state_of(run.id).message == "claimed by dockerworker other"
+    assert recorder.requests() == [POLL, CLAIM]
+    assert runtime.containers == {}
+
+
+def test_a_lost_claim_answer_costs_no_read(api, runtime, recorder) -> None:
+    """The server applied the claim but its answer was lost; the retry is refused, and the
+    refusal's state (the run's, as it is) tells the claim is ours."""
     api.lose_answers = {StateType.PENDING}
     worker = make_worker(recorder, runtime)  # type: ignore[arg-type]
     recorder.clear()
@@ -127,7 +150,7 @@ def test_a_lost_claim_answer_costs_one_read(api, runtime, recorder) -> None:
     worker.poll()
     settle(worker)
     assert api.state_of(run.id).type == StateType.COMPLETED
-    assert recorder.requests() == [POLL, CLAIM, STATE, ENDPOINTS["read_work_pool"],
+    assert recorder.requests() == [POLL, CLAIM, ENDPOINTS["read_work_pool"],
                                    ENDPOINTS["read_flow"], PID, STATE]
 
 

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from dockerworker.api import PrefectAPIError, StateType
+from dockerworker.api import PrefectAPIError, ServerUnreachable, StateType
 from dockerworker.containers import LABEL_FLOW_RUN_ID
 from dockerworker.flowcode import NEEDS_ENV
 from dockerworker.runs import Phase
@@ -266,15 +266,48 @@ def test_a_runtime_failure_at_any_step_frees_the_slot_and_crashes_the_run(
     assert api.state_of(run.id).type == StateType.CRASHED
 
 
-def test_an_unexpected_error_before_the_claim_leaves_the_run_untouched(api, runtime) -> None:
+def test_an_unexpected_error_in_the_claim_leaves_the_run_untouched(api, runtime) -> None:
     run = api.add_run()
-    deployment = api.add_deployment()
-    api.runs[run.id].deployment_id = deployment.id
-    api.fail["read_deployment"] = RuntimeError("boom")
+    api.fail["set_state"] = RuntimeError("boom")
     worker = make_worker(api, runtime)
     worker.poll()
     settle(worker)
     assert api.history[run.id] == [StateType.SCHEDULED]
+
+
+@pytest.mark.parametrize("failing", ["read_deployment", "read_work_pool"])
+def test_a_server_gone_silent_after_the_claim_is_an_infrastructure_failure(
+        api, runtime, failing: str) -> None:
+    """The claim comes first: a read the client gave up on after it (past its patience)
+    reschedules the run per infra_retries, with the reason in its state; no container."""
+    deployment = api.add_deployment()
+    worker = make_worker(api, runtime)
+    api.fail[failing] = ServerUnreachable("cannot reach the Prefect server at …: ConnectError")
+    run = api.add_run(deployment=deployment)
+    worker.poll()
+    settle(worker)
+    state = api.state_of(run.id)
+    assert state.type == StateType.SCHEDULED and state.message.startswith(RETRIED), state
+    assert "the Prefect server did not answer while the run was prepared" in state.message
+    assert runtime.containers == {}
+    worker.poll()  # and the next claim runs it
+    settle(worker)
+    assert api.state_of(run.id).type == StateType.COMPLETED
+
+
+def test_the_operator_s_retries_count_before_the_job_is_known(api, runtime) -> None:
+    """The deployment could not be read, so the job's infra_retries are unknown: the
+    policy's default decides (here none)."""
+    deployment = api.add_deployment()
+    worker = make_worker(api, runtime, policy={"infra_retries": 0})
+    api.fail["read_deployment"] = ServerUnreachable("cannot reach the Prefect server")
+    run = api.add_run(deployment=deployment)
+    worker.poll()
+    settle(worker)
+    state = api.state_of(run.id)
+    assert state.type == StateType.CRASHED, state
+    assert "the Prefect server did not answer while the run was prepared" in state.message
+    assert "no infrastructure retries left (0 of 0 used)" in state.message
 
 
 def test_a_report_that_fails_still_frees_the_slot(api, runtime) -> None:
