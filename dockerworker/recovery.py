@@ -236,8 +236,9 @@ class Recovery:
             return
         if self.runtime.list_workloads(self.pool, **{LABEL_FLOW_RUN_ID: str(flow_run.id)}):
             return
-        why = "restarted" if holder == self.worker_name else "is gone"
-        log.warning("flow run %r (%s) was claimed by %s, which %s, and never got a "
+        why = ("restarted, or could not report why," if holder == self.worker_name
+               else "is gone")
+        log.warning("flow run %r (%s) was claimed by %s, which %s and never started its "
                     "container; rescheduling it", flow_run.name, flow_run.id, holder, why)
         self.api.set_state(
             flow_run.id, StateType.SCHEDULED,

@@ -283,10 +283,16 @@ class RunSupervisor:
         self.phase = Phase.PREPARING
         try:
             spec = self._prepare()
-        except ServerUnreachable as exc:  # past the client's patience; no container yet
-            raise RunCrashed(
-                f"the Prefect server did not answer while the run was prepared: {exc}",
-                infrastructure=True, reason="server") from exc
+        except RunCancelled:
+            raise
+        except Exception as exc:
+            if self.cancel_requested.is_set():  # the run is CANCELLING: that, not a crash
+                raise RunCancelled from exc
+            if isinstance(exc, ServerUnreachable):  # past the client's patience
+                raise RunCrashed(
+                    f"the Prefect server did not answer while the run was prepared: {exc}",
+                    infrastructure=True, reason="server") from exc
+            raise
         workload = self._start(spec)
         return self._watch(workload, None)
 

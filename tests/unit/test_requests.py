@@ -140,6 +140,28 @@ def test_a_replica_that_loses_the_claim_reads_nothing_more(api, runtime, recorde
     assert runtime.containers == {}
 
 
+def test_a_refusal_without_the_run_s_state_is_read_to_tell_whose_claim_it_is(
+        api, runtime, recorder, monkeypatch) -> None:
+    """Should a server answer a refused claim without the run's state, one read tells
+    whether the claim is ours (an earlier attempt's lost answer): here it is."""
+    api.lose_answers = {StateType.PENDING}
+    worker = make_worker(recorder, runtime)  # type: ignore[arg-type]
+    recorder.clear()
+    real = api.set_state
+
+    def stateless_refusals(*args: Any, **kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        return result if result.status == "ACCEPT" else result.model_copy(
+            update={"state": None})
+
+    monkeypatch.setattr(api, "set_state", stateless_refusals)
+    run = api.add_run()
+    worker.poll()
+    settle(worker)
+    assert api.state_of(run.id).type == StateType.COMPLETED
+    assert recorder.requests()[:3] == [POLL, CLAIM, STATE]
+
+
 def test_a_lost_claim_answer_costs_no_read(api, runtime, recorder) -> None:
     """The server applied the claim but its answer was lost; the retry is refused, and the
     refusal's state (the run's, as it is) tells the claim is ours."""

@@ -295,6 +295,57 @@ def test_a_server_gone_silent_after_the_claim_is_an_infrastructure_failure(
     assert api.state_of(run.id).type == StateType.COMPLETED
 
 
+def test_a_run_cancelled_while_its_preparation_failed_ends_cancelled(api, runtime) -> None:
+    """The run was CANCELLING when the server stopped answering: a reschedule (forced) would
+    undo the user's cancellation, a crash (not forced) would be refused and leave it
+    CANCELLING; it ends CANCELLED."""
+    deployment = api.add_deployment()
+    worker = make_worker(api, runtime)
+    gate, reading = threading.Event(), threading.Event()
+    real = api.read_deployment
+
+    def silent_server(deployment_id):
+        reading.set()
+        gate.wait(5)
+        raise ServerUnreachable("cannot reach the Prefect server")
+
+    api.read_deployment = silent_server
+    run = api.add_run(deployment=deployment)
+    worker.poll()
+    wait_until(reading.is_set)
+    api.set_state(run.id, StateType.CANCELLING, force=True)
+    worker.check_cancellations()
+    wait_until(lambda: worker.active_runs()[0].cancel_requested.is_set())
+    gate.set()
+    settle(worker)
+    api.read_deployment = real
+    state = api.state_of(run.id)
+    assert state.type == StateType.CANCELLED, state
+    assert StateType.SCHEDULED not in api.history[run.id][1:]
+    assert runtime.containers == {}
+
+
+def test_a_run_whose_end_could_not_be_reported_is_rescheduled_by_reconciliation(
+        api, runtime) -> None:
+    """The server stayed away for the report too: the run is left PENDING with this
+    worker's claim and no container; the next reconciliation gives it back to the pool."""
+    deployment = api.add_deployment()
+    worker = make_worker(api, runtime)
+    api.fail["read_deployment"] = ServerUnreachable("cannot reach the Prefect server")
+    api.fail["read_flow_run_states"] = ServerUnreachable("cannot reach the Prefect server")
+    run = api.add_run(deployment=deployment)
+    worker.poll()
+    settle(worker)
+    assert api.state_of(run.id).type == StateType.PENDING  # nothing could be said
+    worker.reconcile()
+    state = api.state_of(run.id)
+    assert state.type == StateType.SCHEDULED, state
+    assert "could not report why" in state.message
+    worker.poll()
+    settle(worker)
+    assert api.state_of(run.id).type == StateType.COMPLETED
+
+
 def test_the_operator_s_retries_count_before_the_job_is_known(api, runtime) -> None:
     """The deployment could not be read, so the job's infra_retries are unknown: the
     policy's default decides (here none)."""
