@@ -136,7 +136,9 @@ def test_warming_ahead_takes_a_place_a_configuration_holds_beyond_its_share(
     wait_until(lambda: len(waiting(runtime)) == 2)  # one configuration: both places
     later = scheduled(api, 40, job_variables={"env": {"K": "3"}})
     worker.poll()
-    wait_until(lambda: len(waiting(runtime)) == 2 and worker.warm.ready() == 2)
+    wait_until(warmed_ahead_done)
+    wait_until(lambda: len(warm_keys(runtime)) == 2 and len(waiting(runtime)) == 2
+               and worker.warm.ready() == 2)  # the surplus place went to `later`'s
     fall_due(api, later.id)
     worker.poll()
     settle(worker)
