@@ -1,9 +1,9 @@
 """Warming ahead: a run the poll sees scheduled for later gets a waiting container of its
 configuration before it falls due, so that even the first run of a configuration starts warm.
 
-With `--warm N`, after each poll a second request asks for the runs due in the WARM_LEAD
-seconds after the poll's horizon (at most N: the claiming poll keeps its own limit, so runs due
-later never take the places of due ones). Those, and the ones the poll found not yet due, are
+With `--warm N`, after each poll (unless the last round is still at work) a second request
+asks for the runs due in the WARM_LEAD seconds after the poll's horizon (at most N: the
+claiming poll keeps its own limit, so runs due later never take the places of due ones). Those, and the ones the poll found not yet due, are
 not claimed (pacing.py claims each when it falls due), but their job is worked out as their
 claim would (deployment, pool template, job variables and the blocks they name, policy, image,
 pulled if need be) and the warm pool tops up that configuration (warm.py), in free places or
