@@ -245,9 +245,10 @@ class WorkerProcess:
         if kind.startswith("dockerworker"):
             assert dw_python is not None
             cmd = [str(dw_python), "-m", "dockerworker.cli", "start", "--pool", pool,
-                   "--poll-interval", str(plan.poll_interval), *plan.dw_args]
+                   "--poll-interval", str(plan.poll_interval)]
             if kind == "dockerworker-warm":
                 cmd += WARM_ARGS
+            cmd += plan.dw_args  # last: `--dw-args '--warm 3'` sizes dw warm's pool
             if name:  # replicas on one host need a name each
                 cmd += ["--name", name]
             env["DOCKERWORKER_BUILD_NETWORK"] = BUILD_NETWORK
@@ -585,6 +586,20 @@ def remove_deps_images(client: docker.DockerClient, deployment: str) -> list[str
             client.images.remove(image.id, force=True)  # several tags: remove them all
             removed += image.tags
     return removed
+
+
+def warm_up_server(server: PrefectServer, rig: PrefectRig, plan: Plan, workdir: Path,
+                   dw_python: Path) -> None:
+    """A throwaway worker's start on a scratch pool, unmeasured: a fresh server answers its
+    first requests of each kind slowly (and a fresh venv's first start reads from disk), which
+    would otherwise count against whichever worker the bench starts first."""
+    pool = f"bench-warm-up-{secrets.token_hex(3)}"
+    rig.create_work_pool(pool, "docker", prefect_docker_template())
+    worker = WorkerProcess("dockerworker", pool, server, workdir, plan, None, dw_python)
+    try:
+        worker.wait_first_poll()
+    finally:
+        worker.stop()
 
 
 def bench_worker(kind: str, server: PrefectServer, rig: PrefectRig, client: docker.DockerClient,
@@ -1007,6 +1022,8 @@ def main(argv: list[str] | None = None) -> int:
             floor = floor_workload(client, server, rig, plan)
             print(f"[floor] {floor['completed']}/{plan.burst} completed, "
                   f"{floor['cpu_per_run']['busy']:.2f} s of CPU per run", flush=True)
+        if dw_python is not None:
+            warm_up_server(server, rig, plan, workdir, dw_python)
         for kind in kinds:
             results[kind] = {}
             try:
