@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from .api import Deployment, PrefectAPI, PrefectAPIError
+from .api import Deployment, PrefectAPI, PrefectAPIError, ServerUnreachable
 from .policy import secret_name
 
 log = logging.getLogger(__name__)
@@ -146,14 +146,18 @@ def block_secrets(block_type: str, data: dict[str, Any]) -> set[str]:
 def run_secrets(api: PrefectAPI, deployment: Deployment | None, env: dict[str, str]
                 ) -> set[str]:
     """Everything the run's pull steps hold or name that is a credential, blocks read from
-    the server; a block that cannot be read is named in the worker's log and skipped (the
-    engine will fail on it in the container, and say so)."""
+    the server; a block the server says it cannot give is named in the worker's log and
+    skipped (the engine will fail on it in the container, and say so). A server that does
+    not answer raises ServerUnreachable: the engine might read the block a moment later, and
+    its value would go unmasked."""
     if deployment is None or not deployment.pull_steps:
         return set()
     found = secret_values(deployment.pull_steps, env)
     for block_type, name in sorted(block_references(deployment.pull_steps)):
         try:
             found |= block_secrets(block_type, api.read_block_data(block_type, name))
+        except ServerUnreachable:
+            raise
         except PrefectAPIError as exc:
             log.warning("could not read block %s/%s named by the pull steps of deployment %s: "
                         "%s", block_type, name, deployment.name, exc)

@@ -201,8 +201,13 @@ class RunSupervisor:
         for name in filter(None, env.get(SECRETS_ENV, "").split(",")):  # its secret files
             with contextlib.suppress(OSError):
                 files[name] = (self.settings.secrets_dir / name).read_bytes()
-        return Masker.for_env(env, self.settings.secrets() | run_secrets(self.api, deployment, env)
-                              | secret_texts(files))
+        try:
+            pulled = run_secrets(self.api, deployment, env)
+        except ServerUnreachable as exc:  # it runs already: watch it, masking what is known
+            log.warning("%s: the pull steps' blocks could not be read (%s); their values are "
+                        "not masked in this run's output", self.label, exc)
+            pulled = set()
+        return Masker.for_env(env, self.settings.secrets() | pulled | secret_texts(files))
 
     # --- the one handler -----------------------------------------------------------------
     def _guard(self, body: Callable[[], Verdict]) -> None:

@@ -230,6 +230,7 @@ class FakeAPI:
             self.runs[flow_run_id].infrastructure_pid = infrastructure_pid
 
     def read_block_data(self, block_type: str, name: str) -> dict[str, Any]:
+        self._maybe_fail("read_block_data")
         if (block_type, name) not in self.blocks:
             raise NotFound(f"no block {block_type}/{name}")
         return self.blocks[(block_type, name)]

@@ -580,6 +580,22 @@ def test_the_container_is_told_what_the_pull_steps_need(api, runtime) -> None:
     assert NEEDS_ENV not in runtime.of_run(plain.id).workload.env
 
 
+def test_a_block_the_server_did_not_answer_for_holds_the_run_back(api, runtime) -> None:
+    """The engine in the container might read it a moment later, and print its value
+    unmasked: no container; an infrastructure failure, rescheduled."""
+    api.blocks[("secret", "git-token")] = {"value": "glpat-from-the-block"}
+    deployment = api.add_deployment(pull_steps=[{GIT_STEP: {
+        "repository": "https://h/r.git", "access_token": "{{ prefect.blocks.secret.git-token }}"}}])
+    api.fail["read_block_data"] = ServerUnreachable("cannot reach the Prefect server")
+    run, worker = run_one(api, runtime, deployment=deployment)
+    state = api.state_of(run.id)
+    assert state.type == StateType.SCHEDULED and state.message.startswith(RETRIED), state
+    assert runtime.containers == {}
+    worker.poll()
+    settle(worker)
+    assert api.state_of(run.id).type == StateType.COMPLETED
+
+
 def test_a_block_that_cannot_be_read_does_not_stop_the_run(api, runtime) -> None:
     deployment = api.add_deployment(pull_steps=[{GIT_STEP: {
         "repository": "https://h/r.git", "access_token": "{{ prefect.blocks.secret.gone }}"}}])
