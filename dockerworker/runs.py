@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from uuid import UUID
@@ -75,8 +76,16 @@ def _due(flow_run: FlowRun) -> datetime | None:
     return max(times) if times else None
 
 
-def claim(api: PrefectAPI, flow_run_id: UUID, worker_name: str) -> str | None:
-    """Propose PENDING for `worker_name`; None when the run is ours, else the server's answer.
+@dataclass(frozen=True)
+class Refusal:
+    """A claim the server refused: its answer, and the run's state as it is."""
+
+    answer: str
+    state: State | None
+
+
+def claim(api: PrefectAPI, flow_run_id: UUID, worker_name: str) -> Refusal | None:
+    """Propose PENDING for `worker_name`; None when the run is ours, else the refusal.
     A refusal whose PENDING state is this worker's own claim is ours too: the answer to an
     earlier attempt was lost after the server applied it (a retried request). A refusal
     carries the run's state as it is (Prefect 2 and 3): read only when it does not."""
@@ -90,7 +99,7 @@ def claim(api: PrefectAPI, flow_run_id: UUID, worker_name: str) -> str | None:
     if (state is not None and state.type == StateType.PENDING
             and state.message == claim_message(worker_name)):
         return None
-    return result.status + (f": {result.reason}" if result.reason else "")
+    return Refusal(result.status + (f": {result.reason}" if result.reason else ""), state)
 
 
 def claim_message(worker_name: str) -> str:
@@ -330,9 +339,12 @@ class RunSupervisor:
         """Propose PENDING: the server accepts exactly one proposer, so no run starts twice."""
         refusal = claim(self.api, self.flow_run.id, self.settings.name)
         if refusal is not None:
-            log.info("%s: not claimed (server said %s)", self.label, refusal)
+            if refusal.state is not None and refusal.state.type == StateType.SCHEDULED:
+                self._read_deployment()  # Prefect 3 refuses to claim a run whose deployment
+                # is gone ("Deployment not found."): that run is cancelled here
+            log.info("%s: not claimed (server said %s)", self.label, refusal.answer)
             metrics.CLAIMS_LOST.inc()
-            raise ClaimLost(refusal)
+            raise ClaimLost(refusal.answer)
         self.claimed = True
         self.claimed_at = time.monotonic()
         metrics.RUNS_CLAIMED.inc()

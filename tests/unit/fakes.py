@@ -214,6 +214,9 @@ class FakeAPI:
                     status = "ABORT"
                     reason = (f"This run is in a {current.type.value} state and cannot "
                               "transition to a PENDING state.")
+                elif (type_ == StateType.PENDING and run.deployment_id is not None
+                      and run.deployment_id not in self.deployments):
+                    status, reason = "ABORT", "Deployment not found."  # Prefect 3's rule
                 elif current.is_final:
                     status = "ABORT"
                     reason = "This run has already terminated."
