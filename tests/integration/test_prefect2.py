@@ -13,6 +13,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import docker
 import pytest
@@ -61,6 +62,17 @@ def containers_of_run(client: docker.DockerClient, flow_run_id: str) -> list:
     return client.containers.list(
         all=True, sparse=True, filters={"label": f"{RUN_LABEL}={flow_run_id}"}
     )
+
+
+def waiting_containers(client: docker.DockerClient, pool: str, timeout: float) -> list:
+    """The pool's warm containers waiting for a run, once there is one."""
+    deadline = time.monotonic() + timeout
+    while not (waiting := [c for c in client.containers.list(
+            sparse=True, filters={"label": [f"{POOL_LABEL}={pool}", "io.dockerworker.warm"]})
+            if c.attrs["Names"][0].lstrip("/").startswith("dockerworker-warm-")]):
+        assert time.monotonic() < deadline, "no warm container was started"
+        time.sleep(0.3)
+    return waiting
 
 
 def wait_logged(rig: PrefectRig, run_id: str, text: str, timeout: float = 20) -> list[str]:
@@ -278,16 +290,37 @@ def test_a_warm_container_serves_a_run(
     deployment = rig.create_deployment(unique_pool, "flows.py:hello", {"image": flow_image})
     first = rig.wait_for_final(rig.create_flow_run(deployment), timeout=90)
     assert first["state"]["type"] == "COMPLETED", first["state"]
-    deadline = time.monotonic() + 60
-    while not (waiting := [c for c in docker_client.containers.list(
-            sparse=True, filters={"label": [f"{POOL_LABEL}={unique_pool}",
-                                            "io.dockerworker.warm"]})
-            if c.attrs["Names"][0].lstrip("/").startswith("dockerworker-warm-")]):
-        assert time.monotonic() < deadline, "no warm container was started"
-        time.sleep(0.3)
+    waiting = waiting_containers(docker_client, unique_pool, timeout=60)
     run_id = rig.create_flow_run(deployment, parameters={"name": "warm"})
     run = rig.wait_for_final(run_id, timeout=60)
     assert run["state"]["type"] == "COMPLETED", run["state"]
     assert run["infrastructure_pid"].endswith(":" + waiting[0].id)
     rig.wait_for_log(run_id, "took over the run")
     rig.wait_for_log(run_id, "hello, warm")  # the run's own parameters reached the engine
+
+
+def test_a_run_scheduled_ahead_starts_warm_on_a_prefect_2_server(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, docker_client
+) -> None:
+    """Warming ahead asks a 2.x server for the runs due after the poll's horizon
+    (`scheduled_after`, which its get_scheduled_flow_runs takes too): the first run of a
+    configuration, seen before it is due, is handed a container warmed for it, and is claimed
+    at its prefetch time, not when warmed."""
+    start_worker(unique_pool, "--warm", "1", "--poll-interval", "2")
+    deployment = rig.create_deployment(unique_pool, "flows.py:hello", {"image": flow_image})
+    due = datetime.now(UTC) + timedelta(seconds=30)  # claimed 10 s ahead (--prefetch-seconds)
+    run_id = rig.create_flow_run(deployment, parameters={"name": "ahead"}, state={
+        "type": "SCHEDULED", "name": "Scheduled",
+        "state_details": {"scheduled_time": due.isoformat()}})
+    waiting = waiting_containers(docker_client, unique_pool, timeout=15)
+    assert rig.read_flow_run(run_id)["state"]["type"] == "SCHEDULED"  # warmed, not claimed
+
+    run = rig.wait_for_final(run_id, timeout=90)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert run["infrastructure_pid"].endswith(":" + waiting[0].id)
+    rig.wait_for_log(run_id, "took over the run")
+    rig.wait_for_log(run_id, "hello, ahead")
+    claimed = min(datetime.fromisoformat(s["timestamp"]) for s in rig.read_state_history(run_id)
+                  if s["type"] == "PENDING")
+    assert (due - claimed).total_seconds() < 12
+
