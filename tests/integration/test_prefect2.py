@@ -323,4 +323,3 @@ def test_a_run_scheduled_ahead_starts_warm_on_a_prefect_2_server(
     claimed = min(datetime.fromisoformat(s["timestamp"]) for s in rig.read_state_history(run_id)
                   if s["type"] == "PENDING")
     assert (due - claimed).total_seconds() < 12
-
