@@ -3,11 +3,12 @@ configuration before it falls due, so that even the first run of a configuration
 
 With `--warm N`, after each poll (unless the last round is still at work) a second request
 asks for the runs due in the WARM_LEAD seconds after the poll's horizon (at most N: the
-claiming poll keeps its own limit, so runs due later never take the places of due ones). Those, and the ones the poll found not yet due, are
-not claimed (pacing.py claims each when it falls due), but their job is worked out as their
-claim would (deployment, pool template, job variables and the blocks they name, policy, image,
-pulled if need be) and the warm pool tops up that configuration (warm.py), in free places or
-those held beyond a share: a run not yet claimed never evicts what runs in use keep warm.
+claiming poll keeps its own limit, so runs due later never take the places of due ones).
+Those, and the ones the poll found not yet due, are not claimed (pacing.py claims each when
+it falls due), but their job is worked out as their claim would (deployment, pool template,
+job variables and the blocks they name, policy, image, pulled if need be) and the warm pool
+tops up that configuration (warm.py), in free places or those held beyond a share: a run not
+yet claimed never evicts what runs in use keep warm.
 Nothing of it is written to the run: another worker may claim it, and its own preparation,
 when claimed, says what it does. A job that asks for dependencies is not warmed ahead
 (building for a run not yet ours would write its build to nobody's logs: it is warmed from its

@@ -149,8 +149,8 @@ class RunSupervisor:
         self.claimed_at: float | None = None  # monotonic: for the metrics' histograms
         self.started_at: float | None = None  # the container started (not for adopted runs)
         self.container: Workload | None = None
-        self.options = WatchOptions(infra_retries=settings.policy.infra_retries)  # until the
-        # job is known (a failure before it is rescheduled as the operator's policy says)
+        # until the job is known: a failure before then is retried as the policy says
+        self.options = WatchOptions(infra_retries=settings.policy.infra_retries)
         self.cancel_requested = threading.Event()
         self._ended_as: StateType | None = None  # a final state the event stream reported
         self.reporter = RunReporter(api, runtime, shipper, flow_run, self.label,
@@ -339,9 +339,10 @@ class RunSupervisor:
         """Propose PENDING: the server accepts exactly one proposer, so no run starts twice."""
         refusal = claim(self.api, self.flow_run.id, self.settings.name)
         if refusal is not None:
+            # Prefect 3 refuses to claim a run whose deployment is gone ("Deployment not
+            # found."), leaving it SCHEDULED: such a run is cancelled here
             if refusal.state is not None and refusal.state.type == StateType.SCHEDULED:
-                self._read_deployment()  # Prefect 3 refuses to claim a run whose deployment
-                # is gone ("Deployment not found."): that run is cancelled here
+                self._read_deployment()
             log.info("%s: not claimed (server said %s)", self.label, refusal.answer)
             metrics.CLAIMS_LOST.inc()
             raise ClaimLost(refusal.answer)
