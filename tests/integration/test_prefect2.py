@@ -308,7 +308,7 @@ def test_a_run_scheduled_ahead_starts_warm_on_a_prefect_2_server(
     at its prefetch time, not when warmed."""
     start_worker(unique_pool, "--warm", "1", "--poll-interval", "2")
     deployment = rig.create_deployment(unique_pool, "flows.py:hello", {"image": flow_image})
-    due = datetime.now(UTC) + timedelta(seconds=30)  # claimed 10 s ahead (--prefetch-seconds)
+    due = datetime.now(UTC) + timedelta(seconds=20)  # claimed 10 s ahead (--prefetch-seconds)
     run_id = rig.create_flow_run(deployment, parameters={"name": "ahead"}, state={
         "type": "SCHEDULED", "name": "Scheduled",
         "state_details": {"scheduled_time": due.isoformat()}})
