@@ -320,9 +320,7 @@ def ahead_workload(rig: PrefectRig, deployment: str, job_variables: dict[str, An
     for _ in range(plan.ahead):
         due = datetime.now(UTC) + timedelta(seconds=plan.ahead_seconds)
         env = {**job_variables["env"], "BENCH_CONFIGURATION": secrets.token_hex(4)}
-        run_id = rig.create_flow_run(deployment, job_variables={"env": env}, state={
-            "type": "SCHEDULED", "name": "Scheduled",
-            "state_details": {"scheduled_time": due.isoformat()}})
+        run_id = rig.create_flow_run_due(deployment, due, job_variables={"env": env})
         runs.append(rig.wait_for_final(run_id, timeout=plan.run_timeout + plan.ahead_seconds,
                                        interval=0.25))
     late = [s for r in runs if (s := seconds(r.get("expected_start_time"), r.get("start_time")))]

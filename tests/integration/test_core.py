@@ -273,14 +273,10 @@ def test_with_the_stream_a_run_scheduled_ahead_is_claimed_at_its_prefetch_time(
     deployment = rig.create_deployment(unique_pool, "flows.py:hello", {"image": flow_image})
     time.sleep(2)  # past the poll that follows the subscription
     due = datetime.now(UTC) + timedelta(seconds=25)
-    run_id = rig.create_flow_run(deployment, state={
-        "type": "SCHEDULED", "name": "Scheduled",
-        "state_details": {"scheduled_time": due.isoformat()}})
+    run_id = rig.create_flow_run_due(deployment, due)
     run = rig.wait_for_final(run_id, timeout=90)
     assert run["state"]["type"] == "COMPLETED", run["state"]
-    claimed = min(datetime.fromisoformat(s["timestamp"]) for s in rig.read_state_history(run_id)
-                  if s["type"] == "PENDING")
-    early = (due - claimed).total_seconds()
+    early = (due - rig.claimed_at(run_id)).total_seconds()
     assert 8 < early < 12, early  # claimed 10 s ahead: not at creation, not at a later poll
 
 

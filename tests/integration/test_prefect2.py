@@ -309,9 +309,7 @@ def test_a_run_scheduled_ahead_starts_warm_on_a_prefect_2_server(
     start_worker(unique_pool, "--warm", "1", "--poll-interval", "2")
     deployment = rig.create_deployment(unique_pool, "flows.py:hello", {"image": flow_image})
     due = datetime.now(UTC) + timedelta(seconds=20)  # claimed 10 s ahead (--prefetch-seconds)
-    run_id = rig.create_flow_run(deployment, parameters={"name": "ahead"}, state={
-        "type": "SCHEDULED", "name": "Scheduled",
-        "state_details": {"scheduled_time": due.isoformat()}})
+    run_id = rig.create_flow_run_due(deployment, due, parameters={"name": "ahead"})
     waiting = waiting_containers(docker_client, unique_pool, timeout=15)
     assert rig.read_flow_run(run_id)["state"]["type"] == "SCHEDULED"  # warmed, not claimed
 
@@ -320,6 +318,4 @@ def test_a_run_scheduled_ahead_starts_warm_on_a_prefect_2_server(
     assert run["infrastructure_pid"].endswith(":" + waiting[0].id)
     rig.wait_for_log(run_id, "took over the run")
     rig.wait_for_log(run_id, "hello, ahead")
-    claimed = min(datetime.fromisoformat(s["timestamp"]) for s in rig.read_state_history(run_id)
-                  if s["type"] == "PENDING")
-    assert (due - claimed).total_seconds() < 12
+    assert (due - rig.claimed_at(run_id)).total_seconds() < 12

@@ -75,9 +75,7 @@ def test_a_run_scheduled_ahead_starts_warm_though_first_of_its_configuration(
     worker.wait_for_output("subscribed to the server's flow-run events", timeout=30)
     deployment = rig.create_deployment(unique_pool, "flows.py:hello", {"image": flow_image})
     due = datetime.now(UTC) + timedelta(seconds=25)  # claimed 10 s ahead (--prefetch-seconds)
-    run_id = rig.create_flow_run(deployment, parameters={"name": "ahead"}, state={
-        "type": "SCHEDULED", "name": "Scheduled",
-        "state_details": {"scheduled_time": due.isoformat()}})
+    run_id = rig.create_flow_run_due(deployment, due, parameters={"name": "ahead"})
     waiting = wait_for_waiting(docker_client, unique_pool, timeout=10)
     assert rig.read_flow_run(run_id)["state"]["type"] == "SCHEDULED"  # warmed, not claimed
 
@@ -87,9 +85,7 @@ def test_a_run_scheduled_ahead_starts_warm_though_first_of_its_configuration(
     rig.wait_for_log(run_id, "hello, ahead")
     messages = log_messages(rig.read_logs(run_id))
     assert any("took over the run" in m for m in messages), messages
-    claimed = min(datetime.fromisoformat(s["timestamp"]) for s in rig.read_state_history(run_id)
-                  if s["type"] == "PENDING")
-    assert (due - claimed).total_seconds() < 12  # at its prefetch time, not when warmed
+    assert (due - rig.claimed_at(run_id)).total_seconds() < 12  # at its prefetch time, not when warmed
 
 
 def test_runs_due_later_never_crowd_out_a_due_run_of_a_lower_priority_queue(
@@ -104,8 +100,7 @@ def test_runs_due_later_never_crowd_out_a_due_run_of_a_lower_priority_queue(
                                    work_queue_name="urgent")
     later = datetime.now(UTC) + timedelta(seconds=45)
     for _ in range(3):
-        rig.create_flow_run(urgent, state={"type": "SCHEDULED", "name": "Scheduled",
-                                           "state_details": {"scheduled_time": later.isoformat()}})
+        rig.create_flow_run_due(urgent, later)
     start_worker(unique_pool, "--warm", "1", "--max-starting", "1")
     normal = rig.create_deployment(unique_pool, "flows.py:hello", {"image": flow_image})
     created = time.monotonic()
