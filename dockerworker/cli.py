@@ -193,7 +193,7 @@ def start(policy_file: Path | None, **options: Any) -> None:
         settings.api_url,
         api_key=settings.api_key.get_secret_value() if settings.api_key else None,
         auth_string=settings.auth_string.get_secret_value() if settings.auth_string else None,
-        reread_credentials=reread, on_rotated=rotated,
+        patience=settings.api_patience, reread_credentials=reread, on_rotated=rotated,
     )
     worker = Worker(settings, api, docker_client)
     if settings.health_port is not None:

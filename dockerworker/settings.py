@@ -125,6 +125,13 @@ class WorkerSettings(BaseModel):
                           "(Prometheus) on this port."))
     api_url: Annotated[str, Flag("--api-url", env=API_URL_ENV)] = Field(
         default=DEFAULT_API_URL, description="Prefect API URL.")
+    api_patience: Annotated[float, Flag("--api-patience", env="DOCKERWORKER_API_PATIENCE")] = (
+        Field(default=120.0, ge=1,
+              description="Seconds a call to the server is retried (no connection, timeout, "
+                          "429, 5xx) before the worker gives up on it: a run it was starting "
+                          "is rescheduled (an infrastructure retry), a periodic round is "
+                          "tried again at its next turn. Raise it to ride out longer server "
+                          "restarts."))
     api_key: Annotated[SecretStr | None, FromEnv("PREFECT_API_KEY", file=True)] = None
     auth_string: Annotated[SecretStr | None, FromEnv("PREFECT_API_AUTH_STRING", file=True)] = None
     build_network_mode: Annotated[

@@ -14,6 +14,7 @@ once (states, containers, the proxy's counts) rather than only the first.
 from __future__ import annotations
 
 import contextlib
+import secrets
 import signal
 import subprocess
 import threading
@@ -24,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import docker
+import pytest
 from testrig.engine import Engine
 from testrig.faultproxy import (
     BLACKOUT,
@@ -39,6 +41,8 @@ from testrig.faultproxy import (
 )
 from testrig.prefect_rig import FINAL_STATE_TYPES, POOL_LABEL, PrefectRig, PrefectServer
 from testrig.workers import WorkerProcess
+
+from dockerworker.report import RETRY_MESSAGE
 
 RUN_LABEL = "io.prefect.flow-run-id"
 SET_STATE = r"^POST /api/flow_runs/\{id\}/set_state$"
@@ -211,6 +215,67 @@ def test_twenty_runs_through_a_faulty_network_all_complete(
         problems.append("no claim's answer was lost after the server applied it")
     if not summary.get(WS_CUT):
         problems.append("the event stream was never cut")
+    assert not problems, "\n".join(problems)
+
+
+SILENT_AFTER_CLAIM = {  # what the worker reads between the claim and the container
+    "deployment": r"^GET /api/deployments/\{id\}$",
+    "block in the job's env": r"^GET /api/block_types/slug/secret/block_documents/name/",
+}
+API_PATIENCE = 3.0  # --api-patience of the worker: seconds each call is retried
+
+
+@pytest.mark.parametrize("silent", sorted(SILENT_AFTER_CLAIM))
+def test_a_server_that_stops_answering_after_the_claim_gets_the_run_rescheduled(
+    silent: str, fault_proxy: FaultProxy, rig: PrefectRig, prefect_server: PrefectServer,
+    flow_image: str, docker_client: docker.DockerClient, unique_pool: str,
+    start_worker: Callable[..., WorkerProcess], policy_file: Callable[..., str],
+) -> None:
+    """The server applies the claim, then answers 503 to every read the run still needs (its
+    deployment, or the Secret block its job's env names) for longer than the worker's
+    `--api-patience`: the run goes back to SCHEDULED as an infrastructure retry whose message
+    says the server did not answer, no container is made for it, the worker carries on, and
+    once the server answers again the run is claimed anew and COMPLETED in one container.
+    (The policy allows two retries so that the test does not depend on how fast it lifts the
+    fault: a second attempt that still meets it is rescheduled too.)"""
+    block = f"silent-{secrets.token_hex(3)}"
+    rig.create_secret_block(block, f"value-{secrets.token_hex(8)}")
+    creations = ContainerCreations(docker_client, unique_pool)
+    worker = start_worker(unique_pool, "--api-patience", str(API_PATIENCE),
+                          "--policy", policy_file(infra_retries=2), api_url=fault_proxy.url)
+    deployment = rig.create_deployment(unique_pool, "flows.py:hello", {
+        "image": flow_image, "env": {"PREFECT_API_URL": prefect_server.url,
+                                     "GREETING": f"{{{{ prefect.blocks.secret.{block} }}}}"}})
+    fault_proxy.inject(REFUSE_503, SILENT_AFTER_CLAIM[silent], times=1000)
+    run_id = rig.create_flow_run(deployment)
+
+    def rescheduled() -> bool:
+        return any(state["type"] == "SCHEDULED" and RETRY_MESSAGE in (state["message"] or "")
+                   for state in rig.read_state_history(run_id))
+
+    _until(rescheduled, 60, "the run is rescheduled after the server went silent")
+    fault_proxy.clear()
+    run = rig.wait_for_final(run_id, timeout=90)
+    history = rig.read_state_history(run_id)
+    retries = [s["message"] for s in history if s["type"] == "SCHEDULED"
+               and RETRY_MESSAGE in (s["message"] or "")]
+
+    problems: list[str] = []
+    if run["state"]["type"] != "COMPLETED":
+        problems.append(f"the run ended {_state(run)}; history {_history(rig, run_id)}")
+    if not retries or not all("the Prefect server did not answer while the run was prepared"
+                              in message for message in retries):
+        problems.append(f"the reschedules do not say why: {retries}")
+    if [s["type"] for s in history].count("PENDING") != len(retries) + 1:
+        problems.append(f"claims and reschedules do not match: {_history(rig, run_id)}")
+    refused = fault_proxy.count(REFUSE_503, SILENT_AFTER_CLAIM[silent])
+    if refused < 2:
+        problems.append(f"the silent read was refused {refused} times: no retries were made")
+    rig.wait_for_log(run_id, "the Prefect server did not answer")
+    if (made := creations.close().get(run_id, 0)) != 1:
+        problems.append(f"{made} containers were made for the run, not 1")
+    if not worker.alive():
+        problems.append(f"the worker died with {worker.process.returncode}")
     assert not problems, "\n".join(problems)
 
 

@@ -47,6 +47,7 @@ def test_the_flags_and_env_names_users_know() -> None:
         "drain": (["--drain"], "DOCKERWORKER_DRAIN"),
         "health_port": (["--health-port"], "DOCKERWORKER_HEALTH_PORT"),
         "api_url": (["--api-url"], "PREFECT_API_URL"),
+        "api_patience": (["--api-patience"], "DOCKERWORKER_API_PATIENCE"),
         "build_network_mode": (["--build-network"], "DOCKERWORKER_BUILD_NETWORK"),
         "build_ca_bundle": (["--build-ca-bundle"], "DOCKERWORKER_BUILD_CA_BUNDLE"),
         "build_timeout": (["--build-timeout"], "DOCKERWORKER_BUILD_TIMEOUT"),
@@ -78,14 +79,19 @@ def test_the_cli_and_the_model_share_bounds(field: str, too_low: Any, too_high: 
             option.type.convert(str(value), option, None)
 
 
+started_patience: list[float] = []  # what the API client of each `start` was given
+
+
 @pytest.fixture
 def started(monkeypatch: pytest.MonkeyPatch) -> list[WorkerSettings]:
     """Run `start` up to the worker: no Docker, no server, no signal handlers."""
     seen: list[WorkerSettings] = []
+    started_patience.clear()
 
     class FakeWorker:
         def __init__(self, settings: WorkerSettings, api: Any, docker_client: Any) -> None:
             seen.append(settings)
+            started_patience.append(api.patience)
 
         def run(self) -> int:
             return 0
@@ -119,6 +125,18 @@ def test_unset_flags_leave_the_models_defaults(started: list[WorkerSettings]) ->
     assert started[0].model_dump(exclude={"pool", "policy"}) == WorkerSettings(
         pool="pool-b").model_dump(exclude={"pool", "policy"})
     assert started[0].api_url == DEFAULT_API_URL
+
+
+def test_the_api_patience_reaches_the_client(started: list[WorkerSettings]) -> None:
+    """How long each call is retried: the client's default unless the operator says."""
+    runner = CliRunner()
+    assert runner.invoke(cli.main, ["start", "-p", "p"], env={}).exit_code == 0
+    assert runner.invoke(cli.main, ["start", "-p", "p"],
+                         env={"DOCKERWORKER_API_PATIENCE": "7.5"}).exit_code == 0
+    assert runner.invoke(cli.main, ["start", "-p", "p", "--api-patience", "3"]).exit_code == 0
+    assert started_patience == [120.0, 7.5, 3.0]
+    refused = runner.invoke(cli.main, ["start", "-p", "p", "--api-patience", "0"])
+    assert refused.exit_code == 2 and "--api-patience" in refused.output
 
 
 def test_out_of_bounds_env_is_a_usage_error(started: list[WorkerSettings]) -> None:
