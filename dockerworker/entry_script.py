@@ -20,6 +20,7 @@ Swarm job's secrets are mounted there by Swarm, and the script only checks they 
 from __future__ import annotations
 
 import base64
+import gc
 import importlib
 import importlib.util
 import json
@@ -330,6 +331,11 @@ def preload(modules: tuple[str, ...] = WARM_PRELOAD) -> list[str]:
 def main() -> None:
     """Import Prefect, (warm: wait for the run), then run Prefect's engine in this process."""
     began = time.monotonic()
+    warm = len(sys.argv) > 1
+    # Importing Prefect makes ~200,000 objects that live as long as the process: collecting
+    # while importing frees nothing (~10 % of the import's CPU), and once frozen they are
+    # left out of every later collection, the engine's included.
+    gc.disable()
     # Imported before a warm wait: that is the head start a warm container gives a run.
     # Prefect 3 runs flows in prefect.flow_engine; Prefect 2 has no such module (its engine
     # is prefect.engine itself), so it is imported only where it exists.
@@ -337,10 +343,13 @@ def main() -> None:
 
     if importlib.util.find_spec("prefect.flow_engine") is not None:
         importlib.import_module("prefect.flow_engine")
+    if warm:
+        preload()
+    gc.freeze()
+    gc.enable()
 
     stdin = read_lines()
-    if len(sys.argv) > 1:  # warm: wait for a run's identity, or time out unused
-        preload()
+    if warm:  # wait for a run's identity, or time out unused
         print(f"{READY_LINE} (Prefect imported in {time.monotonic() - began:.2f} s)",
               flush=True)
         identity = wait_for_identity(stdin, 0, float(sys.argv[1]))

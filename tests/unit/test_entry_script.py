@@ -121,8 +121,10 @@ def test_stdin_closing_without_cancel_terminates_nothing() -> None:
 
 # --- the script itself, against a stand-in `prefect` -------------------------------------
 FAKE_ENGINE = """\
-import os, socket, sys, threading, time
+import gc, os, socket, sys, threading, time
 print("run", os.environ.get("RUN_ID"), flush=True)
+if os.environ.get("SHOW_GC"):
+    print("engine: collector", gc.isenabled(), "frozen", gc.get_freeze_count() > 0, flush=True)
 port = os.environ.get("PREFECT__CONTROL_PORT")
 if port and os.environ.get("CONNECT"):
     conn = socket.create_connection(("127.0.0.1", int(port)))
@@ -144,7 +146,9 @@ def fake_prefect(tmp_path: Path) -> dict[str, str]:
     """A `prefect` package with just what the script touches; the env to run the script."""
     package = tmp_path / "prefect"
     (package / "_internal").mkdir(parents=True)
-    (package / "__init__.py").write_text("")
+    (package / "__init__.py").write_text(  # how it was imported
+        "import gc, os\nif os.environ.get('SHOW_GC'):\n"
+        "    print('import: collector', gc.isenabled(), flush=True)\n")
     (package / "flow_engine.py").write_text("")
     (package / "engine.py").write_text(
         "if __name__ == '__main__':\n    exec(open(__file__ + '.main').read())\n"
@@ -169,6 +173,19 @@ def test_warm_script_runs_the_engine_with_the_runs_identity(fake_prefect: dict) 
     assert proc.returncode == 0, err
     ready, run = out.splitlines()  # it said it was ready (Prefect imported) before the run
     assert ready.startswith(READY_LINE + " (Prefect imported in ") and run == "run r-1"
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
+def test_prefect_is_imported_without_the_collector_and_frozen_for_the_engine(
+    fake_prefect: dict, warm: bool
+) -> None:
+    """Collecting during the import frees nothing; the engine runs with the collector back on
+    and the imported objects out of its way."""
+    proc = _script(["30"] if warm else [], {**fake_prefect, "SHOW_GC": "1", "RUN_ID": "r"})
+    out, err = proc.communicate(json.dumps({"RUN_ID": "r"}) + "\n", timeout=30)
+    assert proc.returncode == 0, err
+    lines = [line for line in out.splitlines() if not line.startswith(READY_LINE)]
+    assert lines == ["import: collector False", "run r", "engine: collector True frozen True"]
 
 
 def test_warm_script_unused_exits_without_running_the_engine(fake_prefect: dict) -> None:
