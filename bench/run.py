@@ -409,6 +409,13 @@ def wait_pool_idle(client: docker.DockerClient, pool: str, timeout: float = 60.0
         time.sleep(0.5)
 
 
+def _last_log_post(worker: WorkerProcess, since: float) -> float:
+    """When the worker last began a `POST /logs/` (a slow server may still be storing a
+    run's output long after its container exited)."""
+    return max((r.at for r in worker.proxy.between(since, time.monotonic())
+                if r.endpoint == "POST /api/logs/"), default=since)
+
+
 def log_workload(worker: WorkerProcess, rig: PrefectRig, client: docker.DockerClient,
                  job_variables: dict[str, Any], plan: Plan) -> dict[str, Any]:
     """One run printing `log_lines` lines: container start → last line on the server."""
@@ -437,8 +444,9 @@ def log_workload(worker: WorkerProcess, rig: PrefectRig, client: docker.DockerCl
             container.reload()
             if container.status == "exited" and exited_at is None:
                 exited_at = time.monotonic()
-        if exited_at is not None and time.monotonic() - exited_at > 15:
-            break  # exited 15 s ago and the last line is not there: nothing (more) is shipped
+        if exited_at is not None and time.monotonic() - max(exited_at, _last_log_post(
+                worker, t0)) > 15:
+            break  # exited, no batch for 15 s and the last line is not there: none will be
     t1 = time.monotonic() + 1.0
     time.sleep(1.0)
     shipped = [e for e in rig.read_logs(run_id) if re.fullmatch(r"line \d+", e["message"])]
