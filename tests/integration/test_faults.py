@@ -14,6 +14,7 @@ once (states, containers, the proxy's counts) rather than only the first.
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 import signal
 import subprocess
@@ -39,6 +40,7 @@ from testrig.faultproxy import (
     Plan,
     faults_by_endpoint,
 )
+from testrig.gitserve import GitHttpServer
 from testrig.prefect_rig import FINAL_STATE_TYPES, POOL_LABEL, PrefectRig, PrefectServer
 from testrig.workers import WorkerProcess
 
@@ -218,11 +220,44 @@ def test_twenty_runs_through_a_faulty_network_all_complete(
     assert not problems, "\n".join(problems)
 
 
+BLOCK_READ = r"^GET /api/block_types/slug/secret/block_documents/name/"
 SILENT_AFTER_CLAIM = {  # what the worker reads between the claim and the container
     "deployment": r"^GET /api/deployments/\{id\}$",
-    "block in the job's env": r"^GET /api/block_types/slug/secret/block_documents/name/",
+    "block in the job's env": BLOCK_READ,
+    "block in a pull step": BLOCK_READ,  # read to mask its value in the run's output
 }
 API_PATIENCE = 3.0  # --api-patience of the worker: seconds each call is retried
+GIT_CLONE = "prefect.deployments.steps.git_clone"
+GIT_IMAGE = "dockerworker/prefect-git:3.9.1-local"  # Prefect 3.9.1 + git
+GIT_FLOW = """
+from prefect import flow
+
+
+@flow
+def hello() -> str:
+    print("code from git")
+    return "git"
+"""
+
+
+def _silent_case_deployment(silent: str, rig: PrefectRig, stack: contextlib.ExitStack,
+                            pool: str, flow_image: str, api_url: str, token: str) -> str:
+    """The deployment of one case of the test below; `token` is the Secret block's value."""
+    block = f"silent-{secrets.token_hex(3)}"
+    rig.create_secret_block(block, token)
+    reference = f"{{{{ prefect.blocks.secret.{block} }}}}"
+    env = {"PREFECT_API_URL": api_url}
+    if silent != "block in a pull step":
+        return rig.create_deployment(pool, "flows.py:hello", {
+            "image": flow_image, "env": {**env, "GREETING": reference}})
+    # a public repository over plain HTTP, where Prefect sends no token: what is tested is
+    # the worker's read of the block that names it (to mask it), not git's authentication
+    git = stack.enter_context(GitHttpServer())
+    git.add_repo("flows.git", {"flow.py": GIT_FLOW})
+    return rig.create_deployment(pool, "flow.py:hello", {"image": GIT_IMAGE, "env": env},
+                                 path=None, pull_steps=[{GIT_CLONE: {
+                                     "repository": git.url("flows.git"),
+                                     "access_token": reference}}])
 
 
 @pytest.mark.parametrize("silent", sorted(SILENT_AFTER_CLAIM))
@@ -232,20 +267,28 @@ def test_a_server_that_stops_answering_after_the_claim_gets_the_run_rescheduled(
     start_worker: Callable[..., WorkerProcess], policy_file: Callable[..., str],
 ) -> None:
     """The server applies the claim, then answers 503 to every read the run still needs (its
-    deployment, or the Secret block its job's env names) for longer than the worker's
-    `--api-patience`: the run goes back to SCHEDULED as an infrastructure retry whose message
-    says the server did not answer, no container is made for it, the worker carries on, and
-    once the server answers again the run is claimed anew and COMPLETED in one container.
+    deployment, the Secret block its job's env names, or the one its pull step's token comes
+    from, which the worker reads to mask it) for longer than the worker's `--api-patience`:
+    the run goes back to SCHEDULED as an infrastructure retry whose message says the server
+    did not answer, no container is made for it (none runs with a secret the worker could
+    not mask), the worker carries on, and once the server answers again the run is claimed
+    anew and COMPLETED in one container, the token nowhere in its logs.
     (The policy allows two retries so that the test does not depend on how fast it lifts the
     fault: a second attempt that still meets it is rescheduled too.)"""
-    block = f"silent-{secrets.token_hex(3)}"
-    rig.create_secret_block(block, f"value-{secrets.token_hex(8)}")
+    token = f"tok-{secrets.token_hex(10)}"
     creations = ContainerCreations(docker_client, unique_pool)
     worker = start_worker(unique_pool, "--api-patience", str(API_PATIENCE),
                           "--policy", policy_file(infra_retries=2), api_url=fault_proxy.url)
-    deployment = rig.create_deployment(unique_pool, "flows.py:hello", {
-        "image": flow_image, "env": {"PREFECT_API_URL": prefect_server.url,
-                                     "GREETING": f"{{{{ prefect.blocks.secret.{block} }}}}"}})
+    with contextlib.ExitStack() as stack:  # the git server of the pull step's case
+        deployment = _silent_case_deployment(silent, rig, stack, unique_pool, flow_image,
+                                             prefect_server.url, token)
+        _rescheduled_then_completed(silent, rig, fault_proxy, deployment, creations, worker,
+                                    token)
+
+
+def _rescheduled_then_completed(silent: str, rig: PrefectRig, fault_proxy: FaultProxy,
+                                deployment: str, creations: ContainerCreations,
+                                worker: WorkerProcess, token: str) -> None:
     fault_proxy.inject(REFUSE_503, SILENT_AFTER_CLAIM[silent], times=1000)
     run_id = rig.create_flow_run(deployment)
 
@@ -272,10 +315,15 @@ def test_a_server_that_stops_answering_after_the_claim_gets_the_run_rescheduled(
     if refused < 2:
         problems.append(f"the silent read was refused {refused} times: no retries were made")
     rig.wait_for_log(run_id, "the Prefect server did not answer")
+    if silent == "block in a pull step":  # the pull step ran once the block was read
+        rig.wait_for_log(run_id, "code from git")
     if (made := creations.close().get(run_id, 0)) != 1:
         problems.append(f"{made} containers were made for the run, not 1")
     if not worker.alive():
         problems.append(f"the worker died with {worker.process.returncode}")
+    logs = "\n".join(log["message"] for log in rig.read_logs(run_id))
+    if token in logs or token in json.dumps(history):
+        problems.append("the secret's value is in the run's logs or states")
     assert not problems, "\n".join(problems)
 
 
