@@ -233,7 +233,7 @@ def doctor(pool: str, api_url: str, reach: tuple[str, ...]) -> None:
     sys.exit(0 if healthy else 1)
 
 
-def _api_from_env(api_url: str, patience: float = 120.0) -> tuple[PrefectAPI, set[str]]:
+def _api_from_env(api_url: str, patience: float) -> tuple[PrefectAPI, set[str]]:
     try:
         env = env_only_values()
     except SecretSourceError as exc:
