@@ -40,6 +40,8 @@ from .prefect_rig import REPO_DIR, free_port
 from .service import Service
 
 LOOPBACK = "127.0.0.1"
+GIT_CLONE = "prefect.deployments.steps.git_clone"  # the pull step that clones from these
+GIT_IMAGE = "dockerworker/prefect-git:3.9.1-local"  # Prefect 3.9.1 + git, ssh, s3fs
 SSH_USER = "dwgit"
 _GIT_ENV = {  # commits that do not depend on the host's git config or clock
     "GIT_CONFIG_GLOBAL": os.devnull,

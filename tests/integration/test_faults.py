@@ -40,7 +40,7 @@ from testrig.faultproxy import (
     Plan,
     faults_by_endpoint,
 )
-from testrig.gitserve import GitHttpServer
+from testrig.gitserve import GIT_CLONE, GIT_IMAGE, GitHttpServer
 from testrig.prefect_rig import FINAL_STATE_TYPES, POOL_LABEL, PrefectRig, PrefectServer
 from testrig.workers import WorkerProcess
 
@@ -227,8 +227,6 @@ SILENT_AFTER_CLAIM = {  # what the worker reads between the claim and the contai
     "block in a pull step": BLOCK_READ,  # read to mask its value in the run's output
 }
 API_PATIENCE = 3.0  # --api-patience of the worker: seconds each call is retried
-GIT_CLONE = "prefect.deployments.steps.git_clone"
-GIT_IMAGE = "dockerworker/prefect-git:3.9.1-local"  # Prefect 3.9.1 + git
 GIT_FLOW = """
 from prefect import flow
 

@@ -16,16 +16,14 @@ from pathlib import Path
 
 import docker
 import pytest
-from testrig.gitserve import GitHttpServer, SshGitServer
+from testrig.gitserve import GIT_CLONE, GIT_IMAGE, GitHttpServer, SshGitServer
 from testrig.prefect_rig import PREFECT_IMAGE, PrefectRig, free_port
 from testrig.s3serve import S3Server
 from testrig.workers import worker_env
 
 from dockerworker.jobs import default_base_job_template
 
-GIT_CLONE = "prefect.deployments.steps.git_clone"
 REMOTE = "prefect.deployments.steps.pull_from_remote_storage"
-GIT_IMAGE = "dockerworker/prefect-git:3.9.1-local"  # Prefect 3.9.1 + git, ssh, s3fs
 
 
 def flow_source(where: str) -> str:
