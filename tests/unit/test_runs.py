@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import random
 import threading
 
 import pytest
+from testrig.junk import junk_job_variables
 
 from dockerworker.api import PrefectAPIError, ServerUnreachable, StateType
 from dockerworker.containers import LABEL_FLOW_RUN_ID
 from dockerworker.flowcode import NEEDS_ENV
+from dockerworker.jobs import default_base_job_template
 from dockerworker.runs import Phase
 from dockerworker.runtime import EngineError, EngineUnavailable, WorkloadGone
 
 from .fakes import FakeAPI, FakeRuntime, Script, make_worker, settle, wait_until
+
+ABSENT_IMAGE = "dockerworker-test/absent:fuzz"
 
 
 def run_one(api: FakeAPI, runtime: FakeRuntime, script: Script | None = None, **run_kw):
@@ -135,6 +140,43 @@ def test_an_invalid_job_variable_is_named(api, runtime) -> None:
     state = api.state_of(run.id)
     assert state.type == StateType.CRASHED and "mem_limit" in state.message
     assert runtime.containers == {}
+
+
+class EveryImage(set):
+    """A `missing_images` that holds every name."""
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+
+def test_a_thousand_malformed_job_variable_documents_each_end_with_a_clear_message(
+    api, runtime
+) -> None:
+    """A pool whose template accepts anything (as a hand-written one may): the worker judges
+    each document itself, crashes its run with a short message and no traceback, starts no
+    container and never dies."""
+    template = default_base_job_template()
+    template["variables"] = {  # every variable declared, none typed
+        "type": "object", "properties": {name: {} for name in template["job_configuration"]}}
+    api.pool = api.pool.model_copy(update={"base_job_template": template})
+    runtime.missing_images = EveryImage()  # as the integration test's "Never" pull policy
+    deployment = api.add_deployment(job_variables={"image": ABSENT_IMAGE})
+    rng = random.Random(20261201)
+    runs = [(api.add_run(deployment=deployment, job_variables=junk_job_variables(rng)))
+            for _ in range(1000)]
+    worker = make_worker(api, runtime, limit=50, max_starting=50)
+    while any(api.state_of(run.id).type == StateType.SCHEDULED for run in runs):
+        worker.poll()
+        settle(worker, timeout=30)
+    # a document that passes ends on its image, absent in the fake's way
+    clear = ("invalid job variables: ", "refused by the worker's policy: ", "pulling image ")
+    for run in runs:
+        state = api.state_of(run.id)
+        assert state.type == StateType.CRASHED, (run.job_variables, state)
+        assert state.message.startswith(clear), (run.job_variables, state.message[:300])
+        assert "Traceback" not in state.message and len(state.message) < 3000
+    assert runtime.containers == {}
+    assert not worker.stop_event.is_set()
 
 
 def test_the_policy_refuses_a_job(api, runtime) -> None:
