@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 import uuid
 
+from testrig.engine import HOST_CHECK_IMAGE, Engine
 from testrig.prefect_rig import PrefectRig
 
 from dockerworker.builds import Builder, BuildOptions, BuildPlan
@@ -125,30 +127,31 @@ def test_extra_pip_packages_are_built_in_not_installed_per_run(
 
 
 def test_images_prune_removes_an_old_build_and_keeps_one_in_use(
-    docker_client, flow_image: str
+    own_engine: Engine, docker_client
 ) -> None:
-    builder = Builder(docker_client, BuildOptions(), holder="test")
+    """On an engine of the test's own: `prune --older-than 0s` removes every unused build,
+    which on the machine's engine would race the builds of tests running beside it."""
+    own_engine.load_images(docker_client, HOST_CHECK_IMAGE)
+    engine = own_engine.client
+    builder = Builder(engine, BuildOptions(), holder="test")
     name = f"prune-{uuid.uuid4().hex[:6]}"
     in_use, unused = (
         builder.ensure(
-            flow_image, BuildPlan([], "", [f"RUN echo {tag} > /tmp/which"]), name, print
+            HOST_CHECK_IMAGE, BuildPlan([], "", [f"RUN echo {tag} > /tmp/which"]), name, print
         ).tag
         for tag in ("in-use", "unused")
     )
-    container = docker_client.containers.run(in_use, ["sleep", "60"], detach=True)
-    try:
-        listed = subprocess.run(
-            [sys.executable, "-m", "dockerworker.cli", "images", "ls"],
-            capture_output=True, text=True, check=True,
-        ).stdout
-        assert in_use in listed and unused in listed and name in listed
-        pruned = subprocess.run(
-            [sys.executable, "-m", "dockerworker.cli", "images", "prune", "--older-than", "0s"],
-            capture_output=True, text=True, check=True,
-        ).stdout
-        assert f"removed {unused}" in pruned
-        assert f"kept {in_use} (in use" in pruned
-        assert [i.tags for i in docker_client.images.list(name=in_use.split(":")[0])]
-    finally:
-        container.remove(force=True)
-        docker_client.images.remove(in_use, force=True)
+    engine.containers.run(in_use, ["sleep", "60"], detach=True)
+    cli = {**os.environ, "DOCKER_HOST": own_engine.host}
+    listed = subprocess.run(
+        [sys.executable, "-m", "dockerworker.cli", "images", "ls"],
+        capture_output=True, text=True, check=True, env=cli,
+    ).stdout
+    assert in_use in listed and unused in listed and name in listed
+    pruned = subprocess.run(
+        [sys.executable, "-m", "dockerworker.cli", "images", "prune", "--older-than", "0s"],
+        capture_output=True, text=True, check=True, env=cli,
+    ).stdout
+    assert f"removed {unused}" in pruned
+    assert f"kept {in_use} (in use" in pruned
+    assert [i.tags for i in engine.images.list(name=in_use.split(":")[0])] == [[in_use]]
