@@ -114,7 +114,8 @@ def test_gauges_read_the_worker_at_scrape_time(api, runtime) -> None:
         (f"/flow_run_states/?flow_run_id={uuid.uuid4()}", "/flow_run_states/"),
         ("/logs/", "/logs/"),
     ],
-)
+    ids=["set-state", "flow-run", "poll", "deployment", "run-states", "logs"],  # no random ids:
+)  # pytest-xdist's processes must collect the same names
 def test_endpoint_labels_are_bounded(path: str, label: str) -> None:
     assert endpoint(path) == label
 
