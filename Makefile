@@ -7,9 +7,12 @@ BIN := $(VENV)/bin
 
 .PHONY: test unit demo lint setup docker images test-tools clean
 
+# Two pytest processes (pytest-xdist): most of an integration test is waiting on containers
+# and servers. Tests that share a module fixture or the Swarm engine stay in one process
+# (tests/conftest.py); `pytest -n 0` runs everything in one.
 test: setup test-tools
 	$(BIN)/ruff check .
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2
 
 unit: $(BIN)/dockerworker
 	$(BIN)/ruff check .

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 from collections.abc import Callable, Iterator
@@ -165,12 +166,22 @@ def fault_proxy(prefect_server: PrefectServer) -> Iterator[FaultProxy]:
         yield proxy
 
 
+def own_engine_place() -> dict[str, str]:
+    """Root, bridge and subnet of this test process's second dockerd: pytest-xdist's
+    processes (`make test` runs two) each have their own, the first (or only) the default."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    if worker == 0:
+        return {}
+    return {"root": f"/tmp/dwr14-{worker}", "bridge": f"dwr14-{worker}-br0",
+            "bridge_cidr": f"172.30.{40 + worker}.1/24"}
+
+
 @pytest.fixture
 def own_engine(docker_client: docker.DockerClient) -> Iterator[Engine]:
     """A second dockerd of the test's own (ENVIRONMENT.md), empty; afterwards it is stopped,
     its bridge and data dir are deleted and the machine's engine is checked to still run a
     container."""
-    engine = Engine()
+    engine = Engine(**own_engine_place())
     try:
         engine.start()
     except RuntimeError as exc:

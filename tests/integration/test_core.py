@@ -256,9 +256,12 @@ def test_event_stream_picks_up_runs_without_waiting_for_the_poll(
     for _ in range(2):  # not just the first poll after start-up
         created = time.monotonic()
         run_id = rig.create_flow_run(deployment)
-        rig.wait_for_state(run_id, {"PENDING", "RUNNING", "COMPLETED"}, timeout=10)
+        # the poll interval is 120 s: the event (usually within a second) or nothing; the
+        # bound leaves room for a server slowed by the other test process's containers
+        rig.wait_for_state(run_id, {"PENDING", "RUNNING", "COMPLETED"}, timeout=60)
         picked_up = time.monotonic() - created
-        assert picked_up < 5, picked_up  # the poll interval is 120 s
+        print(f"picked up {picked_up:.1f} s after its creation")
+        assert picked_up < 60, picked_up
         assert rig.wait_for_final(run_id)["state"]["type"] == "COMPLETED"
 
 

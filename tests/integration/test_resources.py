@@ -70,4 +70,4 @@ def test_a_prefect_flow_run_gets_its_line(
     found = LINE.match(line)
     assert found, line
     assert float(found["peak"]) > 50, line  # Prefect's engine alone takes ~120 MiB
-    assert float(found["cpu"]) > 1, line  # and seconds of CPU to import
+    assert float(found["cpu"]) > 0.3, line  # and about a second of CPU to import

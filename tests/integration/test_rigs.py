@@ -271,10 +271,16 @@ def test_own_engine_runs_restarts_and_cleans_up(
     assert docker_client.containers.run(HOST_CHECK_IMAGE, ["true"], remove=True) == b""
 
 
+LEFTOVER_ENGINE = {"root": "/tmp/dwr14k", "bridge": "dwr14k-br0", "bridge_cidr": "172.30.21.1/24"}
+
+
 def test_a_leftover_engine_of_a_killed_run_is_cleaned_up() -> None:
     """A test process killed without cleanup leaves its dockerd running (own session) and
-    its lock released; the next start ends that dockerd and starts afresh on the same root."""
-    script = ("import time; from testrig.engine import Engine; e = Engine().start(); "
+    its lock released; the next start ends that dockerd and starts afresh on the same root.
+    A root of this test's own: on the default one, another test process waiting for the lock
+    could be the next start."""
+    script = ("import time; from testrig.engine import Engine; "
+              f"e = Engine(**{LEFTOVER_ENGINE!r}).start(); "
               "print(e._daemon_pid(), flush=True); time.sleep(600)")
     victim = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
@@ -284,7 +290,7 @@ def test_a_leftover_engine_of_a_killed_run_is_cleaned_up() -> None:
         victim.kill()  # SIGKILL: no cleanup at all
         victim.wait(10)
     assert Path(f"/proc/{old_pid}").exists()  # the leftover
-    fresh = Engine()
+    fresh = Engine(**LEFTOVER_ENGINE)
     try:
         fresh.start()
         assert fresh.client.ping()
@@ -298,5 +304,6 @@ def test_a_leftover_engine_of_a_killed_run_is_cleaned_up() -> None:
 def test_a_second_user_of_the_engine_root_waits_for_the_first(own_engine: Engine) -> None:
     """Another process's engine on the same root is never taken for a leftover."""
     with pytest.raises(RuntimeError, match="in use"):
-        Engine().start(wait_for_root=1.0)
+        Engine(str(own_engine.root), own_engine.bridge, own_engine.bridge_cidr).start(
+            wait_for_root=1.0)
     assert own_engine.client.ping()
