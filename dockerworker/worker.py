@@ -249,9 +249,12 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
                         exc)
             return
         horizon = self._poll_horizon()
+        # Runs still starting may still be SCHEDULED on the server (their claim is under way)
+        # and come back first: ask for that many more, or the free slots would get only them.
+        limit = None if free is None else free + len(self.admission.booting())
         try:
             runs, later = self._due_now(self.api.get_scheduled_flow_runs(
-                self.settings.pool, horizon, free, self.settings.work_queues,
+                self.settings.pool, horizon, limit, self.settings.work_queues,
                 patience=LOOP_PATIENCE,
             ))
         except NotFound:
@@ -263,8 +266,11 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
             log.warning("poll failed: %s", exc)
             return
         self.last_poll = time.monotonic()
-        held_back = free is not None and len(runs) >= free  # the server may hold more
-        for flow_run in runs:
+        held_back = limit is not None and len(runs) >= limit  # the server may hold more
+        new = [flow_run for flow_run in runs if flow_run.id not in self.admission]
+        if free is not None and len(new) > free:
+            new, held_back = new[:free], True
+        for flow_run in new:
             if not self._start(flow_run, lambda supervisor: supervisor.run()):
                 held_back = True
         self.held_back = held_back

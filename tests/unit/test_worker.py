@@ -71,6 +71,35 @@ def test_max_starting_waits_for_running_before_taking_more(api, runtime, hold) -
     assert len(runs) == 5
 
 
+def test_a_slot_freed_while_a_claim_is_under_way_gets_a_new_run(
+        api, runtime, hold, monkeypatch) -> None:
+    """A run whose claim has not reached the server yet is still SCHEDULED there and comes
+    first in the next poll: the freed slot must get the run after it, not stay empty until
+    the next event (seen in a burst: two Running events 35 ms apart, one start lost)."""
+    runtime.script_for = lambda spec: Script(hold=hold, reports_running=False)
+    first, second, third = (api.add_run(f"r{i}") for i in range(3))
+    claim_sent = threading.Event()
+    claim_waits = threading.Event()
+    propose = api.set_state
+
+    def slow_first_claim(flow_run_id, type_, *args, **kwargs):
+        if flow_run_id == first.id and type_ == StateType.PENDING:
+            claim_sent.set()
+            claim_waits.wait(10)
+        return propose(flow_run_id, type_, *args, **kwargs)
+
+    monkeypatch.setattr(api, "set_state", slow_first_claim)
+    worker = make_worker(api, runtime, max_starting=2)
+    worker.poll()  # takes the first two; the first's claim hangs on the way
+    assert claim_sent.wait(5)
+    wait_until(lambda: runtime.of_run(second.id) is not None)
+    worker._on_event(RUNNING_EVENT, f"prefect.flow-run.{second.id}")  # a slot is free
+    worker.poll()
+    wait_until(lambda: runtime.of_run(third.id) is not None)
+    claim_waits.set()
+    wait_until(lambda: runtime.of_run(first.id) is not None)
+
+
 def test_fresh_starts_of_other_workers_on_this_engine_share_max_starting(
         api, runtime, monkeypatch) -> None:
     """Replicas on one host: another worker's container younger than our typical start
