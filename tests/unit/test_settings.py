@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import click
 import pytest
@@ -79,19 +79,21 @@ def test_the_cli_and_the_model_share_bounds(field: str, too_low: Any, too_high: 
             option.type.convert(str(value), option, None)
 
 
-started_patience: list[float] = []  # what the API client of each `start` was given
+class Started(NamedTuple):
+    """What one `start` handed its worker."""
+
+    settings: WorkerSettings
+    api_patience: float  # of its API client
 
 
 @pytest.fixture
-def started(monkeypatch: pytest.MonkeyPatch) -> list[WorkerSettings]:
+def started(monkeypatch: pytest.MonkeyPatch) -> list[Started]:
     """Run `start` up to the worker: no Docker, no server, no signal handlers."""
-    seen: list[WorkerSettings] = []
-    started_patience.clear()
+    seen: list[Started] = []
 
     class FakeWorker:
         def __init__(self, settings: WorkerSettings, api: Any, docker_client: Any) -> None:
-            seen.append(settings)
-            started_patience.append(api.patience)
+            seen.append(Started(settings, api.patience))
 
         def run(self) -> int:
             return 0
@@ -105,54 +107,54 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[WorkerSettings]:
     return seen
 
 
-def test_flags_and_env_reach_the_settings(started: list[WorkerSettings]) -> None:
+def test_flags_and_env_reach_the_settings(started: list[Started]) -> None:
     result = CliRunner().invoke(
         cli.main, ["start", "-p", "pool-a", "-q", "a", "-q", "b", "--warm", "3", "--run-once"],
         env={"DOCKERWORKER_POLL_INTERVAL": "2.5", "DOCKERWORKER_DRAIN": "1",
              "PREFECT_API_KEY": "k3y", "PIP_INDEX_URL": "https://pypi.example/simple"},
     )
     assert result.exit_code == 0, result.output
-    settings = started[0]
+    settings = started[0].settings
     assert (settings.pool, settings.work_queues, settings.warm) == ("pool-a", ["a", "b"], 3)
     assert (settings.poll_interval, settings.drain, settings.run_once) == (2.5, True, True)
     assert settings.api_key is not None and settings.api_key.get_secret_value() == "k3y"
     assert settings.pip_index_url == "https://pypi.example/simple"
 
 
-def test_unset_flags_leave_the_models_defaults(started: list[WorkerSettings]) -> None:
+def test_unset_flags_leave_the_models_defaults(started: list[Started]) -> None:
     result = CliRunner().invoke(cli.main, ["start", "-p", "pool-b"], env={})
     assert result.exit_code == 0, result.output
-    assert started[0].model_dump(exclude={"pool", "policy"}) == WorkerSettings(
+    assert started[0].settings.model_dump(exclude={"pool", "policy"}) == WorkerSettings(
         pool="pool-b").model_dump(exclude={"pool", "policy"})
-    assert started[0].api_url == DEFAULT_API_URL
+    assert started[0].settings.api_url == DEFAULT_API_URL
 
 
-def test_the_api_patience_reaches_the_client(started: list[WorkerSettings]) -> None:
+def test_the_api_patience_reaches_the_client(started: list[Started]) -> None:
     """How long each call is retried: the client's default unless the operator says."""
     runner = CliRunner()
     assert runner.invoke(cli.main, ["start", "-p", "p"], env={}).exit_code == 0
     assert runner.invoke(cli.main, ["start", "-p", "p"],
                          env={"DOCKERWORKER_API_PATIENCE": "7.5"}).exit_code == 0
     assert runner.invoke(cli.main, ["start", "-p", "p", "--api-patience", "3"]).exit_code == 0
-    assert started_patience == [120.0, 7.5, 3.0]
+    assert [start.api_patience for start in started] == [120.0, 7.5, 3.0]
     refused = runner.invoke(cli.main, ["start", "-p", "p", "--api-patience", "0"])
     assert refused.exit_code == 2 and "--api-patience" in refused.output
 
 
-def test_out_of_bounds_env_is_a_usage_error(started: list[WorkerSettings]) -> None:
+def test_out_of_bounds_env_is_a_usage_error(started: list[Started]) -> None:
     result = CliRunner().invoke(cli.main, ["start", "-p", "p"], env={"DOCKERWORKER_WARM": "40"})
     assert result.exit_code == 2 and "--warm" in result.output and not started
 
 
 def test_the_policy_flag_reads_the_file_into_the_settings(
-    started: list[WorkerSettings], tmp_path: Any
+    started: list[Started], tmp_path: Any
 ) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text("[policy]\npids_limit = 123\n")
     result = CliRunner().invoke(cli.main, ["start", "-p", "p"],
                                 env={"DOCKERWORKER_POLICY_FILE": str(policy)})
     assert result.exit_code == 0, result.output
-    assert started[0].policy.pids_limit == 123
+    assert started[0].settings.policy.pids_limit == 123
     missing = CliRunner().invoke(cli.main, ["start", "-p", "p", "--policy", str(tmp_path / "no")])
     assert missing.exit_code == 2 and "--policy" in missing.output
 
