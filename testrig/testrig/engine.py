@@ -9,6 +9,7 @@ with no images: `load_images` copies them from the machine's engine (`image.save
 `images.load()`). `restart()` stops dockerd with SIGTERM and starts it on the same data root.
 `stop()` cleans up in ENVIRONMENT.md's order and then checks that the machine's engine still
 runs a container. A leftover of a killed test run (same root) is cleaned up by `start()`.
+The `own_engine` fixture gives each pytest-xdist process a root, bridge and subnet of its own.
 
     with Engine() as engine:            # or the `own_engine` pytest fixture
         engine.load_images(docker.from_env(), "dockerworker-test/flows:dev")
