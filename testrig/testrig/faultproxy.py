@@ -10,6 +10,8 @@ cuts) and/or from the test's own commands (`inject`, `blackout`, `cut_websockets
 - `drop_after`   forward, read the server's whole answer (so it applied the request), then
                  reset the connection: the client never learns the outcome;
 - `delay`        forward, then hold the answer for `delay_seconds` before passing it on;
+- `hold`         read the request, hold it for `delay_seconds`, then forward it: the server
+                 applies it only then (a request still on its way, e.g. a claim in flight);
 - websocket cut: close open tunnels (e.g. the worker's event stream) and refuse upgrades
                  (503) for a while;
 - websocket stall: open tunnels stay open but pass nothing either way for a while (a
@@ -49,12 +51,13 @@ REFUSE_503 = "refuse_503"
 DROP_BEFORE = "drop_before"
 DROP_AFTER = "drop_after"
 DELAY = "delay"
-REQUEST_FAULTS = (REFUSE_503, DROP_BEFORE, DROP_AFTER, DELAY)
+HOLD = "hold"
+REQUEST_FAULTS = (REFUSE_503, DROP_BEFORE, DROP_AFTER, DELAY, HOLD)
 WS_CUT = "ws_cut"  # an open tunnel closed by a cut
 WS_REFUSED = "ws_refused"  # an upgrade answered 503 while upgrades are refused
 BLACKOUT = "blackout"  # a blackout began
 BLACKOUT_DROP = "blackout_drop"  # a connection reset by a blackout (open or new)
-FORWARDED = "forwarded"  # a request answered normally (delayed ones included)
+FORWARDED = "forwarded"  # a request answered normally (delayed and held ones included)
 WS_OPENED = "ws_opened"  # a websocket tunnel established
 WS_STALL = "ws_stall"  # open tunnels went silent (half-open: nothing passes, nothing closes)
 
@@ -421,6 +424,9 @@ class FaultProxy:
             self._record(kind, ep)
             _reset(writer)
             return False
+        if kind == HOLD:
+            self._record(kind, ep)
+            await asyncio.sleep(delay)
         up_reader, up_writer = await asyncio.open_connection(LOOPBACK, self.upstream_port,
                                                              limit=_LIMIT)
         try:

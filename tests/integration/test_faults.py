@@ -34,7 +34,6 @@ from testrig.faultproxy import (
     DROP_AFTER,
     DROP_BEFORE,
     REFUSE_503,
-    REQUEST_FAULTS,
     WS_CUT,
     FaultProxy,
     Plan,
@@ -208,7 +207,7 @@ def test_twenty_runs_through_a_faulty_network_all_complete(
 
     summary = fault_proxy.summary()
     print(f"faults: {summary}\nby endpoint: {faults_by_endpoint(fault_proxy)}")
-    for kind in REQUEST_FAULTS:
+    for kind in FAULT_PLAN.rates:
         if not summary.get(kind):
             problems.append(f"the proxy never injected {kind}")
     if summary.get(BLACKOUT) != 2:

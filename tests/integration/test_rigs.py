@@ -8,6 +8,7 @@ import json
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from testrig.faultproxy import (
     DROP_AFTER,
     DROP_BEFORE,
     FORWARDED,
+    HOLD,
     REFUSE_503,
     WS_CUT,
     WS_REFUSED,
@@ -111,6 +113,30 @@ def test_delay_holds_the_answer(fault_proxy: FaultProxy) -> None:
         assert http.get("/health").json() is True
         assert time.monotonic() - t0 >= 1.5
     assert fault_proxy.count(DELAY) == 1 and fault_proxy.count(FORWARDED) == 1
+
+
+def test_hold_keeps_the_request_from_the_server_until_it_forwards_it(
+    fault_proxy: FaultProxy, rig: PrefectRig
+) -> None:
+    """While held, the server has not seen the request (a claim still on its way); then it
+    is forwarded and answered as usual."""
+    name = f"rig-{secrets.token_hex(4)}"
+    fault_proxy.inject(HOLD, r"^POST /api/flows/$", delay=3.0)
+    answer: list[int] = []
+    with _client(fault_proxy) as http:
+        poster = threading.Thread(target=lambda: answer.append(
+            http.post("/flows/", json={"name": name}).status_code))
+        t0 = time.monotonic()
+        poster.start()
+        fault_proxy.wait_for(HOLD, timeout=5)
+        time.sleep(1.0)
+        seen_while_held = _flow_exists(rig, name)
+        poster.join(10)
+        took = time.monotonic() - t0
+    assert not seen_while_held, "the server saw the request while the proxy held it"
+    assert answer in ([200], [201]) and took >= 3.0, (answer, took)
+    assert _flow_exists(rig, name)
+    assert fault_proxy.count(HOLD) == 1 and fault_proxy.count(FORWARDED) == 1
 
 
 def _outcomes(proxy: FaultProxy, n: int) -> list[str]:

@@ -7,7 +7,8 @@ import signal
 import time
 from datetime import UTC, datetime, timedelta
 
-from testrig.prefect_rig import LOCAL_BASE, POOL_LABEL, PrefectRig, log_messages
+from testrig.faultproxy import HOLD, FaultProxy
+from testrig.prefect_rig import LOCAL_BASE, POOL_LABEL, PrefectRig, PrefectServer, log_messages
 
 from dockerworker.entry import READY_LINE
 
@@ -156,6 +157,40 @@ def test_no_more_runs_start_at_once_than_max_starting(
         time.sleep(0.2)
     assert states == ["COMPLETED"] * 3
     assert most_pending == 1  # each claimed only once the one before it was RUNNING
+
+
+HOLD_CLAIM = 20.0  # seconds the proxy holds the first claim before the server sees it
+
+
+def test_runs_start_while_a_claim_is_on_its_way(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str,
+    fault_proxy: FaultProxy, prefect_server: PrefectServer,
+) -> None:
+    """With --max-starting 2, the first run's claim is held on its way to the server for 20 s
+    (the run stays SCHEDULED there, and the server lists it first): the second run is claimed
+    in the other start slot at once, and when it goes RUNNING the freed slot gets the third,
+    both before the held claim lands (a poll must look past the runs this worker is already
+    claiming)."""
+    start_worker(unique_pool, "--max-starting", "2", api_url=fault_proxy.url)
+    deployment = rig.create_deployment(unique_pool, "flows.py:hello", {
+        "image": flow_image, "env": {"PREFECT_API_URL": prefect_server.url}})
+    fault_proxy.inject(HOLD, r"^POST /api/flow_runs/\{id\}/set_state$", delay=HOLD_CLAIM)
+    held = rig.create_flow_run(deployment)
+    fault_proxy.wait_for(HOLD, timeout=60)  # the worker's only claim so far: the first run's
+    second, third = rig.create_flow_run(deployment), rig.create_flow_run(deployment)
+    for run_id in (held, second, third):
+        assert rig.wait_for_final(run_id, timeout=150)["state"]["type"] == "COMPLETED"
+
+    landed = rig.claimed_at(held)
+    second_running = min(datetime.fromisoformat(s["timestamp"])
+                         for s in rig.read_state_history(second) if s["type"] == "RUNNING")
+    timeline = (f"held claim landed {landed:%T.%f}, second claimed {rig.claimed_at(second):%T.%f}"
+                f" and RUNNING {second_running:%T.%f}, third claimed {rig.claimed_at(third):%T.%f}")
+    print(timeline)
+    assert rig.claimed_at(second) < landed, f"the second run waited for the held claim: {timeline}"
+    assert second_running < landed, f"the second run was not RUNNING within the hold: {timeline}"
+    assert rig.claimed_at(third) < landed, (
+        f"the third run waited for the held claim though a start slot was free: {timeline}")
 
 
 def test_warm_keeps_the_most_recently_used_configurations_within_its_bound(
