@@ -161,13 +161,16 @@ class Recovery:
         return found
 
     # --- reconciliation ---------------------------------------------------------------
-    def reconcile(self, ours: Collection[UUID]) -> None:
+    def reconcile(self, ours: Collection[UUID]) -> bool:
         """Runs of this pool whose container on this engine vanished → CRASHED; claims
-        without a container whose worker is gone → SCHEDULED."""
+        without a container whose worker is gone → SCHEDULED. True: a container of this
+        worker has ended and nobody judges its unfinished run (the server did not answer at
+        its verdict): adoption judges it."""
         runs = self.api.filter_flow_runs(
             self.pool, [StateType.PENDING, StateType.RUNNING], patience=LOOP_PATIENCE,
         )
         records: dict[str, Owner] | None = None
+        unjudged: list[str] = []
         gone: dict[str, bool] = {}  # who is gone, asked once per round and worker
 
         def is_gone(name: str) -> bool:
@@ -175,25 +178,39 @@ class Recovery:
                 gone[name] = name in self.liveness.gone({name})
             return gone[name]
 
-        def check(flow_run: FlowRun) -> None:
+        def owners() -> dict[str, Owner]:
             nonlocal records
-            if not flow_run.infrastructure_pid:
-                self._reschedule_if_abandoned(flow_run, is_gone)
+            if records is None:
+                records = self.runtime.owners(self.pool)
+            return records
+
+        def note_if_unjudged(workload: Workload) -> None:
+            """Ended, held by no supervisor of ours, and ours: nobody gives its verdict."""
+            if (workload.status in ("exited", "dead") and workload.id not in self.busy()
+                    and owner_of(workload, owners()).name == self.worker_name):
+                unjudged.append(workload.name)
+
+        def check(flow_run: FlowRun) -> None:
+            if not flow_run.infrastructure_pid:  # not recorded (yet), or never started
+                for workload in self._reschedule_if_abandoned(flow_run, is_gone):
+                    note_if_unjudged(workload)
                 return
             host, workload_id = parse_infrastructure_pid(flow_run.infrastructure_pid)
             if host != self.host_id:
                 return
             try:
-                self.runtime.inspect(workload_id)
+                note_if_unjudged(self.runtime.inspect(workload_id))
                 return
             except WorkloadGone:
                 pass
-            if records is None:
-                records = self.runtime.owners(self.pool)
-            if self._vanished_under_us(flow_run, records.get(workload_id), is_gone):
+            if self._vanished_under_us(flow_run, owners().get(workload_id), is_gone):
                 self._crash_vanished(flow_run, workload_id)
 
         _each("reconciliation", [r for r in runs if r.id not in ours], check)
+        if unjudged:
+            log.info("containers %s ended and their runs have no verdict yet; judging them",
+                     ", ".join(unjudged))
+        return bool(unjudged)
 
     def _vanished_under_us(self, flow_run: FlowRun, record: Owner | None,
                            is_gone: Callable[[str], bool]) -> bool:
@@ -222,20 +239,21 @@ class Recovery:
                            f"{message}\n(no infrastructure retries left ({used}))")
 
     def _reschedule_if_abandoned(self, flow_run: FlowRun,
-                                 is_gone: Callable[[str], bool]) -> None:
+                                 is_gone: Callable[[str], bool]) -> list[Workload]:
         """A run claimed by this worker before it restarted, or by a worker that is gone,
-        without a container: give it back to the pool."""
+        without a container: give it back to the pool. The run's containers, if it has."""
         state = flow_run.state
         if state is None or state.type != StateType.PENDING:
-            return
+            return []
         message = state.message or ""
         if not message.startswith(claim_message("")):
-            return
+            return []
         holder = message.removeprefix(claim_message(""))
         if holder != self.worker_name and not is_gone(holder):
-            return
-        if self.runtime.list_workloads(self.pool, **{LABEL_FLOW_RUN_ID: str(flow_run.id)}):
-            return
+            return []
+        if found := self.runtime.list_workloads(self.pool,
+                                                **{LABEL_FLOW_RUN_ID: str(flow_run.id)}):
+            return found
         why = ("restarted, or could not report why," if holder == self.worker_name
                else "is gone")
         log.warning("flow run %r (%s) was claimed by %s, which %s and never started its "
@@ -245,6 +263,7 @@ class Recovery:
             f"rescheduled: dockerworker {holder} {why} before starting its container",
             force=True,
         )
+        return []
 
     # --- removal ----------------------------------------------------------------------
     def remove_finished(self, ours: Collection[UUID]) -> None:

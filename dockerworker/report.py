@@ -12,7 +12,7 @@ import re
 from uuid import UUID
 
 from . import metrics
-from .api import FlowRun, PrefectAPI, PrefectAPIError, StateType
+from .api import FlowRun, PrefectAPI, PrefectAPIError, ServerUnreachable, StateType
 from .flowcode import explain
 from .logs import LogShipper, log_entry
 from .policy import Masker
@@ -67,7 +67,8 @@ class RunReporter:
         self.shipper.submit(log_entry(self.flow_run.id, message, level))
 
     def report(self, verdict: Verdict, infra_retries: int) -> None:
-        """The verdict as the run's state: CRASHED (or rescheduled), CANCELLED, or left."""
+        """The verdict as the run's state: CRASHED (or rescheduled), CANCELLED, or left.
+        Raises ServerUnreachable when the server did not take it."""
         state = verdict.state or "unknown"
         if verdict.outcome is Outcome.CRASHED and verdict.infrastructure:
             retried = self._retry_or_crash(verdict.message, infra_retries)
@@ -115,7 +116,9 @@ class RunReporter:
         self.say(f"crashed: {message}", logging.ERROR)
         try:
             result = self.api.set_state(self.flow_run.id, StateType.CRASHED, message, force=force)
-        except PrefectAPIError as exc:
+        except ServerUnreachable:
+            raise  # the supervisor keeps the container: the run is judged again later
+        except PrefectAPIError as exc:  # refused for good (the run deleted, say)
             log.error("%s: could not report the crash: %s", self.label, exc)
             return
         if result.status != "ACCEPT":

@@ -121,7 +121,8 @@ class RecoveryRounds:
 
     def _reconcile_runs(self) -> None:
         assert self.recovery is not None
-        self.recovery.reconcile(set(self.admission.supervisors()))
+        if self.recovery.reconcile(set(self.admission.supervisors())):
+            self.adopt()  # ended containers whose verdict the server did not take
 
     def _remove_finished(self) -> None:
         assert self.recovery is not None

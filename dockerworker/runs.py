@@ -61,6 +61,7 @@ from .verdict import (
     RunCancelled,
     RunCrashed,
     RunEnded,
+    Unjudged,
     Verdict,
     cancelled_verdict,
     judge,
@@ -149,6 +150,7 @@ class RunSupervisor:
         self.claimed_at: float | None = None  # monotonic: for the metrics' histograms
         self.started_at: float | None = None  # the container started (not for adopted runs)
         self.container: Workload | None = None
+        self._ended: Workload | None = None  # its container, ended and still there
         # until the job is known: a failure before then is retried as the policy says
         self.options = WatchOptions(infra_retries=settings.policy.infra_retries)
         self.cancel_requested = threading.Event()
@@ -225,6 +227,10 @@ class RunSupervisor:
             verdict = self._verdict_of(body)
             if verdict is not None:
                 self.reporter.report(verdict, self.options.infra_retries)
+                if self._ended is not None and self.options.auto_remove:  # the server has it
+                    self._remove(self._ended)
+        except ServerUnreachable as exc:  # the verdict stays with the container (if any)
+            self._unjudged(f"could not report how the run ended: {exc}")
         except Exception:  # the last line of defence: one run never kills the worker
             log.exception("%s: could not report how the run ended", self.label)
         finally:
@@ -242,6 +248,9 @@ class RunSupervisor:
             if end.message is not None:
                 return Verdict(Outcome.CANCELLED, end.message, force=True)
             return self._cancelled()
+        except Unjudged as end:
+            self._unjudged(end.message)
+            return None
         except RunEnded:  # ClaimLost, Detached: the run is not ours to judge
             return None
         except EngineUnavailable as exc:  # the engine went away before the container ran
@@ -256,6 +265,17 @@ class RunSupervisor:
             return Verdict(Outcome.CRASHED,
                            f"dockerworker failed while running this flow run: {exc}",
                            reason="worker_error")
+
+    def _unjudged(self, why: str) -> None:
+        """The server did not answer at the verdict: what happens to the run instead."""
+        if self._ended is not None:  # it keeps the verdict (exit code, output) until then
+            after = (f"container {self._ended.name} is kept and the run judged again once "
+                     "the server answers")
+        elif self.container is None:  # reconciliation gives the claim back
+            after = "the run is given back to the pool once the server answers"
+        else:
+            after = "the run is judged again once the server answers"
+        self.say(f"{why}; {after}", logging.WARNING)
 
     # --- called from the worker's loop ---------------------------------------------------
     def cancel(self) -> None:
@@ -400,14 +420,19 @@ class RunSupervisor:
                                    unread=unread))
         if self.cancel_requested.is_set():
             raise RunCancelled
-        state = self._state_now()
+        try:
+            state = self._state_now()
+        except ServerUnreachable as exc:
+            self._ended = workload
+            raise Unjudged(f"the Prefect server did not answer after the container ended: "
+                           f"{exc}") from exc
         removed = (report is not None and not (state is not None and state.is_final)
                    and self.runtime.removed_meanwhile(workload))
         verdict = self.reporter.with_context(judge(
             report, state, cancelled=False, removed=removed, workload=workload,
             mem_limit=mem_limit, engine_restarted=self.follower.engine_trouble))
-        if self.options.auto_remove and report is not None and not removed:
-            self._remove(workload)
+        if report is not None and not removed:
+            self._ended = workload  # removed (auto_remove) once the verdict is reported
         return verdict
 
     def _cancelled(self) -> Verdict:

@@ -71,6 +71,16 @@ class ClaimLost(RunEnded):
     """Another worker (or the server) has the run: nothing to report, nothing to clean."""
 
 
+class Unjudged(RunEnded):
+    """The container has ended but the server could not be asked how the run ended: the
+    container is kept, and the worker judges the run again once the server answers
+    (reconciliation adopts it)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 class Detached(RunEnded):
     """The worker is leaving; the container runs on and whoever adopts it judges it."""
 

@@ -324,6 +324,55 @@ def _rescheduled_then_completed(silent: str, rig: PrefectRig, fault_proxy: Fault
     assert not problems, "\n".join(problems)
 
 
+def test_a_verdict_the_server_did_not_take_is_given_once_it_answers(
+    fault_proxy: FaultProxy, rig: PrefectRig, docker_client: docker.DockerClient,
+    flow_image: str, unique_pool: str, start_worker: Callable[..., WorkerProcess],
+) -> None:
+    """A container ends without a final state (exit code 3, nothing reported by Prefect)
+    while the worker's link to the server answers 503 to everything for longer than its
+    `--api-patience`: the run is left as it was, its auto_remove container is kept (it holds
+    the verdict), the worker carries on, and once the server answers the next reconciliation
+    reports the crash with the exit code and the last output, once; then the container goes."""
+    creations = ContainerCreations(docker_client, unique_pool)
+    worker = start_worker(unique_pool, "--api-patience", str(API_PATIENCE),
+                          api_url=fault_proxy.url)
+    command = "sh -c 'echo working; sleep 4; echo giving up; exit 3'"
+    deployment = rig.create_deployment(unique_pool, "flows.py:hello", {
+        "image": flow_image, "command": command, "auto_remove": True})
+    run_id = rig.create_flow_run(deployment)
+    _until(lambda: bool(_running_containers(docker_client, unique_pool)), 60,
+           "the run's container runs")
+    fault_proxy.inject(REFUSE_503, r".*", times=100_000)  # the server away for the worker
+    worker.wait_for_output("is kept and the run judged again once the server answers", 60)
+    kept = docker_client.containers.list(all=True, filters={"label": f"{RUN_LABEL}={run_id}"})
+    left_as_it_was = rig.read_flow_run(run_id)["state"]["type"]
+    time.sleep(2 * API_PATIENCE)  # a reconciliation round meanwhile would judge nothing
+    fault_proxy.clear()
+    run = rig.wait_for_final(run_id, timeout=90)  # the reconciliation round: every 60 s
+
+    problems: list[str] = []
+    if [c.status for c in kept] != ["exited"]:
+        problems.append(f"the ended container was not kept: {[c.status for c in kept]}")
+    if left_as_it_was != "PENDING":  # a custom command: Prefect's engine never ran
+        problems.append(f"while the server was away the run went {left_as_it_was}")
+    message = run["state"]["message"] or ""
+    if run["state"]["type"] != "CRASHED" or "exited with code 3" not in message \
+            or "giving up" not in message:
+        problems.append(f"the run ended {_state(run)}")
+    if (crashes := [k for k, _ in _history(rig, run_id)].count("CRASHED")) != 1:
+        problems.append(f"{crashes} CRASHED states: {_history(rig, run_id)}")
+    _until(lambda: not docker_client.containers.list(
+        all=True, filters={"label": f"{RUN_LABEL}={run_id}"}), 30,
+        "the container is removed once the verdict is reported")
+    if (made := creations.close().get(run_id, 0)) != 1:
+        problems.append(f"{made} containers were made for the run, not 1")
+    if not worker.alive():
+        problems.append(f"the worker died with {worker.process.returncode}")
+    if not fault_proxy.count(REFUSE_503, SET_STATE + "|" + r"^GET /api/flow_runs/\{id\}$"):
+        problems.append("the worker's verdict never met the refusing server")
+    assert not problems, "\n".join(problems)
+
+
 def test_a_docker_engine_restart_gives_runs_in_flight_a_verdict_and_new_runs_start(
     own_engine: Engine, docker_client: docker.DockerClient, rig: PrefectRig, flow_image: str,
     unique_pool: str, start_worker: Callable[..., WorkerProcess],

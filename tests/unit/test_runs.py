@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import threading
 
@@ -10,7 +11,7 @@ import pytest
 from testrig.junk import junk_job_variables
 
 from dockerworker.api import PrefectAPIError, ServerUnreachable, StateType
-from dockerworker.containers import LABEL_FLOW_RUN_ID
+from dockerworker.containers import LABEL_FLOW_RUN_ID, LABEL_WORKER
 from dockerworker.flowcode import NEEDS_ENV
 from dockerworker.jobs import default_base_job_template
 from dockerworker.runs import Phase
@@ -386,6 +387,84 @@ def test_a_run_whose_end_could_not_be_reported_is_rescheduled_by_reconciliation(
     worker.poll()
     settle(worker)
     assert api.state_of(run.id).type == StateType.COMPLETED
+
+
+def _server_away_for(api: FakeAPI, method: str, when=lambda *a, **kw: True) -> list:
+    """`api.<method>` answers ServerUnreachable while `when(...)` says so, until the test
+    calls the returned list's restore (its first item)."""
+    real = getattr(api, method)
+
+    def away(*args, **kwargs):
+        if when(*args, **kwargs):
+            raise ServerUnreachable("cannot reach the Prefect server")
+        return real(*args, **kwargs)
+
+    setattr(api, method, away)
+    return [lambda: setattr(api, method, real)]
+
+
+@pytest.mark.parametrize("silent", ["the crash report", "the state after the exit"])
+def test_a_verdict_the_server_did_not_hear_is_given_again_from_the_kept_container(
+        api, runtime, silent: str) -> None:
+    """The container ended without a final state (exit code 3) while the server was away,
+    for the crash report or for the read of the run's state before it: the run is left as
+    it was, its auto_remove container is kept (its exit code and output are the verdict),
+    the slot is freed, and the next reconciliation once the server answers adopts the
+    container and reports the crash; then it is removed."""
+    deployment = api.add_deployment(job_variables={"auto_remove": True})
+    runtime.script_for = lambda spec: Script(exit_code=3, final_state=None,
+                                             lines=[("stdout", "giving up")])
+    if silent == "the crash report":
+        restore, = _server_away_for(api, "set_state",
+                                    lambda run_id, type_, *a, **kw: type_ == StateType.CRASHED)
+    else:  # from the container's end on (the runs reads its state then)
+        def ended(*args, **kwargs) -> bool:
+            container = runtime.of_run(run.id)
+            return container is not None and container.ended.is_set()
+
+        restore, = _server_away_for(api, "read_flow_run", ended)
+    run = api.add_run(deployment=deployment)
+    worker = make_worker(api, runtime)
+    worker.poll()
+    settle(worker)
+    container = runtime.of_run(run.id)
+    assert container is not None and not container.removed, "the verdict's container is gone"
+    assert container.workload.id in runtime.containers
+    assert api.state_of(run.id).type == StateType.RUNNING
+    assert worker.shipper.flush(5)
+    assert any("is kept and the run judged again once the server answers" in m
+               for m in api.messages(run.id)), api.messages(run.id)
+
+    worker.reconcile()  # still away: nothing judged, nothing lost
+    settle(worker)
+    assert api.state_of(run.id).type == StateType.RUNNING
+    assert container.workload.id in runtime.containers
+    restore()
+    worker.reconcile()
+    settle(worker)
+    state = api.state_of(run.id)
+    assert state.type == StateType.CRASHED, state
+    assert "exited with code 3" in state.message and "giving up" in state.message
+    assert container.workload.id not in runtime.containers  # auto_remove, once reported
+    assert api.history[run.id].count(StateType.CRASHED) == 1
+
+
+def test_reconciliation_leaves_an_ended_container_of_another_live_worker(
+        api, runtime, caplog) -> None:
+    """Another replica's container ended and its run has no verdict yet (that replica is
+    judging it, or will once the server answers): not this worker's to judge."""
+    caplog.set_level(logging.INFO, logger="dockerworker")
+    run = api.add_run(state=StateType.RUNNING)
+    container = runtime.add("other-run", {LABEL_FLOW_RUN_ID: str(run.id),
+                                          LABEL_WORKER: "w2"}, status="exited", run_id=run.id)
+    api.runs[run.id].infrastructure_pid = f"fake-engine:{container.workload.id}"
+    api.heartbeat(api.pool.name, "w2", 30)
+    worker = make_worker(api, runtime)
+    worker.reconcile()
+    settle(worker)
+    assert api.state_of(run.id).type == StateType.RUNNING
+    assert container.workload.id in runtime.containers
+    assert not [r for r in caplog.records if "judging them" in r.getMessage()]
 
 
 def test_the_operator_s_retries_count_before_the_job_is_known(api, runtime) -> None:
