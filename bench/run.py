@@ -15,8 +15,10 @@ is dockerworker with `--warm 2` (sequential, scheduled-ahead and burst workloads
 scheduled-ahead workload (`--ahead`, off with --quick) times runs created 25 s before they are
 due, each of a job configuration not seen before; `dockerworker-x3` is three
 dockerworker replicas on one pool (burst only). Workers run one after the other, never together.
-Before them, the floor (bench/floor.py): the same burst with no worker, its CPU per run and the
-runs/min the machine's cores allow at that cost; each worker's burst is split by CPU the same way.
+Before them and again after them, the floor (bench/floor.py): the same burst with no worker,
+its CPU per run and the runs/min the machine's cores allow at that cost (the mean of the two:
+one burst's CPU per run moves by up to a tenth, with the server and the page cache warming up);
+each worker's burst is split by CPU the same way.
 The deps workload (`--deps`, on in a full run) times a deployment that needs one package:
 dockerworker builds it into an image once, prefect-docker's EXTRA_PIP_PACKAGES entrypoint
 installs it at every container start.
@@ -384,6 +386,16 @@ def floor_workload(client: docker.DockerClient, server: PrefectServer, rig: Pref
     finally:
         with contextlib.suppress(Exception):
             rig.delete_work_pool(pool)
+
+
+def measure_floor(client: docker.DockerClient, server: PrefectServer, rig: PrefectRig,
+                  plan: Plan, when: str) -> dict[str, Any]:
+    """One bare burst, with its progress on stdout."""
+    print(f"[floor] a burst of {plan.burst} with no worker, {when}", flush=True)
+    floor = floor_workload(client, server, rig, plan)
+    print(f"[floor] {floor['completed']}/{plan.burst} completed, "
+          f"{floor['cpu_per_run']['busy']:.2f} s of CPU per run", flush=True)
+    return floor
 
 
 def find_container(client: docker.DockerClient, run_id: str, timeout: float) -> Any:
@@ -833,23 +845,47 @@ def lookup(result: dict[str, Any], key: str) -> float | None:
     return value if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def combine_floors(bursts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One floor from the bare bursts (before and after the workers): each part's CPU per
+    run averaged, the floor from the mean; each burst kept under `bursts`."""
+    if not bursts:
+        return {}
+    parts = {k for b in bursts for k in b["cpu_per_run"]}
+    cpu = {}
+    for key in parts:
+        values = [v for b in bursts if (v := b["cpu_per_run"].get(key)) is not None]
+        cpu[key] = sum(values) / len(values) if values else None
+    cores = bursts[0]["cores"]
+    return {
+        "cores": cores, "cpu_per_run": cpu,
+        "floor_runs_per_min": cores * 60 / cpu["busy"] if cpu.get("busy") else None,
+        "completed": sum(b["completed"] for b in bursts),
+        "runs_per_min": sum(b["runs_per_min"] or 0 for b in bursts) / len(bursts),
+        "bursts": bursts,
+    }
+
+
 def floor_lines(floor: dict[str, Any], plan: Plan) -> list[str]:
     """The floor under the table: what the burst costs with no worker at all."""
     if not floor:
         return ["Floor: not measured (--no-floor)."]
     cpu = floor["cpu_per_run"]
+    bursts = floor.get("bursts") or [floor]
 
     def f(key: str) -> str:
         return f"{v:.2f}" if (v := cpu.get(key)) is not None else "n/a"
 
+    each = " and ".join(f"{b['cpu_per_run']['busy']:.2f}" for b in bursts)
     return [
-        (f"Floor (bench/floor.py): the burst of {plan.burst} with no worker, this bench starting "
-        f"each container itself, {floor['cores']} at a time: {floor['completed']} COMPLETED, "
-        f"{floor['runs_per_min']:.1f} runs/min measured."),
-        (f"CPU per run {f('busy')} s (containers {f('containers')}, server {f('server')}, "
-        f"dockerd+containerd {f('docker')}, rest {f('rest')}; idle {f('idle')}): floor "
-        f"{floor['cores']} cores x 60 / {f('busy')} = {floor['floor_runs_per_min']:.1f} "
-        "runs/min; 'share of the floor' is each burst's runs/min against it."),
+        (f"Floor (bench/floor.py): the burst of {plan.burst} with no worker, before and after "
+         f"the workers ({len(bursts)} bursts), this bench starting each container itself, "
+         f"{floor['cores']} at a time: {floor['completed']} COMPLETED, "
+         f"{floor['runs_per_min']:.1f} runs/min measured."),
+        (f"CPU per run {each} s, mean {f('busy')} s (containers {f('containers')}, server "
+         f"{f('server')}, dockerd+containerd {f('docker')}, rest {f('rest')}; idle "
+         f"{f('idle')}): floor {floor['cores']} cores x 60 / {f('busy')} = "
+         f"{floor['floor_runs_per_min']:.1f} runs/min; 'share of the floor' is each burst's "
+         "runs/min against it."),
     ]
 
 
@@ -1014,6 +1050,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     results: dict[str, dict[str, Any]] = {}
     floor: dict[str, Any] = {}
+    floors: list[dict[str, Any]] = []
     load_before = os.getloadavg()
     ok = False
     server = start_prefect_server()
@@ -1024,10 +1061,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"building {DEPS_IMAGE} ...", flush=True)
             build_deps_image(client, plan.ca_bundle)
         if plan.floor:
-            print(f"[floor] a burst of {plan.burst} with no worker", flush=True)
-            floor = floor_workload(client, server, rig, plan)
-            print(f"[floor] {floor['completed']}/{plan.burst} completed, "
-                  f"{floor['cpu_per_run']['busy']:.2f} s of CPU per run", flush=True)
+            floors.append(measure_floor(client, server, rig, plan, "before the workers"))
         if dw_python is not None:
             warm_up_server(server, rig, plan, workdir, dw_python)
         for kind in kinds:
@@ -1039,12 +1073,15 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     bench_worker(kind, server, rig, client, template, plan, workdir,
                                  prefect_cli, dw_python, results[kind])
-                if floor and (rate := lookup(results[kind], "burst.runs_per_min")):
-                    results[kind]["burst"]["share_of_floor"] = (
-                        rate / floor["floor_runs_per_min"])
             except Exception as exc:  # noqa: BLE001 - keep what was measured, go on
                 traceback.print_exc()
                 results[kind]["error"] = f"{type(exc).__name__}: {exc}"
+        if plan.floor:
+            floors.append(measure_floor(client, server, rig, plan, "after the workers"))
+            floor = combine_floors(floors)
+            for result in results.values():
+                if rate := lookup(result, "burst.runs_per_min"):
+                    result["burst"]["share_of_floor"] = rate / floor["floor_runs_per_min"]
         ok = not any("error" in r for r in results.values())
     finally:
         rig.close()
