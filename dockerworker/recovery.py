@@ -27,6 +27,7 @@ from .warm import LABEL_WARM, is_waiting
 log = logging.getLogger(__name__)
 LOOP_PATIENCE = 2.0  # the loop's own calls retry briefly; the next round tries again anyway
 UNFINISHED = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
+ENDED = ("exited", "dead")  # a container's status once its process is over
 T = TypeVar("T")
 Start = Callable[[FlowRun, Workload], object]
 
@@ -166,9 +167,7 @@ class Recovery:
         without a container whose worker is gone → SCHEDULED. True: a container of this
         worker has ended and nobody judges its unfinished run (the server did not answer at
         its verdict): adoption judges it."""
-        runs = self.api.filter_flow_runs(
-            self.pool, [StateType.PENDING, StateType.RUNNING], patience=LOOP_PATIENCE,
-        )
+        runs = self.api.filter_flow_runs(self.pool, UNFINISHED, patience=LOOP_PATIENCE)
         records: dict[str, Owner] | None = None
         unjudged: list[str] = []
         gone: dict[str, bool] = {}  # who is gone, asked once per round and worker
@@ -186,11 +185,14 @@ class Recovery:
 
         def note_if_unjudged(workload: Workload) -> None:
             """Ended, held by no supervisor of ours, and ours: nobody gives its verdict."""
-            if (workload.status in ("exited", "dead") and workload.id not in self.busy()
+            if (workload.status in ENDED and workload.id not in self.busy()
                     and owner_of(workload, owners()).name == self.worker_name):
                 unjudged.append(workload.name)
 
         def check(flow_run: FlowRun) -> None:
+            if flow_run.state is not None and flow_run.state.type == StateType.CANCELLING:
+                self._finish_cancellation(flow_run, owners, is_gone)
+                return
             if not flow_run.infrastructure_pid:  # not recorded (yet), or never started
                 for workload in self._reschedule_if_abandoned(flow_run, is_gone):
                     note_if_unjudged(workload)
@@ -237,6 +239,42 @@ class Recovery:
         used = f"{self.infra_retries} of {self.infra_retries} used"
         self.api.set_state(flow_run.id, StateType.CRASHED,
                            f"{message}\n(no infrastructure retries left ({used}))")
+
+    def _finish_cancellation(self, flow_run: FlowRun, owners: Callable[[], dict[str, Owner]],
+                             is_gone: Callable[[str], bool]) -> None:
+        """A CANCELLING run nobody stops any more: its container on this engine has ended or
+        is gone (or it never had one), and its owner is this worker or a gone one. Its
+        CANCELLED state was lost (the server did not answer then): set it now."""
+        owner: str | None
+        if flow_run.infrastructure_pid:
+            host, workload_id = parse_infrastructure_pid(flow_run.infrastructure_pid)
+            if host != self.host_id:
+                return
+            try:
+                workload = self.runtime.inspect(workload_id)
+            except WorkloadGone:
+                workload = None
+            if workload is not None and (workload.status not in ENDED
+                                         or workload.id in self.busy()):
+                return  # still stopping, or stopped by its supervisor now
+            record = owner_of(workload, owners()) if workload else owners().get(workload_id)
+            owner = record.name if record else claimant(self.api, flow_run.id)
+        else:
+            found = self.runtime.list_workloads(self.pool,
+                                                **{LABEL_FLOW_RUN_ID: str(flow_run.id)})
+            if any(w.status not in ENDED for w in found):
+                return
+            owner = claimant(self.api, flow_run.id)
+        if owner is None or (owner != self.worker_name and not is_gone(owner)):
+            return
+        now = self.api.read_flow_run(flow_run.id).state
+        if now is None or now.type != StateType.CANCELLING:  # its supervisor just said so
+            return
+        log.warning("flow run %r (%s) is CANCELLING and its container has stopped; "
+                    "setting it CANCELLED", flow_run.name, flow_run.id)
+        self.api.set_state(flow_run.id, StateType.CANCELLED,
+                           "cancelled: the container had stopped (reported by dockerworker's "
+                           "reconciliation)", force=True)
 
     def _reschedule_if_abandoned(self, flow_run: FlowRun,
                                  is_gone: Callable[[str], bool]) -> list[Workload]:

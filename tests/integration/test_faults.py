@@ -373,6 +373,45 @@ def test_a_verdict_the_server_did_not_take_is_given_once_it_answers(
     assert not problems, "\n".join(problems)
 
 
+def test_a_cancellation_the_server_did_not_take_is_finished_once_it_answers(
+    fault_proxy: FaultProxy, rig: PrefectRig, docker_client: docker.DockerClient,
+    flow_image: str, unique_pool: str, start_worker: Callable[..., WorkerProcess],
+) -> None:
+    """A run is cancelled; the worker stops its container (SIGTERM: a command, so Prefect's
+    engine reports nothing) but its CANCELLED state meets a server that answers 503 for
+    longer than `--api-patience`: the run stays CANCELLING (nothing else is said for it),
+    and once the server answers the next reconciliation sets it CANCELLED, once."""
+    worker = start_worker(unique_pool, "--api-patience", str(API_PATIENCE),
+                          api_url=fault_proxy.url)
+    deployment = rig.create_deployment(unique_pool, "flows.py:hello", {
+        "image": flow_image, "command": "sleep 120", "auto_remove": True})
+    run_id = rig.create_flow_run(deployment)
+    _until(lambda: bool(_running_containers(docker_client, unique_pool)), 60,
+           "the run's container runs")
+    fault_proxy.inject(REFUSE_503, SET_STATE, times=100_000)
+    rig.set_state(run_id, "CANCELLING", force=True)
+    worker.wait_for_output("could not report how the run ended", 60)
+    while_away = rig.read_flow_run(run_id)["state"]["type"]
+    stopped = _settled(docker_client, unique_pool, timeout=15)
+    fault_proxy.clear()
+    run = rig.wait_for_final(run_id, timeout=90)  # the reconciliation round: every 60 s
+
+    problems: list[str] = []
+    if while_away != "CANCELLING":
+        problems.append(f"while the server was away the run went {while_away}")
+    if stopped:
+        problems.append(f"the container was not stopped: {stopped}")
+    if run["state"]["type"] != "CANCELLED":
+        problems.append(f"the run ended {_state(run)}; history {_history(rig, run_id)}")
+    if (n := [k for k, _ in _history(rig, run_id)].count("CANCELLED")) != 1:
+        problems.append(f"{n} CANCELLED states: {_history(rig, run_id)}")
+    if not fault_proxy.count(REFUSE_503, SET_STATE):
+        problems.append("the worker's CANCELLED never met the refusing server")
+    if not worker.alive():
+        problems.append(f"the worker died with {worker.process.returncode}")
+    assert not problems, "\n".join(problems)
+
+
 def test_a_docker_engine_restart_gives_runs_in_flight_a_verdict_and_new_runs_start(
     own_engine: Engine, docker_client: docker.DockerClient, rig: PrefectRig, flow_image: str,
     unique_pool: str, start_worker: Callable[..., WorkerProcess],

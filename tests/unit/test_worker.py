@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from dockerworker import admission
-from dockerworker.api import StateType
+from dockerworker.api import ServerUnreachable, StateType
 from dockerworker.checks import CANCEL_CHECK_WITH_EVENTS
 from dockerworker.containers import LABEL_FLOW_RUN_ID, LABEL_WORKER
 from dockerworker.events import RUNNING_EVENT
@@ -264,6 +264,58 @@ def test_cancel_a_command_container_by_sigterm(api, runtime, hold) -> None:
     state = api.state_of(run.id)
     assert state.type == StateType.CANCELLED
     assert "was stopped (killed by SIGTERM (exit code 143))" in state.message
+
+
+@pytest.mark.parametrize("started", [True, False], ids=["container", "no container yet"])
+def test_a_cancellation_the_server_did_not_take_is_finished_by_reconciliation(
+        api, runtime, hold, started: bool) -> None:
+    """The run was stopped (its container, or its preparation) but the server was away for
+    its CANCELLED state: the run stays CANCELLING, and the first reconciliation once the
+    server answers sets it CANCELLED, once; a reconciliation while it is away changes nothing,
+    another live worker's CANCELLING run is left to it, a gone worker's is finished too."""
+    run = api.add_run(job_variables={"command": "python flow.py"})
+    worker = make_worker(api, runtime)
+    if not started:
+        runtime.image_gate = threading.Event()  # held in preparation
+    real = api.set_state
+
+    def away(run_id, type_, *args, **kwargs):
+        if type_ == StateType.CANCELLED:
+            raise ServerUnreachable("cannot reach the Prefect server")
+        return real(run_id, type_, *args, **kwargs)
+
+    api.set_state = away
+    worker.poll()
+    if started:
+        wait_until(lambda: running(worker) == 1)
+    else:
+        wait_until(lambda: api.state_of(run.id).type == StateType.PENDING)
+    cancel(api, worker, run.id)
+    if runtime.image_gate is not None:
+        runtime.image_gate.set()
+    settle(worker)
+    assert api.state_of(run.id).type == StateType.CANCELLING
+    assert runtime.of_run(run.id) is None or runtime.of_run(run.id).ended.is_set()
+    worker.reconcile()
+    assert api.state_of(run.id).type == StateType.CANCELLING  # still away
+    api.set_state = real
+    other = api.add_run("other's")  # claimed by a live worker, which stops it
+    api.set_state(other.id, StateType.PENDING, claim_message("w2"))
+    api.set_state(other.id, StateType.CANCELLING, force=True)
+    api.heartbeat(api.pool.name, "w2", 30)
+    orphan = api.add_run("gone's")  # claimed by a worker that is gone: nobody else stops it
+    api.set_state(orphan.id, StateType.PENDING, claim_message("w3"))
+    api.set_state(orphan.id, StateType.CANCELLING, force=True)
+    api.workers["w3"] = {"name": "w3", "status": "OFFLINE"}
+    worker.reconcile()
+    assert api.state_of(orphan.id).type == StateType.CANCELLED
+    state = api.state_of(run.id)
+    assert state.type == StateType.CANCELLED, state
+    assert "reported by dockerworker's reconciliation" in state.message
+    assert api.history[run.id].count(StateType.CANCELLED) == 1
+    worker.reconcile()
+    assert api.history[run.id].count(StateType.CANCELLED) == 1
+    assert api.state_of(other.id).type == StateType.CANCELLING
 
 
 def test_cancel_while_the_container_is_being_created(api, runtime, hold) -> None:
