@@ -16,8 +16,8 @@ scheduled-ahead workload (`--ahead`, off with --quick) times runs created 25 s b
 due, each of a job configuration not seen before; `dockerworker-x3` is three
 dockerworker replicas on one pool (burst only). Workers run one after the other, never together.
 Before them and again after them, the floor (bench/floor.py): the same burst with no worker,
-its CPU per run and the runs/min the machine's cores allow at that cost (the mean of the two:
-one burst's CPU per run moves by up to a tenth, with the server and the page cache warming up);
+its CPU per run and the runs/min the machine's cores allow at that cost (from the cheaper of
+the two: one burst's CPU per run moves by a tenth or more, and noise only ever adds CPU);
 each worker's burst is split by CPU the same way.
 The deps workload (`--deps`, on in a full run) times a deployment that needs one package:
 dockerworker builds it into an image once, prefect-docker's EXTRA_PIP_PACKAGES entrypoint
@@ -846,23 +846,13 @@ def lookup(result: dict[str, Any], key: str) -> float | None:
 
 
 def combine_floors(bursts: list[dict[str, Any]]) -> dict[str, Any]:
-    """One floor from the bare bursts (before and after the workers): each part's CPU per
-    run averaged, the floor from the mean; each burst kept under `bursts`."""
+    """One floor from the bare bursts (before and after the workers): the one that cost the
+    least CPU a run (noise only ever adds CPU: contention, a cold cache, a cold server), with
+    every burst kept under `bursts`."""
     if not bursts:
         return {}
-    parts = {k for b in bursts for k in b["cpu_per_run"]}
-    cpu = {}
-    for key in parts:
-        values = [v for b in bursts if (v := b["cpu_per_run"].get(key)) is not None]
-        cpu[key] = sum(values) / len(values) if values else None
-    cores = bursts[0]["cores"]
-    return {
-        "cores": cores, "cpu_per_run": cpu,
-        "floor_runs_per_min": cores * 60 / cpu["busy"] if cpu.get("busy") else None,
-        "completed": sum(b["completed"] for b in bursts),
-        "runs_per_min": sum(b["runs_per_min"] or 0 for b in bursts) / len(bursts),
-        "bursts": bursts,
-    }
+    best = min(bursts, key=lambda b: b["cpu_per_run"].get("busy") or float("inf"))
+    return {**best, "bursts": bursts}
 
 
 def floor_lines(floor: dict[str, Any], plan: Plan) -> list[str]:
@@ -880,8 +870,8 @@ def floor_lines(floor: dict[str, Any], plan: Plan) -> list[str]:
         (f"Floor (bench/floor.py): the burst of {plan.burst} with no worker, before and after "
          f"the workers ({len(bursts)} bursts), this bench starting each container itself, "
          f"{floor['cores']} at a time: {floor['completed']} COMPLETED, "
-         f"{floor['runs_per_min']:.1f} runs/min measured."),
-        (f"CPU per run {each} s, mean {f('busy')} s (containers {f('containers')}, server "
+         f"{floor['runs_per_min']:.1f} runs/min measured (the cheaper burst)."),
+        (f"CPU per run {each} s, the least {f('busy')} s (containers {f('containers')}, server "
          f"{f('server')}, dockerd+containerd {f('docker')}, rest {f('rest')}; idle "
          f"{f('idle')}): floor {floor['cores']} cores x 60 / {f('busy')} = "
          f"{floor['floor_runs_per_min']:.1f} runs/min; 'share of the floor' is each burst's "
