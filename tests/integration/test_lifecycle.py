@@ -196,6 +196,9 @@ def test_three_workers_sixty_runs_one_restarted_midway(
 def test_server_restart_during_a_run(
     start_worker, unique_pool: str, flow_image: str, tmp_path: Path
 ) -> None:
+    """The Prefect server stops for 5 s under a running flow and starts again on the same
+    database: the run completes, its output of the outage is shipped, the worker subscribes
+    to the server's events again and takes new runs."""
     port, home = free_port(), tmp_path / "home"
     server = start_prefect_server(port=port, home=home)
     try:
@@ -211,6 +214,15 @@ def test_server_restart_during_a_run(
         rig = PrefectRig(server.url)
         assert rig.wait_for_final(run_id, timeout=120)["state"]["type"] == "COMPLETED"
         assert worker.alive()
+        # what the flow printed while the server was down was kept and shipped after: no gap
+        # (a batch applied just before the stop may be sent again: no promise of no duplicate)
+        rig.wait_for_log(run_id, "tick 25", timeout=30)
+        shipped = {log["message"] for log in rig.read_logs(run_id)}
+        assert not [i for i in range(1, 26) if f"tick {i}" not in shipped], sorted(shipped)
+        # the worker came back to the restarted server: its event stream, and a new run
+        fresh = rig.create_flow_run(deployment, parameters={"seconds": 1})
+        assert rig.wait_for_final(fresh, timeout=60)["state"]["type"] == "COMPLETED"
+        assert worker.output().count("subscribed to the server's flow-run events") >= 2
         rig.close()
         worker.stop()  # while the server can still take its last log lines
     finally:
