@@ -346,7 +346,6 @@ def test_a_verdict_the_server_did_not_take_is_given_once_it_answers(
     worker.wait_for_output("is kept and the run judged again once the server answers", 60)
     kept = docker_client.containers.list(all=True, filters={"label": f"{RUN_LABEL}={run_id}"})
     left_as_it_was = rig.read_flow_run(run_id)["state"]["type"]
-    time.sleep(2 * API_PATIENCE)  # a reconciliation round meanwhile would judge nothing
     fault_proxy.clear()
     run = rig.wait_for_final(run_id, timeout=90)  # the reconciliation round: every 60 s
 
