@@ -311,7 +311,7 @@ class Recovery:
         self.runtime.forget_owners(self.pool, {w.id for w in workloads})
         busy = self.busy()
         done = [w for w, o in owned if o.name == self.worker_name and w.id not in busy
-                and w.status in ("exited", "dead") and _auto_remove(w)
+                and w.status in ENDED and _auto_remove(w)
                 and not (LABEL_WARM in w.labels and is_waiting(w))]
         handed_over: dict[str, FlowRun] | None = None
 
