@@ -1,7 +1,7 @@
 """Admission: how many runs this worker takes, and the one registry of its supervisors.
 
-`--limit` bounds the runs in flight (adopted runs count); a slot is freed the moment its
-supervisor ends. `--max-starting` bounds the runs still starting (claimed, not yet seen
+`--limit` bounds the runs in flight (adopted runs count, and are never refused: their
+containers exist already); a slot is freed the moment its supervisor ends. `--max-starting` bounds the runs still starting (claimed, not yet seen
 RUNNING): a container booting Prefect is CPU-heavy, and a burst booted all at once reaches
 RUNNING later for every run. A run stops counting as starting when the event stream or the
 worker's check (which runs with the stream too, less often: events can be missed) sees it
@@ -66,11 +66,13 @@ class Admission(Generic[S]):
 
     def admit(self, run_id: UUID, make: Callable[[], S], booting: bool = True) -> S | None:
         """A slot for `run_id` and its supervisor (made under the lock), or None: the run is
-        already in flight, or the worker is at its limit."""
+        already in flight, or the worker is at its limit. An adopted run (not `booting`: its
+        container exists already) is never refused for the limit: it runs, or has ended and
+        waits for its verdict, watched or not; it counts against the limit all the same."""
         with self._lock:
             if run_id in self._slots:
                 return None
-            if self.limit is not None and len(self._slots) >= self.limit:
+            if booting and self.limit is not None and len(self._slots) >= self.limit:
                 return None
             supervisor = make()
             self._slots[run_id] = _Slot(supervisor, self._clock(), booting)

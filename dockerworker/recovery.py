@@ -17,7 +17,7 @@ from typing import TypeVar
 from uuid import UUID
 
 from .api import FlowRun, NotFound, PrefectAPI, StateType
-from .containers import LABEL_FLOW_RUN_ID, WatchOptions
+from .containers import LABEL_FLOW_RUN_ID, LABEL_WORKER, WatchOptions
 from .ownership import Liveness, Owner, claimant, owner_of
 from .report import retry_note
 from .runs import claim_message
@@ -30,6 +30,23 @@ UNFINISHED = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
 ENDED = ("exited", "dead")  # a container's status once its process is over
 T = TypeVar("T")
 Start = Callable[[FlowRun, Workload], object]
+
+
+def current_attempt(workload: Workload, flow_run: FlowRun) -> bool:
+    """Whether the container serves the run's current attempt: the one its infrastructure_pid
+    names (when recorded) and, while the run is claimed and not yet started, made by the
+    worker whose claim it is. An earlier attempt's container (kept: auto_remove off) is not
+    the run any more: judging it would end the attempt under way."""
+    if flow_run.infrastructure_pid:
+        _, named = parse_infrastructure_pid(flow_run.infrastructure_pid)
+        if named != workload.id:
+            return False
+    state = flow_run.state
+    message = (state.message or "") if state is not None else ""
+    if state is not None and state.type == StateType.PENDING and message.startswith(
+            claim_message("")):
+        return message.removeprefix(claim_message("")) == workload.labels.get(LABEL_WORKER)
+    return True
 
 
 class RoundIncomplete(Exception):
@@ -129,6 +146,10 @@ class Recovery:
                 self._remove(workload)
             return
         assert flow_run is not None
+        if not current_attempt(workload, flow_run):
+            log.info("container %s is of an earlier attempt of flow run %r; left as it is",
+                     workload.name, flow_run.name)
+            return
         if not owned and not self._own(workload, owner):
             return
         try:
@@ -162,14 +183,14 @@ class Recovery:
         return found
 
     # --- reconciliation ---------------------------------------------------------------
-    def reconcile(self, ours: Collection[UUID]) -> bool:
+    def reconcile(self, ours: Collection[UUID], start: Start) -> None:
         """Runs of this pool whose container on this engine vanished → CRASHED; claims
-        without a container whose worker is gone → SCHEDULED. True: a container of this
-        worker has ended and nobody judges its unfinished run (the server did not answer at
-        its verdict): adoption judges it."""
+        without a container whose worker is gone → SCHEDULED; a container of this worker
+        that has ended while nobody judged its unfinished run (the server did not answer at
+        its verdict) → adopted (`start`): a supervisor judges it again; CANCELLING runs whose
+        container has stopped → CANCELLED."""
         runs = self.api.filter_flow_runs(self.pool, UNFINISHED, patience=LOOP_PATIENCE)
         records: dict[str, Owner] | None = None
-        unjudged: list[str] = []
         gone: dict[str, bool] = {}  # who is gone, asked once per round and worker
 
         def is_gone(name: str) -> bool:
@@ -183,11 +204,16 @@ class Recovery:
                 records = self.runtime.owners(self.pool)
             return records
 
-        def note_if_unjudged(workload: Workload) -> None:
-            """Ended, held by no supervisor of ours, and ours: nobody gives its verdict."""
-            if (workload.status in ENDED and workload.id not in self.busy()
-                    and owner_of(workload, owners()).name == self.worker_name):
-                unjudged.append(workload.name)
+        def judge_if_unjudged(workload: Workload, flow_run: FlowRun) -> None:
+            """Ended, held by no supervisor of ours, ours, the run's current attempt: nobody
+            gives its verdict."""
+            if workload.status not in ENDED or workload.id in self.busy():
+                return
+            owner = owner_of(workload, owners())
+            if owner.name == self.worker_name and current_attempt(workload, flow_run):
+                log.info("container %s ended and flow run %r has no verdict yet; judging it",
+                         workload.name, flow_run.name)
+                self._take_back(workload, owner, ours, start)
 
         def check(flow_run: FlowRun) -> None:
             if flow_run.state is not None and flow_run.state.type == StateType.CANCELLING:
@@ -195,13 +221,13 @@ class Recovery:
                 return
             if not flow_run.infrastructure_pid:  # not recorded (yet), or never started
                 for workload in self._reschedule_if_abandoned(flow_run, is_gone):
-                    note_if_unjudged(workload)
+                    judge_if_unjudged(workload, flow_run)
                 return
             host, workload_id = parse_infrastructure_pid(flow_run.infrastructure_pid)
             if host != self.host_id:
                 return
             try:
-                note_if_unjudged(self.runtime.inspect(workload_id))
+                judge_if_unjudged(self.runtime.inspect(workload_id), flow_run)
                 return
             except WorkloadGone:
                 pass
@@ -209,10 +235,6 @@ class Recovery:
                 self._crash_vanished(flow_run, workload_id)
 
         _each("reconciliation", [r for r in runs if r.id not in ours], check)
-        if unjudged:
-            log.info("containers %s ended and their runs have no verdict yet; judging them",
-                     ", ".join(unjudged))
-        return bool(unjudged)
 
     def _vanished_under_us(self, flow_run: FlowRun, record: Owner | None,
                            is_gone: Callable[[str], bool]) -> bool:

@@ -121,8 +121,7 @@ class RecoveryRounds:
 
     def _reconcile_runs(self) -> None:
         assert self.recovery is not None
-        if self.recovery.reconcile(set(self.admission.supervisors())):
-            self.adopt()  # ended containers whose verdict the server did not take
+        self.recovery.reconcile(set(self.admission.supervisors()), self._adopt)
 
     def _remove_finished(self) -> None:
         assert self.recovery is not None

@@ -423,7 +423,8 @@ class RunSupervisor:
         try:
             state = self._state_now()
         except ServerUnreachable as exc:
-            self._ended = workload
+            if report is not None and not self.runtime.removed_meanwhile(workload):
+                self._ended = workload  # it keeps the verdict; else reconciliation has it
             raise Unjudged(f"the Prefect server did not answer after the container ended: "
                            f"{exc}") from exc
         removed = (report is not None and not (state is not None and state.is_final)

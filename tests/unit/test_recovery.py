@@ -359,3 +359,83 @@ def test_an_adopted_run_masks_the_credentials_its_pull_steps_name(api, runtime) 
     worker.shipper.flush(1)
     shipped = "\n".join(api.messages(run.id)) + api.state_of(run.id).message
     assert "token *** in the output" in shipped and "tok-adopted-123" not in shipped
+
+
+# --- verdicts the server did not take, and containers of earlier attempts -------------------
+
+
+def _pid(container) -> str:
+    return f"{FAKE_HOST}:{container.workload.id}"
+
+
+def test_an_earlier_attempt_s_container_is_never_judged_for_the_attempt_under_way(
+        api: FakeAPI, runtime: FakeRuntime) -> None:
+    """Attempt 1 of a run ended in a container this worker kept (auto_remove off) and the run
+    was rescheduled; another live worker claimed it and prepares attempt 2 (infrastructure_pid
+    still names the old container), or runs it in a container of its own. Neither adoption at
+    start-up nor reconciliation may judge the old container: that would end attempt 2."""
+    online(api, "w2")
+    preparing, running = api.add_run("preparing"), api.add_run("running")
+    old = {}
+    for run in (preparing, running):
+        old[run.id] = runtime.add(f"old-{run.name}", of("w1", run.id), status="exited",
+                                  run_id=run.id, script=Script(exit_code=137))
+    api.set_state(preparing.id, StateType.PENDING, claim_message("w2"))
+    api.runs[preparing.id].infrastructure_pid = _pid(old[preparing.id])
+    api.set_state(running.id, StateType.PENDING, claim_message("w2"))
+    new = runtime.add("new-running", of("w2", running.id), run_id=running.id,
+                      script=Script(hold=threading.Event()))
+    api.set_state(running.id, StateType.RUNNING)
+    api.runs[running.id].infrastructure_pid = _pid(new)
+    worker = make_worker(api, runtime)  # adoption at start-up
+    worker.reconcile()
+    settle(worker)
+    assert api.state_of(preparing.id).type == StateType.PENDING
+    assert api.state_of(running.id).type == StateType.RUNNING
+    assert StateType.CRASHED not in api.history[preparing.id] + api.history[running.id]
+
+
+def test_an_ended_container_is_judged_though_the_worker_is_at_its_limit(
+        api: FakeAPI, runtime: FakeRuntime) -> None:
+    """At --limit with a run in flight, a container of this worker ended while the server
+    was away for its verdict: reconciliation still has it judged (adopted runs are never
+    refused for the limit), taking it over once."""
+    gate = threading.Event()
+    runtime.script_for = lambda spec: Script(hold=gate)
+    busy = api.add_run("busy")
+    worker = make_worker(api, runtime, limit=1)
+    worker.poll()
+    wait_until(lambda: api.state_of(busy.id).type == StateType.RUNNING)
+    waiting = api.add_run("waiting")
+    api.set_state(waiting.id, StateType.PENDING, claim_message("w1"))
+    api.set_state(waiting.id, StateType.RUNNING)
+    ended = runtime.add("ended", of("w1", waiting.id), status="exited", run_id=waiting.id,
+                        script=Script(exit_code=3, final_state=None))
+    api.runs[waiting.id].infrastructure_pid = _pid(ended)
+    for _ in range(3):
+        worker.reconcile()
+        wait_until(lambda: waiting.id not in worker.admission)
+    state = api.state_of(waiting.id)
+    assert state.type == StateType.CRASHED and "exited with code 3" in state.message, state
+    assert api.history[waiting.id].count(StateType.CRASHED) == 1
+    assert api.state_of(busy.id).type == StateType.RUNNING
+    gate.set()
+    settle(worker)
+
+
+def test_a_cancelling_run_whose_container_still_runs_is_left_to_stop(
+        api: FakeAPI, runtime: FakeRuntime) -> None:
+    """A CANCELLING run of this worker whose container still runs (being stopped): not
+    CANCELLED by reconciliation before it has stopped."""
+    worker = make_worker(api, runtime)
+    run = api.add_run()
+    api.set_state(run.id, StateType.PENDING, claim_message("w1"))
+    container = runtime.add("stopping", of("w1", run.id), run_id=run.id,
+                            script=Script(hold=threading.Event()))
+    api.runs[run.id].infrastructure_pid = _pid(container)
+    api.set_state(run.id, StateType.CANCELLING, force=True)
+    worker.reconcile()
+    assert api.state_of(run.id).type == StateType.CANCELLING
+    runtime.finish(container, exit_code=143, state=None)
+    worker.reconcile()
+    assert api.state_of(run.id).type == StateType.CANCELLED
