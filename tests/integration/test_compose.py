@@ -67,13 +67,18 @@ def run_flows(rig: PrefectRig, stack: ComposeStack, flow_image: str, count: int)
 def test_compose_stack_runs_flows_over_three_replicas(
     stack: ComposeStack, rig: PrefectRig, flow_image: str, docker_client
 ) -> None:
+    """Nine runs through the stack's three replicas: each COMPLETED in exactly one container,
+    and the three replicas still up. Which replica takes how many is not asserted: replicas on
+    one engine share the start bound (admission.py), so the one that starts first may take a
+    short burst whole, and a parallel test's containers on the same engine hold the others
+    back too."""
     stack.wait_for_workers(3)
     before = len(pool_containers(docker_client, stack.pool))
     run_flows(rig, stack, flow_image, 9)
     by_worker = Counter(c.labels[WORKER_NAME_LABEL]
                         for c in pool_containers(docker_client, stack.pool))
-    assert len(by_worker) > 1, by_worker
-    assert sum(by_worker.values()) == before + 9
+    assert sum(by_worker.values()) == before + 9, by_worker
+    assert set(by_worker) <= {w["name"] for w in stack.wait_for_workers(3)}, by_worker
 
 
 def test_the_stack_keeps_its_secrets_out_of_inspect_env_and_output(

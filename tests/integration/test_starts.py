@@ -102,7 +102,9 @@ def test_runs_due_later_never_crowd_out_a_due_run_of_a_lower_priority_queue(
     later = datetime.now(UTC) + timedelta(seconds=45)
     for _ in range(3):
         rig.create_flow_run_due(urgent, later)
-    start_worker(unique_pool, "--warm", "1", "--max-starting", "1")
+    # one run at a time by --limit, not --max-starting: another test's containers starting on
+    # this engine meanwhile would count against a start bound (admission.py)
+    start_worker(unique_pool, "--warm", "1", "--limit", "1", "--max-starting", "0")
     normal = rig.create_deployment(unique_pool, "flows.py:hello", {"image": flow_image})
     created = time.monotonic()
     run_id = rig.create_flow_run(normal)
@@ -166,12 +168,13 @@ def test_runs_start_while_a_claim_is_on_its_way(
     rig: PrefectRig, start_worker, unique_pool: str, flow_image: str,
     fault_proxy: FaultProxy, prefect_server: PrefectServer,
 ) -> None:
-    """With --max-starting 2, the first run's claim is held on its way to the server for 20 s
-    (the run stays SCHEDULED there, and the server lists it first): the second run is claimed
-    in the other start slot at once, and when it goes RUNNING the freed slot gets the third,
-    both before the held claim lands (a poll must look past the runs this worker is already
-    claiming)."""
-    start_worker(unique_pool, "--max-starting", "2", api_url=fault_proxy.url)
+    """With --limit 2, the first run's claim is held on its way to the server for 20 s (the
+    run stays SCHEDULED there, and the server lists it first): the second run is claimed in
+    the other slot at once, and when it has ended the freed slot gets the third, both before
+    the held claim lands (a poll must look past the runs this worker is already claiming).
+    (--limit, not --max-starting: another test's containers starting on this engine would
+    count against a start bound.)"""
+    start_worker(unique_pool, "--limit", "2", "--max-starting", "0", api_url=fault_proxy.url)
     deployment = rig.create_deployment(unique_pool, "flows.py:hello", {
         "image": flow_image, "env": {"PREFECT_API_URL": prefect_server.url}})
     fault_proxy.inject(HOLD, r"^POST /api/flow_runs/\{id\}/set_state$", delay=HOLD_CLAIM)
