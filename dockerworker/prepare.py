@@ -230,7 +230,8 @@ class Preparation:
 
     def _take_warm(self, spec: ContainerSpec) -> Workload | None:
         """A warm container for this run, handed the run's identity; None: start cold.
-        The run is recorded as its infrastructure first: a restarted worker finds it so."""
+        The run is recorded as its infrastructure first: a restarted worker finds it so.
+        The pool holds it until the supervisor does (`WarmPool.handed`, runs.py)."""
         if self.warm is None or (workload := self.warm.take(spec)) is None:
             return None
         try:
@@ -241,7 +242,11 @@ class Preparation:
                         workload.name, exc)
             with contextlib.suppress(RuntimeTrouble):
                 self.runtime.remove(workload)
+            self.warm.handed(workload)
             return None
+        except BaseException:
+            self.warm.handed(workload)  # left to recovery, as any container nobody holds
+            raise
         self.say(f"warm container {workload.name} took over the run (Prefect already loaded)")
         return workload
 

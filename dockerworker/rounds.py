@@ -107,9 +107,10 @@ class RecoveryRounds:
         raise NotImplementedError  # the worker's (worker.py)
 
     def _busy(self) -> set[str]:
-        """The containers this worker holds now: its supervisors' and its warm ones."""
-        held = {s.container.id for s in self.active_runs() if s.container is not None}
-        return held | (self.warm.holds() if self.warm is not None else set())
+        """The containers this worker holds now: its warm ones and its supervisors'. The
+        pool first: a container handed over leaves it only once its supervisor holds it."""
+        warm = self.warm.holds() if self.warm is not None else set()
+        return warm | {s.container.id for s in self.active_runs() if s.container is not None}
 
     def reconcile(self) -> None:
         """The recovery rounds at once, each failing alone: vanished containers → CRASHED,

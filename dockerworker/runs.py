@@ -392,6 +392,8 @@ class RunSupervisor:
             raise RunCancelled
         workload = self.prepare.launch(spec)
         self.container = workload
+        if self.warm is not None:  # held here now: the pool's hold on a warm one ends
+            self.warm.handed(workload)
         self.started_at = time.monotonic()
         if self.claimed_at is not None:
             metrics.CLAIM_TO_START_SECONDS.observe(self.started_at - self.claimed_at)

@@ -103,11 +103,14 @@ class WarmPool:
         self.ttl = ttl
         self._idle: dict[str, list[_Idle]] = {}
         self._starting: dict[str, int] = {}
+        self._handing: set[str] = set()  # taken, not yet held by the run's supervisor
         self._lock = threading.Lock()
         self._closed = False
 
     def take(self, spec: ContainerSpec) -> Workload | None:
-        """A running warm container for this spec (or None), and a replacement on its way."""
+        """A running warm container for this spec (or None), and a replacement on its way.
+        The pool still holds it (`holds`) until `handed` says the run's supervisor does:
+        recovery must never take it for a waiting container while it is renamed."""
         key = warm_key(spec) if self.size else None
         if key is None:
             return None
@@ -118,6 +121,8 @@ class WarmPool:
                 # a ready one, else the oldest booting one (the furthest in its import)
                 index = next((i for i, item in enumerate(queue) if item.ready), 0)
                 idle = queue.pop(index) if queue else None
+                if idle is not None:
+                    self._handing.add(idle.container.id)
             if idle is None:
                 break
             if time.monotonic() - idle.started < self.ttl - _TAKE_MARGIN:
@@ -126,6 +131,7 @@ class WarmPool:
                         taken = idle.container
                         break
             self._remove(idle.container)
+            self.handed(idle.container)
         self._refill(spec, key)
         return taken
 
@@ -238,10 +244,17 @@ class WarmPool:
         for item in expired:
             self._remove(item.container)
 
-    def holds(self) -> set[str]:
-        """Ids of the containers waiting here (recovery must not take them for leftovers)."""
+    def handed(self, workload: Workload) -> None:
+        """A container `take` gave out is held by its run's supervisor now (or was removed)."""
         with self._lock:
-            return {item.container.id for queue in self._idle.values() for item in queue}
+            self._handing.discard(workload.id)
+
+    def holds(self) -> set[str]:
+        """Ids of the containers waiting here or being handed over (recovery must not take
+        them for leftovers)."""
+        with self._lock:
+            waiting = {item.container.id for queue in self._idle.values() for item in queue}
+            return waiting | self._handing
 
     def close(self) -> None:
         """The worker is leaving: remove every container still waiting for a run."""

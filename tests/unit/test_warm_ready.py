@@ -80,3 +80,24 @@ def test_a_slow_one_past_the_boot_timeout_stays_booting_not_removed(booting,
     taken = pool.take(spec_for(JOB))
     assert taken is not None and taken.id == slow.workload.id
     pool.close()
+
+
+def test_a_taken_container_is_held_until_handed_and_an_ended_one_not_at_all(
+        booting, monkeypatch) -> None:
+    """Recovery asks `holds()` which containers are not leftovers: one given out is still
+    the pool's until its supervisor holds it; one that had ended when taken is removed and
+    not held (else nothing would ever remove a container left behind)."""
+    pool = WarmPool(booting, size=2)
+    pool.take(spec_for(JOB))
+    wait_until(lambda: len(waiting(booting)) == 2)
+    older, newer = waiting(booting)
+    is_running = booting.is_running  # older ended while waiting; its follower has not seen it
+    monkeypatch.setattr(booting, "is_running",
+                        lambda w: w.id != older.workload.id and is_running(w))
+    taken = pool.take(spec_for(JOB))
+    assert taken is not None and taken.id == newer.workload.id
+    assert older.removed and older.workload.id not in pool.holds()
+    assert taken.id in pool.holds()  # being handed over: not a leftover
+    pool.handed(taken)
+    assert taken.id not in pool.holds()
+    pool.close()

@@ -508,6 +508,16 @@ def warm_containers(runtime: FakeRuntime) -> list:
     return [c for c in runtime.containers.values() if LABEL_WARM in c.workload.labels]
 
 
+def warmed_up(api: FakeAPI, runtime: FakeRuntime):
+    """A worker with `--warm 1` after a first (cold) run, and its waiting container."""
+    worker = make_worker(api, runtime, warm=1)
+    api.add_run("first")
+    worker.poll()
+    settle(worker)
+    wait_until(lambda: any(c.run_id is None for c in warm_containers(runtime)))
+    return worker, next(c for c in warm_containers(runtime) if c.run_id is None)
+
+
 def test_a_warm_container_takes_the_next_run(api, runtime) -> None:
     worker = make_worker(api, runtime, warm=1)
     first = api.add_run("first")
@@ -526,17 +536,51 @@ def test_a_warm_container_takes_the_next_run(api, runtime) -> None:
 
 
 def test_a_warm_container_that_fails_at_hand_over_means_a_cold_start(api, runtime) -> None:
-    worker = make_worker(api, runtime, warm=1)
-    api.add_run("first")
-    worker.poll()
-    settle(worker)
-    wait_until(lambda: any(c.run_id is None for c in warm_containers(runtime)))
+    worker, failing = warmed_up(api, runtime)
     runtime.fail["hand_over"] = EngineError("rename failed")
     second = api.add_run("second")
     worker.poll()
     settle(worker)
     assert api.state_of(second.id).type == StateType.COMPLETED
     assert LABEL_WARM not in runtime.of_run(second.id).workload.labels
+    assert failing.workload.id not in worker.warm.holds()  # removed: nobody holds it
+
+
+@pytest.mark.parametrize("moment", ["before the rename", "after the rename"])
+def test_an_adoption_pass_never_removes_a_warm_container_being_handed_over(
+        api, runtime, monkeypatch, moment) -> None:
+    """A full adoption pass (after an incomplete orphans round) lists this worker's
+    containers; one taken from the pool and not yet held by its supervisor (still named as
+    waiting, or renamed after the listing) must not be removed as a leftover warm one."""
+    worker, waiting = warmed_up(api, runtime)
+    waiting_name = waiting.workload.name
+    listed = runtime.list_workloads(api.pool.name)  # the pass's listing: the old name
+    second = api.add_run("second")
+
+    def adoption_pass() -> None:
+        assert worker.recovery is not None
+        worker.recovery.adopt(set(), worker._adopt)
+
+    if moment == "before the rename":
+        record = api.set_infrastructure_pid
+        monkeypatch.setattr(api, "set_infrastructure_pid",
+                            lambda *args: (adoption_pass(), record(*args)))
+    else:
+        hand_over = runtime.hand_over
+
+        def renamed_then_adoption(workload, spec) -> None:
+            hand_over(workload, spec)
+            monkeypatch.setattr(runtime, "list_workloads", lambda *args, **kw: listed)
+            adoption_pass()
+            monkeypatch.undo()
+
+        monkeypatch.setattr(runtime, "hand_over", renamed_then_adoption)
+    worker.poll()
+    settle(worker)
+    assert api.state_of(second.id).type == StateType.COMPLETED
+    assert runtime.of_run(second.id).workload.id == waiting.workload.id  # warm, not cold
+    assert ("remove", waiting_name) not in runtime.calls  # removed only after, renamed
+    assert waiting.workload.id not in worker.warm.holds()  # its supervisor held it, then let go
 
 
 def test_booting_warm_containers_do_not_hold_back_claims(api, runtime) -> None:
