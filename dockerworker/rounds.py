@@ -9,6 +9,7 @@ reconciliation, removal of finished containers, warm expiry.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -25,6 +26,8 @@ from .settings import WorkerSettings
 from .warm import WarmPool
 
 log = logging.getLogger("dockerworker.worker")
+RECONCILE_SECONDS = 60.0
+OWED_SECONDS = 5.0  # reconciliation's turn while a verdict the server did not take is owed
 
 
 class RecoveryRounds:
@@ -40,6 +43,7 @@ class RecoveryRounds:
         self.rounds: Counter[str] = Counter()  # rounds done, by name (see _step)
         self.failures: Counter[str] = Counter()  # rounds failed, by name
         self._adoption_due = False
+        self._owed_since: float | None = None  # a run ended unjudged then (see _owe_verdict)
 
     def _step(self, name: str, action: Callable[[], object]) -> bool:
         """One round: whatever it raises is logged and counted, and it is tried again at its
@@ -120,9 +124,25 @@ class RecoveryRounds:
                              ("warm expiry", self._expire_warm)):
             self._step(name, action)
 
+    def _owe_verdict(self) -> None:
+        """A run ended without a verdict the server took (it did not answer): reconciliation
+        gives it, now and every few seconds until a round has gone through, not a minute
+        after the server is back."""
+        self._owed_since = time.monotonic()
+        self._nudge("reconciliation")
+
+    def _reconcile_interval(self) -> float:
+        return OWED_SECONDS if self._owed_since is not None else RECONCILE_SECONDS
+
     def _reconcile_runs(self) -> None:
         assert self.recovery is not None
+        began = time.monotonic()
         self.recovery.reconcile(set(self.admission.supervisors()), self._adopt)
+        if self._owed_since is not None and self._owed_since < began:
+            self._owed_since = None  # every run unjudged before this round was looked at
+
+    def _nudge(self, *rounds: str) -> None:
+        raise NotImplementedError  # the worker's (worker.py)
 
     def _remove_finished(self) -> None:
         assert self.recovery is not None

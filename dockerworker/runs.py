@@ -147,6 +147,7 @@ class RunSupervisor:
         self.label = run_label(flow_run.name, flow_run.id)
         self.phase = Phase.CLAIMING
         self.claimed = False
+        self.unjudged = False  # ended without a verdict the server took: reconciliation owes it
         self.claimed_at: float | None = None  # monotonic: for the metrics' histograms
         self.started_at: float | None = None  # the container started (not for adopted runs)
         self.container: Workload | None = None
@@ -268,6 +269,7 @@ class RunSupervisor:
 
     def _unjudged(self, why: str) -> None:
         """The server did not answer at the verdict: what happens to the run instead."""
+        self.unjudged = True
         if self._ended is not None:  # it keeps the verdict (exit code, output) until then
             after = (f"container {self._ended.name} is kept and the run judged again once "
                      "the server answers")

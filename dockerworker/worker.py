@@ -39,7 +39,7 @@ from .logs import LogShipper
 from .pacing import PollPacing
 from .recovery import LOOP_PATIENCE, Recovery
 from .resources import UsageWatch
-from .rounds import RecoveryRounds
+from .rounds import RECONCILE_SECONDS, RecoveryRounds
 from .runs import Phase, RunSupervisor
 from .runtime import LocalEngine, Runtime, RuntimeTrouble
 from .server import ensure_pool, wait_for_server
@@ -48,7 +48,6 @@ from .swarmjobs import SwarmJobs
 from .warm import WarmPool
 
 log = logging.getLogger(__name__)
-RECONCILE_SECONDS = 60.0
 START_UP_RETRY = 5.0  # seconds between tries of start-up (pool, engine id, adoption)
 
 
@@ -193,7 +192,7 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
             "adoption": (every_beat, self._adopt_pending),
             "orphans": (every_beat, self.adopt_orphans),
             "ownership": (every_beat, self._leave_taken_over),
-            "reconciliation": (every_minute, self._reconcile_runs),
+            "reconciliation": (self._reconcile_interval, self._reconcile_runs),
             "removal": (every_minute, self._remove_finished),
             "warm expiry": (every_minute, self._expire_warm),
         }
@@ -315,9 +314,12 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
         return True
 
     def _done(self, flow_run: FlowRun) -> None:
+        supervisor = self.admission.supervisors().get(flow_run.id)
         free = self.free_slots()
         full = free is not None and free <= 0
         self.admission.release(flow_run.id)
+        if supervisor is not None and supervisor.unjudged:  # released first: not ours now
+            self._owe_verdict()
         if full:  # the last poll may have left runs scheduled: take the next one now
             self._nudge("poll")
 

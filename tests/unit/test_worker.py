@@ -14,6 +14,7 @@ from dockerworker.api import ServerUnreachable, StateType
 from dockerworker.checks import CANCEL_CHECK_WITH_EVENTS
 from dockerworker.containers import LABEL_FLOW_RUN_ID, LABEL_WORKER
 from dockerworker.events import RUNNING_EVENT
+from dockerworker.rounds import OWED_SECONDS, RECONCILE_SECONDS
 from dockerworker.runs import Phase, claim_message
 from dockerworker.runtime import EngineError
 from dockerworker.warm import LABEL_WARM, WARM_NAME_PREFIX
@@ -296,8 +297,11 @@ def test_a_cancellation_the_server_did_not_take_is_finished_by_reconciliation(
     settle(worker)
     assert api.state_of(run.id).type == StateType.CANCELLING
     assert runtime.of_run(run.id) is None or runtime.of_run(run.id).ended.is_set()
+    # owed: reconciliation now, and every few seconds until a round goes through
+    assert "reconciliation" in worker._wanted and worker._reconcile_interval() == OWED_SECONDS
     worker.reconcile()
     assert api.state_of(run.id).type == StateType.CANCELLING  # still away
+    assert worker._reconcile_interval() == OWED_SECONDS  # the round did not go through
     api.set_state = real
     other = api.add_run("other's")  # claimed by a live worker, which stops it
     api.set_state(other.id, StateType.PENDING, claim_message("w2"))
@@ -313,9 +317,26 @@ def test_a_cancellation_the_server_did_not_take_is_finished_by_reconciliation(
     assert state.type == StateType.CANCELLED, state
     assert "reported by dockerworker's reconciliation" in state.message
     assert api.history[run.id].count(StateType.CANCELLED) == 1
+    assert worker._reconcile_interval() == RECONCILE_SECONDS  # nothing owed any more
     worker.reconcile()
     assert api.history[run.id].count(StateType.CANCELLED) == 1
     assert api.state_of(other.id).type == StateType.CANCELLING
+
+
+def test_a_verdict_owed_during_a_reconciliation_round_is_still_owed_after_it(
+        api, runtime, monkeypatch) -> None:
+    """A run that ends unjudged while a round is under way may have been looked at before it
+    ended: the next round (a few seconds on) must still look, not the one a minute later."""
+    worker = make_worker(api, runtime)
+    assert worker.recovery is not None
+    reconcile = worker.recovery.reconcile
+    monkeypatch.setattr(worker.recovery, "reconcile",
+                        lambda *args: (reconcile(*args), worker._owe_verdict()))
+    worker.reconcile()
+    assert worker._reconcile_interval() == OWED_SECONDS
+    monkeypatch.setattr(worker.recovery, "reconcile", reconcile)
+    worker.reconcile()
+    assert worker._reconcile_interval() == RECONCILE_SECONDS
 
 
 def test_cancel_while_the_container_is_being_created(api, runtime, hold) -> None:
