@@ -439,3 +439,27 @@ def test_a_cancelling_run_whose_container_still_runs_is_left_to_stop(
     runtime.finish(container, exit_code=143, state=None)
     worker.reconcile()
     assert api.state_of(run.id).type == StateType.CANCELLED
+
+
+def test_a_cancellation_its_supervisor_reports_during_the_round_is_not_reported_twice(
+        api: FakeAPI, runtime: FakeRuntime, monkeypatch) -> None:
+    """Reconciliation read the run CANCELLING, and before it acts the run's own supervisor
+    (its report retried and got through) sets CANCELLED: reconciliation reads it again and
+    leaves it, one CANCELLED in the history, with the supervisor's message."""
+    worker = make_worker(api, runtime)
+    run = api.add_run()
+    api.set_state(run.id, StateType.PENDING, claim_message("w1"))
+    container = runtime.add("stopped", of("w1", run.id), status="exited", run_id=run.id)
+    api.runs[run.id].infrastructure_pid = _pid(container)
+    api.set_state(run.id, StateType.CANCELLING, force=True)
+    listed = api.filter_flow_runs
+
+    def listed_then_reported(*args, **kwargs):
+        found = listed(*args, **kwargs)  # the round's snapshot: CANCELLING
+        api.set_state(run.id, StateType.CANCELLED, "its supervisor's", force=True)
+        return found
+
+    monkeypatch.setattr(api, "filter_flow_runs", listed_then_reported)
+    worker.reconcile()
+    assert api.history[run.id].count(StateType.CANCELLED) == 1
+    assert api.state_of(run.id).message == "its supervisor's"
