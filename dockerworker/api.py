@@ -533,10 +533,10 @@ class PrefectAPI:
         )
         return OrchestrationResult.model_validate(result)
 
-    def set_infrastructure_pid(self, flow_run_id: UUID, infrastructure_pid: str) -> None:
-        self.request(
-            "PATCH", f"/flow_runs/{flow_run_id}", json={"infrastructure_pid": infrastructure_pid}
-        )
+    def set_infrastructure_pid(self, flow_run_id: UUID, infrastructure_pid: str,
+                               patience: float | None = None) -> None:
+        self.request("PATCH", f"/flow_runs/{flow_run_id}",
+                     json={"infrastructure_pid": infrastructure_pid}, patience=patience)
 
     def read_deployment(
         self, deployment_id: UUID | str, patience: float | None = None

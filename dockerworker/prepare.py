@@ -73,6 +73,7 @@ class Preparation:
         self.flow_run = flow_run
         self.shipper = shipper
         self.warm = warm
+        self.unrecorded: Workload | None = None  # the container the server has not recorded
         self.say = say
         self.mask = mask
         self.cancelled = cancelled
@@ -252,12 +253,28 @@ class Preparation:
 
     def _record_infrastructure(self, workload: Workload) -> None:
         """infrastructure_pid = `<engine id>:<container id>`, as Prefect's workers do."""
+        self.unrecorded = workload
+        self.record_infrastructure()
+
+    def record_infrastructure(self, patience: float | None = None) -> None:
+        """Record the container as the run's infrastructure, if the server has not taken it
+        yet: the worker's reconciliation tries again until it has. Recovery needs it: a
+        restarted worker finds a warm container's run only by it, and a claim without it
+        looks abandoned once its worker is gone."""
+        workload = self.unrecorded
+        if workload is None:
+            return
         try:
             self.api.set_infrastructure_pid(
-                self.flow_run.id, infrastructure_pid(self.runtime.host_id(), workload.id)
+                self.flow_run.id, infrastructure_pid(self.runtime.host_id(), workload.id),
+                patience=patience,
             )
         except PrefectAPIError as exc:
-            log.warning("%s: could not record infrastructure_pid: %s", self.label, exc)
+            log.warning("%s: could not record infrastructure_pid (tried again at the next "
+                        "reconciliation): %s", self.label, exc)
+            return
+        if self.unrecorded is workload:
+            self.unrecorded = None
 
     def _build_line(self, line: str) -> None:
         line = self.mask(line)

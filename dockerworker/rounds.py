@@ -19,7 +19,7 @@ import requests
 from . import metrics
 from .admission import Admission
 from .api import FlowRun, PrefectAPIError
-from .recovery import Recovery, RoundIncomplete
+from .recovery import LOOP_PATIENCE, Recovery, RoundIncomplete
 from .runs import RunSupervisor
 from .runtime import Runtime, RuntimeTrouble, Workload
 from .settings import WorkerSettings
@@ -132,10 +132,15 @@ class RecoveryRounds:
         self._nudge("reconciliation")
 
     def _reconcile_interval(self) -> float:
-        return OWED_SECONDS if self._owed_since is not None else RECONCILE_SECONDS
+        owed = self._owed_since is not None or any(
+            s.owes_infrastructure() for s in self.active_runs())
+        return OWED_SECONDS if owed else RECONCILE_SECONDS
 
     def _reconcile_runs(self) -> None:
         assert self.recovery is not None
+        for supervisor in self.active_runs():
+            if supervisor.owes_infrastructure():
+                supervisor.record_infrastructure(LOOP_PATIENCE)
         began = time.monotonic()
         self.recovery.reconcile(set(self.admission.supervisors()), self._adopt)
         if self._owed_since is not None and self._owed_since < began:

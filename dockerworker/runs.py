@@ -280,6 +280,15 @@ class RunSupervisor:
         self.say(f"{why}; {after}", logging.WARNING)
 
     # --- called from the worker's loop ---------------------------------------------------
+    def owes_infrastructure(self) -> bool:
+        """Its container is not recorded as the run's infrastructure yet (the server did
+        not answer then)."""
+        return self.prepare.unrecorded is not None
+
+    def record_infrastructure(self, patience: float) -> None:
+        """Try again to record the container as the run's infrastructure (if owed)."""
+        self.prepare.record_infrastructure(patience)
+
     def cancel(self) -> None:
         """The run is CANCELLING: stop what is under way (SIGTERM, then SIGKILL)."""
         if self.cancel_requested.is_set():

@@ -228,7 +228,9 @@ class FakeAPI:
             return OrchestrationResult(status=status, state=run.state,
                                        details={"reason": reason} if reason else {})
 
-    def set_infrastructure_pid(self, flow_run_id: UUID, infrastructure_pid: str) -> None:
+    def set_infrastructure_pid(self, flow_run_id: UUID, infrastructure_pid: str,
+                               patience: float | None = None) -> None:
+        self._maybe_fail("set_infrastructure_pid")
         with self._lock:
             self.runs[flow_run_id].infrastructure_pid = infrastructure_pid
 

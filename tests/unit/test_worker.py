@@ -585,7 +585,7 @@ def test_an_adoption_pass_never_removes_a_warm_container_being_handed_over(
     if moment == "before the rename":
         record = api.set_infrastructure_pid
         monkeypatch.setattr(api, "set_infrastructure_pid",
-                            lambda *args: (adoption_pass(), record(*args)))
+                            lambda *args, **kw: (adoption_pass(), record(*args, **kw)))
     else:
         hand_over = runtime.hand_over
 
@@ -602,6 +602,35 @@ def test_an_adoption_pass_never_removes_a_warm_container_being_handed_over(
     assert runtime.of_run(second.id).workload.id == waiting.workload.id  # warm, not cold
     assert ("remove", waiting_name) not in runtime.calls  # removed only after, renamed
     assert waiting.workload.id not in worker.warm.holds()  # its supervisor held it, then let go
+
+
+def test_an_infrastructure_pid_the_server_did_not_take_is_recorded_by_reconciliation(
+        api, runtime) -> None:
+    """A warm container took the run while the server did not answer for its
+    infrastructure_pid (its only link to the run): reconciliation records it, every few
+    seconds until it has; so the worker, restarted, finds the run by it and adopts it,
+    instead of giving a claim that looks abandoned back to the pool (a run made twice)."""
+    worker, waiting = warmed_up(api, runtime)
+    gate = threading.Event()
+    runtime.script_for = lambda spec: Script(hold=gate, reports_running=False)
+    api.fail["set_infrastructure_pid"] = ServerUnreachable("cannot reach the Prefect server")
+    run = api.add_run("second")
+    worker.poll()
+    wait_until(lambda: runtime.of_run(run.id) is not None)
+    assert runtime.of_run(run.id).workload.id == waiting.workload.id
+    assert not api.runs[run.id].infrastructure_pid
+    assert worker._reconcile_interval() == OWED_SECONDS
+    worker.reconcile()
+    assert api.runs[run.id].infrastructure_pid == f"{FAKE_HOST}:{waiting.workload.id}"
+    assert worker._reconcile_interval() == RECONCILE_SECONDS
+    worker._leave()  # restarted: the container runs on
+    restarted = make_worker(api, runtime)
+    restarted.reconcile()
+    assert run.id in restarted.admission
+    gate.set()
+    settle(restarted)
+    assert api.state_of(run.id).type == StateType.COMPLETED
+    assert api.history[run.id].count(StateType.PENDING) == 1  # never given back
 
 
 def test_booting_warm_containers_do_not_hold_back_claims(api, runtime) -> None:
