@@ -63,8 +63,11 @@ class Preparation:
         mask: Callable[[str], str],
         cancelled: threading.Event,
         read_pool: Callable[[str], WorkPool] | None = None,
+        on_unrecorded: Callable[[], None] = lambda: None,
     ) -> None:
-        """`read_pool`: the pool by name (the worker's short-lived copy; default: ask)."""
+        """`read_pool`: the pool by name (the worker's short-lived copy; default: ask);
+        `on_unrecorded`: the server did not take the infrastructure_pid (the worker's
+        reconciliation takes it from here)."""
         self.api = api
         self.read_pool = read_pool or (lambda name: self.api.read_work_pool(name))
         self.runtime = runtime
@@ -74,6 +77,7 @@ class Preparation:
         self.shipper = shipper
         self.warm = warm
         self.unrecorded: Workload | None = None  # the container the server has not recorded
+        self.on_unrecorded = on_unrecorded
         self.say = say
         self.mask = mask
         self.cancelled = cancelled
@@ -255,6 +259,8 @@ class Preparation:
         """infrastructure_pid = `<engine id>:<container id>`, as Prefect's workers do."""
         self.unrecorded = workload
         self.record_infrastructure()
+        if self.unrecorded is not None:
+            self.on_unrecorded()
 
     def record_infrastructure(self, patience: float | None = None) -> None:
         """Record the container as the run's infrastructure, if the server has not taken it

@@ -131,8 +131,10 @@ class RunSupervisor:
         warm: WarmPool | None = None,
         usage: UsageWatch | None = None,
         reads: CachedReads | None = None,
+        on_owed: Callable[[], None] = lambda: None,
     ) -> None:
-        """`reads`: the worker's deployments, flows and pool, shared by its runs."""
+        """`reads`: the worker's deployments, flows and pool, shared by its runs;
+        `on_owed`: something the server did not take is left to reconciliation."""
         self.api = api
         self.reads = reads or CachedReads(api)
         self.runtime = runtime
@@ -160,7 +162,7 @@ class RunSupervisor:
                                     Masker(settings.secrets()))
         self.prepare = Preparation(api, runtime, builder, settings, flow_run, shipper, warm,
                                    self.say, lambda text: self.mask(text), self.cancel_requested,
-                                   read_pool=self.reads.pool)
+                                   read_pool=self.reads.pool, on_unrecorded=on_owed)
         self.follower = Follower(api, runtime, shipper, flow_run, self.label)
 
     @property

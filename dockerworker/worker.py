@@ -305,7 +305,7 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
         supervisor = self.admission.admit(flow_run.id, lambda: RunSupervisor(
             self.api, self.runtime, self.settings, pool, flow_run, self.shipper,
             self.builder, on_done=self._done, warm=self.warm, usage=self.usage,
-            reads=self.reads,
+            reads=self.reads, on_owed=lambda: self._nudge("reconciliation"),
         ), booting=booting)
         if supervisor is None:
             return False

@@ -47,6 +47,7 @@ from dockerworker.report import RETRY_MESSAGE
 
 RUN_LABEL = "io.prefect.flow-run-id"
 SET_STATE = r"^POST /api/flow_runs/\{id\}/set_state$"
+RECORD_PID = r"^PATCH /api/flow_runs/\{id\}$"
 POLL_OR_LOGS = r"^POST /api/(work_pools/[^/]+/get_scheduled_flow_runs|logs/)$"
 RUNS = 20  # each imports Prefect (2-4 s of CPU here): the faults, not the CPU, are tested
 SPREAD = 60.0  # the runs are created over a minute
@@ -512,4 +513,47 @@ def test_a_docker_engine_restart_gives_runs_in_flight_a_verdict_and_new_runs_sta
         problems.append(f"the worker died with {worker.process.returncode}")
     if left := _settled(engine, unique_pool):
         problems.append(f"containers still running on the test's engine: {left}")
+    assert not problems, "\n".join(problems)
+
+
+def test_an_infrastructure_pid_the_server_did_not_take_is_recorded_once_it_answers(
+    fault_proxy: FaultProxy, rig: PrefectRig, docker_client: docker.DockerClient,
+    flow_image: str, unique_pool: str, start_worker: Callable[..., WorkerProcess],
+) -> None:
+    """A warm container takes a run while the server answers 503 to the worker's
+    infrastructure_pid write for longer than `--api-patience` (the flow talks to the server
+    directly and goes on): within seconds of the server answering, the worker records the
+    container as the run's infrastructure (a restarted worker finds a warm container's run
+    only by it), and the run completes in that one container."""
+    worker = start_worker(unique_pool, "--warm", "1", "--api-patience", str(API_PATIENCE),
+                          api_url=fault_proxy.url)
+    deployment = rig.create_deployment(unique_pool, "flows.py:sleepy", {"image": flow_image})
+    first = rig.wait_for_final(rig.create_flow_run(deployment, parameters={"seconds": 0}), 90)
+    worker.wait_for_output("is ready (Prefect imported)", 90)
+    fault_proxy.inject(REFUSE_503, RECORD_PID, times=100_000)
+    run_id = rig.create_flow_run(deployment, parameters={"seconds": 30})
+    worker.wait_for_output("could not record infrastructure_pid", 60)
+    while_away = rig.read_flow_run(run_id)["infrastructure_pid"]
+    fault_proxy.clear()
+    _until(lambda: bool(rig.read_flow_run(run_id)["infrastructure_pid"]), OWED_VERDICT_WITHIN,
+           "infrastructure_pid recorded once the server answers")
+    recorded = rig.read_flow_run(run_id)["infrastructure_pid"]
+    run = rig.wait_for_final(run_id, timeout=90)
+
+    problems: list[str] = []
+    if first["state"]["type"] != "COMPLETED":
+        problems.append(f"the first run ended {_state(first)}")
+    if while_away:
+        problems.append(f"infrastructure_pid was recorded while refused: {while_away}")
+    served = docker_client.containers.list(all=True, filters={"id": recorded.split(":")[-1]})
+    if not any("io.dockerworker.warm" in c.labels for c in served):
+        problems.append(f"infrastructure_pid {recorded} names no warm container of the run")
+    if run["state"]["type"] != "COMPLETED":
+        problems.append(f"the run ended {_state(run)}; history {_history(rig, run_id)}")
+    if not any("took over the run" in log["message"] for log in rig.read_logs(run_id)):
+        problems.append("the run did not start in the warm container")
+    if not fault_proxy.count(REFUSE_503, RECORD_PID):
+        problems.append("the worker's infrastructure_pid never met the refusing server")
+    if not worker.alive():
+        problems.append(f"the worker died with {worker.process.returncode}")
     assert not problems, "\n".join(problems)

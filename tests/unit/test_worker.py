@@ -619,6 +619,7 @@ def test_an_infrastructure_pid_the_server_did_not_take_is_recorded_by_reconcilia
     wait_until(lambda: runtime.of_run(run.id) is not None)
     assert runtime.of_run(run.id).workload.id == waiting.workload.id
     assert not api.runs[run.id].infrastructure_pid
+    assert "reconciliation" in worker._wanted  # at once, then every few seconds
     assert worker._reconcile_interval() == OWED_SECONDS
     worker.reconcile()
     assert api.runs[run.id].infrastructure_pid == f"{FAKE_HOST}:{waiting.workload.id}"
