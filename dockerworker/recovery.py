@@ -17,7 +17,7 @@ from typing import TypeVar
 from uuid import UUID
 
 from .api import FlowRun, NotFound, PrefectAPI, StateType
-from .containers import LABEL_FLOW_RUN_ID, LABEL_WORKER, WatchOptions
+from .containers import LABEL_FLOW_RUN_ID, LABEL_MANAGED, LABEL_POOL, LABEL_WORKER, WatchOptions
 from .ownership import Liveness, Owner, claimant, owner_of
 from .report import retry_note
 from .runs import claim_message
@@ -227,7 +227,9 @@ class Recovery:
             if host != self.host_id:
                 return
             try:
-                judge_if_unjudged(self.runtime.inspect(workload_id), flow_run)
+                workload = self.runtime.inspect(workload_id)
+                if self._of_this_pool(workload, flow_run):
+                    judge_if_unjudged(workload, flow_run)
                 return
             except WorkloadGone:
                 pass
@@ -235,6 +237,18 @@ class Recovery:
                 self._crash_vanished(flow_run, workload_id)
 
         _each("reconciliation", [r for r in runs if r.id not in ours], check)
+
+    def _of_this_pool(self, workload: Workload, flow_run: FlowRun) -> bool:
+        """Whether the container a run's infrastructure_pid names is one of this pool's:
+        anyone who may write to the API may write that field, and a worker touches only its
+        own pool's containers (another pool's, or one dockerworker did not make, is left)."""
+        labels = workload.labels
+        if labels.get(LABEL_POOL) == self.pool and labels.get(LABEL_MANAGED) == "true":
+            return True
+        log.warning("flow run %r (%s) names container %s as its infrastructure, which is not "
+                    "one of pool %r's; left alone", flow_run.name, flow_run.id, workload.name,
+                    self.pool)
+        return False
 
     def _vanished_under_us(self, flow_run: FlowRun, record: Owner | None,
                            is_gone: Callable[[str], bool]) -> bool:
@@ -276,6 +290,8 @@ class Recovery:
                 workload = self.runtime.inspect(workload_id)
             except WorkloadGone:
                 workload = None
+            if workload is not None and not self._of_this_pool(workload, flow_run):
+                return
             if workload is not None and (workload.status not in ENDED
                                          or workload.id in self.busy()):
                 return  # still stopping, or stopped by its supervisor now

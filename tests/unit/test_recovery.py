@@ -463,3 +463,30 @@ def test_a_cancellation_its_supervisor_reports_during_the_round_is_not_reported_
     worker.reconcile()
     assert api.history[run.id].count(StateType.CANCELLED) == 1
     assert api.state_of(run.id).message == "its supervisor's"
+
+
+def test_a_run_naming_another_pool_s_container_never_gets_it_touched(
+        api: FakeAPI, runtime: FakeRuntime) -> None:
+    """infrastructure_pid is anyone's to write who may write to the API: a run of this pool
+    naming an ended container of another pool (same worker name there), or one dockerworker
+    did not make, must not have it judged, removed or taken for its stopped container."""
+    worker = make_worker(api, runtime)
+    other_pool = runtime.add("pool-b-run", {**of("w1", "00000000-0000-0000-0000-000000000001"),
+                                            "io.prefect.work-pool-name": "pool-b",
+                                            **AUTO_REMOVE},
+                             status="exited", script=Script(exit_code=3))
+    unmanaged = runtime.add("db", {"io.dockerworker.managed": "false", **of("w1")},
+                            status="exited")
+    running, cancelling = api.add_run("running"), api.add_run("cancelling")
+    for run, target in ((running, other_pool), (cancelling, unmanaged)):
+        api.set_state(run.id, StateType.PENDING, claim_message("w1"))
+        api.set_state(run.id, StateType.RUNNING)
+        api.runs[run.id].infrastructure_pid = _pid(target)
+    api.set_state(cancelling.id, StateType.CANCELLING, force=True)
+    for _ in range(2):
+        worker.reconcile()
+        settle(worker)
+    assert api.state_of(running.id).type == StateType.RUNNING
+    assert api.state_of(cancelling.id).type == StateType.CANCELLING
+    assert not other_pool.removed and not unmanaged.removed
+    assert ("take_over", "pool-b-run") not in runtime.calls
