@@ -32,10 +32,12 @@ BUILD_STEP = "build_step"  # dockerfile_lines: instructions run by the build
 BUILD_FETCH = "build_fetch"  # ADD <url>: fetched by the Docker daemon itself
 SECRET = "secret"  # a file of the worker's secrets directory, given to the flow
 
-WEAKENING_SECURITY_OPTS = ("no-new-privileges:false", "no-new-privileges=false",
-                           "seccomp=unconfined", "seccomp:unconfined", "apparmor=unconfined",
-                           "apparmor:unconfined", "label=disable", "label:disable",
-                           "systempaths=unconfined")
+# security_opt entries that only strengthen the defaults; any other form may weaken them
+# (`no-new-privileges=0`, a seccomp profile that allows everything, `label=type:spc_t`,
+# `writable-cgroups=true`, …): it asks for privilege (allow_privileged decides)
+_STRENGTHENING_SECURITY_OPTS = ("no-new-privileges", "no-new-privileges:true",
+                                "no-new-privileges=true", "writable-cgroups=false",
+                                "writable-cgroups:false")
 _NAMESPACE_KEYS = ("pid_mode", "ipc_mode", "uts_mode", "userns_mode", "cgroupns")
 
 
@@ -111,13 +113,26 @@ def _create_kwarg_requests(kwargs: dict[str, Any]) -> list[Request]:
             found.append(Request(GPU, variable, value))
         elif key == "security_opt":
             for option in value if isinstance(value, list) else [value]:
-                if str(option).replace(" ", "").lower() in WEAKENING_SECURITY_OPTS:
+                if not _strengthens(str(option)):
                     found.append(Request(PRIVILEGE, variable, str(option)))
         elif key in _NAMESPACE_KEYS and _shares_namespace(value):
             found.append(Request(PRIVILEGE, variable, f"{key}: {value}"))
         elif key == "oom_score_adj":
             found.append(Request(KERNEL, variable, value))
     return found
+
+
+def _strengthens(option: str) -> bool:
+    """A security_opt entry known only to strengthen: no-new-privileges on, read-only
+    cgroups, a named AppArmor profile the host's administrator loaded (not `unconfined`), an
+    SELinux MCS level."""
+    text = option.replace(" ", "").lower()
+    if text in _STRENGTHENING_SECURITY_OPTS:
+        return True
+    kind, value = (re.split(r"[=:]", text, maxsplit=1) + [""])[:2]
+    if kind == "apparmor":
+        return bool(value) and value != "unconfined"
+    return kind == "label" and value.startswith("level:")
 
 
 def _shares_namespace(value: Any) -> bool:

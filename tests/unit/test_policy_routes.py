@@ -205,6 +205,28 @@ def test_keys_allowed_by_the_operator_still_meet_their_capabilitys_rule(
     assert refused(JobVariables(container_create_kwargs=kwargs), both) == ""
 
 
+@pytest.mark.parametrize("option", [
+    "no-new-privileges=0", "no-new-privileges:f", "seccomp=unconfined",
+    'seccomp={"defaultAction":"SCMP_ACT_ALLOW"}', "label=type:spc_t", "label=disable",
+    "disable", "writable-cgroups=true", "apparmor=unconfined", "systempaths=unconfined",
+    "a-form-docker-adds-later=1",
+])
+def test_every_security_opt_that_may_weaken_asks_for_privilege(option: str) -> None:
+    """Not a list of known-bad forms: anything but a form known only to strengthen."""
+    kwargs = {"security_opt": ["no-new-privileges:true", option]}
+    policy = Policy(allowed_create_kwargs=["security_opt"])
+    assert f"'{option}' gives host-level" in refused(
+        JobVariables(container_create_kwargs=kwargs), policy)
+
+
+def test_security_opts_that_only_strengthen_need_no_privilege() -> None:
+    kwargs = {"security_opt": ["no-new-privileges", "NO-NEW-PRIVILEGES = true",
+                               "apparmor=team-profile", "label=level:s0:c100,c200",
+                               "writable-cgroups=false"]}
+    policy = Policy(allowed_create_kwargs=["security_opt"])
+    assert refused(JobVariables(container_create_kwargs=kwargs), policy) == ""
+
+
 @pytest.mark.parametrize("key", ["log_config", "cpu_rt_runtime", "cpu_rt_period", "sysctls",
                                  "ports", "publish_all_ports", "runtime", "links", "cap_add",
                                  "devices", "device_cgroup_rules", "cgroup_parent", "group_add",
