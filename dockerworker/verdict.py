@@ -20,6 +20,11 @@ from .api import State, StateType
 from .containers import ExitReport
 from .runtime import Workload
 
+SIGTERM_EXIT = 128 + 15  # a process ended by SIGTERM
+TERMINATED = "aborted by a termination signal"  # Prefect's engine's Crashed message on one
+STOPPED_OUTSIDE = ("The container was stopped from outside (a SIGTERM that was no cancellation: "
+                   "the Docker engine shutting down, or `docker stop`): ")
+
 
 class Outcome(StrEnum):
     LEAVE = "leave"  # the run's state on the server stands
@@ -134,19 +139,39 @@ def judge(
             return Verdict(Outcome.LEAVE, "flow run is PAUSED (suspended); left as it is",
                            reason="suspended", state="paused")
         current = state.type.value if state else "without a state"
-        by_engine = (engine_restarted and not exit.oom_killed and exit.exit_code != 0
-                     or exit.by_infrastructure)
-        lead = ("The Docker engine restarted under the run: "
-                if by_engine and not exit.by_infrastructure else "")
+        outside = _infrastructure_lead(exit, None, engine_restarted)
+        lead, why = outside or ("", exit_reason(exit))
         return Verdict(Outcome.CRASHED, f"{lead}{reason} while the flow run was {current}.",
-                       workload=workload, infrastructure=by_engine,
-                       reason="engine" if by_engine else exit_reason(exit))
+                       workload=workload, infrastructure=outside is not None, reason=why)
     if state.type == StateType.CRASHED and "dockerworker" not in (state.message or ""):
         # Prefect's engine saw its flow process die, not why; Docker and the output know.
+        if (outside := _infrastructure_lead(exit, state, engine_restarted)) is not None:
+            # Prefect reports CRASHED on any SIGTERM: this one was not the flow's failure
+            lead, why = outside
+            return Verdict(Outcome.CRASHED, f"{lead}{reason}. {state.message}", force=True,
+                           workload=workload, infrastructure=True, reason=why)
         lead = f"{reason}. " if exit.oom_killed else ""
         return Verdict(Outcome.CRASHED, f"{lead}{state.message}", force=True, workload=workload,
                        reason=exit_reason(exit))
     return _left(state)
+
+
+def _infrastructure_lead(exit: ExitReport, crashed: State | None,
+                         engine_restarted: bool) -> tuple[str, str] | None:
+    """The container's end was the infrastructure's doing, not the flow's (worth an
+    infrastructure retry): the message's lead and the reason (a metrics label); None: the
+    flow's own end. A SIGTERM the worker did not send (its cancellations reach the engine
+    as such) comes from outside: the engine shutting down, or `docker stop`."""
+    if exit.by_infrastructure:  # a Swarm task the cluster ended: its error says how
+        return "", "engine"
+    if exit.oom_killed:
+        return None
+    if engine_restarted and (exit.exit_code != 0 or crashed is not None):
+        return "The Docker engine restarted under the run: ", "engine"
+    if exit.exit_code == SIGTERM_EXIT or (
+            crashed is not None and TERMINATED in (crashed.message or "")):
+        return STOPPED_OUTSIDE, "stopped"
+    return None
 
 
 def _left(state: State) -> Verdict:

@@ -40,12 +40,14 @@ def run_one(api, runtime, script: Script | None = None, **run_kw):
         (Script(final_state=StateType.FAILED), {}, "failed", "flow"),
         (Script(exit_code=1, final_state=None), {}, "crashed", "exit_code"),
         (Script(exit_code=137, oom=True, final_state=None), {}, "crashed", "oom"),
-        (Script(exit_code=143, final_state=None), {}, "crashed", "signal"),
+        (Script(exit_code=137, final_state=None), {}, "crashed", "signal"),
+        (Script(exit_code=143, final_state=None), {}, "rescheduled", "stopped"),
         (Script(final_state=StateType.PAUSED), {}, "paused", "suspended"),
         (None, {"job_variables": {"privileged": True}}, "crashed", "refused"),
         (None, {"job_variables": {"mem_limit": "lots"}}, "crashed", "invalid"),
     ],
-    ids=["completed", "failed", "exit", "oom", "signal", "suspended", "refused", "invalid"],
+    ids=["completed", "failed", "exit", "oom", "signal", "stopped", "suspended", "refused",
+         "invalid"],
 )
 def test_each_end_is_counted_by_state_and_reason(api, runtime, script, run_kw, state,
                                                  reason) -> None:

@@ -125,3 +125,31 @@ def test_a_task_the_cluster_ended_is_an_infrastructure_crash_and_a_flow_s_exit_i
     flow_exit = judge(ExitReport(-1, False, "No such image: flows:1"), state(StateType.PENDING),
                       cancelled=False, removed=False, workload=W)
     assert flow_exit.outcome == Outcome.CRASHED and not flow_exit.infrastructure
+
+
+def test_a_sigterm_from_outside_that_prefect_reported_crashed_is_an_infrastructure_crash(
+) -> None:
+    """A restarting dockerd stops its containers with SIGTERM; Prefect's engine in a flow
+    container reports the run CRASHED itself ("aborted by a termination signal"). The flow
+    did not fail: the verdict replaces that state and is worth an infrastructure retry, as
+    for a container left RUNNING; so is the same SIGTERM from `docker stop` or a host's
+    shutdown (the worker's own cancellations reach the engine as cancellations). Out of
+    memory, an exit code or a SIGKILL stay the flow's own crash."""
+    aborted = state(StateType.CRASHED, "Execution was aborted by a termination signal.")
+    for exit_ in (SIGTERM, EXIT_0, SIGKILL):
+        verdict = judge(exit_, aborted, cancelled=False, removed=False, workload=W,
+                        engine_restarted=True)
+        assert verdict.outcome is Outcome.CRASHED and verdict.infrastructure and verdict.force
+        assert verdict.message.startswith("The Docker engine restarted under the run")
+        assert "aborted by a termination signal" in verdict.message
+    for exit_ in (SIGTERM, EXIT_0):  # the same SIGTERM from `docker stop`, or a shutdown
+        verdict = judge(exit_, aborted, cancelled=False, removed=False, workload=W)
+        assert verdict.outcome is Outcome.CRASHED and verdict.infrastructure and verdict.force
+        assert verdict.message.startswith("The container was stopped from outside")
+        assert verdict.reason == "stopped"
+    flows_own = state(StateType.CRASHED, "Flow run process exited with code 1")
+    for exit_, run_state, restarted in ((OOM, aborted, True), (EXIT_1, flows_own, False),
+                                        (SIGKILL, flows_own, False)):
+        kept = judge(exit_, run_state, cancelled=False, removed=False, workload=W,
+                     mem_limit="256m", engine_restarted=restarted)
+        assert kept.outcome is Outcome.CRASHED and not kept.infrastructure
