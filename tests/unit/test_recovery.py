@@ -490,3 +490,73 @@ def test_a_run_naming_another_pool_s_container_never_gets_it_touched(
     assert api.state_of(cancelling.id).type == StateType.CANCELLING
     assert not other_pool.removed and not unmanaged.removed
     assert ("take_over", "pool-b-run") not in runtime.calls
+
+
+def test_a_vanished_container_is_judged_only_on_the_run_as_it_is_now(
+        api: FakeAPI, runtime: FakeRuntime, monkeypatch) -> None:
+    """Reconciliation listed a run RUNNING whose container is gone; before it acts, the run
+    completed, or was claimed again and names a new container: it reads the run again and
+    leaves it (no 'container vanished', no reschedule: that would run it twice)."""
+    offline(api, "w2")
+    done, moved = api.add_run("done"), api.add_run("moved")
+    for run in (done, moved):
+        api.set_state(run.id, StateType.PENDING, claim_message("w2"))
+        api.set_state(run.id, StateType.RUNNING)
+        api.runs[run.id].infrastructure_pid = f"{FAKE_HOST}:gone-{run.name}"
+    worker = make_worker(api, runtime)
+    listed = api.filter_flow_runs
+
+    def listed_then_changed(*args, **kwargs):
+        found = listed(*args, **kwargs)  # the round's snapshot
+        api.set_state(done.id, StateType.COMPLETED)
+        api.runs[moved.id].infrastructure_pid = f"{FAKE_HOST}:its-new-container"
+        return found
+
+    monkeypatch.setattr(api, "filter_flow_runs", listed_then_changed)
+    worker.reconcile()
+    assert api.state_of(done.id).type == StateType.COMPLETED
+    assert api.state_of(moved.id).type == StateType.RUNNING
+    assert StateType.SCHEDULED not in api.history[moved.id][1:]
+
+
+def test_a_cancelling_run_is_not_finished_while_a_container_may_still_run_it(
+        api: FakeAPI, runtime: FakeRuntime) -> None:
+    """Reconciliation sets CANCELLED only when it sees the run's container stopped: not for
+    a run whose infrastructure_pid names another engine's container (that engine's workers
+    see it), nor for a run without one whose labelled container still runs here."""
+    offline(api, "w2")
+    elsewhere, unrecorded = api.add_run("elsewhere"), api.add_run("unrecorded")
+    for run in (elsewhere, unrecorded):
+        api.set_state(run.id, StateType.PENDING, claim_message("w2"))
+        api.set_state(run.id, StateType.RUNNING)
+    api.runs[elsewhere.id].infrastructure_pid = "another-engine:0123456789ab"
+    runtime.add("still-running", of("w2", unrecorded.id), run_id=unrecorded.id,
+                script=Script(hold=threading.Event()))
+    for run in (elsewhere, unrecorded):
+        api.set_state(run.id, StateType.CANCELLING, force=True)
+    worker = make_worker(api, runtime)
+    worker.reconcile()
+    assert api.state_of(elsewhere.id).type == StateType.CANCELLING
+    assert api.state_of(unrecorded.id).type == StateType.CANCELLING
+
+
+def test_a_restarted_worker_never_takes_back_what_another_took_over_meanwhile(
+        api: FakeAPI, runtime: FakeRuntime, monkeypatch) -> None:
+    """w1 restarts after a freeze long enough for w2 to find it gone: w2 takes its container
+    over between w1's listing and w1's take-back. The take-back is itself a takeover (the
+    next generation, atomic): w1 loses it and leaves the run to w2, which follows it."""
+    online(api, "w2")
+    run = api.add_run(state=StateType.RUNNING)
+    container = runtime.add("etl", of("w1", run.id), run_id=run.id,
+                            script=Script(hold=threading.Event()))
+    take_over = runtime.take_over
+
+    def w2_first(workload, pool, owner):
+        if owner.name == "w1":
+            take_over(workload, pool, Owner("w2", owner.generation))
+        return take_over(workload, pool, owner)
+
+    monkeypatch.setattr(runtime, "take_over", w2_first)
+    worker = make_worker(api, runtime)  # adoption at start-up
+    assert run.id not in worker.admission
+    assert runtime.owners(api.pool.name)[container.workload.id].name == "w2"
