@@ -180,15 +180,19 @@ def test_a_thousand_malformed_job_variable_documents_each_end_with_a_clear_messa
     assert not worker.stop_event.is_set()
 
 
-def test_the_policy_refuses_a_job(api, runtime) -> None:
-    run = api.add_run(job_variables={"privileged": True})
+def test_the_policy_refuses_a_job_before_anything_is_read_pulled_or_built(api, runtime
+                                                                         ) -> None:
+    run = api.add_run(job_variables={"privileged": True, "pip_packages": ["six"],
+                                     "secrets": ["db_password"]})
     worker = make_worker(api, runtime, policy={"allow_privileged": False})
     worker.poll()
     settle(worker)
     state = api.state_of(run.id)
     assert state.type == StateType.CRASHED
-    assert "refused by the worker's policy" in state.message
+    assert state.message.startswith("refused by the worker's policy"), state.message
     assert runtime.containers == {}
+    assert "ensure_image" not in [method for method, _ in runtime.calls]
+    assert worker.builder.builds == []
 
 
 def test_an_image_that_cannot_be_had_is_crashed(api, runtime) -> None:
