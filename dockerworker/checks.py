@@ -11,12 +11,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
 from uuid import UUID
 
 from . import metrics
 from .admission import Admission
-from .api import PrefectAPI, PrefectAPIError, StateType
+from .api import PrefectAPI, StateType
 from .events import CANCELLING_EVENT, ENDED_EVENTS, RUNNING_EVENT, EventListener
 from .recovery import LOOP_PATIENCE
 from .runs import RunSupervisor
@@ -34,7 +33,6 @@ class StateChecks:
     api: PrefectAPI
     admission: Admission[RunSupervisor]
     events: EventListener | None
-    failures: Counter[str]
     held_back: bool  # the last poll left runs scheduled for want of a slot (worker.py)
 
     def _cancel_check_interval(self) -> float:
@@ -84,13 +82,8 @@ class StateChecks:
             return
         booting = set(self.admission.booting()) if self.admission.max_starting else set()
         states = [StateType.CANCELLING] + ([StateType.RUNNING] if booting else [])
-        try:
-            found = self.api.filter_flow_runs(self.settings.pool, states, ids=list(supervisors),
-                                              patience=LOOP_PATIENCE)
-        except PrefectAPIError as exc:
-            self.failures["cancellations"] += 1
-            log.warning("checking for cancellations failed: %s", exc)
-            return
+        found = self.api.filter_flow_runs(self.settings.pool, states, ids=list(supervisors),
+                                          patience=LOOP_PATIENCE)  # raises: a failed round
         for flow_run in found:
             state = flow_run.state.type if flow_run.state is not None else None
             if state == StateType.RUNNING and flow_run.id in booting:

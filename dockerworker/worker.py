@@ -260,10 +260,6 @@ class Worker(RecoveryRounds, StateChecks, PollPacing):
             log.warning("work pool %r not found; it is created again at the next heartbeat",
                         self.settings.pool)
             return
-        except PrefectAPIError as exc:
-            self.failures["poll"] += 1
-            log.warning("poll failed: %s", exc)
-            return
         self.last_poll = time.monotonic()
         held_back = limit is not None and len(runs) >= limit  # the server may hold more
         new = [flow_run for flow_run in runs if flow_run.id not in self.admission]

@@ -84,6 +84,32 @@ def test_every_round_fails_alone_and_is_counted(api, runtime, monkeypatch) -> No
     assert api.state_of(run.id).type == StateType.COMPLETED  # the poll still ran
 
 
+def test_a_failed_poll_or_cancellation_check_is_a_failed_round_like_any_other(
+        api, runtime, caplog) -> None:
+    """Counted (health, the metric), said as every round's failure, not counted as done."""
+    from dockerworker import metrics
+
+    def failed_rounds(name: str) -> float:
+        return metrics.ROUND_FAILURES.labels(name)._value.get()
+
+    gate = threading.Event()
+    runtime.script_for = lambda spec: Script(hold=gate)
+    api.add_run()
+    worker = make_worker(api, runtime)
+    worker.poll()
+    wait_until(lambda: worker.active_runs() and worker.active_runs()[0].container)
+    before = {name: failed_rounds(name) for name in ("poll", "cancellations")}
+    api.fail["get_scheduled_flow_runs"] = ServerUnreachable("poll 503")
+    api.fail["filter_flow_runs"] = ServerUnreachable("filter 503")
+    for name, action in (("poll", worker.poll), ("cancellations", worker.check_cancellations)):
+        assert not worker._step(name, action)
+        assert worker.failures[name] == 1 and worker.rounds[name] == 0
+        assert failed_rounds(name) == before[name] + 1
+        assert f"{name} failed (1 times so far; tried again at its next turn)" in caplog.text
+    gate.set()
+    settle(worker)
+
+
 def test_the_heartbeat_s_pool_re_creation_fails_alone(api, runtime, monkeypatch) -> None:
     worker = make_worker(api, runtime)
     api.fail["heartbeat"] = NotFound("pool")  # the server's 404: the pool is gone
