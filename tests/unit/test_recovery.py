@@ -3,6 +3,7 @@ orphans adopted by exactly one worker; leftovers of warm containers removed."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 from dockerworker import ownership
@@ -12,7 +13,7 @@ from dockerworker.containers import LABEL_FLOW_RUN_ID, LABEL_WORKER
 from dockerworker.ownership import CLAIM_PREFIX, Owner
 from dockerworker.policy import Policy
 from dockerworker.runs import claim_message
-from dockerworker.warm import LABEL_WARM
+from dockerworker.warm import LABEL_WARM, WARM_NAME_PREFIX
 
 from .fakes import FAKE_HOST, FakeAPI, FakeRuntime, Script, make_worker, settle, wait_until
 
@@ -317,6 +318,19 @@ def test_removal_takes_exited_warm_leftovers_too(api, runtime) -> None:
     assert runtime.containers == {}
 
 
+def test_a_gone_worker_s_waiting_warm_containers_are_removed_by_the_taker(api, runtime
+                                                                         ) -> None:
+    """Nobody will hand them a run: the worker that takes the gone one's containers over
+    removes those still waiting (a live worker's are left to it)."""
+    online(api, "w3")
+    offline(api, "w2")
+    gone = runtime.add(f"{WARM_NAME_PREFIX}gone", of("w2", **{LABEL_WARM: "k"}))
+    live = runtime.add(f"{WARM_NAME_PREFIX}live", of("w3", **{LABEL_WARM: "k"}))
+    worker = make_worker(api, runtime)
+    worker.adopt_orphans()
+    assert gone.removed and not live.removed
+
+
 def test_a_worker_back_from_a_freeze_leaves_what_was_taken_over(api, runtime) -> None:
     hold = threading.Event()
     runtime.script_for = lambda spec: Script(hold=hold)
@@ -364,6 +378,38 @@ def test_health_says_rounds_done_and_failed(api, runtime) -> None:
     finally:
         server.shutdown()
     assert body["rounds"]["poll"] == 1 and body["failures"] == {"removal": 1}
+
+
+def test_health_is_503_before_the_first_poll_and_once_polls_are_stale(api, runtime) -> None:
+    """An orchestrator restarts a worker whose loop stopped polling: 503 with why, not 200."""
+    import urllib.error
+    import urllib.request
+
+    from dockerworker.health import serve_health, staleness_limit
+
+    worker = make_worker(api, runtime, poll_interval=5)
+    server = serve_health(worker, 0, host="127.0.0.1")
+
+    def health() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/health",
+                                        timeout=5) as answer:
+                return answer.status, json.loads(answer.read())["status"]
+        except urllib.error.HTTPError as refused:
+            return refused.code, json.loads(refused.read())["status"]
+
+    try:
+        assert health() == (503, "starting")
+        worker.poll()
+        assert health() == (200, "ok")
+        limit = staleness_limit(worker.slowest_poll_interval())
+        assert limit == max(3 * worker.slowest_poll_interval(), 30.0)
+        worker.last_poll -= limit - 1  # just within
+        assert health() == (200, "ok")
+        worker.last_poll -= 2  # past it
+        assert health() == (503, "stale")
+    finally:
+        server.shutdown()
 
 
 def test_an_adopted_run_masks_the_credentials_its_pull_steps_name(api, runtime) -> None:
