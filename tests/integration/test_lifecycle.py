@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 import uuid
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import httpx
 from testrig.prefect_rig import POOL_LABEL, PrefectRig, free_port, start_prefect_server
+
+from dockerworker.builds import BUILD_LABEL
 
 RUN_LABEL = "io.prefect.flow-run-id"
 
@@ -82,7 +85,8 @@ def test_cancel_during_a_slow_build(
     rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, docker_client, policy_file
 ) -> None:
     worker = start_worker(unique_pool, "--policy", policy_file(allow_dockerfile_lines=True))
-    job = {"image": flow_image, "dockerfile_lines": [f"RUN sleep 20 # {uuid.uuid4().hex}"]}
+    marker = uuid.uuid4().hex
+    job = {"image": flow_image, "dockerfile_lines": [f"RUN sleep 20 # {marker}"]}
     deployment = rig.create_deployment(unique_pool, "flows.py:hello", job)
     run_id = rig.create_flow_run(deployment)
     deadline = time.monotonic() + 30
@@ -96,7 +100,17 @@ def test_cancel_during_a_slow_build(
     assert "no container" in run["state"]["message"]
     time.sleep(2)
     assert run_containers(docker_client, run_id) == []
-    worker.stop()  # the build goes on in Docker; its lock must not outlive the worker
+
+    def cached() -> bool:  # the build finished on its own: the next run of it starts at once
+        return any(marker in json.dumps(image.history()) for image in docker_client.images.list(
+            filters={"label": f"{BUILD_LABEL}=true"}))
+
+    deadline = time.monotonic() + 60
+    while not cached():
+        assert time.monotonic() < deadline, "the cancelled run's build was not kept"
+        time.sleep(1)
+    assert run_containers(docker_client, run_id) == []
+    worker.stop()  # its build lock must not outlive the worker
     locks = docker_client.containers.list(all=True, sparse=True, filters={"label": [
         "io.dockerworker.build-lock", f"io.dockerworker.holder={unique_pool}-w0"]})
     assert locks == []
