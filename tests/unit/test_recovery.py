@@ -433,6 +433,30 @@ def test_an_adopted_run_masks_the_credentials_its_pull_steps_name(api, runtime) 
     assert "token *** in the output" in shipped and "tok-adopted-123" not in shipped
 
 
+def test_an_adopted_run_masks_its_env_s_secrets_and_its_secret_files_too(
+        api, runtime, tmp_path) -> None:
+    """The masker rebuilt after a restart also hides the container's secret-named env values
+    and the files of the worker's secrets directory the run was given (read again)."""
+    from dockerworker.entry import SECRETS_ENV
+
+    (tmp_path / "db_token").write_bytes(b"file-secret-789\n")
+    run = api.add_run(state=StateType.RUNNING)
+    hold = threading.Event()
+    runtime.add("etl-orphan", of("w2", run.id), Script(
+        lines=[("stdout", "env pw-in-env-456 file file-secret-789")], hold=hold, exit_code=2,
+        final_state=None), run_id=run.id,
+        env={"DB_PASSWORD": "pw-in-env-456", SECRETS_ENV: "db_token"})
+    offline(api, "w2")
+    worker = make_worker(api, runtime, secrets_dir=tmp_path)
+    worker.adopt_orphans()
+    hold.set()
+    settle(worker)
+    worker.shipper.flush(1)
+    shipped = "\n".join(api.messages(run.id)) + api.state_of(run.id).message
+    assert "env *** file ***" in shipped, shipped
+    assert "pw-in-env-456" not in shipped and "file-secret-789" not in shipped
+
+
 # --- verdicts the server did not take, and containers of earlier attempts -------------------
 
 
