@@ -81,6 +81,8 @@ def test_template_with_text_around_placeholders() -> None:
         ({"auto_remove": "sometimes"}, ["auto_remove"]),
         ({"image_pull_policy": "Sometimes"}, ["image_pull_policy", "Sometimes"]),
         ({"volumes": "/a:/b"}, ["volumes"]),
+        ({"infra_retries": 11}, ["infra_retries", "less than or equal to 10"]),
+        ({"infra_retries": -1}, ["infra_retries", "greater than or equal to 0"]),
     ],
 )
 def test_invalid_values_name_the_variable(values: dict[str, Any], names: list[str]) -> None:

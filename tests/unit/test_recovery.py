@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import UTC, datetime
+from types import SimpleNamespace
 
 from dockerworker import ownership
 from dockerworker import worker as worker_module
@@ -656,3 +658,30 @@ def test_a_restarted_worker_never_takes_back_what_another_took_over_meanwhile(
     worker = make_worker(api, runtime)  # adoption at start-up
     assert run.id not in worker.admission
     assert runtime.owners(api.pool.name)[container.workload.id].name == "w2"
+
+
+def test_a_worker_is_gone_after_three_missed_heartbeats_not_before(
+        api: FakeAPI, monkeypatch) -> None:
+    """The documented numbers: OFFLINE from the server at once; from a server without a
+    status, no heartbeat for 3 of the worker's own intervals; absent from the pool's workers,
+    3 of our intervals from when we first looked."""
+    now = [1000.0]
+    monkeypatch.setattr(ownership, "time", SimpleNamespace(monotonic=lambda: now[0],
+                                                          time=lambda: now[0]))
+
+    def beat(name: str, seconds_ago: float, interval: float = 10) -> dict:
+        stamp = datetime.fromtimestamp(now[0] - seconds_ago, UTC).isoformat()
+        return {"name": name, "last_heartbeat_time": stamp,
+                "heartbeat_interval_seconds": interval}
+
+    liveness = ownership.Liveness(api, api.pool.name, interval=30)
+    api.workers.clear()
+    api.workers.update({"off": {"name": "off", "status": "OFFLINE"},
+                        "late": beat("late", 31), "later": beat("later", 29),
+                        "slow": beat("slow", 89, interval=30)})
+    assert liveness.gone({"off", "late", "later", "slow", "absent"}) == {"off", "late"}
+    now[0] += 3 * 30  # absent for exactly three of our intervals: not yet
+    api.workers.clear()
+    assert liveness.gone({"absent"}) == set()
+    now[0] += 1
+    assert liveness.gone({"absent"}) == {"absent"}

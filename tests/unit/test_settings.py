@@ -186,6 +186,16 @@ def test_a_compose_replica_is_named_after_its_service_and_number(monkeypatch) ->
     assert cli.compose_worker_name(client, in_container=True) is None
 
 
+def test_the_default_name_is_dockerworker_and_the_hostname(monkeypatch) -> None:
+    """Stable across restarts: a restarted worker knows its containers again by it."""
+    from dockerworker import settings as settings_module
+
+    monkeypatch.setattr(settings_module.socket, "gethostname", lambda: "etl-host-1")
+    settings = settings_module.WorkerSettings.model_validate(
+        {"pool": "p", "api_url": "http://127.0.0.1:4200/api"})
+    assert settings.name == "dockerworker-etl-host-1"
+
+
 @pytest.mark.parametrize(("given", "kept"), [
     ("registry.example.com", "registry.example.com"),
     ("127.0.0.1:5000/", "127.0.0.1:5000"),
