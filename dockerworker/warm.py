@@ -227,6 +227,11 @@ class WarmPool:
                     item.container.name)
         self._remove(item.container)
 
+    def waiting(self) -> int:
+        """How many containers wait for a run (for the metrics)."""
+        with self._lock:
+            return sum(len(queue) for queue in self._idle.values())
+
     def ready(self) -> int:
         """How many waiting containers are ready (for the metrics)."""
         with self._lock:

@@ -377,7 +377,7 @@ def _expose(worker: Worker) -> None:
     metrics.watch(metrics.RUNS_IN_FLIGHT, lambda: len(worker.admission))
     metrics.watch(metrics.RUNS_STARTING, lambda: len(worker.admission.booting()))
     metrics.watch(metrics.WARM_WAITING,
-                  lambda: len(worker.warm.holds()) if worker.warm is not None else 0)
+                  lambda: worker.warm.waiting() if worker.warm is not None else 0)
     metrics.watch(metrics.WARM_READY,
                   lambda: worker.warm.ready() if worker.warm is not None else 0)
     if worker.settings.limit is not None:

@@ -35,6 +35,7 @@ def test_a_ready_container_is_taken_before_an_older_one_still_booting(booting) -
     pool = WarmPool(booting, size=2)
     assert pool.take(spec_for(JOB)) is None  # the first run of a configuration: cold
     wait_until(lambda: len(waiting(booting)) == 2)
+    wait_until(lambda: pool.waiting() == 2)  # the metric: booting ones wait too
     _older, newer = waiting(booting)
     newer.ready.set()
     wait_until(lambda: pool.ready() == 1)

@@ -664,6 +664,26 @@ def test_a_job_with_its_own_command_never_waits_warm(api, runtime) -> None:
 
 
 # --- leaving -----------------------------------------------------------------------------
+def test_leaving_lets_a_claim_in_preparation_get_its_container_first(api, runtime, hold
+                                                                     ) -> None:
+    """A graceful stop waits for runs still being prepared (claimed: no other worker would
+    take them) until their containers run; the next worker adopts them."""
+    runtime.image_gate = threading.Event()  # the run is held in preparation
+    run = api.add_run()
+    worker = make_worker(api, runtime)
+    worker.poll()
+    wait_until(lambda: api.state_of(run.id).type == StateType.PENDING)
+    leaving = threading.Thread(target=worker._leave, daemon=True)
+    leaving.start()
+    time.sleep(0.3)
+    assert leaving.is_alive()  # waits for the claim in flight
+    runtime.image_gate.set()
+    leaving.join(5)
+    assert not leaving.is_alive()
+    assert runtime.of_run(run.id) is not None  # it got its container
+    assert api.state_of(run.id).type == StateType.RUNNING
+
+
 def test_leaving_leaves_running_containers_for_the_next_worker(api, runtime, hold) -> None:
     run = api.add_run()
     worker = make_worker(api, runtime, warm=1)
