@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -155,3 +156,48 @@ def test_images_prune_removes_an_old_build_and_keeps_one_in_use(
     assert f"removed {unused}" in pruned
     assert f"kept {in_use} (in use" in pruned
     assert [i.tags for i in engine.images.list(name=in_use.split(":")[0])] == [[in_use]]
+
+
+def test_the_pip_step_runs_hardened_as_the_flow_would(
+    docker_client, flow_image: str
+) -> None:
+    """pip_packages need no consent, so a package's setup code runs in the pip container:
+    it gets the flow container's limits (memory, CPUs, pids), no-new-privileges and the build
+    network, as the policy computed them (read off the container while pip runs)."""
+    from pathlib import Path
+
+    from testrig.workers import HOST_CA_BUNDLE
+
+    from dockerworker.builds import BuildLimits
+
+    ca = Path(HOST_CA_BUNDLE) if Path(HOST_CA_BUNDLE).exists() else None
+    builder = Builder(docker_client, BuildOptions(network_mode="bridge", ca_bundle=ca),
+                      holder=f"hardening-{uuid.uuid4().hex[:6]}")
+    limits = BuildLimits(mem_limit="600m", nano_cpus=1_500_000_000, pids_limit=321)
+    seen: dict[str, dict] = {}
+    events = docker_client.events(decode=True, filters={"type": "container", "event": "create"})
+
+    def watch() -> None:
+        for event in events:
+            name = event.get("Actor", {}).get("Attributes", {}).get("name", "")
+            if name.startswith("dockerworker-pip-"):
+                seen[name] = docker_client.api.inspect_container(event["id"])["HostConfig"]
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        marker = f"hardening-{uuid.uuid4().hex[:8]}"  # a plan of its own: never cached
+        result = builder.ensure(flow_image, BuildPlan(["six==1.16.0"], f"# {marker}\n", []),
+                                marker, print, limits)
+        watcher.join(30)
+    finally:
+        events.close()
+    assert result.built
+    (host_config,) = seen.values()
+    assert host_config["Memory"] == 600 * 1024 * 1024
+    assert host_config["NanoCpus"] == 1_500_000_000
+    assert host_config["PidsLimit"] == 321
+    assert "no-new-privileges:true" in (host_config["SecurityOpt"] or [])
+    assert host_config["NetworkMode"] == "bridge"
+    docker_client.images.remove(result.tag, force=True)
