@@ -76,6 +76,24 @@ def test_pool_with_no_online_worker(rig: PrefectRig, prefect_server, unique_pool
     assert f"fix: start one: dockerworker start --pool {unique_pool}" in result.stdout
 
 
+def test_a_paused_pool_and_a_paused_queue_are_named_with_their_fix(
+        rig: PrefectRig, prefect_server, unique_pool: str, flow_image: str) -> None:
+    pool_with_image(rig, unique_pool, flow_image)
+    rig.create_work_queue(unique_pool, "nightly", priority=2)
+    rig._call("PATCH", f"/work_pools/{unique_pool}/queues/nightly", {"is_paused": True})
+    result = doctor(prefect_server.url, unique_pool)
+    assert result.returncode == 1
+    assert "✗ paused queues: nightly" in result.stdout, result.stdout
+    assert f"fix: resume them: prefect work-queue resume NAME --pool {unique_pool}" \
+        in result.stdout
+    rig._call("PATCH", f"/work_pools/{unique_pool}", {"is_paused": True})
+    result = doctor(prefect_server.url, unique_pool)
+    assert result.returncode == 1
+    assert f"✗ work pool '{unique_pool}': the pool is paused: no run is handed out" \
+        in result.stdout, result.stdout
+    assert f"fix: prefect work-pool resume {unique_pool}" in result.stdout
+
+
 def cli(api_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "dockerworker.cli", *args], env=worker_env(api_url),
