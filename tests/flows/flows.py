@@ -47,6 +47,20 @@ def sleepy(seconds: float = 5) -> float:
     return seconds
 
 
+@flow
+def deaf(seconds: float = 120) -> float:
+    """Ignore SIGTERM (from the flow's own thread when it is the main one), then sleep: only a
+    SIGKILL ends it early."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print(f"deaf in the {threading.current_thread().name} thread", flush=True)
+    time.sleep(seconds)
+    return seconds
+
+
 @flow(log_prints=True)
 def six_version() -> str:
     """Print the version of `six` the image holds (a per-deployment dependency)."""

@@ -81,6 +81,25 @@ def test_cancel_a_flow_that_ignores_sigterm(
     assert run_containers(docker_client, run_id) == []
 
 
+def test_cancel_a_default_command_flow_that_ignores_sigterm(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, docker_client
+) -> None:
+    """Prefect's engine behind the entry script is asked to cancel; a flow that ignores the
+    SIGTERM that follows is killed after stop_timeout, and the run is CANCELLED saying so."""
+    start_worker(unique_pool)
+    job = {"image": flow_image, "stop_timeout": 3}
+    deployment = rig.create_deployment(unique_pool, "flows.py:deaf", job)
+    run_id = rig.create_flow_run(deployment)
+    rig.wait_for_log(run_id, "deaf in the MainThread thread")
+    asked = cancel(rig, run_id)
+    run = rig.wait_for_final(run_id, timeout=30)
+    took = time.monotonic() - asked
+    assert run["state"]["type"] == "CANCELLED", run["state"]
+    assert 3 <= took < 3 + 8, took  # the engine could not stop it: SIGKILL after stop_timeout
+    assert "137" in run["state"]["message"] or "SIGKILL" in run["state"]["message"], run
+    assert run_containers(docker_client, run_id) == []
+
+
 def test_cancel_during_a_slow_build(
     rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, docker_client, policy_file
 ) -> None:
