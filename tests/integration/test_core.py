@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import threading
 import time
@@ -10,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import docker
+from testrig.faultproxy import HOLD, FaultProxy
 from testrig.prefect_rig import (
     POOL_LABEL,
     PrefectRig,
@@ -20,6 +22,7 @@ from testrig.prefect_rig import (
 from testrig.workers import WorkerProcess, worker_env
 
 RUN_LABEL = "io.prefect.flow-run-id"
+CHECKS = r"^POST /api/flow_runs/filter$"  # the check for cancellations (and reconciliation)
 
 
 def containers_of_run(client: docker.DockerClient, flow_run_id: str) -> list:
@@ -284,16 +287,33 @@ def test_with_the_stream_a_run_scheduled_ahead_is_claimed_at_its_prefetch_time(
 
 
 def test_event_stream_reports_cancellation_at_once(
-    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str
+    fault_proxy: FaultProxy, rig: PrefectRig, start_worker, unique_pool: str, flow_image: str
 ) -> None:
-    worker = start_worker(unique_pool)
+    """While the event stream is connected the check for cancellations runs every 15 s only
+    (a net): the run is set CANCELLING right after one of those checks (their rhythm read off
+    the proxy), so only the Cancelling event can end it within 8 s."""
+    worker = start_worker(unique_pool, api_url=fault_proxy.url)
     worker.wait_for_output("subscribed to the server's flow-run events", timeout=30)
     deployment = rig.create_deployment(unique_pool, "flows.py:sleepy", {"image": flow_image})
     run_id = rig.create_flow_run(deployment, parameters={"seconds": 120})
     rig.wait_for_state(run_id, "RUNNING", timeout=60)
-    time.sleep(3)  # past the check round that follows the start
+    fault_proxy.inject(HOLD, CHECKS, times=100_000, delay=0)  # records each, holds none
+
+    def checks() -> list[float]:
+        return [t for t, kind, ep in list(fault_proxy.events)
+                if kind == HOLD and re.search(CHECKS, ep)]
+
+    deadline = time.monotonic() + 90
+    while True:  # three filter requests 15 s apart: the check's own rhythm, not another's
+        seen = checks()
+        gaps = [b - a for a, b in zip(seen[-3:], seen[-2:], strict=False)]
+        if len(gaps) == 2 and all(13 < gap < 17 for gap in gaps) \
+                and time.monotonic() - seen[-1] < 1:
+            break
+        assert time.monotonic() < deadline, f"no 15 s rhythm of checks: {seen}"
+        time.sleep(0.05)
     asked = time.monotonic()
     rig.set_state(run_id, "CANCELLING", force=True)
     run = rig.wait_for_final(run_id, timeout=30)
     assert run["state"]["type"] == "CANCELLED", run["state"]
-    assert time.monotonic() - asked < 10  # the check round without an event is every 15 s
+    assert time.monotonic() - asked < 8  # the next check is ~14 s away: the event did it
