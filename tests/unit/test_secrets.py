@@ -225,6 +225,12 @@ def test_secrets_are_read_from_the_secrets_dir(tmp_path: Path) -> None:
     assert missing.value.reason == "invalid"
     with pytest.raises(RunCrashed, match="own `command`"):
         prepare.read_secrets(JobVariables(secrets=["db"], command="python x.py"))
+    (tmp_path / "big").write_bytes(b"x" * (500 * 1024 + 1))  # Swarm's limit for a secret
+    with pytest.raises(RunCrashed, match="larger than 512000 bytes") as big:
+        prepare.read_secrets(JobVariables(secrets=["big"]))
+    assert big.value.reason == "invalid"
+    (tmp_path / "big").write_bytes(b"x" * 500 * 1024)
+    assert len(prepare.read_secrets(JobVariables(secrets=["big"]))["big"]) == 500 * 1024
 
 
 def test_what_is_masked_of_a_secret_file() -> None:
@@ -257,6 +263,7 @@ def test_the_entry_script_writes_the_secrets_it_waits_for(
     entry_script.receive_secrets(lines, str(tmp_path), timeout=5)
     assert (tmp_path / "db").read_bytes() == b"v1" and (tmp_path / "key").read_bytes() == b"\x00k"
     assert (tmp_path / "db").stat().st_mode & 0o777 == 0o400
+    assert tmp_path.stat().st_mode & 0o777 == 0o555  # no file added or swapped from now on
     assert "DOCKERWORKER_SECRETS" not in os.environ
 
 
