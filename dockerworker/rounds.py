@@ -27,7 +27,7 @@ from .warm import WarmPool
 
 log = logging.getLogger("dockerworker.worker")
 RECONCILE_SECONDS = 60.0
-OWED_SECONDS = 5.0  # reconciliation's turn while a verdict the server did not take is owed
+OWED_SECONDS = 5.0  # reconciliation's turn while a verdict or an infrastructure_pid is owed
 
 
 class RecoveryRounds:
