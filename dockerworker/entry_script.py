@@ -223,18 +223,18 @@ def cancel_on_cancelling(engine: list[tuple[socket.socket, BinaryIO]], intent: b
 
 
 def refuse_a_duplicate() -> None:
-    """With DOCKERWORKER_ONCE (Swarm jobs): run the flow only while its run is PENDING under
-    this worker's claim, as the worker left it. Swarm may start a second task for one job (a
-    known bug); that one finds the run RUNNING (or ended) and exits without running it."""
-    if not os.environ.get("DOCKERWORKER_ONCE"):
+    """With DOCKERWORKER_ONCE (Swarm jobs: the claim the job was made under): run the flow
+    only while its run is PENDING under that claim, as the worker left it. Swarm may start a
+    second task for one job (a known bug); that one finds the run RUNNING (or ended) and
+    exits without running it."""
+    claim = os.environ.get("DOCKERWORKER_ONCE")
+    if not claim:
         return
     from prefect.client.orchestration import get_client
 
     run_id = os.environ["PREFECT__FLOW_RUN_ID"]
     with get_client(sync_client=True) as client:
         state = client.read_flow_run(run_id).state
-    # runs.claim_message() of dockerworker, which this script cannot import
-    claim = f"claimed by dockerworker {os.environ.get('PREFECT__WORKER_NAME', '')}"
     kind = state.type.value if state is not None else "without a state"
     if kind != "PENDING" or state is None or state.message != claim:
         print(f"dockerworker: flow run {run_id} is {kind} (not PENDING under this job's claim): "

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from .api import PrefectAPI, StateType
+from .api import PrefectAPI, State, StateType
 from .containers import LABEL_WORKER
 
 if TYPE_CHECKING:
@@ -38,7 +38,41 @@ LABEL_OWNER_POOL = "io.dockerworker.owner-pool"
 LABEL_HOLDER = "io.dockerworker.holder"
 LABEL_GENERATION = "io.dockerworker.generation"
 GONE_AFTER_BEATS = 3  # as Prefect's server: OFFLINE after 3 missed heartbeat intervals
-CLAIM_PREFIX = "claimed by dockerworker "  # runs.claim_message: the PENDING state's message
+CLAIM_PREFIX = "claimed by dockerworker "  # the PENDING state's message: Claim.message
+_ENGINE = " (engine "
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A run's claim, as its PENDING state's message says: the worker that holds it, and the
+    engine that worker makes its containers on. A restarted worker knows its own claims by
+    it; and only a worker that sees the claim's engine can tell whether its container exists
+    (a claim naming no engine was made by an earlier dockerworker: any worker may judge it).
+    """
+
+    holder: str
+    engine: str = ""
+
+    @property
+    def message(self) -> str:
+        return CLAIM_PREFIX + self.holder + (f"{_ENGINE}{self.engine})" if self.engine else "")
+
+    @classmethod
+    def of(cls, state: State | None) -> Claim | None:
+        """The claim a PENDING state records; None: another state, or not a dockerworker's."""
+        if state is None or state.type != StateType.PENDING:
+            return None
+        message = state.message or ""
+        if not message.startswith(CLAIM_PREFIX):
+            return None
+        holder, found, engine = message.removeprefix(CLAIM_PREFIX).rpartition(_ENGINE)
+        if found and engine.endswith(")"):
+            return cls(holder, engine.removesuffix(")"))
+        return cls(message.removeprefix(CLAIM_PREFIX))
+
+    def seen_from(self, engine: str) -> bool:
+        """Whether a worker on `engine` can tell whether this claim's container exists."""
+        return not self.engine or self.engine == engine
 
 
 @dataclass(frozen=True)
@@ -127,10 +161,9 @@ def _is_offline(worker: dict[str, Any]) -> bool:
     return last is None or time.time() - last > GONE_AFTER_BEATS * interval
 
 
-def claimant(api: PrefectAPI, flow_run_id: UUID) -> str | None:
-    """The worker whose claim (PENDING) the run's history shows last; None: not ours."""
-    name = None
+def claimant(api: PrefectAPI, flow_run_id: UUID) -> Claim | None:
+    """The claim the run's history shows last; None: no dockerworker ever claimed it."""
+    found = None
     for state in api.read_flow_run_states(flow_run_id):
-        if state.type == StateType.PENDING and (state.message or "").startswith(CLAIM_PREFIX):
-            name = (state.message or "").removeprefix(CLAIM_PREFIX)
-    return name
+        found = Claim.of(state) or found
+    return found

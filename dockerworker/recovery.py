@@ -18,9 +18,8 @@ from uuid import UUID
 
 from .api import FlowRun, NotFound, PrefectAPI, StateType
 from .containers import LABEL_FLOW_RUN_ID, LABEL_MANAGED, LABEL_POOL, LABEL_WORKER, WatchOptions
-from .ownership import Liveness, Owner, claimant, owner_of
+from .ownership import Claim, Liveness, Owner, claimant, owner_of
 from .report import retry_note
-from .runs import claim_message
 from .runtime import Runtime, RuntimeTrouble, Workload, WorkloadGone, parse_infrastructure_pid
 from .warm import LABEL_WARM, is_waiting
 
@@ -41,12 +40,8 @@ def current_attempt(workload: Workload, flow_run: FlowRun) -> bool:
         _, named = parse_infrastructure_pid(flow_run.infrastructure_pid)
         if named != workload.id:
             return False
-    state = flow_run.state
-    message = (state.message or "") if state is not None else ""
-    if state is not None and state.type == StateType.PENDING and message.startswith(
-            claim_message("")):
-        return message.removeprefix(claim_message("")) == workload.labels.get(LABEL_WORKER)
-    return True
+    claim = Claim.of(flow_run.state)
+    return claim is None or claim.holder == workload.labels.get(LABEL_WORKER)
 
 
 class RoundIncomplete(Exception):
@@ -259,7 +254,7 @@ class Recovery:
         if (now.state is not None and now.state.is_final) or (
                 now.infrastructure_pid != flow_run.infrastructure_pid):
             return False
-        owner = record.name if record is not None else claimant(self.api, flow_run.id)
+        owner = record.name if record is not None else _holder(claimant(self.api, flow_run.id))
         if owner is None or owner == self.worker_name:
             return True
         return is_gone(owner)
@@ -296,13 +291,16 @@ class Recovery:
                                          or workload.id in self.busy()):
                 return  # still stopping, or stopped by its supervisor now
             record = owner_of(workload, owners()) if workload else owners().get(workload_id)
-            owner = record.name if record else claimant(self.api, flow_run.id)
+            owner = record.name if record else _holder(claimant(self.api, flow_run.id))
         else:
             found = self.runtime.list_workloads(self.pool,
                                                 **{LABEL_FLOW_RUN_ID: str(flow_run.id)})
             if any(w.status not in ENDED for w in found):
                 return
-            owner = claimant(self.api, flow_run.id)
+            claim = claimant(self.api, flow_run.id)
+            if claim is None or not claim.seen_from(self.host_id):
+                return  # its container, if any, is on an engine this worker cannot see
+            owner = claim.holder
         if owner is None or (owner != self.worker_name and not is_gone(owner)):
             return
         now = self.api.read_flow_run(flow_run.id).state
@@ -316,15 +314,13 @@ class Recovery:
 
     def _reschedule_if_abandoned(self, flow_run: FlowRun,
                                  is_gone: Callable[[str], bool]) -> list[Workload]:
-        """A run claimed by this worker before it restarted, or by a worker that is gone,
-        without a container: give it back to the pool. The run's containers, if it has."""
-        state = flow_run.state
-        if state is None or state.type != StateType.PENDING:
-            return []
-        message = state.message or ""
-        if not message.startswith(claim_message("")):
-            return []
-        holder = message.removeprefix(claim_message(""))
+        """A run claimed on this engine by this worker before it restarted, or by a worker
+        that is gone, without a container: give it back to the pool. The run's containers,
+        if it has. A claim on another engine is left to the workers that see it."""
+        claim = Claim.of(flow_run.state)
+        if claim is None or not claim.seen_from(self.host_id):
+            return []  # not a claim, or its container is on an engine this worker cannot see
+        holder = claim.holder
         if holder != self.worker_name and not is_gone(holder):
             return []
         if found := self.runtime.list_workloads(self.pool,
@@ -372,6 +368,10 @@ class Recovery:
                 self._remove(workload)
 
         _each("removal", done, remove_if_over)
+
+
+def _holder(claim: Claim | None) -> str | None:
+    return claim.holder if claim is not None else None
 
 
 def _auto_remove(workload: Workload) -> bool:

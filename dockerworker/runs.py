@@ -43,6 +43,7 @@ from .follow import Follower
 from .jobs import JobVariables
 from .logformat import run_label
 from .logs import LogShipper, ResumePoint, RunOutput, resume_point
+from .ownership import Claim
 from .policy import Masker
 from .prepare import Preparation, build_name, secret_texts
 from .report import RunReporter
@@ -85,12 +86,12 @@ class Refusal:
     state: State | None
 
 
-def claim(api: PrefectAPI, flow_run_id: UUID, worker_name: str) -> Refusal | None:
-    """Propose PENDING for `worker_name`; None when the run is ours, else the refusal.
+def claim(api: PrefectAPI, flow_run_id: UUID, mine: Claim) -> Refusal | None:
+    """Propose PENDING under `mine`; None when the run is ours, else the refusal.
     A refusal whose PENDING state is this worker's own claim is ours too: the answer to an
     earlier attempt was lost after the server applied it (a retried request). A refusal
     carries the run's state as it is (Prefect 2 and 3): read only when it does not."""
-    result = api.set_state(flow_run_id, StateType.PENDING, claim_message(worker_name))
+    result = api.set_state(flow_run_id, StateType.PENDING, mine.message)
     if result.status == "ACCEPT" and (result.state is None
                                       or result.state.type == StateType.PENDING):
         return None
@@ -98,14 +99,9 @@ def claim(api: PrefectAPI, flow_run_id: UUID, worker_name: str) -> Refusal | Non
     if result.status == "ACCEPT" or state is None:
         state = api.read_flow_run(flow_run_id).state
     if (state is not None and state.type == StateType.PENDING
-            and state.message == claim_message(worker_name)):
+            and state.message == mine.message):
         return None
     return Refusal(result.status + (f": {result.reason}" if result.reason else ""), state)
-
-
-def claim_message(worker_name: str) -> str:
-    """The PENDING state's message: who holds the claim, so a restarted worker knows its own."""
-    return f"claimed by dockerworker {worker_name}"
 
 
 class Phase(StrEnum):
@@ -370,7 +366,8 @@ class RunSupervisor:
 
     def _claim(self) -> None:
         """Propose PENDING: the server accepts exactly one proposer, so no run starts twice."""
-        refusal = claim(self.api, self.flow_run.id, self.settings.name)
+        mine = Claim(self.settings.name, self.runtime.host_id())
+        refusal = claim(self.api, self.flow_run.id, mine)
         if refusal is not None:
             # Prefect 3 refuses to claim a run whose deployment is gone ("Deployment not
             # found."), leaving it SCHEDULED: such a run is cancelled here

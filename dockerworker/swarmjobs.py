@@ -51,6 +51,7 @@ from .containers import (
     LABEL_FLOW_RUN_ID,
     LABEL_MANAGED,
     LABEL_POOL,
+    LABEL_WORKER,
     ContainerSpec,
     ExitReport,
     WatchOptions,
@@ -65,6 +66,7 @@ from .ownership import (
     LABEL_HOLDER,
     LABEL_OWNER_OF,
     LABEL_OWNER_POOL,
+    Claim,
     Owner,
     latest_owners,
     owner_record_name,
@@ -75,7 +77,7 @@ from .runtime import EngineError, Workload, WorkloadGone, _translated
 log = logging.getLogger(__name__)
 
 CANCEL_SIGNAL = "SIGUSR1"  # the service's stop signal: the entry script's cancel request
-ONCE_ENV = "DOCKERWORKER_ONCE"  # asks the entry script to refuse a run no longer ours
+ONCE_ENV = "DOCKERWORKER_ONCE"  # the job's claim: the entry script refuses a run not under it
 WATCH_CANCEL_ENV = "DOCKERWORKER_WATCH_CANCEL"  # seconds between its looks for CANCELLING
 WATCH_CANCEL_SECONDS = 2
 _DONE = frozenset({"complete", "failed", "rejected", "shutdown", "orphaned", "remove"})
@@ -238,7 +240,7 @@ def service_kwargs(name: str, create_kwargs: dict[str, Any], job_cpus: float | N
         # service only takes a list
         "args": (shlex.split(command) if isinstance(command := kwargs.get("command"), str)
                  else command),
-        "env": [f"{k}={v}" for k, v in {**env, ONCE_ENV: "1",
+        "env": [f"{k}={v}" for k, v in {**env,
                                         WATCH_CANCEL_ENV: str(WATCH_CANCEL_SECONDS)}.items()],
         "labels": {**labels, LABEL_CONTROL: "signal"} if control else labels,
         "container_labels": labels,
@@ -354,6 +356,9 @@ class SwarmJobs:
         kwargs = service_kwargs(spec.name, spec.create_kwargs, spec.cpus, spec.placement,
                                 options.stop_timeout, spec.extra_networks, self.gpu_kind,
                                 mounted_secrets=bool(spec.secret_files))
+        # the claim the run is under (runs.RunSupervisor._claim): a second task refuses it
+        claim = Claim(kwargs["container_labels"].get(LABEL_WORKER, ""), self.host_id())
+        kwargs["env"].append(f"{ONCE_ENV}={claim.message}")
         made: list[str] = []
         try:
             if spec.secret_files:

@@ -10,11 +10,10 @@ from types import SimpleNamespace
 
 from dockerworker import ownership
 from dockerworker import worker as worker_module
-from dockerworker.api import NotFound, ServerUnreachable, StateType
+from dockerworker.api import NotFound, ServerUnreachable, State, StateType
 from dockerworker.containers import LABEL_FLOW_RUN_ID, LABEL_WORKER
-from dockerworker.ownership import CLAIM_PREFIX, Owner
+from dockerworker.ownership import Claim, Owner
 from dockerworker.policy import Policy
-from dockerworker.runs import claim_message
 from dockerworker.warm import LABEL_WARM, WARM_NAME_PREFIX
 
 from .fakes import FAKE_HOST, FakeAPI, FakeRuntime, Script, make_worker, settle, wait_until
@@ -42,8 +41,16 @@ def offline(api: FakeAPI, *names: str) -> None:
         api.workers[name] = {"name": name, "status": "OFFLINE", "heartbeat_interval_seconds": 30}
 
 
-def test_the_claim_prefix_is_the_claim_message_s() -> None:
-    assert claim_message("w7") == CLAIM_PREFIX + "w7"
+def test_a_claim_names_its_worker_and_engine_and_is_read_back_whatever_the_name() -> None:
+    for claim in [Claim("w7", FAKE_HOST), Claim("a (engine b)", "x:y"), Claim("w 1", "")]:
+        assert Claim.of(State(type=StateType.PENDING, message=claim.message)) == claim
+    assert Claim("w7", "E1").message == "claimed by dockerworker w7 (engine E1)"
+    # an earlier dockerworker's claim names no engine: any worker of the pool may judge it
+    assert Claim.of(State(type=StateType.PENDING, message="claimed by dockerworker w7")) == (
+        Claim("w7", ""))
+    assert Claim("w7").seen_from("E2") and not Claim("w7", "E1").seen_from("E2")
+    assert Claim.of(State(type=StateType.RUNNING, message=Claim("w7").message)) is None
+    assert Claim.of(State(type=StateType.PENDING, message="claimed by someone")) is None
 
 
 # --- item 1: a loop that cannot die --------------------------------------------------------
@@ -158,7 +165,7 @@ def test_another_live_worker_s_exited_container_is_not_removed(api, runtime) -> 
 def test_a_live_worker_s_vanished_container_is_left_to_it(api, runtime) -> None:
     online(api, "w2")
     run = api.add_run(state=StateType.SCHEDULED)
-    api.set_state(run.id, StateType.PENDING, claim_message("w2"))
+    api.set_state(run.id, StateType.PENDING, Claim("w2", FAKE_HOST).message)
     api.set_state(run.id, StateType.RUNNING)
     api.runs[run.id].infrastructure_pid = f"{FAKE_HOST}:feedbeef"
     worker = make_worker(api, runtime, policy=NO_RETRIES)
@@ -172,7 +179,7 @@ def test_a_live_worker_s_vanished_container_is_left_to_it(api, runtime) -> None:
 
 def test_a_claim_of_a_gone_worker_without_a_container_is_rescheduled(api, runtime) -> None:
     online(api, "w2")
-    run = api.add_run(state=StateType.PENDING, message=claim_message("w2"))
+    run = api.add_run(state=StateType.PENDING, message=Claim("w2", FAKE_HOST).message)
     worker = make_worker(api, runtime)
     worker.reconcile()
     assert api.state_of(run.id).type == StateType.PENDING
@@ -180,6 +187,34 @@ def test_a_claim_of_a_gone_worker_without_a_container_is_rescheduled(api, runtim
     worker.reconcile()
     state = api.state_of(run.id)
     assert state.type == StateType.SCHEDULED and "w2 is gone" in state.message
+
+
+def test_a_gone_worker_s_claim_on_another_engine_is_left_to_that_engine_s_workers(
+        api: FakeAPI, runtime: FakeRuntime) -> None:
+    """w2 claimed runs on engine E2, started their containers there and died before the
+    server took their infrastructure_pid. From this engine no container of theirs can be
+    seen: rescheduling one (or setting one CANCELLED) here would run it twice, or end it
+    while it runs. A claim on this engine, and an earlier dockerworker's claim that names
+    no engine, are still given back."""
+    offline(api, "w2")
+    elsewhere = api.add_run("elsewhere", state=StateType.PENDING,
+                            message=Claim("w2", "E2").message)
+    cancelling = api.add_run("cancelling")
+    api.set_state(cancelling.id, StateType.PENDING, Claim("w2", "E2").message)
+    api.set_state(cancelling.id, StateType.CANCELLING, force=True)
+    here = api.add_run("here", state=StateType.PENDING,
+                       message=Claim("w2", FAKE_HOST).message)
+    legacy = api.add_run("legacy", state=StateType.PENDING, message="claimed by dockerworker w2")
+    worker = make_worker(api, runtime)
+    for _ in range(2):
+        worker.reconcile()
+    assert api.state_of(elsewhere.id).type == StateType.PENDING
+    assert api.state_of(cancelling.id).type == StateType.CANCELLING
+    assert api.state_of(here.id).type == api.state_of(legacy.id).type == StateType.SCHEDULED
+    on_e2 = make_worker(api, FakeRuntime(api, host="E2"), name="w3")  # a worker that sees E2
+    on_e2.reconcile()
+    assert api.state_of(elsewhere.id).type == StateType.SCHEDULED
+    assert api.state_of(cancelling.id).type == StateType.CANCELLED
 
 
 # --- item 4: orphans are adopted ---------------------------------------------------------------
@@ -478,9 +513,9 @@ def test_an_earlier_attempt_s_container_is_never_judged_for_the_attempt_under_wa
     for run in (preparing, running):
         old[run.id] = runtime.add(f"old-{run.name}", of("w1", run.id), status="exited",
                                   run_id=run.id, script=Script(exit_code=137))
-    api.set_state(preparing.id, StateType.PENDING, claim_message("w2"))
+    api.set_state(preparing.id, StateType.PENDING, Claim("w2", FAKE_HOST).message)
     api.runs[preparing.id].infrastructure_pid = _pid(old[preparing.id])
-    api.set_state(running.id, StateType.PENDING, claim_message("w2"))
+    api.set_state(running.id, StateType.PENDING, Claim("w2", FAKE_HOST).message)
     new = runtime.add("new-running", of("w2", running.id), run_id=running.id,
                       script=Script(hold=threading.Event()))
     api.set_state(running.id, StateType.RUNNING)
@@ -505,7 +540,7 @@ def test_an_ended_container_is_judged_though_the_worker_is_at_its_limit(
     worker.poll()
     wait_until(lambda: api.state_of(busy.id).type == StateType.RUNNING)
     waiting = api.add_run("waiting")
-    api.set_state(waiting.id, StateType.PENDING, claim_message("w1"))
+    api.set_state(waiting.id, StateType.PENDING, Claim("w1", FAKE_HOST).message)
     api.set_state(waiting.id, StateType.RUNNING)
     ended = runtime.add("ended", of("w1", waiting.id), status="exited", run_id=waiting.id,
                         script=Script(exit_code=3, final_state=None))
@@ -527,7 +562,7 @@ def test_a_cancelling_run_whose_container_still_runs_is_left_to_stop(
     CANCELLED by reconciliation before it has stopped."""
     worker = make_worker(api, runtime)
     run = api.add_run()
-    api.set_state(run.id, StateType.PENDING, claim_message("w1"))
+    api.set_state(run.id, StateType.PENDING, Claim("w1", FAKE_HOST).message)
     container = runtime.add("stopping", of("w1", run.id), run_id=run.id,
                             script=Script(hold=threading.Event()))
     api.runs[run.id].infrastructure_pid = _pid(container)
@@ -546,7 +581,7 @@ def test_a_cancellation_its_supervisor_reports_during_the_round_is_not_reported_
     leaves it, one CANCELLED in the history, with the supervisor's message."""
     worker = make_worker(api, runtime)
     run = api.add_run()
-    api.set_state(run.id, StateType.PENDING, claim_message("w1"))
+    api.set_state(run.id, StateType.PENDING, Claim("w1", FAKE_HOST).message)
     container = runtime.add("stopped", of("w1", run.id), status="exited", run_id=run.id)
     api.runs[run.id].infrastructure_pid = _pid(container)
     api.set_state(run.id, StateType.CANCELLING, force=True)
@@ -577,7 +612,7 @@ def test_a_run_naming_another_pool_s_container_never_gets_it_touched(
                             status="exited")
     running, cancelling = api.add_run("running"), api.add_run("cancelling")
     for run, target in ((running, other_pool), (cancelling, unmanaged)):
-        api.set_state(run.id, StateType.PENDING, claim_message("w1"))
+        api.set_state(run.id, StateType.PENDING, Claim("w1", FAKE_HOST).message)
         api.set_state(run.id, StateType.RUNNING)
         api.runs[run.id].infrastructure_pid = _pid(target)
     api.set_state(cancelling.id, StateType.CANCELLING, force=True)
@@ -598,7 +633,7 @@ def test_a_vanished_container_is_judged_only_on_the_run_as_it_is_now(
     offline(api, "w2")
     done, moved = api.add_run("done"), api.add_run("moved")
     for run in (done, moved):
-        api.set_state(run.id, StateType.PENDING, claim_message("w2"))
+        api.set_state(run.id, StateType.PENDING, Claim("w2", FAKE_HOST).message)
         api.set_state(run.id, StateType.RUNNING)
         api.runs[run.id].infrastructure_pid = f"{FAKE_HOST}:gone-{run.name}"
     worker = make_worker(api, runtime)
@@ -625,7 +660,7 @@ def test_a_cancelling_run_is_not_finished_while_a_container_may_still_run_it(
     offline(api, "w2")
     elsewhere, unrecorded = api.add_run("elsewhere"), api.add_run("unrecorded")
     for run in (elsewhere, unrecorded):
-        api.set_state(run.id, StateType.PENDING, claim_message("w2"))
+        api.set_state(run.id, StateType.PENDING, Claim("w2", FAKE_HOST).message)
         api.set_state(run.id, StateType.RUNNING)
     api.runs[elsewhere.id].infrastructure_pid = "another-engine:0123456789ab"
     runtime.add("still-running", of("w2", unrecorded.id), run_id=unrecorded.id,

@@ -285,7 +285,7 @@ def test_the_engine_away_for_a_moment_is_waited_for(api, runtime, monkeypatch) -
 
 # --- every supervisor frees its slot, whatever raises ------------------------------------
 API_FAILURES = ["read_work_pool", "read_flow", "read_flow_run", "set_state"]
-RUNTIME_FAILURES = ["host_id", "ensure_image", "start", "follow", "wait", "read_exit"]
+RUNTIME_FAILURES = ["ensure_image", "start", "follow", "wait", "read_exit"]
 
 
 @pytest.mark.parametrize("method", API_FAILURES)
@@ -311,6 +311,20 @@ def test_a_runtime_failure_at_any_step_frees_the_slot_and_crashes_the_run(
     settle(worker)
     assert run.id not in worker.admission
     assert api.state_of(run.id).type == StateType.CRASHED
+
+
+def test_an_engine_whose_id_cannot_be_read_claims_nothing(api, runtime) -> None:
+    """The claim names the engine (ownership.Claim): without it the run is left as it is."""
+    run = api.add_run()
+    worker = make_worker(api, runtime)
+    runtime.fail["host_id"] = RuntimeError("host_id exploded")
+    worker.poll()
+    settle(worker)
+    assert run.id not in worker.admission and runtime.containers == {}
+    assert api.state_of(run.id).type == StateType.SCHEDULED
+    worker.poll()  # the engine answers again: the next poll runs it
+    settle(worker)
+    assert api.state_of(run.id).type == StateType.COMPLETED
 
 
 def test_an_unexpected_error_in_the_claim_leaves_the_run_untouched(api, runtime) -> None:

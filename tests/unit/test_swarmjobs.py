@@ -14,7 +14,7 @@ import pytest
 import requests
 from pydantic import ValidationError
 
-from dockerworker.api import FlowRun, WorkPool
+from dockerworker.api import FlowRun, State, StateType, WorkPool
 from dockerworker.containers import (
     LABEL_FLOW_RUN_ID,
     ContainerSpec,
@@ -25,6 +25,7 @@ from dockerworker.containers import (
 from dockerworker.entry import LABEL_CONTROL, SECRETS_ENV, SECRETS_MOUNTED_ENV
 from dockerworker.jobs import JobVariables
 from dockerworker.logs import LogShipper, ResumePoint, RunOutput
+from dockerworker.ownership import Claim
 from dockerworker.policy import Policy
 from dockerworker.resources import Seen, resource_line
 from dockerworker.runtime import EngineError, WorkloadGone
@@ -59,7 +60,7 @@ def test_a_container_spec_becomes_a_one_shot_job() -> None:
     assert kwargs["mode"] == {"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}}
     assert kwargs["restart_policy"]["Condition"] == "none"
     assert kwargs["args"] == ["python", "-c", "x"]  # the image's entrypoint stays
-    assert "PREFECT__FLOW_RUN_ID=r1" in kwargs["env"] and f"{ONCE_ENV}=1" in kwargs["env"]
+    assert "PREFECT__FLOW_RUN_ID=r1" in kwargs["env"]
     assert kwargs["networks"] == ["host", "prefect"]
     assert kwargs["constraints"] == ["node.labels.tier==batch"]
     resources = kwargs["resources"]
@@ -354,6 +355,7 @@ class FakeSwarmClient:
         self.images = type("I", (), {"get": lambda _, image: _Obj(
             image, {"Config": {"User": self.image_user}})})()
         self.configs = type("C", (), {"list": lambda _, filters: []})()
+        self.swarm = SimpleNamespace(attrs={"ID": "c1"})
 
     def _create_secret(self, name: str, data: bytes, labels: dict) -> _Obj:
         secret_id = uuid.uuid4().hex
@@ -428,6 +430,17 @@ def test_a_job_s_secrets_are_made_referenced_and_removed_with_its_service() -> N
     swarm.remove(workload)
     assert client.service_store == {} and client.secret_store == {}
     swarm.remove(workload)  # gone already: fine
+
+
+def test_a_job_carries_the_claim_it_was_made_under_for_its_entry_script_to_check() -> None:
+    """The entry script runs the flow only while the run is PENDING under exactly this claim
+    (entry_script.refuse_a_duplicate): the worker's and the Swarm's, as runs.claim sets it."""
+    client = FakeSwarmClient(image_user="1000")
+    workload = _swarm(client).start(_run_spec())
+    env = client.service_store[workload.id]["Spec"]["TaskTemplate"]["ContainerSpec"]["Env"]
+    claim = Claim("w", "swarm-c1")
+    assert f"{ONCE_ENV}={claim.message}" in env
+    assert Claim.of(State(type=StateType.PENDING, message=claim.message)) == claim
 
 
 def test_the_job_s_own_user_wins_and_one_by_name_is_refused_before_any_secret() -> None:

@@ -14,8 +14,9 @@ from dockerworker.api import ServerUnreachable, StateType
 from dockerworker.checks import CANCEL_CHECK_WITH_EVENTS
 from dockerworker.containers import LABEL_FLOW_RUN_ID, LABEL_WORKER
 from dockerworker.events import RUNNING_EVENT
+from dockerworker.ownership import Claim
 from dockerworker.rounds import OWED_SECONDS, RECONCILE_SECONDS
-from dockerworker.runs import Phase, claim_message
+from dockerworker.runs import Phase
 from dockerworker.runtime import EngineError
 from dockerworker.warm import LABEL_WARM, WARM_NAME_PREFIX
 
@@ -304,11 +305,11 @@ def test_a_cancellation_the_server_did_not_take_is_finished_by_reconciliation(
     assert worker._reconcile_interval() == OWED_SECONDS  # the round did not go through
     api.set_state = real
     other = api.add_run("other's")  # claimed by a live worker, which stops it
-    api.set_state(other.id, StateType.PENDING, claim_message("w2"))
+    api.set_state(other.id, StateType.PENDING, Claim("w2", FAKE_HOST).message)
     api.set_state(other.id, StateType.CANCELLING, force=True)
     api.heartbeat(api.pool.name, "w2", 30)
     orphan = api.add_run("gone's")  # claimed by a worker that is gone: nobody else stops it
-    api.set_state(orphan.id, StateType.PENDING, claim_message("w3"))
+    api.set_state(orphan.id, StateType.PENDING, Claim("w3", FAKE_HOST).message)
     api.set_state(orphan.id, StateType.CANCELLING, force=True)
     api.workers["w3"] = {"name": "w3", "status": "OFFLINE"}
     worker.reconcile()
@@ -477,7 +478,7 @@ def test_runs_on_another_engine_are_not_reconciled(api, runtime) -> None:
 
 
 def test_a_claim_abandoned_by_a_restart_is_rescheduled(api, runtime) -> None:
-    run = api.add_run(state=StateType.PENDING, message=claim_message("w1"))
+    run = api.add_run(state=StateType.PENDING, message=Claim("w1", FAKE_HOST).message)
     worker = make_worker(api, runtime)
     worker.reconcile()
     state = api.state_of(run.id)
@@ -485,14 +486,14 @@ def test_a_claim_abandoned_by_a_restart_is_rescheduled(api, runtime) -> None:
 
 
 def test_a_claim_of_another_worker_is_not_rescheduled(api, runtime) -> None:
-    run = api.add_run(state=StateType.PENDING, message=claim_message("w2"))
+    run = api.add_run(state=StateType.PENDING, message=Claim("w2", FAKE_HOST).message)
     worker = make_worker(api, runtime)
     worker.reconcile()
     assert api.state_of(run.id).type == StateType.PENDING
 
 
 def test_a_claim_with_a_container_is_not_rescheduled(api, runtime) -> None:
-    run = api.add_run(state=StateType.PENDING, message=claim_message("w1"))
+    run = api.add_run(state=StateType.PENDING, message=Claim("w1", FAKE_HOST).message)
     worker = make_worker(api, runtime)
     runtime.add("x", {LABEL_WORKER: "w9", LABEL_FLOW_RUN_ID: str(run.id)}, status="exited")
     worker.reconcile()
