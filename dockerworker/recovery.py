@@ -200,9 +200,9 @@ class Recovery:
             return records
 
         def judge_if_unjudged(workload: Workload, flow_run: FlowRun) -> None:
-            """Ended, held by no supervisor of ours, ours, the run's current attempt: nobody
-            gives its verdict."""
-            if workload.status not in ENDED or workload.id in self.busy():
+            """Ended, ours, the run's current attempt: nobody gives its verdict (one a
+            supervisor of ours holds is left by _take_back)."""
+            if workload.status not in ENDED:
                 return
             owner = owner_of(workload, owners())
             if owner.name == self.worker_name and current_attempt(workload, flow_run):
@@ -231,6 +231,8 @@ class Recovery:
             if self._vanished_under_us(flow_run, owners().get(workload_id), is_gone):
                 self._crash_vanished(flow_run, workload_id)
 
+        # a run a supervisor of this worker holds is its supervisor's to judge (the rounds
+        # and the starts of supervisors share one thread: none starts during a round)
         _each("reconciliation", [r for r in runs if r.id not in ours], check)
 
     def _of_this_pool(self, workload: Workload, flow_run: FlowRun) -> bool:
@@ -287,9 +289,8 @@ class Recovery:
                 workload = None
             if workload is not None and not self._of_this_pool(workload, flow_run):
                 return
-            if workload is not None and (workload.status not in ENDED
-                                         or workload.id in self.busy()):
-                return  # still stopping, or stopped by its supervisor now
+            if workload is not None and workload.status not in ENDED:
+                return  # still stopping
             record = owner_of(workload, owners()) if workload else owners().get(workload_id)
             owner = record.name if record else _holder(claimant(self.api, flow_run.id))
         else:
