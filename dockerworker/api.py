@@ -29,7 +29,7 @@ from urllib.parse import quote, urlsplit
 from uuid import UUID
 
 import httpx
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from tenacity import (
     Retrying,
     retry_if_exception,
@@ -178,6 +178,16 @@ class Deployment(_Model):
     paused: bool = False
     concurrency_limit: int | None = None
     pull_steps: list[Any] | None = None  # run by Prefect's engine in the container (flowcode.py)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _limit_since_3_1(cls, data: Any) -> Any:
+        """Prefect 3.1+ keeps a deployment's limit in `global_concurrency_limit` (its
+        `concurrency_limit` reads null); 3.0 kept it in `concurrency_limit` itself."""
+        if isinstance(data, dict) and data.get("concurrency_limit") is None and isinstance(
+                limit := data.get("global_concurrency_limit"), dict):
+            return {**data, "concurrency_limit": limit.get("limit")}
+        return data
 
 
 class Flow(_Model):

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from testrig.prefect_rig import PrefectRig, free_port
+from testrig.prefect_rig import PrefectRig, free_port, start_prefect_server
 from testrig.workers import worker_env
 
 from dockerworker.jobs import default_base_job_template
@@ -120,3 +120,46 @@ def test_pool_create_and_inspect_a_deployment(
         assert job["env"] == {"DB_PASSWORD": "***", "MODE": "test"}
     again = cli(prefect_server.url, "pool", "create", unique_pool)
     assert again.returncode == 1 and "could not create work pool" in again.stderr
+
+
+def test_rejected_credentials_are_named_with_their_fix(unique_pool: str) -> None:
+    with start_prefect_server(env={"PREFECT_SERVER_API_AUTH_STRING": "admin:right"}) as server:
+        result = subprocess.run(
+            [sys.executable, "-m", "dockerworker.cli", "doctor", "--pool", unique_pool],
+            env=worker_env(server.url, PREFECT_API_AUTH_STRING="admin:wrong-password"),
+            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1
+    assert "✗ credentials rejected" in result.stdout, result.stdout
+    assert "fix: set PREFECT_API_KEY (bearer) or PREFECT_API_AUTH_STRING" in result.stdout
+    assert "wrong-password" not in result.stdout + result.stderr
+
+
+def test_a_default_image_that_is_absent_and_cannot_be_pulled_is_named(
+        rig: PrefectRig, prefect_server, unique_pool: str) -> None:
+    image = f"127.0.0.1:{free_port()}/nowhere/flows:absent"  # a registry nobody serves
+    pool_with_image(rig, unique_pool, image)
+    result = doctor(prefect_server.url, unique_pool)
+    assert result.returncode == 1
+    assert f"✗ default image {image} is absent and cannot be pulled" in result.stdout, (
+        result.stdout)
+    assert "fix: load or build it on this host" in result.stdout
+
+
+def test_late_runs_are_named_with_the_reasons_that_hold_them(
+        rig: PrefectRig, prefect_server, unique_pool: str, flow_image: str) -> None:
+    """No worker online, the pool's and the deployment's concurrency limits, a paused
+    deployment: each reason the server would hold a Late run back, in one line."""
+    pool_with_image(rig, unique_pool, flow_image)
+    rig._call("PATCH", f"/work_pools/{unique_pool}", {"concurrency_limit": 2})
+    deployment = rig.create_deployment(unique_pool, "flows.py:hello", name="held",
+                                       concurrency_limit=1)
+    run_id = rig.create_flow_run(deployment)
+    rig.set_state(run_id, "SCHEDULED", name="Late", force=True)  # what Prefect's service sets
+    rig._call("PATCH", f"/deployments/{deployment}", {"paused": True})
+    result = doctor(prefect_server.url, unique_pool)
+    assert result.returncode == 1
+    line = next((x for x in result.stdout.splitlines() if "Late or stuck" in x), "")
+    assert line.startswith("✗ 1 run(s) Late or stuck in Pending: "), result.stdout
+    for reason in ("no worker is online for the pool", "the pool's concurrency limit is 2",
+                   "deployment 'held' is paused", "deployment 'held' has concurrency limit 1"):
+        assert reason in line, (reason, line)

@@ -76,3 +76,8 @@ def test_a_deployment_carries_what_the_doctor_reads() -> None:
     deployment = api.read_deployment(RUN)
     assert (deployment.paused, deployment.concurrency_limit) == (True, 3)
     assert deployment.job_variables == {"image": "img"}
+    # Prefect 3.1+: the limit is a global concurrency limit of the deployment's own
+    since_3_1 = {**DEPLOYMENT, "concurrency_limit": None,
+                 "global_concurrency_limit": {"name": f"deployment:{RUN}", "limit": 2}}
+    api, _ = api_answering(since_3_1)
+    assert api.read_deployment(RUN).concurrency_limit == 2
