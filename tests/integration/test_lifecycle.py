@@ -304,3 +304,24 @@ def test_health_endpoint_and_drain(
     worker.process.send_signal(signal.SIGTERM)
     assert worker.process.wait(60) == 0
     assert rig.read_flow_run(run_id)["state"]["type"] == "COMPLETED"
+
+
+def test_a_second_signal_exits_at_once_and_leaves_the_container_running(
+    rig: PrefectRig, start_worker, unique_pool: str, flow_image: str, docker_client
+) -> None:
+    """`--drain` waits for the runs; an operator who will not wait signals again: the worker
+    exits at once (128 + SIGTERM), its flow container runs on (a restarted worker adopts it)."""
+    worker = start_worker(unique_pool, "--drain")
+    deployment = rig.create_deployment(unique_pool, "flows.py:sleepy", {"image": flow_image})
+    run_id = rig.create_flow_run(deployment, parameters={"seconds": 60})
+    rig.wait_for_state(run_id, "RUNNING", timeout=60)
+    worker.process.send_signal(signal.SIGTERM)
+    worker.wait_for_output("SIGTERM received: no new claims; waiting for this worker's runs")
+    time.sleep(2)
+    assert worker.process.poll() is None, worker.output()  # draining: the run has 58 s left
+    worker.process.send_signal(signal.SIGTERM)
+    assert worker.process.wait(10) == 128 + signal.SIGTERM
+    assert "SIGTERM received again: exiting now" in worker.output()
+    (container,) = run_containers(docker_client, run_id)
+    assert container.status == "running"
+    assert rig.read_flow_run(run_id)["state"]["type"] == "RUNNING"

@@ -5,10 +5,12 @@ removed, never handed a run."""
 from __future__ import annotations
 
 import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 
-from dockerworker import warm
+from dockerworker import metrics, warm
 from dockerworker.jobs import JobVariables
 from dockerworker.warm import LABEL_WARM, WarmPool
 
@@ -101,4 +103,32 @@ def test_a_taken_container_is_held_until_handed_and_an_ended_one_not_at_all(
     assert taken.id in pool.holds()  # being handed over: not a leftover
     pool.handed(taken)
     assert taken.id not in pool.holds()
+    pool.close()
+
+
+def test_a_waiting_container_is_removed_before_its_entry_script_gives_up(
+        runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The entry script exits unused after the pool's ttl (WARM_TTL): 30 s before, the worker
+    neither hands it a run (a run would start in a container about to exit) nor keeps it."""
+    clock = SimpleNamespace(monotonic=time.monotonic)
+    monkeypatch.setattr(warm, "time", clock)
+    pool = WarmPool(runtime, size=1, ttl=100)
+    pool.take(spec_for(JOB))
+    wait_until(lambda: pool.ready() == 1)
+    (first,) = waiting(runtime)
+    made = time.monotonic()
+    evicted = metrics.WARM_EVICTIONS._value.get()
+    clock.monotonic = lambda: made + 100 - 30 - 1
+    pool.expire()
+    assert not first.removed and pool.holds() == {first.workload.id}
+    clock.monotonic = lambda: made + 100 - 30 + 1
+    assert pool.take(spec_for(JOB)) is None  # too close to its end: cold, and removed
+    wait_until(lambda: first.removed)
+    wait_until(lambda: pool.ready() == 1)  # its replacement
+    (second,) = [c for c in waiting(runtime) if not c.removed]  # made at made + 71
+    clock.monotonic = lambda: made + 2 * (100 - 30 + 1)
+    pool.expire()
+    wait_until(lambda: second.removed)
+    assert pool.holds() == set()
+    assert metrics.WARM_EVICTIONS._value.get() == evicted + 1  # expired unused
     pool.close()

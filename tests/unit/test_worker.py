@@ -710,3 +710,24 @@ def test_no_claims_while_the_engine_does_not_answer(api, runtime) -> None:
     worker.poll()  # the engine answers again
     settle(worker)
     assert api.state_of(run.id).type == StateType.COMPLETED
+
+
+def test_the_rounds_keep_the_cadences_the_docs_give(api, runtime) -> None:
+    """docs/operations.md and design.md: heartbeats, adoption and orphans every heartbeat
+    (30 s); cancellation checks every 2 s, every 15 s while the event stream is connected;
+    reconciliation every minute, every 5 s while something is owed; removal and warm expiry
+    every minute."""
+    worker = make_worker(api, runtime)
+
+    def cadences() -> dict[str, float]:
+        return {name: interval() for name, (interval, _) in worker._rounds().items()
+                if name != "poll"}  # the poll's own pacing: test_pacing.py
+
+    beat = {name: 30.0 for name in ("heartbeat", "adoption", "orphans", "ownership")}
+    assert cadences() == {**beat, "cancellations": 2.0, "reconciliation": 60.0,
+                          "removal": 60.0, "warm expiry": 60.0}
+    worker.events = SimpleNamespace(connected=threading.Event())  # type: ignore[assignment]
+    worker.events.connected.set()
+    worker._owe_verdict()
+    assert cadences() == {**beat, "cancellations": 15.0, "reconciliation": 5.0,
+                          "removal": 60.0, "warm expiry": 60.0}
