@@ -25,14 +25,14 @@ from . import __version__
 from .api import Deployment, Flow, FlowRun, WorkPool
 from .entry import LABEL_CONTROL, SECRETS_DIR, SECRETS_ENV, entry_command
 from .flowcode import NEEDS_ENV, needs_env
-from .jobs import JobVariables
+from .jobs import WORKER_LABELS, JobVariables, docker_label_key
 from .resources import engine_time
 
 LABEL_FLOW_RUN_ID = "io.prefect.flow-run-id"
 LABEL_POOL = "io.prefect.work-pool-name"
 LABEL_WORKER = "io.prefect.worker-name"
 LABEL_MANAGED = "io.dockerworker.managed"
-_OPTION_PREFIX = "io.dockerworker."
+_OPTION_PREFIX = WORKER_LABELS
 _LOCAL_HOSTS = ("127.0.0.1", "localhost")
 # The run's identity in a container's env and labels (what a warm container gets at hand-over).
 RUN_ENV = frozenset({"PREFECT__FLOW_RUN_ID", "PREFECT__FLOW_ID", "PREFECT__FLOW_NAME",
@@ -122,14 +122,6 @@ def container_name(base: str, flow_run_id: uuid.UUID) -> str:
     """Docker-safe slug of the run's (or job's) name plus a short id: readable and unique."""
     slug = re.sub(r"[^a-zA-Z0-9_.-]+", "-", base).strip("_.-")[:60] or "flow-run"
     return f"{slug}-{flow_run_id.hex[:8]}"
-
-
-def _docker_label_key(key: str) -> str:
-    """`prefect.io/flow-run-id` → `io.prefect.flow-run-id`, as prefect-docker writes them."""
-    if "/" not in key:
-        return key
-    namespace, name = key.split("/", 1)
-    return ".".join(reversed(namespace.split("."))) + "." + name
 
 
 def network_mode_for(job: JobVariables, api_url: str) -> str | None:
@@ -249,8 +241,8 @@ def _run_labels(job: JobVariables, flow_run: FlowRun, deployment: Deployment | N
     if deployment:
         ours["prefect.io/deployment-id"] = str(deployment.id)
         ours["prefect.io/deployment-name"] = deployment.name
-    labels = {_docker_label_key(k): v for k, v in job.labels.items()}
-    labels.update({_docker_label_key(k): v for k, v in ours.items()})
+    labels = {docker_label_key(k): v for k, v in job.labels.items()}
+    labels.update({docker_label_key(k): v for k, v in ours.items()})
     labels[LABEL_MANAGED] = "true"
     labels["io.dockerworker.version"] = __version__
     labels.update(WatchOptions.from_job(job).labels())

@@ -24,6 +24,7 @@ from pydantic import (
 
 DEFAULT_IMAGE = "prefecthq/prefect:3-python3.12"
 
+WORKER_LABELS = "io.dockerworker."  # the workers' own labels: never a job's
 SECRET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _SIZE = re.compile(r"^\d+(\.\d+)?\s*[bkmg]?b?$", re.IGNORECASE)
 _PLACEHOLDER = re.compile(r"({{\s*([\w\.\-\[\]$]+)\s*}})")
@@ -197,6 +198,16 @@ class JobVariables(BaseModel):
             return {k: None if v is None else str(v) for k, v in value.items()}
         return value
 
+    @field_validator("labels")
+    @classmethod
+    def _not_the_worker_s_labels(cls, value: dict[str, str]) -> dict[str, str]:
+        """Labels under io.dockerworker. are how workers find, own and judge containers (an
+        ownership record is read off them): a job that set one could pose as another run's."""
+        if taken := sorted(k for k in value if docker_label_key(k).startswith(WORKER_LABELS)):
+            raise ValueError(f"{', '.join(taken)}: labels under io.dockerworker. (or "
+                             "dockerworker.io/) are the worker's own")
+        return value
+
     @field_validator("secrets")
     @classmethod
     def _secret_names(cls, value: list[str]) -> list[str]:
@@ -249,6 +260,14 @@ class JobVariables(BaseModel):
 
 
 MIN_MEMORY = 6 * 1024 * 1024  # Docker's own minimum for a memory limit
+
+
+def docker_label_key(key: str) -> str:
+    """`prefect.io/flow-run-id` → `io.prefect.flow-run-id`, as prefect-docker writes them."""
+    if "/" not in key:
+        return key
+    namespace, name = key.split("/", 1)
+    return ".".join(reversed(namespace.split("."))) + "." + name
 
 
 def memory_bytes(size: str | None) -> int | None:

@@ -88,12 +88,17 @@ def owner_record_name(workload_id: str, generation: int) -> str:
     return f"{OWNER_PREFIX}{workload_id[:32]}-{generation}"
 
 
-def latest_owners(records: Iterable[dict[str, str]]) -> dict[str, Owner]:
-    """From the takeover records' labels: the latest owner of each container, by id."""
+def latest_owners(records: Iterable[tuple[str, dict[str, str]]]) -> dict[str, Owner]:
+    """From the takeover records (name, labels): the latest owner of each container, by id.
+    A record counts only under the name its takeover gave it, the one Docker creates once:
+    anything else carrying such labels is no record."""
     found: dict[str, Owner] = {}
-    for labels in records:
-        owner = Owner(labels.get(LABEL_HOLDER, ""), int(labels.get(LABEL_GENERATION, "0")))
-        workload_id = labels.get(LABEL_OWNER_OF, "")
+    for name, labels in records:
+        workload_id, generation = labels.get(LABEL_OWNER_OF, ""), labels.get(LABEL_GENERATION, "")
+        if not generation.isdigit() or name != owner_record_name(workload_id, int(generation)):
+            log.warning("%s carries ownership labels but is no ownership record; ignored", name)
+            continue
+        owner = Owner(labels.get(LABEL_HOLDER, ""), int(generation))
         if owner.generation > found.get(workload_id, Owner("", -1)).generation:
             found[workload_id] = owner
     return found

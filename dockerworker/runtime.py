@@ -463,8 +463,12 @@ class LocalEngine:
                 "label": [f"{LABEL_OWNER_POOL}={pool}", LABEL_OWNER_OF]})
 
     def owners(self, pool: str) -> dict[str, Owner]:
-        return latest_owners(record.attrs.get("Labels") or {}
-                             for record in self._owner_records(pool))
+        # a record is a container never started: a started one is a workload, whatever its
+        # labels and name say
+        return latest_owners(((record.attrs.get("Names") or [""])[0].lstrip("/"),
+                              record.attrs.get("Labels") or {})
+                             for record in self._owner_records(pool)
+                             if record.attrs.get("State") == "created")
 
     def forget_owners(self, pool: str, keep: set[str]) -> int:
         removed = 0

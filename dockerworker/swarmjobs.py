@@ -562,7 +562,8 @@ class SwarmJobs:
             return self.client.configs.list(filters={"label": [f"{LABEL_OWNER_POOL}={pool}"]})
 
     def owners(self, pool: str) -> dict[str, Owner]:
-        return latest_owners(record.attrs.get("Spec", {}).get("Labels") or {}
+        return latest_owners((record.attrs.get("Spec", {}).get("Name", ""),
+                              record.attrs.get("Spec", {}).get("Labels") or {})
                              for record in self._owner_records(pool))
 
     def forget_owners(self, pool: str, keep: set[str]) -> int:

@@ -143,6 +143,24 @@ def test_an_invalid_job_variable_is_named(api, runtime) -> None:
     assert runtime.containers == {}
 
 
+@pytest.mark.parametrize("key", ["io.dockerworker.owner-of", "dockerworker.io/warm",
+                                 "io.dockerworker.managed"])
+def test_a_job_may_not_set_the_worker_s_own_labels(api, runtime, key: str) -> None:
+    """They are how workers find, own and judge containers: a run's container posing as an
+    ownership record of another run's container could make its owner leave it (unfollowed,
+    its cancellation lost). Other labels, prefect-docker's way, are the job's to set."""
+    run, _ = run_one(api, runtime, job_variables={"labels": {key: "x", "team": "a"}})
+    state = api.state_of(run.id)
+    assert state.type == StateType.CRASHED, state
+    assert state.message.startswith(f"invalid job variables: labels: {key}: labels under "
+                                     "io.dockerworker. (or dockerworker.io/) are the worker's own")
+    assert runtime.containers == {}
+    run, _ = run_one(api, runtime, job_variables={"labels": {"team": "a",
+                                                             "example.com/tier": "b"}})
+    labels = runtime.of_run(run.id).workload.labels
+    assert (labels["team"], labels["com.example.tier"]) == ("a", "b")
+
+
 class EveryImage(set):
     """A `missing_images` that holds every name."""
 

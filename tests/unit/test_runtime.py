@@ -10,7 +10,14 @@ import pytest
 import requests
 
 from dockerworker.containers import ContainerSpec
-from dockerworker.ownership import Owner
+from dockerworker.ownership import (
+    LABEL_GENERATION,
+    LABEL_HOLDER,
+    LABEL_OWNER_OF,
+    LABEL_OWNER_POOL,
+    Owner,
+    owner_record_name,
+)
 from dockerworker.runtime import (
     EngineError,
     EngineUnavailable,
@@ -81,6 +88,27 @@ def test_list_workloads_asks_for_this_pool_s_managed_containers() -> None:
         "io.prefect.worker-name=w1"]})
 
 
+def test_only_never_started_containers_under_a_record_s_name_are_ownership_records() -> None:
+    """A run's container that carries ownership labels (a job may not set them: jobs.py) is
+    no record, not even under a record's name: records are never started."""
+    victim = "v" * 64
+
+    def record(name: str, generation: str, state: str = "created", holder: str = "w2"):
+        return mock.Mock(attrs={"Names": [f"/{name}"], "State": state, "Labels": {
+            LABEL_OWNER_POOL: "p", LABEL_OWNER_OF: victim, LABEL_HOLDER: holder,
+            LABEL_GENERATION: generation}})
+
+    client = mock.Mock()
+    client.containers.list.return_value = [
+        record(owner_record_name(victim, 1), "1"),
+        record("etl-run-1234abcd", "7", holder="forged"),  # not a record's name
+        record(owner_record_name(victim, 12345678), "12345678", state="running",
+               holder="forged"),  # a record's name, but a container that ran
+        record(owner_record_name(victim, 9), "nine", holder="forged"),  # not a number
+    ]
+    assert LocalEngine(client).owners("p") == {victim: Owner("w2", 1)}
+
+
 def test_a_command_container_is_stopped_with_sigterm_and_its_grace() -> None:
     container = mock.Mock()
     notes: list[str] = []
@@ -143,7 +171,9 @@ def test_a_takeover_another_worker_recorded_first_is_lost() -> None:
 
 def test_the_owner_is_the_latest_takeover_s_holder() -> None:
     def record(owner_of: str, holder: str, generation: int) -> mock.Mock:
-        return mock.Mock(attrs={"Labels": {"io.dockerworker.owner-of": owner_of,
+        return mock.Mock(attrs={"Names": [f"/{owner_record_name(owner_of, generation)}"],
+                                "State": "created",
+                                "Labels": {"io.dockerworker.owner-of": owner_of,
                                            "io.dockerworker.holder": holder,
                                            "io.dockerworker.generation": str(generation)}})
 
