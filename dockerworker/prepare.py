@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TypeVar
 
 from . import metrics
@@ -35,7 +36,7 @@ from .runtime import (
 )
 from .settings import WorkerSettings
 from .verdict import RunCancelled, RunCrashed
-from .warm import WarmPool
+from .warm import WarmPool, handed_name
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -241,7 +242,8 @@ class Preparation:
             return None
         try:
             self._record_infrastructure(workload)
-            self.runtime.hand_over(workload, spec)
+            self.runtime.hand_over(workload, replace(
+                spec, name=handed_name(spec.name, self.flow_run.id)))
         except RuntimeTrouble as exc:
             log.warning("%s: warm container %s failed (%s); starting cold", self.label,
                         workload.name, exc)

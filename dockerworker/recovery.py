@@ -21,7 +21,7 @@ from .containers import LABEL_FLOW_RUN_ID, LABEL_MANAGED, LABEL_POOL, LABEL_WORK
 from .ownership import Claim, Liveness, Owner, claimant, owner_of
 from .report import retry_note
 from .runtime import Runtime, RuntimeTrouble, Workload, WorkloadGone, parse_infrastructure_pid
-from .warm import LABEL_WARM, is_waiting
+from .warm import LABEL_WARM, is_waiting, serves
 
 log = logging.getLogger(__name__)
 LOOP_PATIENCE = 2.0  # the loop's own calls retry briefly; the next round tries again anyway
@@ -157,9 +157,10 @@ class Recovery:
 
     def _run_of(self, workload: Workload) -> FlowRun | None:
         """The run a container serves: by its label, or (a warm container) by the unfinished
-        run naming it as infrastructure. None: over, deleted, or never handed one."""
+        run naming it as infrastructure whose id the container's name carries (anyone may
+        write an infrastructure_pid: warm.serves). None: over, deleted, or never handed one."""
         if LABEL_FLOW_RUN_ID not in workload.labels:
-            return self._runs_by_container().get(workload.id)
+            return _handed(workload, self._runs_by_container())
         try:
             return self.api.read_flow_run(UUID(workload.labels[LABEL_FLOW_RUN_ID]))
         except NotFound:
@@ -167,14 +168,15 @@ class Recovery:
             self._remove(workload)
             return None
 
-    def _runs_by_container(self) -> dict[str, FlowRun]:
-        """Unfinished runs of this pool on this engine, by their container's id."""
-        found = {}
+    def _runs_by_container(self) -> dict[str, list[FlowRun]]:
+        """Unfinished runs of this pool on this engine, by the container their
+        infrastructure_pid names (several may name one: anyone may write it)."""
+        found: dict[str, list[FlowRun]] = {}
         for flow_run in self.api.filter_flow_runs(self.pool, UNFINISHED,
                                                   patience=LOOP_PATIENCE):
             host, workload_id = parse_infrastructure_pid(flow_run.infrastructure_pid)
             if host == self.host_id:
-                found[workload_id] = flow_run
+                found.setdefault(workload_id, []).append(flow_run)
         return found
 
     # --- reconciliation ---------------------------------------------------------------
@@ -348,14 +350,14 @@ class Recovery:
         done = [w for w, o in owned if o.name == self.worker_name and w.id not in busy
                 and w.status in ENDED and _auto_remove(w)
                 and not (LABEL_WARM in w.labels and is_waiting(w))]
-        handed_over: dict[str, FlowRun] | None = None
+        handed_over: dict[str, list[FlowRun]] | None = None
 
         def remove_if_over(workload: Workload) -> None:
             nonlocal handed_over
             if LABEL_FLOW_RUN_ID not in workload.labels:  # a warm container that took a run
                 if handed_over is None:
                     handed_over = self._runs_by_container()
-                if workload.id not in handed_over:
+                if _handed(workload, handed_over) is None:
                     self._remove(workload)
                 return
             run_id = UUID(workload.labels[LABEL_FLOW_RUN_ID])
@@ -369,6 +371,11 @@ class Recovery:
                 self._remove(workload)
 
         _each("removal", done, remove_if_over)
+
+
+def _handed(workload: Workload, runs: dict[str, list[FlowRun]]) -> FlowRun | None:
+    """Of the unfinished runs naming a warm container, the one it was handed (warm.serves)."""
+    return next((r for r in runs.get(workload.id, []) if serves(workload, r.id)), None)
 
 
 def _holder(claim: Claim | None) -> str | None:

@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -84,6 +85,21 @@ def warm_spec(spec: ContainerSpec, key: str, ttl: float) -> ContainerSpec:
 def is_waiting(workload: Workload) -> bool:
     """A warm container that was never handed a run (it is renamed at hand-over)."""
     return workload.name.startswith(WARM_NAME_PREFIX)
+
+
+def handed_name(run_container_name: str, flow_run_id: uuid.UUID) -> str:
+    """A warm container's name from its hand-over on: the run's container name with the
+    run's whole id (63 characters at most, a DNS label). Labels are fixed at create, and an
+    infrastructure_pid is anyone's to write who may write to the API: the name, which only
+    the worker sets, is what proves which run a warm container serves (`serves`)."""
+    base = run_container_name.rpartition("-")[0][:30].rstrip("_.-") or "flow-run"
+    return f"{base}-{flow_run_id.hex}"
+
+
+def serves(workload: Workload, flow_run_id: uuid.UUID) -> bool:
+    """Whether a warm container was handed this run (its name says so: `handed_name`, with
+    the suffix a name already in use gets at the rename)."""
+    return re.search(rf"-{flow_run_id.hex}(-[0-9a-f]{{4}})?$", workload.name) is not None
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dockerworker.api import NotFound, ServerUnreachable, State, StateType
 from dockerworker.containers import LABEL_FLOW_RUN_ID, LABEL_WORKER
 from dockerworker.ownership import Claim, Owner
 from dockerworker.policy import Policy
-from dockerworker.warm import LABEL_WARM, WARM_NAME_PREFIX
+from dockerworker.warm import LABEL_WARM, WARM_NAME_PREFIX, handed_name
 
 from .fakes import FAKE_HOST, FakeAPI, FakeRuntime, Script, make_worker, settle, wait_until
 
@@ -353,6 +353,48 @@ def test_removal_takes_exited_warm_leftovers_too(api, runtime) -> None:
     runtime.add("etl-renamed", of("w1", **{LABEL_WARM: "k"}, **AUTO_REMOVE), status="exited")
     worker.reconcile()
     assert runtime.containers == {}
+
+
+def test_a_forged_infrastructure_pid_never_gets_another_run_s_warm_container(
+        api: FakeAPI, runtime: FakeRuntime) -> None:
+    """A warm container has no run label: only its infrastructure_pid leads to its run, and
+    anyone who may write to the API may write one. A tenant's runs naming another run's warm
+    containers (one running, one ended and kept) get neither followed, judged, stopped nor
+    removed for them, after a restart or at reconciliation; the real runs do (found by an
+    audit: the attacker's run was adopted with the victim's output, and its cancellation
+    stopped the victim's container)."""
+    hold = threading.Event()
+    running, ended = api.add_run("victim", state=StateType.RUNNING), api.add_run("done")
+    victim = runtime.add(handed_name("victim-run-1234abcd", running.id),
+                         of("w1", **{LABEL_WARM: "k", "io.dockerworker.control": "stdin"}),
+                         Script(lines=[("stdout", "victim output")], hold=hold),
+                         run_id=running.id)
+    kept = runtime.add(handed_name("done-run-1234abcd", ended.id), of("w1", **{LABEL_WARM: "k"}),
+                       Script(lines=[("stdout", "kept output")]), status="exited")
+    api.set_state(ended.id, StateType.COMPLETED, force=True)
+    forged = []
+    for container in (victim, kept):
+        if container is victim:
+            api.runs[running.id].infrastructure_pid = _pid(container)
+        forged.append(api.add_run("attacker", state=StateType.RUNNING,
+                                  infrastructure_pid=_pid(container)))
+    worker = make_worker(api, runtime)  # a restart: adoption at start-up (synchronous)
+    worker.reconcile()
+    assert running.id in worker.admission
+    assert not any(run.id in worker.admission for run in forged)
+    for run in forged:
+        api.set_state(run.id, StateType.CANCELLING, force=True)
+    worker.check_cancellations()
+    worker.reconcile()
+    assert not any(run.id in worker.admission for run in forged)
+    hold.set()
+    settle(worker)
+    assert api.state_of(running.id).type == StateType.COMPLETED
+    assert ("stop", victim.workload.name) not in runtime.calls
+    assert not victim.removed and not kept.removed
+    assert worker.shipper.flush(5)
+    assert not any("output" in m for run in forged for m in api.messages(run.id))
+    assert "victim output" in api.messages(running.id)
 
 
 def test_a_gone_worker_s_waiting_warm_containers_are_removed_by_the_taker(api, runtime

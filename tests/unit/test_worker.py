@@ -18,7 +18,7 @@ from dockerworker.ownership import Claim
 from dockerworker.rounds import OWED_SECONDS, RECONCILE_SECONDS
 from dockerworker.runs import Phase
 from dockerworker.runtime import EngineError
-from dockerworker.warm import LABEL_WARM, WARM_NAME_PREFIX
+from dockerworker.warm import LABEL_WARM, WARM_NAME_PREFIX, handed_name
 
 from .fakes import FAKE_HOST, FakeAPI, FakeRuntime, Script, make_worker, settle, wait_until
 
@@ -424,10 +424,10 @@ def test_waiting_warm_containers_are_removed_at_start_up(api, runtime) -> None:
 
 def test_a_warm_container_that_took_a_run_is_adopted_by_its_infrastructure_pid(api, runtime):
     gate = threading.Event()
-    container = runtime.add("etl-renamed", ours(**{LABEL_WARM: "k"}), Script(hold=gate))
-    run = api.add_run(state=StateType.RUNNING,
-                      infrastructure_pid=f"{FAKE_HOST}:{container.workload.id}")
-    container.run_id = run.id
+    run = api.add_run(state=StateType.RUNNING)
+    container = runtime.add(handed_name("etl-run-1234abcd", run.id), ours(**{LABEL_WARM: "k"}),
+                            Script(hold=gate), run_id=run.id)
+    api.runs[run.id].infrastructure_pid = f"{FAKE_HOST}:{container.workload.id}"
     worker = make_worker(api, runtime)
     assert run.id in worker.admission
     runtime.finish(container)
