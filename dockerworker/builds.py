@@ -45,7 +45,8 @@ from docker.models.volumes import Volume
 from docker.utils import parse_bytes
 
 from .images import is_transient
-from .jobs import JobVariables
+from .jobs import OWN_IMAGES, JobVariables
+from .logs import MAX_LINE_BYTES, stream_lines
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ DEPLOYMENT_LABEL = "io.dockerworker.deployment"
 BASE_LABEL = "io.dockerworker.base-image"
 LOCK_LABEL = "io.dockerworker.build-lock"
 HOLDER_LABEL = "io.dockerworker.holder"
-REPOSITORY_PREFIX = "dockerworker/"
+REPOSITORY_PREFIX = OWN_IMAGES
+BUILDS_AT_ONCE = 4  # per worker; more wait for a slot
 STEP_LABEL = "io.dockerworker.build-step"  # on a pip step's volume: its container's name
 _BUILT = re.compile(r"^Successfully built ([0-9a-f]+)$")
 _STEP = re.compile(r"^Step \d+/\d+ : (.*)$")
@@ -239,7 +241,7 @@ def repository_for(deployment: str) -> str:
 
 def pushed_name(registry: str, tag: str) -> str:
     """A build's tag under the push registry: `REGISTRY/dockerworker/<name>:<key>`."""
-    return f"{registry.rstrip('/')}/{tag}"
+    return f"{registry.rstrip('/')}/dockerworker/{tag.removeprefix(REPOSITORY_PREFIX)}"
 
 
 def _tar(files: dict[str, bytes]) -> bytes:
@@ -263,6 +265,9 @@ class Builder:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._pushed: dict[str, str] = {}  # pushed name -> its digest in the registry
+        # a build goes on when its run is cancelled (it stays cached): without a bound, runs
+        # scheduled and cancelled in a loop would start any number at once
+        self._slots = threading.BoundedSemaphore(BUILDS_AT_ONCE)
 
     def ensure(
         self, base: str, plan: BuildPlan, deployment: str, on_line: Callable[[str], None],
@@ -285,10 +290,11 @@ class Builder:
                     return done
                 built, seconds = False, 0.0
                 if not self._touch(tag):
-                    started = time.monotonic()
-                    self._build(tag, base, text, plan, deployment, on_line,
-                                limits or BuildLimits())
-                    built, seconds = True, time.monotonic() - started
+                    with self._slots:
+                        started = time.monotonic()
+                        self._build(tag, base, text, plan, deployment, on_line,
+                                    limits or BuildLimits())
+                        built, seconds = True, time.monotonic() - started
                 reference, how = self._publish(tag) if self.options.push else (tag, "")
                 return BuildResult(tag, built=built, seconds=seconds, reference=reference,
                                    push=how)
@@ -549,15 +555,11 @@ class Builder:
         container.start()
         timer.start()
         try:
-            pending = b""
-            for chunk in container.logs(stream=True, follow=True):
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for raw in lines:
-                    line = _ANSI.sub("", raw.decode("utf-8", "replace")).rstrip()
-                    if line:
-                        on_line(line)
-                        last_lines = (last_lines + [line])[-40:]
+            for raw in stream_lines(container.logs(stream=True, follow=True), MAX_LINE_BYTES):
+                line = _ANSI.sub("", raw.decode("utf-8", "replace")).rstrip()
+                if line:
+                    on_line(line)
+                    last_lines = (last_lines + [line])[-40:]
             exit_code = int(container.wait().get("StatusCode", -1))
         finally:
             timer.cancel()

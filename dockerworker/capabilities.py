@@ -26,7 +26,8 @@ NETWORK = "network"  # a network namespace: bridge, none, host, container:X, or 
 MOUNT = "mount"  # a bind mount, a named or anonymous volume, another container's volumes
 PRIVILEGE = "privilege"  # privileged, weakened security options, host namespaces
 GPU = "gpu"  # device requests
-KERNEL = "kernel"  # knobs that reach the host kernel's decisions (oom_score_adj)
+KERNEL = "kernel"  # knobs that reach the host's scheduling: (key, value) of oom_score_adj,
+# a ulimit, a healthcheck (probes the engine runs)
 CREATE_KEY = "create_key"  # a container_create_kwargs key: the safe list decides
 BUILD_STEP = "build_step"  # dockerfile_lines: instructions run by the build
 BUILD_FETCH = "build_fetch"  # ADD <url>: fetched by the Docker daemon itself
@@ -45,7 +46,8 @@ _NAMESPACE_KEYS = ("pid_mode", "ipc_mode", "uts_mode", "userns_mode", "cgroupns"
 class Mount:
     """One thing mounted into the container, as Docker will see it."""
 
-    kind: str  # "bind", "volume", "anonymous", "tmpfs", "container"
+    kind: str  # "bind", "volume", "anonymous", "tmpfs", "container"; "unreadable": `source`
+    # says why
     source: str | None
     target: str
     read_only: bool = False
@@ -117,8 +119,11 @@ def _create_kwarg_requests(kwargs: dict[str, Any]) -> list[Request]:
                     found.append(Request(PRIVILEGE, variable, str(option)))
         elif key in _NAMESPACE_KEYS and _shares_namespace(value):
             found.append(Request(PRIVILEGE, variable, f"{key}: {value}"))
-        elif key == "oom_score_adj":
-            found.append(Request(KERNEL, variable, value))
+        elif key in ("oom_score_adj", "healthcheck"):
+            found.append(Request(KERNEL, variable, (key, value)))
+        elif key == "ulimits":
+            for index, limit in enumerate(value if isinstance(value, list) else [value]):
+                found.append(Request(KERNEL, f"{variable}[{index}]", ("ulimit", limit)))
     return found
 
 
@@ -151,23 +156,55 @@ def parse_volume(spec: str) -> Mount:
     return Mount(kind, source, target, read_only)
 
 
+# A mount's keys as Docker's API has them. Its JSON decoder matches keys case-insensitively
+# (Unicode-folded: `ſource` is `Source`) and ignores the ones it does not know: a mount is
+# judged only in the form Docker reads the same way, each key once, in ASCII.
+_MOUNT_KEYS = frozenset({"type", "source", "target", "readonly", "consistency", "bindoptions",
+                         "volumeoptions", "tmpfsoptions"})
+_OPTION_KEYS = {
+    "bindoptions": frozenset({"propagation", "nonrecursive", "createmountpoint",
+                              "readonlynonrecursive", "readonlyforcerecursive"}),
+    "volumeoptions": frozenset({"nocopy", "labels", "driverconfig", "subpath"}),
+    "tmpfsoptions": frozenset({"sizebytes", "mode", "options"}),
+}
+
+
+def _docker_keys(mapping: dict[Any, Any], known: frozenset[str]) -> dict[str, Any] | str:
+    """The mapping's keys as Docker matches them; or why Docker might read it otherwise."""
+    found: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = str(key)
+        if not name.isascii() or name.lower() not in known or name.lower() in found:
+            return (f"mount key {name!r} is refused: a mount is judged only as Docker reads "
+                    f"it ({', '.join(sorted(known))}, any case, each once)")
+        found[name.lower()] = value
+    return found
+
+
 def parse_mount(mount: Any) -> Mount:
-    """A `mounts` entry as Docker's API or the SDK's `Mount` spell it (any key case), or
-    the CLI's `type=bind,source=…,target=…` string."""
+    """A `mounts` entry as Docker's API spells it (any key case), or the CLI's
+    `type=bind,source=…,target=…` string. One Docker might read otherwise is `unreadable`."""
     if isinstance(mount, str):
         fields = dict(part.partition("=")[::2] for part in mount.split(","))
-        mount = {k.strip().lower(): v for k, v in fields.items()}
+        aliases = {"src": "source", "dst": "target", "destination": "target", "ro": "readonly"}
+        mount = {aliases.get(k.strip().lower(), k.strip().lower()): v for k, v in fields.items()}
     if not isinstance(mount, dict):
-        return Mount("bind", str(mount), "")  # unreadable: judged as the worst case
-    values = {str(k).lower().replace("_", ""): v for k, v in mount.items()}
+        return Mount("unreadable", f"{mount!r} is not a mount", "")
+    values = _docker_keys(mount, _MOUNT_KEYS)
+    if isinstance(values, str):
+        return Mount("unreadable", values, "")
+    options: dict[str, dict[str, Any]] = {}
+    for name, known in _OPTION_KEYS.items():
+        given = values.get(name) or {}
+        read = _docker_keys(given, known) if isinstance(given, dict) else f"{name} is no mapping"
+        if isinstance(read, str):
+            return Mount("unreadable", read, "")
+        options[name] = read
     kind = str(values.get("type") or "volume").lower()
-    source = values.get("source") or values.get("src")
-    options = values.get("volumeoptions") or {}
-    driver = bool(isinstance(options, dict) and (options.get("DriverConfig")
-                                                  or options.get("driver_config")))
-    driver = driver or bool(values.get("driverconfig") or values.get("driveroptions"))
-    read_only = bool(values.get("readonly") or values.get("ro"))
-    target = str(values.get("target") or values.get("destination") or values.get("dst") or "")
+    source = values.get("source")
+    driver = bool(options["volumeoptions"].get("driverconfig"))
+    read_only = bool(values.get("readonly"))
+    target = str(values.get("target") or "")
     if kind == "volume" and not source:
         return Mount("anonymous", None, target, read_only, driver)
     if kind not in ("bind", "volume", "tmpfs"):
@@ -180,13 +217,18 @@ def parse_mount(mount: Any) -> Mount:
 _FROM = re.compile(r"^FROM\s+(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?\s*$", re.IGNORECASE)
 _COPY_FROM = re.compile(r"^(?:COPY|ADD)\s+.*?--from=(\S+)", re.IGNORECASE)
 _MOUNT_FROM = re.compile(r"--mount=\S*?\bfrom=([^,\s]+)", re.IGNORECASE)
-_ADD_URL = re.compile(r"^ADD\s+(?:--\S+\s+)*(?:\S+\s+)*?([a-z][a-z0-9+.-]*://\S+)", re.IGNORECASE)
+# a source ADD fetches itself, in any form the builder reads: a URL (also inside the JSON
+# form, `ADD ["https://…", "/d"]`) or git's scp-like `user@host:repo`
+_ADD_REMOTE = re.compile(r"[a-z][a-z0-9+.-]*://[^\s\"',\]]+|[\w.-]+@[\w.-]+:[^\s\"',\]]*",
+                         re.IGNORECASE)
 
 
 def dockerfile_instructions(lines: list[str]) -> list[str]:
     """The instructions in `lines`: continuation lines joined, comments and blanks dropped;
     a list entry holding several lines counts as several."""
-    text = "\n".join(lines)
+    # comment lines go first: inside a continued instruction the builder skips them too
+    text = "\n".join(line for line in "\n".join(lines).splitlines()
+                     if not line.strip().startswith("#"))
     joined = re.sub(r"\\[ \t]*\n", " ", text)
     return [line.strip() for line in joined.splitlines()
             if line.strip() and not line.strip().startswith("#")]
@@ -213,7 +255,8 @@ def _build_requests(job: JobVariables) -> list[Request]:
         for image in named:
             if image.lower() not in stages:
                 found.append(Request(IMAGE, "dockerfile_lines", image))
-        if match := _ADD_URL.match(instruction):
-            found.append(Request(BUILD_FETCH, "dockerfile_lines", match.group(1)))
+        if instruction.split(None, 1)[0].upper() == "ADD":
+            found += [Request(BUILD_FETCH, "dockerfile_lines", source)
+                      for source in _ADD_REMOTE.findall(instruction)]
     return found
 

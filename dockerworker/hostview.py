@@ -24,7 +24,9 @@ import docker.errors
 import docker.types
 from docker.models.containers import Container
 
-VOID_IMAGE = "dockerworker/void:1"  # an empty image: a helper container has nothing else
+from .jobs import OWN_IMAGES
+
+VOID_IMAGE = f"{OWN_IMAGES}void:1"  # an empty image: a helper container has nothing else
 _HELPER_TARGET = "/dockerworker-prefix"
 _MODE_DIR = 1 << 31
 _MODE_SYMLINK = 1 << 27

@@ -25,6 +25,10 @@ from pydantic import (
 DEFAULT_IMAGE = "prefecthq/prefect:3-python3.12"
 
 WORKER_LABELS = "io.dockerworker."  # the workers' own labels: never a job's
+# The worker's own images (dependency builds, its helper image): never a job's. Under a
+# registry host that cannot resolve (RFC 2606), so no pull can replace them: a name under
+# Docker Hub's `dockerworker/` could be pulled over by a job with image_pull_policy Always.
+OWN_IMAGES = "dockerworker.invalid/"
 SECRET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _SIZE = re.compile(r"^\d+(\.\d+)?\s*[bkmg]?b?$", re.IGNORECASE)
 _PLACEHOLDER = re.compile(r"({{\s*([\w\.\-\[\]$]+)\s*}})")

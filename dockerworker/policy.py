@@ -39,7 +39,7 @@ from .capabilities import (
     requests_of,
 )
 from .hostview import HostView, PathRefused, under
-from .jobs import JobVariables
+from .jobs import OWN_IMAGES, JobVariables
 
 # container_create_kwargs keys that cannot widen a container's reach on the host. Not here,
 # among others: log_config (log drivers run inside the daemon, as root, on the host's network
@@ -148,6 +148,9 @@ class Policy(BaseModel):
         return list(dict.fromkeys(found))
 
     def _image(self, image: str, host: HostView | None) -> str | None:
+        if image.lower().startswith(OWN_IMAGES):  # whatever allowed_images says
+            return (f"{image!r} is one of the worker's own images (another deployment's "
+                    "dependency build, or the worker's helper)")
         if any(fnmatch.fnmatchcase(_qualified(image), p) for p in self.allowed_images):
             return None
         return f"{image!r} is not an allowed image (allowed_images: {self.allowed_images})"
@@ -172,6 +175,8 @@ class Policy(BaseModel):
         return f"{shown} is not allowed (allowed_network_modes: {self.allowed_network_modes})"
 
     def _mount(self, mount: Mount, host: HostView | None) -> str | None:
+        if mount.kind == "unreadable":
+            return str(mount.source)
         if mount.kind == "container":
             return (f"the volumes of container {mount.source!r} cannot be mounted "
                     "(volumes_from is never allowed)")
@@ -225,7 +230,13 @@ class Policy(BaseModel):
             return None
         return f"GPU access ({gpus!r}) is not allowed (allow_gpus)"
 
-    def _kernel(self, value: object, host: HostView | None) -> str | None:
+    def _kernel(self, knob: tuple[str, object], host: HostView | None) -> str | None:
+        """What reaches the host's scheduling, whatever allowed_create_kwargs lets through."""
+        key, value = knob
+        if key == "ulimit":
+            return _ulimit_problem(value)
+        if key == "healthcheck":
+            return _healthcheck_problem(value)
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1000:
             return None
         return (f"{value!r} is refused: oom_score_adj must be 0 to 1000 (below 0 the kernel "
@@ -284,6 +295,42 @@ class Policy(BaseModel):
         if self.default_cpus and not hardened.get("nano_cpus") and not hardened.get("cpu_quota"):
             hardened["nano_cpus"] = int(self.default_cpus * 1e9)
         return hardened
+
+
+# Resource limits a container may set: each only bounds the container itself. Not here:
+# rtprio and rttime (real-time scheduling starves the host's CPUs, as cpu_rt_* would), nice
+# (a priority above the host's processes).
+SAFE_ULIMITS = frozenset({"core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue",
+                          "nofile", "nproc", "rss", "sigpending", "stack"})
+MIN_PROBE_NS = 1_000_000_000  # the engine execs a healthcheck's probe: at most once a second
+
+
+def _field(item: object, name: str) -> object:
+    """A field of a docker-py dict type as a job writes it (`name`) or Docker does (`Name`)."""
+    if not isinstance(item, dict):
+        return None
+    return item.get(name, item.get(name.title().replace("_", "")))
+
+
+def _ulimit_problem(limit: object) -> str | None:
+    name = _field(limit, "name")
+    if isinstance(name, str) and name.lower() in SAFE_ULIMITS:
+        return None
+    return (f"{limit!r} is refused: a ulimit must be one of {sorted(SAFE_ULIMITS)} (rtprio, "
+            "rttime and nice raise the container above the host's processes)")
+
+
+def _healthcheck_problem(check: object) -> str | None:
+    if not isinstance(check, dict):
+        return f"{check!r} is not a healthcheck (a mapping of test, interval, timeout, …)"
+    for name in ("interval", "timeout", "start_interval"):
+        value = _field(check, name)
+        if value in (None, 0):  # the engine's default
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < MIN_PROBE_NS:
+            return (f"healthcheck {name} {value!r} is refused: at least {MIN_PROBE_NS} "
+                    "(nanoseconds: one second), or 0 for the engine's default")
+    return None
 
 
 def docker_sockets() -> list[str]:

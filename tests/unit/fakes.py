@@ -619,7 +619,7 @@ class FakeBuilder:
             raise BuildFailed(self.fail)
         on_line("Step 1/2 : FROM " + base)
         self.builds.append(deployment)
-        return BuildResult(f"dockerworker/{deployment}:abc", built=True, seconds=0.1)
+        return BuildResult(f"dockerworker.invalid/{deployment}:abc", built=True, seconds=0.1)
 
     def release_locks(self) -> int:
         return 0

@@ -244,7 +244,8 @@ def test_a_build_made_before_pushing_was_on_is_pushed_without_building_again(cli
     pushed = ensure(pushing_builder(client, "w1", done))
     assert done == ["w1"] and not pushed.built and pushed.push == "pushed"
     assert pushed.tag == local.tag == local.reference  # the engine's own name stays
-    assert registry.pushes == [f"{REGISTRY}/{local.tag}"]
+    assert registry.pushes == [builds.pushed_name(REGISTRY, local.tag)]
+    assert registry.pushes[0].startswith(f"{REGISTRY}/dockerworker/flow-nightly:")
 
 
 @pytest.mark.parametrize(("engine_says", "transient"), [
@@ -268,7 +269,7 @@ def test_a_refused_push_names_the_registry_and_the_engine_s_words_and_is_tried_a
 
 def test_prune_removes_every_name_of_a_pushed_build() -> None:
     """A pushed build has its local name and its registry name: removing one only untags."""
-    names = ["dockerworker/flow-nightly:k1", f"{REGISTRY}/dockerworker/flow-nightly:k1"]
+    names = ["dockerworker.invalid/flow-nightly:k1", f"{REGISTRY}/dockerworker/flow-nightly:k1"]
     image = SimpleNamespace(id="sha256:1", short_id="1", tags=names,
                             labels={builds.DEPLOYMENT_LABEL: "flow-nightly"},
                             attrs={"Size": 1, "Created": "2020-01-01T00:00:00",
@@ -280,3 +281,38 @@ def test_prune_removes_every_name_of_a_pushed_build() -> None:
         containers=SimpleNamespace(list=lambda all, sparse: []))
     assert builds.prune_builds(client, 0, None) == ([names[0]], [])  # type: ignore[arg-type]
     assert removed == names
+
+
+def test_builds_at_once_are_bounded_per_worker(client) -> None:
+    """A build goes on when its run is cancelled (it stays cached), so runs scheduled and
+    cancelled in a loop, each with requirements of its own, must not start any number of
+    builds at once (found by an audit): the others wait for a slot."""
+    builder = Builder(client, BuildOptions(timeout=5), holder="w1")  # type: ignore[arg-type]
+    running, most, release = [0], [0], threading.Event()
+    guard = threading.Lock()
+
+    def build(tag: str, *args: object) -> None:
+        with guard:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        release.wait(5)
+        with guard:
+            running[0] -= 1
+        client.images.tags.add(tag)
+
+    builder._build = build  # type: ignore[method-assign]
+    plans = [BuildPlan([f"pkg{i}==1.0"], "", []) for i in range(builds.BUILDS_AT_ONCE + 3)]
+    threads = [threading.Thread(target=builder.ensure, args=(
+        "base:1", plan, "flow-nightly", lambda line: None, BuildLimits())) for plan in plans]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 1  # without the bound all of them get there at once
+    while running[0] < len(plans) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert running[0] == builds.BUILDS_AT_ONCE
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert most[0] == builds.BUILDS_AT_ONCE
+    assert len([t for t in client.images.tags if t.startswith("dockerworker.invalid/")]) == len(
+        plans)

@@ -107,6 +107,43 @@ def test_every_variable_that_mounts_meets_the_mount_rules(job: dict, expected: s
         "mounts", "volumes_from"]))
 
 
+UNREADABLE = "is refused: a mount is judged only as Docker reads it"
+
+
+@pytest.mark.parametrize(("mount", "expected"), [
+    ({"Type": "bind", "Source": "/", "Target": "/host", "T_ype": "tmpfs"},  # Go ignores T_ype
+     UNREADABLE),
+    ({"Type": "volume", "Target": "/h", "VolumeOptions": {"driverconfig": {  # Go: DriverConfig
+        "Name": "local", "Options": {"type": "none", "o": "bind", "device": "/"}}}},
+     "a volume with driver options can mount any host path"),
+    ({"Type": "bind", "\u017fource": "/", "Target": "/host"},  # ſource folds to Source in Go
+     UNREADABLE),
+    ({"type": "tmpfs", "Type": "bind", "Source": "/", "Target": "/host"},  # one key, twice
+     UNREADABLE),
+    ({"Type": "bind", "Source": "/srv/data", "Target": "/d", "read_only": True},  # no ReadOnly
+     UNREADABLE),
+    ({"Type": "bind", "Source": "/srv/data", "Target": "/d", "BindOptions": ["rshared"]},
+     "bindoptions is no mapping"),
+], ids=["unknown-key", "lowercase-option", "unicode-fold", "twice", "snake-case", "options"])
+def test_a_mount_docker_might_read_otherwise_than_the_policy_is_refused(
+        mount: dict, expected: str) -> None:
+    """Docker's JSON decoder matches keys case-insensitively (Unicode-folded) and ignores
+    unknown ones: each of these was read as something harmless here and as the host's root
+    (or a writable mount) by Docker (found by an audit)."""
+    policy = Policy(allowed_create_kwargs=["mounts"], allowed_volume_prefixes=["/srv/data"])
+    problem = refused(JobVariables(container_create_kwargs={"mounts": [mount]}), policy)
+    assert problem.startswith("container_create_kwargs.mounts[0]: ") and expected in problem, (
+        problem)
+
+
+def test_a_mount_in_docker_s_own_spelling_is_judged_on_its_values() -> None:
+    policy = Policy(allowed_create_kwargs=["mounts"], allowed_volume_prefixes=["/srv/data"])
+    fine = {"TYPE": "bind", "source": "/srv/data/x", "Target": "/d", "ReadOnly": True,
+            "BindOptions": {"Propagation": "rprivate"}}
+    assert refused(JobVariables(container_create_kwargs={"mounts": [fine]}), policy) == ""
+    assert parse_mount(fine).read_only
+
+
 def test_named_volumes_by_pattern() -> None:
     policy = Policy(allowed_named_volumes=["pip-cache", "team-*"])
     assert refused(JobVariables(volumes=["pip-cache:/root/.cache/pip"]), policy) == ""
@@ -303,6 +340,20 @@ def test_add_from_a_url_is_fetched_by_the_daemon_and_refused() -> None:
             "ADD http://169.254.169.254/latest/meta-data/ /m"]), policy))
 
 
+@pytest.mark.parametrize("lines", [
+    ['ADD ["http://169.254.169.254/latest/meta-data/", "/m"]'],  # the JSON form
+    ["ADD \\", "# a comment the builder skips", "http://169.254.169.254/latest/ /m"],
+    ["ADD --chown=1000:1000 git@github.com:org/private.git /src"],  # git's scp-like form
+    ["ADD local.txt https://169.254.169.254/latest/ /m"],  # not the first source
+], ids=["json", "comment-in-continuation", "git", "second-source"])
+def test_add_fetching_in_any_form_the_builder_reads_is_refused(lines: list[str]) -> None:
+    """Found by an audit: the JSON form and a comment inside a continuation slipped by."""
+    assert "is fetched by the Docker daemon itself" in refused(
+        JobVariables(dockerfile_lines=lines), Policy(allow_dockerfile_lines=True))
+    assert refused(JobVariables(dockerfile_lines=["ADD local.txt /m", "COPY a b"]),
+                   Policy(allow_dockerfile_lines=True)) == ""
+
+
 def test_dockerfile_instructions_join_continuations_and_split_lines() -> None:
     found = dockerfile_instructions(["RUN a \\", "  b", "# c", "FROM x\nRUN y"])
     assert [" ".join(line.split()) for line in found] == ["RUN a b", "FROM x", "RUN y"]
@@ -325,7 +376,7 @@ def test_volume_and_mount_specs() -> None:
     assert parse_volume("name:/b").kind == "volume" and parse_volume("/b").kind == "anonymous"
     assert parse_mount({"type": "tmpfs", "target": "/t"}).kind == "tmpfs"
     assert parse_mount({"Type": "npipe", "Source": "x"}).kind == "bind"  # worst case
-    assert parse_mount(42).kind == "bind"
+    assert parse_mount(42).kind == "unreadable"  # refused, saying why
 
 
 # --- secrets ----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from dockerworker import builds, hostview
 from dockerworker.jobs import JobVariables
 from dockerworker.policy import Masker, Policy, PolicyError
 
@@ -58,6 +59,46 @@ def test_images_by_registry_glob() -> None:
     assert "image: 'evil.example/x:1' is not an allowed image" in refused(
         JobVariables(image="evil.example/x:1"), policy)
     assert "is not an allowed image" in refused(JobVariables(image="someone/else:1"), policy)
+
+
+def test_no_job_names_the_worker_s_own_images_whatever_allowed_images_says() -> None:
+    """Another deployment's dependency build holds its private packages; the helper image
+    is what the worker's path checks create containers from."""
+    own = "dockerworker.invalid/etl-nightly:0123456789abcdef"
+    everything = Policy(allowed_images=["*"], allow_dockerfile_lines=True)
+    for job in (JobVariables(image=own), JobVariables(image="DockerWorker.invalid/void:1"),
+                JobVariables(image="python:3.12", dockerfile_lines=[f"FROM {own} AS deps"])):
+        assert "is one of the worker's own images" in refused(job, everything), job
+    assert refused(JobVariables(image="dockerworker/flows:1"), everything) == ""
+
+
+def test_the_worker_s_own_images_are_where_no_pull_reaches() -> None:
+    """Under Docker Hub's `dockerworker/`, a job pulling that name with image_pull_policy
+    Always would replace another deployment's build (or the helper image) for everyone."""
+    assert builds.repository_for("etl-nightly").startswith("dockerworker.invalid/")
+    assert hostview.VOID_IMAGE.startswith("dockerworker.invalid/")
+    assert builds.pushed_name("registry.internal:5000", "dockerworker.invalid/etl:k") == (
+        "registry.internal:5000/dockerworker/etl:k")
+
+
+def test_kwargs_on_the_safe_list_cannot_reach_the_host_s_scheduling() -> None:
+    """ulimits and healthcheck are on the default safe list; the values that would starve
+    the host (real-time priority, as the refused cpu_rt_* would; probes the engine runs back
+    to back) are refused in either spelling docker-py takes (found by an audit)."""
+    def kwargs(**create: object) -> JobVariables:
+        return JobVariables(container_create_kwargs=create)
+
+    for limit in ({"name": "rtprio", "soft": 99, "hard": 99}, {"Name": "RTTIME"},
+                  {"name": "nice", "soft": 40, "hard": 40}, "rtprio=99", {}):
+        assert "is refused: a ulimit must be one of" in refused(kwargs(ulimits=[limit])), limit
+    fine = [{"name": "nofile", "soft": 65536, "hard": 65536}, {"Name": "nproc", "Hard": 512}]
+    assert refused(kwargs(ulimits=fine)) == ""
+    for check in ({"test": ["CMD", "true"], "interval": 1_000_000},
+                  {"Test": ["CMD", "true"], "StartInterval": 10},
+                  {"test": ["CMD", "true"], "timeout": "1ms"}, ["CMD", "true"]):
+        assert "container_create_kwargs.healthcheck: " in refused(kwargs(healthcheck=check))
+    assert refused(kwargs(healthcheck={"test": ["CMD", "true"], "interval": 5 * 10**9,
+                                       "timeout": 0, "retries": 3})) == ""
 
 
 def test_hardened_defaults_fill_what_the_job_left_open() -> None:
