@@ -273,6 +273,7 @@ def _counted(method: str, path: str, send: Callable[[], httpx.Response]) -> http
                                     metrics.status_class(status)).inc()
 
 
+PAGE = 200  # the most rows a Prefect server answers a filter with (its default limit)
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")  # as httpx reads them, any case
 
 
@@ -498,13 +499,24 @@ class PrefectAPI:
         ids: list[UUID] | None = None,
         patience: float | None = None,
     ) -> list[FlowRun]:
-        """Runs of `pool` in one of `states` (and among `ids`, if given)."""
+        """Runs of `pool` in one of `states` (and among `ids`, if given), page by page: the
+        server answers at most PAGE a request, and a run past the first page must not go
+        unseen by reconciliation (anyone may set runs of the pool RUNNING by the hundred)."""
         flow_runs: dict[str, Any] = {"state": {"type": {"any_": [s.value for s in states]}}}
         if ids is not None:
             flow_runs["id"] = {"any_": [str(i) for i in ids]}
-        body = {"flow_runs": flow_runs, "work_pools": {"name": {"any_": [pool]}}, "limit": 200}
-        rows = self.request("POST", "/flow_runs/filter", json=body, patience=patience)
-        return [FlowRun.model_validate(row) for row in rows]
+        found: dict[UUID, FlowRun] = {}  # a run that moved between pages is seen once
+        offset = 0
+        while True:
+            body = {"flow_runs": flow_runs, "work_pools": {"name": {"any_": [pool]}},
+                    "sort": "ID_DESC", "limit": PAGE, "offset": offset}
+            rows = self.request("POST", "/flow_runs/filter", json=body, patience=patience)
+            for row in rows:
+                flow_run = FlowRun.model_validate(row)
+                found.setdefault(flow_run.id, flow_run)
+            if len(rows) < PAGE:
+                return list(found.values())
+            offset += PAGE
 
     def flow_runs_by_state_name(
         self, pool: str, names: list[str], limit: int, patience: float | None = None

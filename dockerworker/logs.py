@@ -36,7 +36,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -53,6 +53,7 @@ STDOUT_LOGGER = "dockerworker.container"
 STDERR_LOGGER = "dockerworker.container.stderr"
 NOTICE_LOGGER = "dockerworker"
 MAX_LINE_CHARS = 64 * 1024
+MAX_LINE_BYTES = 4 * MAX_LINE_CHARS + 64  # a line's UTF-8 and its timestamp, at most
 ENTRY_OVERHEAD = 512  # what one buffered entry costs in memory beyond its text, roughly
 BACKPRESSURE_SECONDS = 60.0  # a run's wait for room while the shipper is stuck, then drops
 # Answers that say "not now" rather than "not this": the batch is retried as it is.
@@ -71,6 +72,30 @@ class OutputLine:
     stream: str  # "stdout" or "stderr"
     timestamp: datetime
     text: str
+
+
+def stream_lines(chunks: Iterable[bytes], limit: int) -> Iterator[bytes]:
+    """The lines of a byte stream as they complete (the unterminated rest last). A line
+    longer than `limit` is cut there and the rest of it dropped: output without newlines
+    costs the worker `limit` bytes, not all of it (found by an audit)."""
+    pending = bytearray()
+    overflow = False  # the current line went past `limit`: given cut, the rest dropped
+    for chunk in chunks:
+        *complete, rest = chunk.split(b"\n")
+        for piece in complete:
+            if not overflow:
+                pending += piece
+                yield bytes(pending[:limit])
+            pending.clear()
+            overflow = False
+        if not overflow:
+            pending += rest
+            if len(pending) > limit:
+                yield bytes(pending[:limit])
+                pending.clear()
+                overflow = True
+    if pending and not overflow:
+        yield bytes(pending)
 
 
 def parse_docker_line(raw: bytes, stream: str) -> OutputLine:
@@ -446,18 +471,19 @@ class RunOutput:
             timestamps=True,
             since=boundary.timestamp() if boundary else None,
         )
-        pending = b""
-        for chunk in chunks:
-            if self._stopped.is_set():
+        for raw in stream_lines(self._unless_stopped(chunks), MAX_LINE_BYTES):
+            if self._stopped.is_set():  # not even the unterminated rest: its new owner's
                 return
-            pending += chunk
-            *complete, pending = pending.split(b"\n")
-            for raw in complete:
+            if raw.strip():
                 line = parse_docker_line(raw, stream)
                 if boundary is None or line.timestamp > boundary:
                     self.add(line, engine_filter)
-        if pending.strip():
-            self.add(parse_docker_line(pending, stream), engine_filter)
+
+    def _unless_stopped(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            if self._stopped.is_set():
+                return
+            yield chunk
 
     def _catch_up(
         self, container: Container, stream: str, resume: ResumePoint, engine_filter: EngineEchoFilter

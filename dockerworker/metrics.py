@@ -102,14 +102,23 @@ ROUND_FAILURES = _counter("loop_round_failures", "Loop rounds that failed (each 
                           "its next turn), by round.", ("round",))
 
 _ID = re.compile(r"/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}(?=/|$)")
-_NAMED = re.compile(r"^(/(?:work_pools|deployments/name)/)[^/]+")
+# names a job or a deployment chooses: each would be a series of its own
+_NAMED = [(re.compile(pattern), label) for pattern, label in (
+    (r"^/work_pools/[^/]+", "/work_pools/{name}"),
+    (r"^/deployments/name/[^/]+/[^/]+", "/deployments/name/{flow}/{deployment}"),
+    (r"^/variables/name/[^/]+", "/variables/name/{name}"),
+    (r"^/block_types/slug/[^/]+/block_documents/name/[^/]+",
+     "/block_types/slug/{slug}/block_documents/name/{name}"),
+)]
 
 
 def endpoint(path: str) -> str:
     """`/flow_runs/<uuid>/set_state` → `/flow_runs/{id}/set_state`: a bounded label."""
     path = "/" + path.split("?", 1)[0].lstrip("/")
     path = _ID.sub("/{id}", path)
-    return _NAMED.sub(r"\1{name}", path)
+    for pattern, label in _NAMED:
+        path = pattern.sub(label, path)
+    return path
 
 
 def status_class(code: int | None) -> str:

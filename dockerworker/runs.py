@@ -36,7 +36,7 @@ from .api import (
 )
 from .builds import Builder
 from .cache import CachedReads
-from .containers import ContainerSpec, WatchOptions
+from .containers import ContainerSpec, ExitReport, WatchOptions
 from .entry import SECRETS_ENV
 from .flowcode import run_secrets
 from .follow import Follower
@@ -309,10 +309,11 @@ class RunSupervisor:
         if self.phase == Phase.RUNNING:
             self._ended_as = type_
 
-    def _state_now(self) -> State | None:
-        """The run's state after the container's exit: as the event stream reported it, or
-        read."""
-        if self._ended_as is not None:
+    def _state_now(self, report: ExitReport | None) -> State | None:
+        """The run's state after the container's exit: as the event stream reported it when
+        the container exited 0, else read. Anyone holding an API key may post an event (every
+        flow does): a forged Completed must not cover a crash (found by an audit)."""
+        if self._ended_as is not None and report is not None and report.exit_code == 0:
             return State(type=self._ended_as)
         return self.api.read_flow_run(self.flow_run.id).state
 
@@ -433,7 +434,7 @@ class RunSupervisor:
         if self.cancel_requested.is_set():
             raise RunCancelled
         try:
-            state = self._state_now()
+            state = self._state_now(report)
         except ServerUnreachable as exc:
             if report is not None and not self.runtime.removed_meanwhile(workload):
                 self._ended = workload  # it keeps the verdict; else reconciliation has it

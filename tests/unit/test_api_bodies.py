@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from dockerworker.api import PrefectAPI
+from dockerworker.api import PrefectAPI, StateType
 
 RUN = uuid.UUID("00000000-0000-0000-0000-000000000001")
 DEPLOYMENT = {"id": str(RUN), "name": "dep", "flow_id": str(RUN), "paused": True,
@@ -81,3 +81,29 @@ def test_a_deployment_carries_what_the_doctor_reads() -> None:
                  "global_concurrency_limit": {"name": f"deployment:{RUN}", "limit": 2}}
     api, _ = api_answering(since_3_1)
     assert api.read_deployment(RUN).concurrency_limit == 2
+
+
+def test_unfinished_runs_are_read_page_by_page() -> None:
+    """The server answers a filter with at most 200 runs: reconciliation must see the 201st
+    (anyone may set runs of the pool RUNNING by the hundred to hide one; found by an
+    audit). A run that moved between pages is counted once."""
+    runs = [{"id": str(uuid.UUID(int=i + 1)), "name": f"r{i}", "flow_id": str(RUN)}
+            for i in range(450)]
+    bodies: list[dict] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/csrf-token"):  # asked before the first write
+            return httpx.Response(422, json={"detail": "CSRF protection is disabled."})
+        body = json.loads(request.content)
+        bodies.append(body)
+        page = runs[body["offset"]:body["offset"] + body["limit"]]
+        if body["offset"] == 200:  # a run of the first page moved to the second meanwhile
+            page = [runs[0], *page[:-1]]
+        return httpx.Response(200, json=page)
+
+    api = PrefectAPI("http://prefect.test/api", patience=0)
+    api._client = httpx.Client(base_url=api.api_url + "/", transport=httpx.MockTransport(server))
+    found = api.filter_flow_runs("p1", [StateType.RUNNING])
+    assert [(b["offset"], b["limit"], b["sort"]) for b in bodies] == [
+        (0, 200, "ID_DESC"), (200, 200, "ID_DESC"), (400, 200, "ID_DESC")]
+    assert len(found) == 449 and len({r.id for r in found}) == 449

@@ -112,11 +112,17 @@ def test_gauges_read_the_worker_at_scrape_time(api, runtime) -> None:
         (f"flow_runs/{uuid.uuid4()}", "/flow_runs/{id}"),
         ("/work_pools/my-pool/get_scheduled_flow_runs",
          "/work_pools/{name}/get_scheduled_flow_runs"),
-        ("/deployments/name/etl/nightly", "/deployments/name/{name}/nightly"),
+        ("/deployments/name/etl/nightly", "/deployments/name/{flow}/{deployment}"),
         (f"/flow_run_states/?flow_run_id={uuid.uuid4()}", "/flow_run_states/"),
         ("/logs/", "/logs/"),
+        # names a job chooses ({{ prefect.variables.X }}, {{ prefect.blocks.T.N }}): found by
+        # an audit, each was a series of its own
+        ("/variables/name/db-host-7", "/variables/name/{name}"),
+        ("/block_types/slug/secret/block_documents/name/git-token?include_secrets=true",
+         "/block_types/slug/{slug}/block_documents/name/{name}"),
     ],
-    ids=["set-state", "flow-run", "poll", "deployment", "run-states", "logs"],  # no random ids:
+    ids=["set-state", "flow-run", "poll", "deployment", "run-states", "logs", "variable",
+         "block"],  # no random ids:
 )  # pytest-xdist's processes must collect the same names
 def test_endpoint_labels_are_bounded(path: str, label: str) -> None:
     assert endpoint(path) == label

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -12,6 +13,7 @@ from dockerworker.logs import (
     RunOutput,
     first_unshipped,
     parse_docker_line,
+    stream_lines,
 )
 
 T0 = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
@@ -29,6 +31,30 @@ class ListShipper:
     def submit(self, entry: dict[str, Any], wait: float = 0, abort: Any = None) -> bool:
         self.entries.append(entry)
         return True
+
+
+def test_lines_are_cut_at_the_limit_and_what_follows_without_a_newline_is_dropped() -> None:
+    """A container printing megabytes without a newline must not make the worker hold them
+    (found by an audit: 6.4 MB held with max_log_bytes 1024); lines split across chunks are
+    joined, the unterminated rest comes last."""
+    chunks = [b"ab", b"c\nde", b"f\n", b"x" * 10, b"y" * 10**6, b"z\nnext", b"\nlast"]
+    lines = list(stream_lines(iter(chunks), limit=8))
+    assert lines == [b"abc", b"def", b"x" * 8, b"next", b"last"]
+
+    held = []
+
+    def endless():  # 100 MB of one line, a chunk at a time
+        for _ in range(100):
+            yield b"y" * 10**6
+            held.append(1)
+
+    tracemalloc.start()
+    try:
+        assert [len(line) for line in stream_lines(endless(), limit=64)] == [64]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(held) == 100 and peak < 5 * 10**6  # a chunk or two, never the line
 
 
 def test_docker_line_with_nanosecond_timestamp() -> None:

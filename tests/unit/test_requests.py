@@ -353,3 +353,20 @@ def test_a_final_event_before_the_container_started_is_not_believed(api, runtime
     gate.set()
     settle(worker)
     assert api.state_of(run.id).type == StateType.CRASHED
+
+
+def test_a_final_event_does_not_cover_a_container_that_crashed(api, runtime) -> None:
+    """Anyone holding an API key (every flow does) may post a Completed event for another
+    run: its container exiting non-zero without a final state is still CRASHED, not left
+    RUNNING (and later rescheduled as vanished: run twice). Found by an audit."""
+    gate = threading.Event()
+    runtime.script_for = lambda spec: Script(hold=gate, final_state=None, exit_code=137)
+    worker = make_worker(api, runtime)
+    run = api.add_run()
+    worker.poll()
+    wait_until(lambda: all(s.container for s in worker.active_runs()))
+    worker._on_event("prefect.flow-run.Completed", f"prefect.flow-run.{run.id}")  # forged
+    gate.set()
+    settle(worker)
+    state = api.state_of(run.id)
+    assert state.type == StateType.CRASHED and "137" in state.message, state
