@@ -17,7 +17,7 @@ from testrig.registry import LocalRegistry
 from testrig.swarm import SwarmEngine
 from testrig.workers import HOST_CA_BUNDLE, WorkerProcess
 
-from dockerworker.builds import Builder, BuildOptions, BuildPlan
+from dockerworker.builds import REPOSITORY_PREFIX, Builder, BuildOptions, BuildPlan
 
 RUN_LABEL = "io.prefect.flow-run-id"
 
@@ -126,9 +126,10 @@ def test_with_the_docker_runtime_the_container_runs_the_pushed_reference(
     try:
         assert path.startswith("dockerworker/") and digest.startswith("sha256:"), reference
         assert local_registry.digest(path, key) == digest
-        assert container.image.id == docker_client.images.get(f"{path}:{key}").id
+        local = f"{REPOSITORY_PREFIX}{path.removeprefix('dockerworker/')}:{key}"
+        assert container.image.id == docker_client.images.get(local).id
     finally:
         container.remove(force=True)
-        for tag in (name, f"{path}:{key}"):
+        for tag in (name, f"{REPOSITORY_PREFIX}{path.removeprefix('dockerworker/')}:{key}"):
             with contextlib.suppress(docker.errors.APIError):
                 docker_client.images.remove(tag)

@@ -12,7 +12,7 @@ import uuid
 from testrig.engine import HOST_CHECK_IMAGE, Engine
 from testrig.prefect_rig import PrefectRig
 
-from dockerworker.builds import Builder, BuildOptions, BuildPlan
+from dockerworker.builds import REPOSITORY_PREFIX, Builder, BuildOptions, BuildPlan
 
 BUILD = "dockerworker.build"
 
@@ -88,7 +88,7 @@ def test_runs_arriving_together_share_one_build(
     assert [rig.wait_for_final(r, timeout=300)["state"]["type"] for r in runs] == [
         "COMPLETED"
     ] * 3
-    outcomes = [wait_logged(rig, r, "dockerworker/") for r in runs]
+    outcomes = [wait_logged(rig, r, REPOSITORY_PREFIX) for r in runs]
     assert sum(any("built image" in m for m in logged) for logged in outcomes) == 1
     assert sum(any("cached, no build" in m for m in logged) for logged in outcomes) == 2
 
@@ -105,7 +105,7 @@ def test_two_worker_processes_share_one_build(
     assert [rig.wait_for_final(r, timeout=300)["state"]["type"] for r in runs] == [
         "COMPLETED"
     ] * 4
-    builds = sum(w.output().count("built image dockerworker/") for w in workers)
+    builds = sum(w.output().count(f"built image {REPOSITORY_PREFIX}") for w in workers)
     assert builds == 1, [w.output() for w in workers]
     assert all("claimed" in w.output() for w in workers), "both workers should take runs"
 
@@ -122,7 +122,7 @@ def test_extra_pip_packages_are_built_in_not_installed_per_run(
     (container,) = docker_client.containers.list(
         all=True, filters={"label": f"io.prefect.flow-run-id={run_id}"}
     )
-    assert container.image.tags[0].startswith("dockerworker/")
+    assert container.image.tags[0].startswith(REPOSITORY_PREFIX)  # no pull reaches it
     env = container.attrs["Config"]["Env"]
     assert not any(item.startswith("EXTRA_PIP_PACKAGES=") for item in env)
 

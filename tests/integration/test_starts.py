@@ -58,7 +58,9 @@ def test_a_warm_container_serves_the_next_run_with_its_own_parameters(
     assert any(m.startswith(READY_LINE) for m in messages), messages  # its boot, shipped
     served = docker_client.containers.get(waiting.id)
     assert not served.name.startswith("dockerworker-warm-")  # renamed after the run
-    assert served.name.startswith(run["name"])
+    # its run's whole id: what tells a restarted worker which run it serves (warm.serves)
+    assert served.name.startswith(run["name"][:30]) and served.name.endswith(
+        "-" + run_id.replace("-", "")), served.name
     assert served.attrs["State"]["ExitCode"] == 0
     assert served.attrs["HostConfig"]["CpuShares"] == 1024  # waiting at 2, the run at the default
 
