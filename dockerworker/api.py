@@ -511,10 +511,11 @@ class PrefectAPI:
             body = {"flow_runs": flow_runs, "work_pools": {"name": {"any_": [pool]}},
                     "sort": "ID_DESC", "limit": PAGE, "offset": offset}
             rows = self.request("POST", "/flow_runs/filter", json=body, patience=patience)
+            before = len(found)
             for row in rows:
                 flow_run = FlowRun.model_validate(row)
                 found.setdefault(flow_run.id, flow_run)
-            if len(rows) < PAGE:
+            if len(rows) < PAGE or len(found) == before:  # the last page, or one seen already
                 return list(found.values())
             offset += PAGE
 
