@@ -17,14 +17,15 @@ and the stats API answers zeros. What makes a few cheap readings enough:
 
 One `UsageWatch` per worker: one sampler thread (and a pool of at most `batch` callers) while
 any container is watched, none when none is; each container is read 0.25 s after it is
-watched, then at a tenth of its age (at least every second, at most every 30 s): the CPU and
-memory used after the last reading (≤ a tenth of a run, ≤ ~1 s of a short one, ≤ 30 s of a
-long one) is not counted, and the line says how long before the end that reading was. Why
-30 s: a reading costs the worker ~3 ms of CPU, so 50 long runs read every 5 s cost 3 % of a
-core; every 30 s, 0.5 % (docs/benchmarks.md, "many runs in flight"). A container that ended
-before its first reading gets a line too, with the figures it has (wall time, exit, image)
-and "unknown" for the others. On cgroup v2 the engine gives no peak: the line gives the
-highest reading as a lower bound and says so.
+watched, then at a tenth of its age (at least every second, at most every 30 s), and all
+readings together at most `rate` a second (2): a reading costs the worker ~3 ms of CPU, so
+however many runs are in flight and however young, readings take under 1 % of a core (50 long
+runs read every 5 s took 3 %; docs/benchmarks.md, "many runs in flight"). When more are due
+than the budget allows they wait their turn: a container never read first, then the longest
+due. The CPU and memory used after the last reading is not counted, and the line says how long
+before the end that reading was. A container that ended before its first reading gets a line
+too, with the figures it has (wall time, exit, image) and "unknown" for the others. On cgroup
+v2 the engine gives no peak: the line gives the highest reading as a lower bound and says so.
 """
 
 from __future__ import annotations
@@ -125,14 +126,17 @@ class UsageWatch:
     only while some container is watched."""
 
     def __init__(self, runtime: Runtime, *, first: float = 0.25, every_min: float = 1.0,
-                 every_max: float = 30.0, batch: int = 8,
+                 every_max: float = 30.0, batch: int = 8, rate: float = 2.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.runtime = runtime
         self.first = first
         self.every_min = every_min
         self.every_max = every_max
         self.batch = batch
+        self.rate = rate  # readings a second, all containers together (a token bucket)
         self.clock = clock
+        self._tokens = float(batch)
+        self._filled_at = clock()
         self._watched: dict[str, _Watched] = {}
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -180,13 +184,22 @@ class UsageWatch:
                         self._thread = None
                         return
                     now = self.clock()
+                    self._tokens = min(float(self.batch),
+                                       self._tokens + (now - self._filled_at) * self.rate)
+                    self._filled_at = now
                     idle = [w for w in self._watched.values() if not w.busy]
+                    # never read first (without a reading its line says "unknown"), then
+                    # the longest due
                     due = sorted((w for w in idle if w.due <= now + 0.05),
-                                 key=lambda w: w.due)[:self.batch]
+                                 key=lambda w: (w.seen.readings > 0, w.due)
+                                 )[:min(self.batch, int(self._tokens))]
                     if not due:
                         wake = min((w.due for w in idle), default=now + self.every_max)
+                        if self._tokens < 1:  # readings are due but the budget is spent
+                            wake = max(wake, now + (1 - self._tokens) / self.rate)
                         self._cond.wait(max(0.01, wake - now))
                         continue
+                    self._tokens -= len(due)
                     for entry in due:
                         entry.busy = True
                 # the next reading is due an interval after this one was asked for: a reading

@@ -122,7 +122,7 @@ class Readings:
 
 
 def fast_watch(runtime) -> UsageWatch:
-    return UsageWatch(runtime, first=0.0, every_min=0.01, every_max=0.01)
+    return UsageWatch(runtime, first=0.0, every_min=0.01, every_max=0.01, rate=1000)
 
 
 def test_the_readings_add_up_to_the_peak_and_the_latest_cpu() -> None:
@@ -186,6 +186,43 @@ def test_young_containers_are_read_often_old_ones_at_a_tenth_of_their_age() -> N
     assert watch._interval(30) == 3.0
     assert watch._interval(120) == 12.0
     assert watch._interval(3600) == 30.0  # a long run: a reading costs CPU, 50 runs add up
+
+
+def test_all_readings_together_keep_to_the_budget_however_many_young_runs_are_watched() -> None:
+    """50 young runs read every second each would be 50 readings a second (~17 % of a core):
+    the budget holds them all to `rate`, and every container still gets its readings."""
+    runtime = Readings({})
+    watch = UsageWatch(runtime, first=0.0, every_min=0.01, every_max=0.01, batch=8, rate=20)
+    workloads = [Workload(str(n), str(n)) for n in range(30)]
+    began = time.monotonic()
+    for workload in workloads:
+        watch.watch(workload)
+    wait_until(lambda: set(runtime.calls) == {w.id for w in workloads})
+    time.sleep(0.5)
+    calls, elapsed = len(runtime.calls), time.monotonic() - began
+    assert calls <= 8 + 20 * elapsed + 1  # the bucket's 8, then 20 a second
+    for workload in workloads:
+        watch.release(workload)
+    wait_until(lambda: not watch.active)
+
+
+def test_a_container_never_read_is_read_before_those_read_already() -> None:
+    """Under the budget, a new container's first reading waits for no other: without one its
+    line says "unknown" (a short run's only chance)."""
+    runtime = Readings({str(n): [reading(1, 64, 0.5)] for n in range(5)})
+    watch = UsageWatch(runtime, first=0.0, every_min=0.01, every_max=0.01, batch=1, rate=5)
+    old = [Workload(str(n), str(n)) for n in range(5)]
+    for workload in old:
+        watch.watch(workload)
+    wait_until(lambda: all(watch._watched[w.id].seen.readings for w in old))  # overdue again
+    with watch._cond:
+        before = len(runtime.calls)
+        watch.watch(new := Workload("new", "new"))
+    wait_until(lambda: "new" in runtime.calls)
+    assert runtime.calls.index("new") <= before + 1  # at most the one already under way
+    for workload in [*old, new]:
+        watch.release(workload)
+    wait_until(lambda: not watch.active)
 
 
 # --- in a run -----------------------------------------------------------------------------------
