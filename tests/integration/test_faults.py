@@ -39,6 +39,7 @@ from testrig.faultproxy import (
     Plan,
     faults_by_endpoint,
 )
+from testrig.gate import GATED_CRASH, open_gate
 from testrig.gitserve import GIT_CLONE, GIT_IMAGE, GitHttpServer
 from testrig.prefect_rig import FINAL_STATE_TYPES, POOL_LABEL, PrefectRig, PrefectServer
 from testrig.workers import WorkerProcess
@@ -359,13 +360,14 @@ def test_a_verdict_the_server_did_not_take_is_given_once_it_answers(
     creations = ContainerCreations(docker_client, unique_pool)
     worker = start_worker(unique_pool, "--api-patience", str(API_PATIENCE),
                           api_url=fault_proxy.url)
-    command = "sh -c 'echo working; sleep 4; echo giving up; exit 3'"
     deployment = rig.create_deployment(unique_pool, "flows.py:hello", {
-        "image": flow_image, "command": command, "auto_remove": True})
+        "image": flow_image, "command": GATED_CRASH, "auto_remove": True})
     run_id = rig.create_flow_run(deployment)
     _until(lambda: bool(_running_containers(docker_client, unique_pool)), 60,
            "the run's container runs")
     fault_proxy.inject(REFUSE_503, r".*", times=100_000)  # the server away for the worker
+    for container in docker_client.containers.list(filters={"label": f"{RUN_LABEL}={run_id}"}):
+        open_gate(container)  # it ends only now, with the server away
     _owed_then_given(worker, "is kept and the run judged again once the server answers")
     kept = docker_client.containers.list(all=True, filters={"label": f"{RUN_LABEL}={run_id}"})
     left_as_it_was = rig.read_flow_run(run_id)["state"]["type"]

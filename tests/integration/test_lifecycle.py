@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+from testrig.gate import GATED_CRASH, open_gate
 from testrig.prefect_rig import POOL_LABEL, PrefectRig, free_port, start_prefect_server
 
 from dockerworker.builds import BUILD_LABEL
@@ -162,13 +163,13 @@ def test_container_that_exits_while_the_worker_is_away_gets_its_verdict(
 ) -> None:
     name = f"{unique_pool}-keep"
     worker = start_worker(unique_pool, name=name)
-    command = "sh -c 'echo working; sleep 4; echo giving up; exit 3'"
-    job = {"image": flow_image, "command": command, "auto_remove": True}
+    job = {"image": flow_image, "command": GATED_CRASH, "auto_remove": True}
     deployment = rig.create_deployment(unique_pool, "flows.py:hello", job)
     run_id = rig.create_flow_run(deployment)
-    wait_for_container(docker_client, run_id)
+    running = wait_for_container(docker_client, run_id)
     worker.stop()  # graceful: the container keeps running
     assert worker.process.returncode == 0
+    open_gate(running)  # it ends only now, with nobody watching
     container = wait_for_container(docker_client, run_id, status="exited", timeout=30)
     assert rig.read_flow_run(run_id)["state"]["type"] == "PENDING"
     start_worker(unique_pool, name=name)

@@ -8,6 +8,7 @@ import signal
 import time
 
 import httpx
+from testrig.gate import GATED_CRASH, open_gate
 from testrig.prefect_rig import PrefectRig, free_port
 
 BEAT = "2"  # heartbeat seconds: a killed worker is OFFLINE after 3 of them
@@ -51,7 +52,7 @@ def test_a_killed_worker_s_runs_are_adopted_followed_judged_and_cancellable(
     ticker = rig.create_deployment(unique_pool, "flows.py:ticker", {"image": flow_image})
     sleepy = rig.create_deployment(unique_pool, "flows.py:sleepy", {"image": flow_image})
     crasher = rig.create_deployment(unique_pool, "flows.py:hello", {
-        "image": flow_image, "command": "sh -c 'echo working; sleep 25; echo giving up; exit 3'"})
+        "image": flow_image, "command": GATED_CRASH})
     ticking = rig.create_flow_run(ticker, parameters={"seconds": 30})
     waiting = rig.create_flow_run(sleepy, parameters={"seconds": 300})
     crashing = rig.create_flow_run(crasher)
@@ -65,6 +66,7 @@ def test_a_killed_worker_s_runs_are_adopted_followed_judged_and_cancellable(
     owner.process.wait(10)
     wait_for(lambda: adopter.output().count("is gone; took over its container") == 3,
              "the three containers taken over", 60)
+    open_gate(wait_for_container(docker_client, crashing))  # it ends under its adopter
 
     assert rig.wait_for_final(ticking, timeout=90)["state"]["type"] == "COMPLETED"
     expected = [f"tick {i}" for i in range(1, 31)]
