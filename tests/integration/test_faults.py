@@ -366,8 +366,8 @@ def test_a_verdict_the_server_did_not_take_is_given_once_it_answers(
     _until(lambda: bool(_running_containers(docker_client, unique_pool)), 60,
            "the run's container runs")
     fault_proxy.inject(REFUSE_503, r".*", times=100_000)  # the server away for the worker
-    for container in docker_client.containers.list(filters={"label": f"{RUN_LABEL}={run_id}"}):
-        open_gate(container)  # it ends only now, with the server away
+    (running,) = docker_client.containers.list(filters={"label": f"{RUN_LABEL}={run_id}"})
+    open_gate(running)  # it ends only now, with the server away
     _owed_then_given(worker, "is kept and the run judged again once the server answers")
     kept = docker_client.containers.list(all=True, filters={"label": f"{RUN_LABEL}={run_id}"})
     left_as_it_was = rig.read_flow_run(run_id)["state"]["type"]
