@@ -111,6 +111,14 @@ def test_hardened_defaults_fill_what_the_job_left_open() -> None:
     assert "security_opt" not in Policy(no_new_privileges=False).harden({})
 
 
+def test_memory_and_cpu_defaults_are_defaults_not_ceilings() -> None:
+    """docs/security.md: a job's own memory or CPU setting replaces the policy's default."""
+    policy = Policy(default_mem_limit="512m", default_cpus=1.5)
+    assert policy.harden({"mem_limit": "4g"})["mem_limit"] == "4g"
+    assert policy.harden({"nano_cpus": 3_000_000_000})["nano_cpus"] == 3_000_000_000
+    assert "nano_cpus" not in policy.harden({"cpu_quota": -1})
+
+
 def test_policy_file(tmp_path: Path) -> None:
     path = tmp_path / "policy.toml"
     path.write_text('[policy]\nallow_privileged = true\nallowed_network_modes = ["host"]\n')
